@@ -1,0 +1,1 @@
+"""Built-in tiny models and the local tokenizer."""

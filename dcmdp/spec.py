@@ -1,0 +1,432 @@
+"""The typed model of a ``DCMDPRun`` manifest: the single source of truth.
+
+The CRD schema (``crds/``), the Helm values defaults and ``dcmdp run`` are all derived from, or
+tested against, these classes. Field names are camelCase in YAML (as Kubernetes users expect) and
+snake_case in Python. Every invalid value fails with the field path (``spec.algorithm.clipLow``)
+and the reason: see :func:`load_run` and :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "dcmdp.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "DCMDPRun"
+PLURAL = "dcmdpruns"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
+Correction = Literal["tis", "mis", "icepop"]
+ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty"]
+ControllerName = Literal["dual-ascent", "pid"]
+TrainerPrecision = Literal["fp32", "bf16"]
+PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
+EngineName = Literal["hf", "vllm"]
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected (a typo is an error, not a silent default)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+
+# --------------------------------------------------------------------------------------- model
+class WarmStartSpec(SpecModel):
+    """Short supervised warm start on the task's reference answers, so RL starts above zero."""
+
+    steps: int = Field(120, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(256, ge=1, le=65_536)
+
+
+class ModelSpec(SpecModel):
+    """The policy: a built-in tiny model built in code, or a local Hugging Face folder."""
+
+    builtin: Optional[Literal["tiny-qwen3", "tiny-qwen3-moe"]] = Field(
+        "tiny-qwen3", description="Built-in model built in code (ignored when `path` is set)."
+    )
+    path: Optional[str] = Field(
+        None, description="Local Hugging Face model folder (config, weights, tokenizer). No hub downloads."
+    )
+    hidden_size: int = Field(128, ge=8, le=65_536)
+    intermediate_size: int = Field(256, ge=8, le=262_144)
+    num_layers: int = Field(4, ge=1, le=256)
+    num_heads: int = Field(4, ge=1, le=256)
+    num_kv_heads: int = Field(2, ge=1, le=256)
+    head_dim: int = Field(32, ge=32, le=512, description="vLLM's CPU attention needs head_dim >= 32.")
+    num_experts: int = Field(8, ge=2, le=512, description="MoE only.")
+    num_experts_per_tok: int = Field(2, ge=1, le=64, description="MoE only.")
+    warm_start: WarmStartSpec = Field(default_factory=WarmStartSpec)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelSpec":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("numHeads must be a multiple of numKvHeads")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("numExpertsPerTok must be <= numExperts")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- task
+class DatasetSpec(SpecModel):
+    """A JSONL dataset: one object per line with `prompt` and `answer`."""
+
+    path: str = Field(..., min_length=1)
+    verifier: str = Field(
+        "exact",
+        description="exact | numeric | contains | a Python 'module:function' taking (response, answer) -> float.",
+    )
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier(cls, v: str) -> str:
+        if v in ("exact", "numeric", "contains"):
+            return v
+        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            return v
+        raise ValueError("must be exact, numeric, contains or 'module:function'")
+
+
+class TaskSpec(SpecModel):
+    """A verifiable task with exact-match reward."""
+
+    name: Literal["addition", "comparison", "sorting", "jsonl"] = "addition"
+    digits: int = Field(2, ge=1, le=12, description="addition/comparison: digits per operand.")
+    items: int = Field(4, ge=2, le=16, description="sorting: digits to sort.")
+    dataset: Optional[DatasetSpec] = None
+    held_out: int = Field(256, ge=1, le=100_000, description="Held-out prompts for evaluation.")
+    max_new_tokens: int = Field(0, ge=0, le=4096, description="0 = derived from the task.")
+
+    @model_validator(mode="after")
+    def _dataset(self) -> "TaskSpec":
+        if self.name == "jsonl" and self.dataset is None:
+            raise ValueError("task 'jsonl' needs `dataset` (path and verifier)")
+        if self.name != "jsonl" and self.dataset is not None:
+            raise ValueError(f"`dataset` is only used with name: jsonl (name is {self.name!r})")
+        return self
+
+
+# ----------------------------------------------------------------------------------- algorithm
+def _tolerance(v: Any) -> Any:
+    """c is a number > 0 or the string 'auto' (a numeric string is accepted as a number)."""
+    if isinstance(v, bool):
+        raise ValueError("must be a number > 0 or 'auto'")
+    if isinstance(v, str) and v != "auto":
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError("must be a number > 0 or 'auto'") from None
+    if isinstance(v, (int, float)) and not v > 0:
+        raise ValueError("must be > 0 (or 'auto')")
+    return v
+
+
+class PIDSpec(SpecModel):
+    """PID Lagrangian (Stooke et al. 2020): λ = clip(Kp·e + Ki·Σe + Kd·Δe), e = δ̄ − c."""
+
+    kp: float = Field(1.0, ge=0, le=1e6)
+    ki: float = Field(1.0, ge=0, le=1e6)
+    kd: float = Field(0.0, ge=0, le=1e6)
+    derivative_smoothing: float = Field(0.0, ge=0, lt=1, description="EMA weight of the old Δe.")
+
+
+class AutoToleranceSpec(SpecModel):
+    """`tolerance: auto`: c = factor × mean δ̄ of the first `calibrationSteps` steps, then frozen."""
+
+    calibration_steps: int = Field(5, ge=1, le=10_000)
+    factor: float = Field(1.0, gt=0, le=1000)
+
+
+class ConstraintSpec(SpecModel):
+    """The discrepancy constraint δ̄ ≤ c and its multiplier λ (used by algorithm dc-grpo)."""
+
+    tolerance: Union[float, Literal["auto"]] = Field(
+        0.0037, description="c > 0, or 'auto' (calibrated from the first steps, then frozen)."
+    )
+    lambda_init: float = Field(0.1, ge=0)
+    lambda_lr: float = Field(1.0, gt=0, le=1e6, alias="lambdaLR", description="η of the dual ascent step.")
+    lambda_min: float = Field(0.0, ge=0)
+    lambda_max: float = Field(1.0, ge=0, le=1e6)
+    mode: ConstraintMode = "penalty"
+    controller: ControllerName = "dual-ascent"
+    pid: PIDSpec = Field(default_factory=PIDSpec)
+    auto: AutoToleranceSpec = Field(default_factory=AutoToleranceSpec)
+
+    _tolerance = field_validator("tolerance", mode="before")(classmethod(lambda cls, v: _tolerance(v)))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ConstraintSpec":
+        if not self.lambda_min <= self.lambda_max:
+            raise ValueError("lambdaMin must be <= lambdaMax")
+        if not self.lambda_min <= self.lambda_init <= self.lambda_max:
+            raise ValueError("lambdaInit must lie within [lambdaMin, lambdaMax]")
+        return self
+
+
+class AlgorithmSpec(SpecModel):
+    """GRPO and its corrections. Defaults follow the DCMDP paper (arXiv 2606.08779)."""
+
+    name: AlgorithmName = "dc-grpo"
+    corrections: list[Correction] = Field(
+        default_factory=list, description="Passive corrections composed with dc-grpo (e.g. [tis])."
+    )
+    group_size: int = Field(8, ge=2, le=1024, description="G samples per prompt.")
+    prompts_per_step: int = Field(64, ge=1, le=65_536)
+    mini_batch_size: int = Field(16, ge=1, le=65_536, description="Prompts per optimizer update.")
+    clip_low: float = Field(0.24, gt=0, lt=1)
+    clip_high: float = Field(0.24, gt=0, le=10)
+    kl_coef: float = Field(0.0, ge=0, le=100, description="KL-to-reference coefficient (0 = none).")
+    learning_rate: float = Field(1e-6, gt=0, le=1.0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.95))
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global grad-norm clip (0 = off).")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
+    steps: int = Field(100, ge=1, le=10_000_000)
+    max_staleness: int = Field(0, ge=0, le=1024, description="Weight versions a rollout may lag.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    importance_cap: float = Field(2.0, gt=1, le=1e6, description="C of tis/mis.")
+    icepop_low: float = Field(0.5, gt=0, lt=1)
+    icepop_high: float = Field(5.0, gt=1, le=1e6)
+    constraint: ConstraintSpec = Field(default_factory=ConstraintSpec)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("both betas must lie in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self) -> "AlgorithmSpec":
+        if self.mini_batch_size > self.prompts_per_step:
+            raise ValueError("miniBatchSize must be <= promptsPerStep")
+        if self.prompts_per_step % self.mini_batch_size:
+            raise ValueError("promptsPerStep must be a multiple of miniBatchSize")
+        if self.corrections and self.name != "dc-grpo":
+            raise ValueError("corrections compose with name: dc-grpo only (use name: tis etc. alone)")
+        if len(set(self.corrections)) != len(self.corrections):
+            raise ValueError("corrections must not repeat")
+        if {"tis", "mis"} <= set(self.corrections):
+            raise ValueError("tis and mis are alternatives; pick one")
+        return self
+
+    @property
+    def uses_constraint(self) -> bool:
+        return self.name == "dc-grpo"
+
+    @property
+    def active_corrections(self) -> list[str]:
+        """Importance corrections applied to the surrogate, whatever the algorithm name."""
+        return [self.name] if self.name in ("tis", "mis", "icepop") else list(self.corrections)
+
+
+# --------------------------------------------------------------------------- trainer / rollout
+PodTemplate = dict[str, Any]
+
+
+class DeepSpeedSpec(SpecModel):
+    enabled: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)
+
+
+class TrainerSpec(SpecModel):
+    """The trainer: high-precision, high-end nodes in a cluster."""
+
+    precision: TrainerPrecision = "fp32"
+    replicas: int = Field(1, ge=1, le=4096)
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    image: Optional[str] = Field(None, description="Container image (cluster only).")
+    template: PodTemplate = Field(
+        default_factory=dict, description="Pod template overlay: nodeSelector, tolerations, resources…"
+    )
+
+
+class PoolSpec(SpecModel):
+    """One rollout pool: an inference engine at its own precision on its own nodes."""
+
+    name: str = Field(..., min_length=1, max_length=40, pattern=DNS_LABEL)
+    replicas: int = Field(1, ge=0, le=4096)
+    engine: EngineName = "hf"
+    precision: PoolPrecision = "bf16"
+    noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
+    lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    tolerance: Union[float, Literal["auto"], None] = Field(
+        None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
+    )
+    image: Optional[str] = None
+    template: PodTemplate = Field(default_factory=dict)
+
+    _tolerance = field_validator("tolerance", mode="before")(
+        classmethod(lambda cls, v: None if v is None else _tolerance(v))
+    )
+
+
+class RolloutSpec(SpecModel):
+    pools: list[PoolSpec] = Field(
+        default_factory=lambda: [PoolSpec(name="default")], min_length=1, max_length=64
+    )
+    batch_prompts: int = Field(0, ge=0, le=65_536, description="Prompts per lease (0 = miniBatchSize).")
+    lease_timeout_seconds: float = Field(60.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "RolloutSpec":
+        names = [p.name for p in self.pools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"pool names must be unique (repeated: {', '.join(dup)})")
+        if sum(p.replicas for p in self.pools) == 0:
+            raise ValueError("at least one pool needs replicas >= 1")
+        return self
+
+
+# ------------------------------------------------------------------------------------ run-level
+class PVCSpec(SpecModel):
+    enabled: bool = False
+    size: str = Field("10Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+    storage_class_name: Optional[str] = None
+
+
+class CheckpointSpec(SpecModel):
+    every_steps: int = Field(50, ge=0, le=10_000_000, description="0 = only at the end.")
+    keep: int = Field(2, ge=1, le=1000)
+    pvc: PVCSpec = Field(default_factory=PVCSpec)
+
+
+class EvalSpec(SpecModel):
+    every_steps: int = Field(0, ge=0, le=10_000_000, description="Held-out eval period (0 = start and end).")
+
+
+class FailurePolicySpec(SpecModel):
+    max_restarts: int = Field(3, ge=0, le=1000)
+
+
+class SchedulingSpec(SpecModel):
+    gang: Literal["none", "kueue", "volcano"] = "none"
+    queue_name: Optional[str] = None
+    priority_class_name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _queue(self) -> "SchedulingSpec":
+        if self.gang == "kueue" and not self.queue_name:
+            raise ValueError("gang: kueue needs queueName")
+        return self
+
+
+class RunSpec(SpecModel):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    suspend: bool = False
+    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=365 * 86_400)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunSpec":
+        for i, pool in enumerate(self.rollout.pools):
+            if pool.lag > self.algorithm.max_staleness and pool.lag > 0 and self.algorithm.max_staleness > 0:
+                raise ValueError(
+                    f"rollout.pools[{i}].lag ({pool.lag}) exceeds algorithm.maxStaleness "
+                    f"({self.algorithm.max_staleness}): every rollout would be dropped"
+                )
+        return self
+
+    def pool_tolerance(self, pool: PoolSpec) -> Union[float, Literal["auto"]]:
+        return pool.tolerance if pool.tolerance is not None else self.algorithm.constraint.tolerance
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("run", min_length=1, max_length=63, pattern=DNS_LABEL)
+    namespace: Optional[str] = None
+
+
+class DCMDPRun(SpecModel):
+    api_version: Literal["dcmdp.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["DCMDPRun"] = KIND
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: RunSpec = Field(default_factory=RunSpec)
+    status: Optional[dict[str, Any]] = Field(None, description="Written by the operator; ignored here.")
+
+
+# ------------------------------------------------------------------------------------- loading
+class SpecError(ValueError):
+    """A manifest failed validation. ``errors`` is a list of (field path, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str = "manifest"):
+        self.errors = errors
+        self.source = source
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        super().__init__(f"{source} is invalid:\n{lines}")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and ("[" in part or part.startswith(("float", "literal", "function"))):
+            # pydantic names union branches in the location; they are noise for users
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def _messages(exc: ValidationError) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for err in exc.errors():
+        path = _path(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; fields are camelCase)"
+        seen.setdefault(path, msg)
+    return list(seen.items())
+
+
+def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
+    """Validate a manifest already parsed into Python objects."""
+    if not isinstance(data, dict):
+        raise SpecError([("(root)", "a DCMDPRun manifest must be a mapping")], source)
+    try:
+        return DCMDPRun.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_messages(exc), source) from None
+
+
+def load_run(path: Union[str, Path]) -> DCMDPRun:
+    """Read and validate a YAML manifest (the first DCMDPRun document in the file)."""
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not runs:
+        if len(docs) == 1:
+            return parse_run(docs[0], str(path))
+        raise SpecError([("kind", f"no document of kind {KIND} in the file")], str(path))
+    return parse_run(runs[0], str(path))
+
+
+def dump_run(run: DCMDPRun) -> dict[str, Any]:
+    """The resolved manifest (defaults filled in), camelCase, JSON-compatible."""
+    return run.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,1 @@
+"""dcmdp rollout workers and their inference engines."""

@@ -1,0 +1,1 @@
+"""dcmdp Kubernetes operator (kopf). Never imports torch."""

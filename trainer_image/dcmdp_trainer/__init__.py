@@ -1,0 +1,1 @@
+"""dcmdp trainer: the DC-GRPO learner, in-process runner and gRPC trainer server."""
