@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,13 @@ KIND = "DCMDPRun"
 PLURAL = "dcmdpruns"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
+VERIFIER = r"^(exact|numeric|contains|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+# A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
+# or overflows). The same pattern is in the CRD, so the cluster and `dcmdp run` agree.
+POSITIVE_NUMBER = (
+    r"^[+]?(0*[1-9][0-9]{0,15}(\.[0-9]{0,16})?|0*\.0{0,16}[1-9][0-9]{0,15})([eE][-+]?[0-9]{1,2})?$"
+)
 
 AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
 Correction = Literal["tis", "mis", "icepop"]
@@ -32,12 +39,36 @@ PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 EngineName = Literal["hf", "vllm"]
 
 
+class CelRule(NamedTuple):
+    """A cross-field rule of a model, as a CEL expression for the CRD's ``x-kubernetes-validations``.
+
+    Each model's ``CEL`` tuple sits next to the Python validator that enforces the same rule, and
+    ``tests/test_crd.py`` checks on generated manifests that the two always agree.
+    """
+
+    rule: str  # CEL over ``self`` (the object, camelCase field names, defaults applied)
+    message: str
+    field_path: Optional[str] = None  # JSON path relative to the object, e.g. ".lambdaInit"
+
+
 class SpecModel(BaseModel):
-    """Base: camelCase aliases, unknown fields rejected (a typo is an error, not a silent default)."""
+    """Base: camelCase aliases, unknown fields rejected (a typo is an error, not a silent default).
+
+    Strict types, as the Kubernetes API server applies them: ``steps: "10"`` or ``suspend: 1`` is
+    an error, not a silent coercion (an int is accepted where a number is expected). NaN and
+    infinities are rejected (JSON cannot carry them).
+    """
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        strict=True,
+        allow_inf_nan=False,
     )
+
+    CEL: ClassVar[tuple[CelRule, ...]] = ()
 
 
 # --------------------------------------------------------------------------------------- model
@@ -68,6 +99,11 @@ class ModelSpec(SpecModel):
     num_experts_per_tok: int = Field(2, ge=1, le=64, description="MoE only.")
     warm_start: WarmStartSpec = Field(default_factory=WarmStartSpec)
 
+    CEL = (
+        CelRule("self.numHeads % self.numKvHeads == 0", "numHeads must be a multiple of numKvHeads", ".numHeads"),
+        CelRule("self.numExpertsPerTok <= self.numExperts", "numExpertsPerTok must be <= numExperts", ".numExpertsPerTok"),
+    )
+
     @model_validator(mode="after")
     def _heads(self) -> "ModelSpec":
         if self.num_heads % self.num_kv_heads:
@@ -85,15 +121,14 @@ class DatasetSpec(SpecModel):
     verifier: str = Field(
         "exact",
         description="exact | numeric | contains | a Python 'module:function' taking (response, answer) -> float.",
+        json_schema_extra={"pattern": VERIFIER},
     )
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
 
     @field_validator("verifier")
     @classmethod
     def _verifier(cls, v: str) -> str:
-        if v in ("exact", "numeric", "contains"):
-            return v
-        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+        if re.fullmatch(VERIFIER, v):
             return v
         raise ValueError("must be exact, numeric, contains or 'module:function'")
 
@@ -108,6 +143,11 @@ class TaskSpec(SpecModel):
     held_out: int = Field(256, ge=1, le=100_000, description="Held-out prompts for evaluation.")
     max_new_tokens: int = Field(0, ge=0, le=4096, description="0 = derived from the task.")
 
+    CEL = (
+        CelRule("self.name != 'jsonl' || has(self.dataset)", "task 'jsonl' needs `dataset` (path and verifier)", ".dataset"),
+        CelRule("self.name == 'jsonl' || !has(self.dataset)", "`dataset` is only used with name: jsonl", ".dataset"),
+    )
+
     @model_validator(mode="after")
     def _dataset(self) -> "TaskSpec":
         if self.name == "jsonl" and self.dataset is None:
@@ -119,14 +159,13 @@ class TaskSpec(SpecModel):
 
 # ----------------------------------------------------------------------------------- algorithm
 def _tolerance(v: Any) -> Any:
-    """c is a number > 0 or the string 'auto' (a numeric string is accepted as a number)."""
+    """c is a number > 0 or the string 'auto' (a positive decimal string is read as a number)."""
     if isinstance(v, bool):
         raise ValueError("must be a number > 0 or 'auto'")
     if isinstance(v, str) and v != "auto":
-        try:
-            v = float(v)
-        except ValueError:
-            raise ValueError("must be a number > 0 or 'auto'") from None
+        if not re.fullmatch(POSITIVE_NUMBER, v):
+            raise ValueError("must be a number > 0 or 'auto'")
+        v = float(v)
     if isinstance(v, (int, float)) and not v > 0:
         raise ValueError("must be > 0 (or 'auto')")
     return v
@@ -165,6 +204,15 @@ class ConstraintSpec(SpecModel):
 
     _tolerance = field_validator("tolerance", mode="before")(classmethod(lambda cls, v: _tolerance(v)))
 
+    CEL = (
+        CelRule("self.lambdaMin <= self.lambdaMax", "lambdaMin must be <= lambdaMax", ".lambdaMin"),
+        CelRule(
+            "self.lambdaMin <= self.lambdaInit && self.lambdaInit <= self.lambdaMax",
+            "lambdaInit must lie within [lambdaMin, lambdaMax]",
+            ".lambdaInit",
+        ),
+    )
+
     @model_validator(mode="after")
     def _bounds(self) -> "ConstraintSpec":
         if not self.lambda_min <= self.lambda_max:
@@ -172,6 +220,9 @@ class ConstraintSpec(SpecModel):
         if not self.lambda_min <= self.lambda_init <= self.lambda_max:
             raise ValueError("lambdaInit must lie within [lambdaMin, lambdaMax]")
         return self
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class AlgorithmSpec(SpecModel):
@@ -188,7 +239,7 @@ class AlgorithmSpec(SpecModel):
     clip_high: float = Field(0.24, gt=0, le=10)
     kl_coef: float = Field(0.0, ge=0, le=100, description="KL-to-reference coefficient (0 = none).")
     learning_rate: float = Field(1e-6, gt=0, le=1.0)
-    adam_betas: tuple[float, float] = Field((0.9, 0.95))
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.95), strict=False)  # a YAML list becomes the tuple
     weight_decay: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global grad-norm clip (0 = off).")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
@@ -200,12 +251,21 @@ class AlgorithmSpec(SpecModel):
     icepop_high: float = Field(5.0, gt=1, le=1e6)
     constraint: ConstraintSpec = Field(default_factory=ConstraintSpec)
 
-    @field_validator("adam_betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError("both betas must lie in [0, 1)")
-        return v
+    CEL = (
+        CelRule("self.miniBatchSize <= self.promptsPerStep", "miniBatchSize must be <= promptsPerStep", ".miniBatchSize"),
+        CelRule(
+            "self.promptsPerStep % self.miniBatchSize == 0",
+            "promptsPerStep must be a multiple of miniBatchSize",
+            ".promptsPerStep",
+        ),
+        CelRule(
+            "size(self.corrections) == 0 || self.name == 'dc-grpo'",
+            "corrections compose with name: dc-grpo only (use name: tis etc. alone)",
+            ".corrections",
+        ),
+        CelRule("self.corrections.all(c, self.corrections.exists_one(d, d == c))", "corrections must not repeat", ".corrections"),
+        CelRule("!('tis' in self.corrections && 'mis' in self.corrections)", "tis and mis are alternatives; pick one", ".corrections"),
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> "AlgorithmSpec":
@@ -280,6 +340,11 @@ class RolloutSpec(SpecModel):
     batch_prompts: int = Field(0, ge=0, le=65_536, description="Prompts per lease (0 = miniBatchSize).")
     lease_timeout_seconds: float = Field(60.0, gt=0, le=86_400)
 
+    CEL = (
+        CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique", ".pools"),
+        CelRule("self.pools.exists(p, p.replicas >= 1)", "at least one pool needs replicas >= 1", ".pools"),
+    )
+
     @model_validator(mode="after")
     def _unique(self) -> "RolloutSpec":
         names = [p.name for p in self.pools]
@@ -317,6 +382,14 @@ class SchedulingSpec(SpecModel):
     queue_name: Optional[str] = None
     priority_class_name: Optional[str] = None
 
+    CEL = (
+        CelRule(
+            "self.gang != 'kueue' || (has(self.queueName) && size(self.queueName) > 0)",
+            "gang: kueue needs queueName",
+            ".queueName",
+        ),
+    )
+
     @model_validator(mode="after")
     def _queue(self) -> "SchedulingSpec":
         if self.gang == "kueue" and not self.queue_name:
@@ -336,6 +409,14 @@ class RunSpec(SpecModel):
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=365 * 86_400)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+
+    CEL = (
+        CelRule(
+            "self.algorithm.maxStaleness == 0 || self.rollout.pools.all(p, p.lag <= self.algorithm.maxStaleness)",
+            "a rollout pool's lag exceeds algorithm.maxStaleness: every rollout would be dropped",
+            ".rollout.pools",
+        ),
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> "RunSpec":
@@ -410,11 +491,26 @@ def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
         raise SpecError(_messages(exc), source) from None
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-6`` as a float like Kubernetes does.
+
+    PyYAML implements YAML 1.1, where an exponent without a dot (``1e-6``) is a string; kubectl
+    (YAML 1.2 rules) reads a number. Without this, a manifest the cluster accepts would fail here.
+    """
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def load_run(path: Union[str, Path]) -> DCMDPRun:
     """Read and validate a YAML manifest (the first DCMDPRun document in the file)."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=YAMLLoader) if d is not None]
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
     except yaml.YAMLError as exc:
