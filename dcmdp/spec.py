@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,6 +69,26 @@ class SpecModel(BaseModel):
     )
 
     CEL: ClassVar[tuple[CelRule, ...]] = ()
+
+    @classmethod
+    def null_keeping_fields(cls) -> frozenset[str]:
+        """Fields where ``null`` is a value of its own: optional, with a default other than None."""
+        out = set()
+        for name, f in cls.model_fields.items():
+            if f.default is not None and not f.is_required() and type(None) in get_args(f.annotation):
+                out |= {name, f.alias or name}
+        return frozenset(out)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data: Any) -> Any:
+        """``field: null`` (or an empty ``field:`` in YAML) means "not set", as in the API server,
+        which drops such nulls before applying defaults. Only fields that take ``None`` as a value
+        distinct from their default keep it (the CRD marks exactly those ``nullable``)."""
+        if isinstance(data, dict):
+            keep = cls.null_keeping_fields()
+            return {k: v for k, v in data.items() if v is not None or k in keep}
+        return data
 
 
 # --------------------------------------------------------------------------------------- model
