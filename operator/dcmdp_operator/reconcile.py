@@ -1,0 +1,144 @@
+"""One reconcile of one run, top to bottom: read → build → apply → observe → status.
+
+The handlers (``handlers.py``) only call :func:`reconcile`; everything it decides is in pure
+functions: :mod:`spec_changes` (what the run may take), :mod:`children` (the manifests),
+:mod:`apply` (create or patch), :mod:`status` (phase and conditions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import datetime as dt
+import time
+from typing import Any, Optional
+
+from dcmdp.spec import API_VERSION, KIND, DCMDPRun, SpecError, parse_run
+
+from . import apply, children, kube, metrics, podtemplate, spec_changes, status, trainer_client
+from .config import OperatorConfig
+
+
+@dataclasses.dataclass
+class Result:
+    status: dict[str, Any]
+    previous: dict[str, Any]
+    events: list[tuple[str, str, str]]
+    run: Optional[DCMDPRun]
+    writes: list[tuple[str, str, str]]  # (kind, name, action) of the children created or patched
+
+
+def _parse(body: dict[str, Any]) -> DCMDPRun:
+    meta = body.get("metadata") or {}
+    return parse_run(
+        {
+            "apiVersion": body.get("apiVersion", API_VERSION),
+            "kind": body.get("kind", KIND),
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "spec": copy.deepcopy(body.get("spec") or {}),
+        },
+        source=f"DCMDPRun {meta.get('namespace')}/{meta.get('name')}",
+    )
+
+
+async def _patch_status(client: kube.Client, meta: dict[str, Any], new: dict[str, Any]) -> None:
+    await client.merge_patch(kube.RUNS, meta["namespace"], meta["name"], {"status": new}, subresource="status")
+
+
+async def reconcile(
+    body: dict[str, Any],
+    *,
+    client: kube.Client,
+    config: OperatorConfig,
+    previous: Optional[dict[str, Any]] = None,
+    trigger: str = "poll",
+    now: Optional[dt.datetime] = None,
+) -> Result:
+    """Bring the run's children to the desired state and write its status once.
+
+    ``previous``: the last status this operator wrote (fresher than ``body`` right after a write);
+    defaults to ``body['status']``.
+    """
+    t0 = time.perf_counter()
+    meta = body["metadata"]
+    name, ns = meta["name"], meta["namespace"]
+    generation = meta.get("generation")
+    previous = copy.deepcopy(previous if previous is not None else (body.get("status") or {}))
+    now_ = now or dt.datetime.now(dt.timezone.utc)
+    obs = status.Observed()
+    writes: list[tuple[str, str, str]] = []
+
+    def finish(run: Optional[DCMDPRun]) -> Result:
+        new = status.compute(run, obs, previous, generation, now_)
+        return Result(new, previous, status.transitions(previous, new), run, writes)
+
+    try:
+        try:
+            run = _parse(body)
+        except SpecError as exc:
+            obs.error = ("InvalidSpec", "; ".join(f"{p}: {m}" for p, m in exc.errors))
+            result = finish(None)
+            await _patch_status(client, meta, result.status)
+            return result
+
+        # 1. read what fixes the run's identity: its token and the spec its children were built from
+        secret, configmap = await asyncio.gather(
+            client.get(kube.RESOURCES["Secret"], ns, children.secret_name(name)),
+            client.get(kube.RESOURCES["ConfigMap"], ns, children.configmap_name(name)),
+        )
+        effective, obs.refused = spec_changes.reconcile_spec(children.read_accepted(configmap), run)
+        token = children.read_token(secret) or children.new_token()
+
+        # 2. build the desired children (pure)
+        try:
+            desired = children.build(effective, meta, token=token, config=config, phase=previous.get("phase"))
+        except (children.BuildError, podtemplate.TemplateError) as exc:
+            obs.error = ("InvalidSpec", str(exc))
+            result = finish(effective)
+            await _patch_status(client, meta, result.status)
+            return result
+
+        # 3. apply them (create or patch, idempotent), all at once
+        known = {"Secret": secret, "ConfigMap": configmap}
+        outcomes = await asyncio.gather(
+            *(
+                apply.apply(client, d, known.get(d["kind"]), known=d["kind"] in known)
+                for d in desired
+            ),
+            return_exceptions=True,
+        )
+        for d, outcome in zip(desired, outcomes):
+            if isinstance(outcome, apply.ChildConflict):
+                obs.error = ("ChildConflict", str(outcome))
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            obj, action = outcome
+            if action != "unchanged":
+                writes.append((d["kind"], d["metadata"]["name"], action))
+                metrics.CHILD_WRITES.labels(d["kind"], action).inc()
+            if d["kind"] == "Job":
+                obs.job = obj
+            elif d["kind"] == "Deployment":
+                obs.deployments[d["metadata"]["labels"][children.POOL_LABEL]] = obj
+
+        # 4. the trainer's own view, when it has pods to answer
+        job_status = (obs.job or {}).get("status") or {}
+        if not effective.spec.suspend and (int(job_status.get("active") or 0) or int(job_status.get("ready") or 0)):
+            obs.trainer, obs.trainer_error = await trainer_client.get_status(
+                config.trainer_target(name, ns), token, config.grpc_timeout_seconds
+            )
+
+        # 5. status, written once
+        result = finish(effective)
+        await _patch_status(client, meta, result.status)
+        metrics.RECONCILES.labels(trigger, "ok").inc()
+        return result
+    except BaseException as exc:
+        if not isinstance(exc, asyncio.CancelledError):
+            metrics.RECONCILES.labels(trigger, "error").inc()
+            metrics.ERRORS.labels(type(exc).__name__).inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)

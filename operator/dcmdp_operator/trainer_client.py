@@ -1,0 +1,60 @@
+"""Read a trainer's progress through its ``GetStatus`` RPC (``dcmdp/proto/dcmdp.proto``).
+
+The call carries the run's token (``authorization: Bearer <token>``). A trainer that is down, not
+started yet, or slow never breaks a reconcile: :func:`get_status` returns ``(None, why)`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import grpc
+
+from dcmdp.proto import dcmdp_pb2, dcmdp_pb2_grpc
+
+SCALARS = (
+    "run_name",
+    "phase",
+    "step",
+    "total_steps",
+    "weight_version",
+    "reward_mean",
+    "prob_diff_mean",
+    "lambda",
+    "tolerance",
+    "queue_depth",
+    "leases_outstanding",
+    "leases_expired",
+    "rollouts_dropped_stale",
+    "finished",
+    "message",
+    "checkpoint_step",
+    "eval_accuracy",
+    "updated_unix_ms",
+)
+POOL_SCALARS = ("name", "prob_diff_mean", "lambda", "tolerance", "tokens", "workers", "reward_mean")
+
+
+def to_dict(msg: dcmdp_pb2.Status) -> dict[str, Any]:
+    """A Status message as plain Python values (proto field names; ints stay ints)."""
+    out: dict[str, Any] = {k: getattr(msg, k) for k in SCALARS}
+    out["pools"] = [{k: getattr(p, k) for k in POOL_SCALARS} for p in msg.pools]
+    out["workers"] = len(msg.workers)
+    return out
+
+
+async def get_status(target: str, token: str, timeout: float) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(status dict, None) or (None, why it could not be read)."""
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = dcmdp_pb2_grpc.TrainerStub(channel)
+            reply = await stub.GetStatus(
+                dcmdp_pb2.StatusRequest(header=dcmdp_pb2.Header()),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=timeout,
+            )
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        name = code.name if code is not None else "UNKNOWN"
+        return None, f"trainer status at {target}: {name}: {exc.details() or ''}".rstrip(": ")
+    return to_dict(reply), None
