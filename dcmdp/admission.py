@@ -140,12 +140,14 @@ def _list_map_errors(value: Any, schema: dict[str, Any], path: list[Any]) -> Ite
     elif isinstance(value, list) and "items" in schema:
         if schema.get("x-kubernetes-list-type") == "map":
             keys = schema["x-kubernetes-list-map-keys"]
-            seen: set[tuple[Any, ...]] = set()
+            seen: set[str] = set()
             for i, item in enumerate(value):
-                k = tuple(item.get(key) for key in keys) if isinstance(item, dict) else (item,)
-                if k in seen:
-                    yield _fmt(path + [i]), f"Duplicate value: {dict(zip(keys, k))}"
-                seen.add(k)
+                if not isinstance(item, dict):
+                    continue  # a type error, reported by the schema check
+                k = {key: item.get(key) for key in keys}
+                if repr(k) in seen:
+                    yield _fmt(path + [i]), f"Duplicate value: {k}"
+                seen.add(repr(k))
         for i, item in enumerate(value):
             yield from _list_map_errors(item, schema["items"], path + [i])
 

@@ -284,7 +284,7 @@ class AlgorithmSpec(SpecModel):
             ".corrections",
         ),
         CelRule("self.corrections.all(c, self.corrections.exists_one(d, d == c))", "corrections must not repeat", ".corrections"),
-        CelRule("!('tis' in self.corrections && 'mis' in self.corrections)", "tis and mis are alternatives; pick one", ".corrections"),
+        CelRule("!('tis' in self.corrections && 'mis' in self.corrections)", "corrections tis and mis are alternatives; pick one", ".corrections"),
     )
 
     @model_validator(mode="after")
@@ -298,7 +298,7 @@ class AlgorithmSpec(SpecModel):
         if len(set(self.corrections)) != len(self.corrections):
             raise ValueError("corrections must not repeat")
         if {"tis", "mis"} <= set(self.corrections):
-            raise ValueError("tis and mis are alternatives; pick one")
+            raise ValueError("corrections tis and mis are alternatives; pick one")
         return self
 
     @property
@@ -506,7 +506,9 @@ def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
     if not isinstance(data, dict):
         raise SpecError([("(root)", "a DCMDPRun manifest must be a mapping")], source)
     try:
-        return DCMDPRun.model_validate(data)
+        # Manifests use the camelCase names only (the API server knows no others); Python code
+        # may still construct models with snake_case keywords.
+        return DCMDPRun.model_validate(data, by_name=False)
     except ValidationError as exc:
         raise SpecError(_messages(exc), source) from None
 
