@@ -47,8 +47,10 @@ tools: .tools/.stamp
 	bash scripts/fetch-tools.sh .tools
 	touch $@
 
+# Generated Kubernetes files: the CRD (from dcmdp/spec.py) and the Helm chart's copies/RBAC/values schema.
 crd: venv
 	$(PY) -m dcmdp.crd --write
+	$(PY) scripts/sync-chart.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .tools .cache runs

@@ -87,6 +87,9 @@ class PoolStatus(StatusModel):
     tolerance: Optional[float] = Field(None, description="The pool's resolved c (after auto calibration).")
     tokens: Optional[int] = Field(None, ge=0, description="Response tokens received from the pool.")
     workers: Optional[int] = Field(None, ge=0, description="Workers of the pool holding a lease.")
+    reward: Optional[float] = Field(None, description="Mean reward of the pool's rollouts.")
+    replicas: Optional[int] = Field(None, ge=0, description="Desired replicas of the pool's Deployment.")
+    ready_replicas: Optional[int] = Field(None, ge=0)
 
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
@@ -97,6 +100,7 @@ class RunStatus(StatusModel):
     """Written by the operator only; the spec is never written by it (GitOps safe)."""
 
     phase: Optional[str] = Field(None, description=f"One of {', '.join(PHASES)}.")
+    reason: Optional[str] = Field(None, description="Why the run is in its phase (CamelCase).")
     message: Optional[str] = None
     observed_generation: Optional[int] = Field(None, ge=0)
     conditions: list[Condition] = Field(default_factory=list)
@@ -110,6 +114,11 @@ class RunStatus(StatusModel):
     pools: list[PoolStatus] = Field(default_factory=list)
     restarts: Optional[int] = Field(None, ge=0, description="Trainer restarts counted by the failure policy.")
     checkpoint_step: Optional[int] = Field(None, ge=0, description="Step of the newest checkpoint.")
+    progress: Optional[str] = Field(None, description="step/totalSteps, for humans.")
+    eval_accuracy: Optional[float] = Field(None, description="Held-out accuracy of the last evaluation.")
+    trainer_reachable: Optional[bool] = Field(None, description="Whether the trainer's status RPC answered.")
+    last_trainer_update: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
+    refused_changes: Optional[list[str]] = Field(None, description="Spec fields that cannot change on a live run.")
     start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
     completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
 

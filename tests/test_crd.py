@@ -430,3 +430,25 @@ def test_crd_and_model_agree_on_generated_manifests() -> None:
     assert not unnamed, f"{len(unnamed)} errors do not name their field:\n" + "\n".join(map(str, unnamed[:10]))
     print(f"{invalid} invalid and {valid} valid generated manifests: CRD and model agree on all")
     assert invalid >= 500 and valid >= 100, (invalid, valid)
+
+
+# ------------------------------------------------------------------------------ status contract
+def test_operator_status_fits_the_status_schema() -> None:
+    """What the operator's pure status function writes is what the CRD's status schema accepts
+    (a field the schema did not know would still survive, but typed fields must match)."""
+    import datetime as dt
+
+    from dcmdp.admission import validate_status
+    from dcmdp_operator import status as st
+
+    assert st.PHASES == C.PHASES and st.CONDITION_TYPES == C.CONDITION_TYPES
+    run = S.parse_run(yaml.load((REPO / "examples" / "kind-cpu.yaml").read_text(), Loader=S.YAMLLoader))
+    trainer = {"step": 3, "total_steps": 40, "weight_version": 3, "reward_mean": 0.5, "prob_diff_mean": 0.001,
+               "lambda": 0.2, "tolerance": 0.003, "checkpoint_step": 0, "updated_unix_ms": 1_700_000_000_000}
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    status = st.compute(run, st.Observed(trainer=trainer), None, 1, now)
+    written = {k: v for k, v in status.items() if v is not None}  # None = delete in a merge patch
+    assert validate_status(written) == []
+    known = set(SCHEMA["properties"]["status"]["properties"])
+    assert set(written) <= known, f"status fields the CRD does not declare: {set(written) - known}"
+    assert validate_status({**written, "step": "three"})[0][0] == "status.step"
