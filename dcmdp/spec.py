@@ -95,8 +95,8 @@ class SpecModel(BaseModel):
 class WarmStartSpec(SpecModel):
     """Short supervised warm start on the task's reference answers, so RL starts above zero."""
 
-    steps: int = Field(120, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    steps: int = Field(100, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
     batch_size: int = Field(256, ge=1, le=65_536)
 
 

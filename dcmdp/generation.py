@@ -1,0 +1,77 @@
+"""Autoregressive sampling from a Hugging Face causal LM, recording log p of each sampled token.
+
+Used by the HF rollout engine (at the pool's precision) and by the trainer's greedy evaluation.
+The recorded log-probability is that of the *sampling* distribution: softmax((logits + ε)/T),
+where ε is the optional Gaussian logit noise that emulates a worse engine. With T = 0 (greedy) the
+log-probability of the argmax under softmax(logits + ε) is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generated:
+    responses: list[list[int]]  # response tokens, EOS included when sampled
+    logprobs: list[list[float]]  # one per response token
+    finish_reasons: list[str]  # "stop" | "length"
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_id: int, pad_id: int,
+           temperature: float = 1.0, noise: float = 0.0, generator: torch.Generator | None = None) -> Generated:
+    """``n`` samples per prompt (prompt-major order) with a KV cache and left padding."""
+    seqs = [p for p in prompts for _ in range(n)]
+    ids, mask = left_pad(seqs, pad_id)
+    batch = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    next_pos = positions[:, -1:] + 1
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32)
+    done = torch.zeros(batch, dtype=torch.bool)
+    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
+    for t in range(max_new_tokens):
+        if noise > 0:
+            logits = logits + noise * torch.randn(logits.shape, generator=generator)
+        if temperature > 0:
+            logp_all = torch.log_softmax(logits / temperature, dim=-1)
+            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            logp_all = torch.log_softmax(logits, dim=-1)
+            tok = logp_all.argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens[:, t] = tok
+        logps[:, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        newly = (~done) & (tok == eos_id)
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        done |= newly
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    responses, logprobs, reasons = [], [], []
+    for i in range(batch):
+        k = int(lengths[i])
+        responses.append(tokens[i, :k].tolist())
+        logprobs.append(logps[i, :k].tolist())
+        reasons.append("stop" if bool(done[i]) else "length")
+    return Generated(responses, logprobs, reasons)

@@ -1,0 +1,138 @@
+"""Metric names and sinks: metrics.jsonl, TensorBoard event files, Prometheus gauges.
+
+The key names are one contract across every sink and the CRD status: ``step``, ``reward/mean``,
+``discrepancy/prob_diff_mean`` (δ̄), ``discrepancy/prob_diff_max``,
+``discrepancy/logprob_abs_diff_mean``, ``discrepancy/k3_kl``, ``constraint/lambda`` (the λ applied
+in the step), ``constraint/tolerance`` (c; null while ``auto`` calibrates), ``loss/policy``,
+``loss/constraint``, ``time/step_s`` and, per rollout pool, ``pool/<name>/<key>``. Prometheus
+names replace ``/`` with ``_`` (``dcmdp_discrepancy_prob_diff_mean``) and carry pool keys as a
+``pool`` label.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+REQUIRED_KEYS = (
+    "step", "reward/mean", "discrepancy/prob_diff_mean", "discrepancy/prob_diff_max",
+    "discrepancy/logprob_abs_diff_mean", "discrepancy/k3_kl", "constraint/lambda",
+    "constraint/tolerance", "loss/policy", "loss/constraint", "time/step_s",
+)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def split_pool_key(key: str) -> tuple[Optional[str], str]:
+    """``pool/bf16/constraint/lambda`` → (``bf16``, ``constraint/lambda``)."""
+    if key.startswith("pool/"):
+        _, pool, rest = key.split("/", 2)
+        return pool, rest
+    return None, key
+
+
+def prometheus_name(key: str) -> str:
+    return "dcmdp_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
+class JsonlSink:
+    def __init__(self, path: Path, truncate_from_step: Optional[int] = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_from_step is not None and path.exists():
+            # resuming: drop rows written after the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) < truncate_from_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif truncate_from_step is None and path.exists():
+            path.unlink()
+        self._fh = path.open("a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}, allow_nan=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, row: dict[str, Any]) -> None:
+        step = int(row["step"])
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._w.flush()
+        self._w.close()
+
+
+class PrometheusSink:
+    """Gauges named after the metric keys, in a registry served by whoever owns it."""
+
+    def __init__(self, registry=None, keys: Optional[Iterable[str]] = None):
+        from prometheus_client import CollectorRegistry
+
+        self.registry = registry or CollectorRegistry()
+        self._gauges: dict[str, Any] = {}
+        self.keys = set(keys) if keys is not None else None
+
+    def _gauge(self, key: str, pooled: bool):
+        from prometheus_client import Gauge
+
+        name = prometheus_name(key)
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(name, f"dcmdp metric {key}", ["pool"] if pooled else [], registry=self.registry)
+        return self._gauges[name]
+
+    def write(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                continue
+            pool, key = split_pool_key(k)
+            if self.keys is not None and key not in self.keys:
+                continue
+            g = self._gauge(key, pool is not None)
+            (g.labels(pool=pool) if pool is not None else g).set(v)
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsWriter:
+    """Fan one row per step out to every sink."""
+
+    def __init__(self, out_dir: Path, *, resume_step: Optional[int] = None, tensorboard: bool = True,
+                 prometheus: Optional[PrometheusSink] = None):
+        self.sinks: list[Any] = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
+        if tensorboard:
+            try:
+                self.sinks.append(TensorBoardSink(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed: jsonl and Prometheus still work
+                pass
+        if prometheus is not None:
+            self.sinks.append(prometheus)
+
+    def write(self, row: dict[str, Any]) -> None:
+        for s in self.sinks:
+            s.write(row)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,84 @@
+"""The Hugging Face engine: transformers models sampled with a KV cache at the pool's precision.
+
+Precisions: ``fp32``, ``bf16``, ``fp16`` (weights and activations cast), ``int8`` (dynamic int8
+quantisation of every Linear layer, as torch's ``quantize_dynamic`` does for CPU serving) and
+``fp8`` (*emulated*: Linear weights rounded through float8-e4m3 with a per-output-channel scale,
+compute in fp32 — the weight error of an FP8 checkpoint, not its kernels). ``noise`` adds Gaussian
+logit noise of that σ before sampling, to emulate a worse engine at a chosen mismatch level.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+
+from dcmdp.engine import EngineError, Sample, SamplingParams
+from dcmdp.generation import sample
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fp8_roundtrip_(model: torch.nn.Module) -> None:
+    """Round every Linear weight through float8-e4m3 with a per-row absmax scale (in place)."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight
+                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fmax
+                w.copy_((w / scale).to(torch.float8_e4m3fn).to(w.dtype) * scale)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model_dir: str, precision: str = "fp32", noise: float = 0.0, seed: int = 0,
+                 threads: int = 0, **_: object):
+        from transformers import AutoModelForCausalLM
+
+        from dcmdp.models.tokenizer import load_tokenizer
+
+        if precision not in ("fp32", "bf16", "fp16", "int8", "fp8"):
+            raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.precision, self.noise, self.seed = precision, float(noise), seed
+        self.tokenizer = load_tokenizer(model_dir)
+        self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.version = 0
+        self.model = self._serving_model()
+
+    def _serving_model(self) -> torch.nn.Module:
+        if self.precision in DTYPES:
+            if self.precision == "fp32":
+                return self.master
+            return copy.deepcopy(self.master).to(DTYPES[self.precision]).eval()
+        if self.precision == "int8":
+            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.master), {torch.nn.Linear}, dtype=torch.qint8).eval()
+        model = copy.deepcopy(self.master)
+        fp8_roundtrip_(model)
+        return model.eval()
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        missing, unexpected = self.master.load_state_dict(dict(state_dict), strict=False)
+        real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+        if real_missing or unexpected:
+            raise EngineError(f"weight update does not fit the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+        if self.precision in ("bf16", "fp16"):
+            self.model.load_state_dict(self.master.state_dict())  # casts in place
+        elif self.precision != "fp32":
+            self.model = self._serving_model()
+        self.version = version
+
+    def generate(self, prompts: list[list[int]], indices: list[int], params: SamplingParams) -> list[Sample]:
+        gen = torch.Generator().manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
+        out = sample(self.model, prompts, n=params.n, max_new_tokens=params.max_new_tokens,
+                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                     temperature=params.temperature, noise=self.noise, generator=gen)
+        idx = [i for i in indices for _ in range(params.n)]
+        return [Sample(i, r, lp, f) for i, r, lp, f in zip(idx, out.responses, out.logprobs, out.finish_reasons)]
+
+    def close(self) -> None:
+        self.model = self.master = None  # type: ignore[assignment]
