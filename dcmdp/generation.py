@@ -31,6 +31,18 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _cache_kwarg(model) -> str:
+    """transformers ≥ 5.2x names the KV cache ``cache``; older releases ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, noise: float = 0.0, generator: torch.Generator | None = None) -> Generated:
@@ -40,7 +52,8 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    past, logits = _cache_of(out), out.logits[:, -1, :].float()
+    cache_kw = _cache_kwarg(model)
     next_pos = positions[:, -1:] + 1
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
     logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32)
@@ -64,9 +77,8 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_kw: past})
+        past, logits = _cache_of(out), out.logits[:, -1, :].float()
         next_pos = next_pos + 1
     responses, logprobs, reasons = [], [], []
     for i in range(batch):

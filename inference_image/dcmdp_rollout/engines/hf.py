@@ -10,6 +10,7 @@ logit noise of that σ before sampling, to emulate a worse engine at a chosen mi
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Mapping
 
 import torch
@@ -56,7 +57,10 @@ class HFEngine:
                 return self.master
             return copy.deepcopy(self.master).to(DTYPES[self.precision]).eval()
         if self.precision == "int8":
-            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.master), {torch.nn.Linear}, dtype=torch.qint8).eval()
+            with warnings.catch_warnings():  # torch deprecates the quantized-tensor API, still the CPU int8 path
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(self.master), {torch.nn.Linear}, dtype=torch.qint8).eval()
         model = copy.deepcopy(self.master)
         fp8_roundtrip_(model)
         return model.eval()

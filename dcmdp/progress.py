@@ -1,0 +1,62 @@
+"""The terminal view of a run: a rich progress bar with reward, δ̄ and λ, and a final summary table."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class RunProgress:
+    def __init__(self, total: int, start: int = 0, console: Optional[Console] = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task("DC-GRPO", total=total, completed=start, stats="")
+        self.last: dict[str, Any] = {}
+
+    def __enter__(self) -> "RunProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def step(self, row: dict[str, Any]) -> None:
+        self.last = row
+        lam = row.get("constraint/lambda")
+        stats = (f"reward {row.get('reward/mean', 0):.3f}  δ̄ {row.get('discrepancy/prob_diff_mean', 0):.2e}"
+                 f"  λ {lam:.3f}" if isinstance(lam, (int, float)) else "")
+        self.progress.update(self.task, completed=row["step"] + 1, stats=stats)
+
+    def eval(self, row: dict[str, Any]) -> None:
+        acc = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("eval/")}
+        self.progress.console.print(f"[dim]eval @ step {row['step']}: " +
+                                    ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+
+def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:
+    t = Table(title="dcmdp run summary")
+    t.add_column("what"); t.add_column("value", justify="right")
+    t.add_row("steps", str(summary.get("steps")))
+    t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s")
+    evals = summary.get("eval") or []
+    if evals:
+        first, final = evals[0], evals[-1]
+        for key in ("eval/accuracy_greedy", "eval/accuracy_sampled"):
+            if key in first and key in final:
+                t.add_row(f"held-out {key.split('_')[-1]} accuracy", f"{first[key]:.3f} → {final[key]:.3f}")
+    if "reward/mean" in last:
+        t.add_row("last reward", f"{last['reward/mean']:.3f}")
+    for pool, lam in (summary.get("lambdas") or {}).items():
+        d = last.get(f"pool/{pool}/discrepancy/prob_diff_mean")
+        c = (summary.get("tolerances") or {}).get(pool)
+        t.add_row(f"pool {pool}: δ̄ / c / λ",
+                  f"{d:.2e} / {c if c is None else format(c, '.2e')} / {lam:.3f}" if d is not None else f"λ {lam:.3f}")
+    return t
