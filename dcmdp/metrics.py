@@ -5,8 +5,8 @@ The key names are one contract across every sink and the CRD status: ``step``, `
 ``discrepancy/logprob_abs_diff_mean``, ``discrepancy/k3_kl``, ``constraint/lambda`` (the λ applied
 in the step), ``constraint/tolerance`` (c; null while ``auto`` calibrates), ``loss/policy``,
 ``loss/constraint``, ``time/step_s`` and, per rollout pool, ``pool/<name>/<key>``. Prometheus
-names replace ``/`` with ``_`` (``dcmdp_discrepancy_prob_diff_mean``) and carry pool keys as a
-``pool`` label.
+names replace ``/`` with ``_`` (``dcmdp_discrepancy_prob_diff_mean``); per-pool keys become
+``dcmdp_pool_<key>`` with a ``pool`` label (``dcmdp_pool_constraint_lambda{pool="bf16"}``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class PrometheusSink:
     def _gauge(self, key: str, pooled: bool):
         from prometheus_client import Gauge
 
-        name = prometheus_name(key)
+        name = prometheus_name(("pool/" if pooled else "") + key)
         if name not in self._gauges:
             self._gauges[name] = Gauge(name, f"dcmdp metric {key}", ["pool"] if pooled else [], registry=self.registry)
         return self._gauges[name]

@@ -1,0 +1,94 @@
+"""The HF rollout engine at every precision: logprobs, weight updates, noise, errors."""
+
+import pytest
+import torch
+
+from dcmdp.engine import EngineError, SamplingParams, engine_class, make_engine
+from dcmdp.models.tiny import build_model, save_model
+from dcmdp_trainer.warmstart import prompt_ids
+from runs import tiny_run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, tok = build_model(tiny_run().spec.model, seed=3)
+    return save_model(model, tok, tmp_path_factory.mktemp("model")), model, tok
+
+
+def teacher_forced(model, prompt, response):
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt + response])).logits.float().log_softmax(-1)[0]
+    return [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(response)]
+
+
+def mean_delta(model, prompts, samples):
+    tot, n = 0.0, 0
+    for s in samples:
+        tf = teacher_forced(model, prompts[s.prompt_index], s.response_ids)
+        for a, b in zip(tf, s.logprobs):
+            tot += abs(torch.tensor(a).exp() - torch.tensor(b).exp()).item()
+            n += 1
+    return tot / n
+
+
+def test_registered_by_entry_point_and_unknown_engine_is_a_clear_error():
+    assert engine_class("hf").__name__ == "HFEngine"
+    with pytest.raises(EngineError, match="unknown rollout engine 'nope'"):
+        engine_class("nope")
+
+
+@pytest.mark.parametrize("precision,max_delta", [("fp32", 1e-6), ("bf16", 5e-2), ("fp16", 5e-3), ("int8", 5e-2), ("fp8", 5e-2)])
+def test_precisions_sample_with_their_own_logprobs(model_dir, precision, max_delta):
+    folder, model, tok = model_dir
+    eng = make_engine("hf", str(folder), precision)
+    prompts = [prompt_ids(tok, f"{i}+{i}=") for i in range(6)]
+    out = eng.generate(prompts, list(range(6)), SamplingParams(n=3, max_new_tokens=3, seed=7))
+    assert len(out) == 18 and [s.prompt_index for s in out[:3]] == [0, 0, 0]
+    for s in out:
+        assert len(s.logprobs) == len(s.response_ids) and all(lp <= 0 for lp in s.logprobs)
+    d = mean_delta(model, prompts, out)
+    assert d < max_delta
+    if precision == "fp32":
+        assert d < 1e-6
+    else:
+        assert d > 1e-7  # lower precision really differs from the fp32 trainer
+
+
+def test_same_seed_same_samples_and_weight_update_takes(model_dir):
+    folder, model, tok = model_dir
+    eng = make_engine("hf", str(folder), "bf16")
+    prompts = [prompt_ids(tok, "1+2=")]
+    params = SamplingParams(n=4, max_new_tokens=3, seed=11)
+    a, b = eng.generate(prompts, [0], params), eng.generate(prompts, [0], params)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    # named_parameters lists a tied weight once (state_dict lists it under both names)
+    new = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.named_parameters()}
+    eng.load_weights(new, version=5)
+    assert eng.version == 5
+    assert torch.equal(eng.model.model.embed_tokens.weight, new["model.embed_tokens.weight"].to(torch.bfloat16))
+    with pytest.raises(EngineError, match="does not fit"):
+        eng.load_weights({"nope": torch.zeros(1)}, version=6)
+
+
+def test_logit_noise_raises_the_mismatch(model_dir):
+    folder, model, tok = model_dir
+    prompts = [prompt_ids(tok, f"{i}+1=") for i in range(8)]
+    params = SamplingParams(n=4, max_new_tokens=3, seed=1)
+    clean = mean_delta(model, prompts, make_engine("hf", str(folder), "fp32").generate(prompts, list(range(8)), params))
+    noisy = mean_delta(model, prompts, make_engine("hf", str(folder), "fp32", noise=1.0).generate(prompts, list(range(8)), params))
+    assert noisy > 100 * max(clean, 1e-9) and noisy > 1e-3
+
+
+def test_greedy_is_deterministic_argmax(model_dir):
+    folder, model, tok = model_dir
+    eng = make_engine("hf", str(folder), "fp32")
+    p = prompt_ids(tok, "3+4=")
+    out = eng.generate([p], [0], SamplingParams(n=2, max_new_tokens=1, temperature=0.0))
+    with torch.no_grad():
+        best = int(model(torch.tensor([p])).logits[0, -1].argmax())
+    assert out[0].response_ids == out[1].response_ids == [best]
+
+
+def test_unsupported_precision_is_rejected(model_dir):
+    with pytest.raises(EngineError, match="unsupported precision"):
+        make_engine("hf", str(model_dir[0]), "fp4")

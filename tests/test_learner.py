@@ -1,0 +1,108 @@
+"""The DC-GRPO step: batch layout, π_old, per-pool λ, corrections and the dual update."""
+
+import pytest
+import torch
+
+from dcmdp.engine import Rollout
+from dcmdp.models.tiny import build_model
+from dcmdp_trainer.learner import Learner, collate, token_logprobs
+from runs import tiny_run
+
+
+def make_rollouts(model, tok, pools=("bf16",), shift=0.0, n_prompts=8, group=4, seed=0):
+    """Rollouts sampled from ``model`` itself, with p_inf = p_train·e^shift (a known mismatch)."""
+    from dcmdp.generation import sample
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[tok.bos_token_id] + tok(f"{i}+{i}=", add_special_tokens=False)["input_ids"] for i in range(n_prompts)]
+    out = sample(model, prompts, n=group, max_new_tokens=3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=g)
+    rolls = []
+    for k, (resp, lp) in enumerate(zip(out.responses, out.logprobs)):
+        i = k // group
+        rolls.append(Rollout(i, prompts[i], resp, [x + shift for x in lp], float(k % 2), pools[i % len(pools)], 0))
+    return rolls
+
+
+def test_collate_aligns_inference_logprobs_with_teacher_forcing():
+    run = tiny_run()
+    model, tok = build_model(run.spec.model)
+    rolls = make_rollouts(model, tok)
+    batch = collate(rolls, ["bf16"], tok.pad_token_id)
+    with torch.no_grad():
+        lp = token_logprobs(model, batch, slice(0, batch.size), 1.0)
+    m = batch.mask.bool()
+    assert int(m.sum()) == sum(len(r.response_ids) for r in rolls)
+    # sampled fp32 logprobs and teacher-forced ones agree: positions and padding are right
+    assert torch.allclose(lp[m], batch.logp_inf[m], atol=1e-5)
+    assert batch.groups == [4] * 8
+
+
+def test_train_step_reports_every_metric_and_updates_lambda_per_pool():
+    run = tiny_run(rollout={"pools": [{"name": "a", "precision": "fp32", "tolerance": 0.001},
+                                      {"name": "b", "precision": "fp32", "tolerance": 0.5}]})
+    model, tok = build_model(run.spec.model)
+    learner = Learner(run, model, tok.pad_token_id)
+    rolls = make_rollouts(model, tok, pools=("a", "b"), shift=-0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    row = learner.train_step(rolls)
+    for key in ("reward/mean", "discrepancy/prob_diff_mean", "discrepancy/prob_diff_max", "discrepancy/k3_kl",
+                "discrepancy/logprob_abs_diff_mean", "constraint/lambda", "constraint/tolerance", "loss/policy",
+                "loss/constraint", "pool/a/constraint/lambda", "pool/b/discrepancy/prob_diff_mean"):
+        assert key in row, key
+    d_a = row["pool/a/discrepancy/prob_diff_mean"]
+    d_b = row["pool/b/discrepancy/prob_diff_mean"]
+    assert d_a > 0 and d_b > 0
+    assert learner.constraints.pools["a"].value == pytest.approx(min(1.0, 0.1 + (d_a - 0.001)))
+    assert learner.constraints.pools["b"].value == pytest.approx(max(0.0, 0.1 + (d_b - 0.5)))
+    assert row["loss/constraint"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_plain_grpo_ignores_p_inf_and_keeps_lambda_at_zero():
+    run = tiny_run(algorithm={"name": "grpo"})
+    model, tok = build_model(run.spec.model, seed=1)
+    rolls = make_rollouts(model, tok)
+    shifted = [Rollout(r.prompt_index, r.prompt_ids, r.response_ids, [x - 1.0 for x in r.logprobs], r.reward, r.pool, 0)
+               for r in rolls]
+    rows = []
+    for data in (rolls, shifted):
+        m, _ = build_model(run.spec.model, seed=1)
+        rows.append(Learner(run, m, tok.pad_token_id).train_step(data))
+    assert rows[0]["loss/policy"] == pytest.approx(rows[1]["loss/policy"])  # p_inf does not enter GRPO
+    assert rows[1]["discrepancy/prob_diff_mean"] > rows[0]["discrepancy/prob_diff_mean"]
+    assert rows[0]["constraint/lambda"] == 0.0 and rows[0]["loss/constraint"] == 0.0
+
+
+def test_corrections_change_the_surrogate_and_report_masking():
+    model, tok = build_model(tiny_run().spec.model, seed=2)
+    rolls = make_rollouts(model, tok, shift=-2.0)  # ratio p_train/p_inf = e² ≈ 7.4 on every token
+    rows = {}
+    for name in ("grpo", "tis", "mis", "icepop"):
+        run = tiny_run(algorithm={"name": name})
+        m, _ = build_model(run.spec.model, seed=2)
+        rows[name] = Learner(run, m, tok.pad_token_id).train_step(rolls)
+    assert rows["tis"]["correction/weight_mean"] == pytest.approx(2.0, rel=1e-4)  # capped at C = 2
+    assert rows["mis"]["correction/masked_frac"] == pytest.approx(1.0)  # every ratio above C
+    assert rows["icepop"]["correction/masked_frac"] == pytest.approx(1.0)  # every ratio above 5
+    assert rows["mis"]["loss/policy"] == 0.0
+    assert rows["tis"]["loss/policy"] == pytest.approx(2.0 * rows["grpo"]["loss/policy"], rel=1e-3, abs=1e-6)
+
+
+def test_advantage_shaping_leaves_no_penalty_term():
+    run = tiny_run(algorithm={"constraint": {"mode": "advantage-shaping", "lambdaInit": 1.0}})
+    model, tok = build_model(run.spec.model)
+    row = Learner(run, model, tok.pad_token_id).train_step(make_rollouts(model, tok, shift=-0.5))
+    assert row["loss/constraint"] == 0.0 and row["constraint/lambda"] == 1.0
+
+
+def test_state_dict_round_trip_restores_lambda_and_optimizer():
+    run = tiny_run()
+    model, tok = build_model(run.spec.model)
+    learner = Learner(run, model, tok.pad_token_id)
+    learner.train_step(make_rollouts(model, tok, shift=-0.3))
+    state = learner.state_dict()
+    m2, _ = build_model(run.spec.model, seed=5)
+    other = Learner(run, m2, tok.pad_token_id)
+    other.load_state_dict(state)
+    assert other.constraints.pools["bf16"].value == learner.constraints.pools["bf16"].value
+    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
