@@ -5,10 +5,13 @@ objects in memory and serves get/list/watch/create/patch/delete. This subclass d
 the operator uses and adds what the operator relies on from a real API server and KMock leaves out:
 
 * ``metadata.uid``, ``creationTimestamp``, ``resourceVersion`` and ``generation`` (bumped when
-  anything but metadata and status changes);
+  anything but metadata and status changes); ``generateName``;
 * the status subresource: ``/status`` writes change only ``status``, main-resource writes never do;
 * garbage collection: deleting an object deletes the objects it owns (background propagation);
-* lists carry ``kind``/``apiVersion`` (so ``kubectl get`` can list).
+* lists carry ``kind``/``apiVersion`` (so ``kubectl get`` can list);
+* a bounded cost per request: KMock matches each request against its whole request history (fine
+  for a short test, quadratic for an operator polling hundreds of runs), so the history is trimmed;
+  :attr:`Emulator.log` keeps a compact record of every API request instead.
 
 There are no controllers: no pods are started, a Job's or a Deployment's ``status`` changes only
 when someone patches it (a test playing the Job controller, for instance). Start one with
@@ -58,6 +61,26 @@ class Emulator(kmock.KubernetesEmulator):
         for key, info in RESOURCES.items():
             self.resources[key] = info
         self._rv = itertools.count(1)
+        self.log: list[dict[str, Any]] = []  # see _record
+        self.record = True
+
+    def _record(self, request: kmock.Request) -> None:
+        """One line per API request: method, verb, group, resource[/sub], namespace, name, user agent."""
+        if request.resource is None or not request.resource.plural:
+            return
+        method = str(getattr(request.method, "value", request.method)).upper()
+        if method == "GET":
+            verb = "watch" if request.params.get("watch") in ("true", "1") else ("get" if request.name else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method, method.lower())
+        name = request.name
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("metadata") or {}).get("name")
+        self.log.append({
+            "method": method, "verb": verb, "group": request.resource.group,
+            "resource": request.resource.plural + (f"/{request.subresource}" if request.subresource else ""),
+            "namespace": request.namespace, "name": name, "ua": request.headers.get("User-Agent", ""),
+        })
 
     def _has_status(self, resource: Any) -> bool:
         for key, info in RESOURCES.items():
@@ -72,6 +95,12 @@ class Emulator(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if len(self._requests) > 8:  # the current request is the last one: keep it
+            del self._requests[:-2]
+            for payload in self._payloads:
+                del payload._requests[:-2]
+        if self.record:
+            self._record(request)
         data = request.data
         gc_uid: Optional[str] = None
         gc_key: Optional[tuple[Any, Optional[str], str]] = None
@@ -79,6 +108,8 @@ class Emulator(kmock.KubernetesEmulator):
             async with self._lock:
                 if request.action == kmock.action.CREATE and isinstance(data, dict):
                     meta = data.setdefault("metadata", {})
+                    if not meta.get("name") and meta.get("generateName"):
+                        meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                     if request.namespace and not meta.get("namespace"):
                         meta["namespace"] = request.namespace
                     if self._find(request.resource, meta.get("namespace"), meta.get("name")) is None:

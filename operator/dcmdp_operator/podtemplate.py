@@ -110,8 +110,8 @@ def split(template: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str
             raise TemplateError(
                 f"{path}.{extra[0]}", "mixes the full form (metadata/spec) with short-form keys; use one"
             )
-        meta = template.get("metadata") or {}
-        spec = template.get("spec") or {}
+        meta = {} if template.get("metadata") is None else template["metadata"]
+        spec = {} if template.get("spec") is None else template["spec"]
         if not isinstance(meta, dict):
             raise TemplateError(f"{path}.metadata", "must be a mapping")
         if not isinstance(spec, dict):
