@@ -31,7 +31,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("DCMDP_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-PROMPTS = [[1, 10, 11, 12], [1, 20, 21], [1, 5, 6, 7, 8, 9]]
+# The long prompt spans a full KV block (128 tokens on CPU), so prefix caching reuses its KV across
+# calls: after a weight update it must not (the engine resets the prefix cache).
+PROMPTS = [[1, 10, 11, 12], [1, 20, 21], [1] + [4 + (7 * i) % 80 for i in range(150)]]
 INDICES = [7, 3, 11]
 N, MAX_NEW = 4, 24
 EMBED_SCALE = 3.0  # mean p of a sampled token ≈ 0.5, with some EOS stops: like a half-trained model
@@ -244,11 +246,12 @@ def test_logit_noise_shows_in_logprobs(vllm_run):
     dense, _, out = vllm_run
     _check_shape(out["noise_v0_t1"], out["eos"])
     dlp, _ = _teacher_forced(_hf(dense, dense / "v0.pt"), out["noise_v0_t1"], 1.0)
-    # log softmax(z + ε) − log softmax(z) at the sampled token: ε_y − (shift of the normaliser);
-    # its mean absolute value is of the order of σ (√(2/π)·σ ≈ 0.24 for σ = 0.3).
+    # log softmax(z + ε) − log softmax(z) at the sampled token y is ε_y − log Σ_j p_j e^{ε_j}: about
+    # √(2/π)·σ ≈ 0.24 for a flat p, near 0 where p_y ≈ 1 (measured: 0.125 here). Without noise the
+    # same comparison gives ~1e-7 (first test), so a tenth of σ already proves the noise is applied.
     sigma = 0.3
     print(f"\nlogit noise σ={sigma}: mean|Δlogprob| vs HF {dlp.mean():.3f}")
-    assert 0.3 * sigma < dlp.mean().item() < 2.0 * sigma, dlp.mean().item()
+    assert 0.1 * sigma < dlp.mean().item() < 2.0 * sigma, dlp.mean().item()
     assert not math.isnan(dlp.max().item())
 
 

@@ -106,29 +106,44 @@ def _worker_reload(worker, weights: list[tuple[str, torch.Tensor]], repack_cpu: 
     experts, whose CPU grouped-GEMM pre-pack is skipped on a weight update, so the unpacked new
     weights end up where the kernel expects packed ones. Returns how many layers were re-packed.
     """
-    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    model = worker.model_runner.get_model()
+    moe = _cpu_moe_layers(model) if repack_cpu else []  # refuses before any weight is touched
+    worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
     if not repack_cpu:
         return 0
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     repacked = 0
-    for name, module in worker.model_runner.get_model().named_modules():
-        weight = getattr(module, "weight", None)
-        if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor)
-                and weight.ndim == 2 and weight.numel() > 0 and not weight.is_meta):
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            repacked += 1
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        if kernel is not None:
-            experts = kernel.fused_experts
-            if type(experts).process_weights_after_loading is not \
-                    CPUUnquantizedExperts.process_weights_after_loading:
-                raise RuntimeError(f"in-place reload of {name} ({type(experts).__name__}) is not "
-                                   "supported on the CPU backend; use weight_sync='restart'")
+    with set_current_vllm_config(worker.vllm_config):
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor)
+                    and weight.ndim == 2 and weight.numel() > 0 and not weight.is_meta):
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                repacked += 1
+        for module, experts in moe:
             experts.process_weights_after_loading(module)
             repacked += 1
     return repacked
+
+
+def _cpu_moe_layers(model) -> list:
+    """(layer, experts kernel) of every MoE layer; only unquantised CPU experts can be re-packed."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    found = []
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is None:
+            continue
+        experts = kernel.fused_experts
+        if type(experts).process_weights_after_loading is not \
+                CPUUnquantizedExperts.process_weights_after_loading:
+            raise RuntimeError(f"in-place reload of {name} ({type(experts).__name__}) is not "
+                               "supported on the CPU backend; use weight_sync='restart'")
+        found.append((module, experts))
+    return found
 
 
 class VLLMEngine:
