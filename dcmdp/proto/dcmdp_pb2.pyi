@@ -65,7 +65,7 @@ class Prompt(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("header", "lease_id", "prompts", "group_size", "max_new_tokens", "temperature", "seed", "expires_unix_ms", "finished", "retry_after_ms")
+    __slots__ = ("header", "lease_id", "prompts", "group_size", "max_new_tokens", "temperature", "seed", "expires_unix_ms", "finished", "retry_after_ms", "eval", "step")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class Lease(_message.Message):
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     header: Header
     lease_id: str
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
@@ -86,7 +88,9 @@ class Lease(_message.Message):
     expires_unix_ms: int
     finished: bool
     retry_after_ms: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., lease_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., group_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., finished: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+    eval: bool
+    step: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., lease_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., group_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., finished: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., eval: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("prompt_index", "response_ids", "logprobs", "finish_reason")
@@ -191,7 +195,7 @@ class StatusRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "prob_diff_mean", "tolerance", "tokens", "workers", "reward_mean")
+    __slots__ = ("name", "prob_diff_mean", "tolerance", "tokens", "workers", "reward_mean", "version_lag_mean", "rollouts_dropped_stale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROB_DIFF_MEAN_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_FIELD_NUMBER: _ClassVar[int]
@@ -199,25 +203,31 @@ class PoolStatus(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LAG_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
     name: str
     prob_diff_mean: float
     tolerance: float
     tokens: int
     workers: int
     reward_mean: float
-    def __init__(self, name: _Optional[str] = ..., prob_diff_mean: _Optional[float] = ..., tolerance: _Optional[float] = ..., tokens: _Optional[int] = ..., workers: _Optional[int] = ..., reward_mean: _Optional[float] = ..., **kwargs) -> None: ...
+    version_lag_mean: float
+    rollouts_dropped_stale: int
+    def __init__(self, name: _Optional[str] = ..., prob_diff_mean: _Optional[float] = ..., tolerance: _Optional[float] = ..., tokens: _Optional[int] = ..., workers: _Optional[int] = ..., reward_mean: _Optional[float] = ..., version_lag_mean: _Optional[float] = ..., rollouts_dropped_stale: _Optional[int] = ..., **kwargs) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "pool", "weight_version", "last_seen_unix_ms")
+    __slots__ = ("worker_id", "pool", "weight_version", "last_seen_unix_ms", "leases")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     weight_version: int
     last_seen_unix_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., weight_version: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ...) -> None: ...
+    leases: int
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., weight_version: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("header", "run_name", "phase", "step", "total_steps", "weight_version", "reward_mean", "prob_diff_mean", "tolerance", "pools", "queue_depth", "leases_outstanding", "leases_expired", "rollouts_dropped_stale", "workers", "finished", "message", "checkpoint_step", "eval_accuracy", "updated_unix_ms")

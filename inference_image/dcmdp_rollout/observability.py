@@ -1,0 +1,55 @@
+"""A rollout worker's Prometheus metrics: tokens, sampling and weight-sync time, bytes, errors."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class WorkerMetrics:
+    def __init__(self, pool: str, worker_id: str) -> None:
+        r = self.registry = CollectorRegistry()
+        labels = {"pool": pool, "worker": worker_id}
+        names = list(labels)
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, names + list(extra), registry=r)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, names, registry=r).labels(**labels)
+
+        def hist(name, doc):
+            return Histogram(name, doc, names, buckets=_SECONDS, registry=r).labels(**labels)
+
+        self._labels = labels
+        self.tokens = counter("dcmdp_worker_tokens", "Generated tokens").labels(**labels)
+        self.tokens_per_s = gauge("dcmdp_worker_tokens_per_second", "Tokens/s of the last lease")
+        self.sampling_s = hist("dcmdp_worker_sampling_seconds", "Seconds sampling one lease")
+        self.leases = counter("dcmdp_worker_leases", "Leases sampled").labels(**labels)
+        self._rejected = counter("dcmdp_worker_submissions_rejected", "Submissions the trainer rejected", ["reason"])
+        self.sync_s = hist("dcmdp_worker_weight_sync_seconds", "Seconds per weight update (fetch + load)")
+        self.sync_bytes = counter("dcmdp_worker_weight_sync_bytes", "Weight bytes received").labels(**labels)
+        self.version = gauge("dcmdp_worker_weight_version", "Weight version loaded in the engine")
+        self.crc_errors = counter("dcmdp_worker_chunk_crc_errors", "Weight chunks that failed their crc32").labels(**labels)
+        self.resumes = counter("dcmdp_worker_stream_resumes", "Weight streams resumed after a break").labels(**labels)
+        self.reconnects = counter("dcmdp_worker_reconnects", "Reconnections to the trainer").labels(**labels)
+        self.port: Optional[int] = None
+        self._server = None
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(reason=reason, **self._labels).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.port = server.server_address[1]
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,159 @@
+"""``dcmdp-trainer``: the DC-GRPO trainer as a gRPC server (one process; the pod of a cluster run).
+
+    dcmdp-trainer --config run.yaml --port 50051 --metrics-port 9090 --out /checkpoints [--resume]
+                  [--token-file F] [--tls-cert C --tls-key K] [--host 0.0.0.0] [--steps N]
+                  [--threads T] [--ready-file F] [--linger S]
+
+The token comes from ``--token-file``, ``$DCMDP_TOKEN_FILE`` or ``$DCMDP_TOKEN``. ``--resume``
+continues from the newest checkpoint in ``--out`` when there is one (and starts fresh when there
+is none, so a pod restarted by its Job resumes, and its first start begins). SIGTERM/SIGINT stop
+the run at the next step boundary and write a checkpoint. Exit codes: 0 finished, 1 failed,
+2 bad arguments/manifest, 143 stopped before the end. With ``spec.trainer.deepspeed.enabled`` and
+``WORLD_SIZE`` > 1 (env ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), rank 0 serves
+and trains, the other ranks train with it (see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
+    ap.add_argument("--config", required=True, help="DCMDPRun manifest (YAML)")
+    ap.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    ap.add_argument("--metrics-port", type=int, default=-1, help="Prometheus port (0 = any free port, -1 = off)")
+    ap.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
+    ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, plots")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, if any")
+    ap.add_argument("--token-file", default=None, help="run token file (else $DCMDP_TOKEN_FILE / $DCMDP_TOKEN)")
+    ap.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
+    ap.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
+    ap.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = spec.trainer.threads or default)")
+    ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
+    ap.add_argument("--linger", type=float, default=10.0, help="seconds to wait for workers to hear the run ended")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dcmdp import jsonlog
+    from dcmdp.spec import SpecError, load_run
+    from dcmdp.transport.auth import TokenError, load_token
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    log = jsonlog.setup("trainer", rank=rank)
+    try:
+        token = load_token(args.token_file)
+        run = load_run(args.config)
+    except (TokenError, SpecError) as exc:
+        log.error(str(exc))
+        return 2
+    if args.steps is not None and args.steps < 1:
+        log.error("--steps must be >= 1")
+        return 2
+
+    from dcmdp_trainer import checkpoint
+
+    out = Path(args.out)
+    resume = bool(args.resume and checkpoint.latest(out) is not None)
+    if args.resume and not resume:
+        log.info("no checkpoint to resume from: starting fresh", extra={"fields": {"out": str(out)}})
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    threads = args.threads or run.spec.trainer.threads
+    if run.spec.trainer.deepspeed.enabled or world > 1:
+        from dcmdp_trainer.distributed import init_distributed
+
+        init_distributed(run, log)
+    if rank > 0:
+        from dcmdp_trainer.distributed import follow
+
+        return follow(run, out, resume=resume, steps=args.steps, threads=threads, log=log)
+    return serve(run, out, token=token, resume=resume, args=args, threads=threads, log=log)
+
+
+def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) -> int:
+    from dcmdp_trainer.coordinator import Coordinator, Stopped
+    from dcmdp_trainer.observability import TrainerMetrics
+    from dcmdp_trainer.server import start_server
+    from dcmdp_trainer.session import Session
+    from dcmdp_trainer.weights import WeightPublisher
+
+    runtime = TrainerMetrics()
+    metrics_port = None
+    if args.metrics_port >= 0:
+        metrics_port = runtime.serve(args.host, args.metrics_port)
+    session = Session(run, out, resume=resume, steps=args.steps, prometheus=runtime.sink, threads=threads,
+                      **_distributed_kwargs(run))
+    tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
+    publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
+    publisher.publish(session.version, session.weights(session.version))
+    coord = Coordinator(session, publisher, log=log, runtime=runtime)
+    try:
+        server, port = start_server(coord, publisher, token, host=args.host, port=args.port,
+                                    tls_cert=args.tls_cert, tls_key=args.tls_key, runtime=runtime, log=log)
+    except (OSError, ValueError) as exc:
+        log.error(str(exc))
+        session.close()
+        return 2
+    log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
+                                          "version": session.version, "resumed": resume,
+                                          "tls": bool(args.tls_cert), "out": str(out)}})
+    if args.ready_file:
+        tmp = Path(args.ready_file + ".tmp")
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,
+                                   "pid": os.getpid()}))
+        os.replace(tmp, args.ready_file)
+
+    def on_signal(signum, frame):
+        log.info("stop requested", extra={"fields": {"signal": signal.Signals(signum).name}})
+        coord.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        coord.run()
+    except Stopped:
+        code = 143
+    except Exception as exc:  # a failure of the run itself: report it, checkpoint what we have
+        log.exception("run failed")
+        with coord.cond:
+            coord.phase, coord.message = "Failed", f"{type(exc).__name__}: {exc}"
+        code = 1
+    finally:
+        if coord.finished:
+            coord.wait_workers_told(args.linger)
+        summary = session.close()
+        coord.checkpoint_step = session.step
+        _distributed_done(session)
+        server.stop(grace=1.0).wait()
+        runtime.close()
+        log.info("trainer exits", extra={"fields": {"code": code, "steps": summary.get("steps"),
+                                                    "lambdas": summary.get("lambdas")}})
+    return code
+
+
+def _distributed_kwargs(run) -> dict:
+    if run.spec.trainer.deepspeed.enabled:
+        from dcmdp_trainer.distributed import session_kwargs
+
+        return session_kwargs(run)
+    return {}
+
+
+def _distributed_done(session) -> None:
+    learner = getattr(session, "learner", None)
+    if learner is not None and hasattr(learner, "shutdown"):
+        learner.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The trainer's gRPC service: the wire face of the :class:`Coordinator` and the weight publisher.
+
+Each RPC translates messages to the coordinator's plain calls and back; nothing here decides
+anything. A bad message is rejected with a reason (SubmitReply.reason) or a status code, counted,
+and the server goes on. The run token is checked before any handler runs (``dcmdp.transport``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+from dcmdp.engine import Sample
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.spec import dump_run
+from dcmdp.transport.channel import bind, make_server
+from dcmdp_trainer.coordinator import Coordinator, Rejected
+from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+LONG_POLL_S = 2.0
+
+
+def model_files(folder: Path) -> list[pb.ModelFile]:
+    """The model folder's small files (config, tokenizer): everything but the weights."""
+    out = []
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            out.append(pb.ModelFile(name=f.name, content=f.read_bytes()))
+    return out
+
+
+class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
+    def __init__(self, coord: Coordinator, publisher: WeightPublisher, *, runtime=None, log=None,
+                 long_poll_s: float = LONG_POLL_S):
+        self.coord = coord
+        self.publisher = publisher
+        self.runtime = runtime
+        self.log = log
+        self.long_poll_s = long_poll_s
+        session = coord.session
+        manifest = dump_run(session.run)
+        manifest["spec"]["algorithm"]["steps"] = session.total_steps
+        self.manifest_json = json.dumps(manifest)
+        self.files = model_files(session.model_dir)
+
+    def _header(self, h: pb.Header, version: Optional[int] = None) -> pb.Header:
+        return pb.Header(weight_version=self.coord.version if version is None else version,
+                         pool=h.pool, worker_id=h.worker_id)
+
+    def Register(self, request, context):
+        h = request.header
+        if not h.worker_id or not h.pool:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.worker_id and header.pool are required")
+        try:
+            self.coord.register(h.worker_id, h.pool, request.engine, request.precision)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        return pb.RegisterReply(header=self._header(h), run_name=self.coord.session.run.metadata.name,
+                                manifest_json=self.manifest_json, model_files=self.files,
+                                weight_version=self.coord.version)
+
+    def AcquireLease(self, request, context):
+        h = request.header
+        try:
+            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version, wait=self.long_poll_s)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        if finished:
+            return pb.Lease(header=self._header(h), finished=True)
+        if rec is None:
+            return pb.Lease(header=self._header(h), retry_after_ms=50)
+        item = rec.item
+        ttl = max(0.0, rec.expires - self.coord.clock())
+        return pb.Lease(
+            header=self._header(h, rec.version), lease_id=rec.lease_id,
+            prompts=[pb.Prompt(index=p.index, token_ids=p.ids) for p in item.prompts],
+            group_size=item.n, max_new_tokens=item.max_new_tokens,
+            temperature=self.coord.algo.temperature, seed=item.seed,
+            expires_unix_ms=int((time.time() + ttl) * 1000), eval=item.is_eval, step=item.step)
+
+    def SubmitRollouts(self, request, context):
+        h = request.header
+        samples = [Sample(s.prompt_index, list(s.response_ids), list(s.logprobs), s.finish_reason or "stop")
+                   for s in request.samples]
+        try:
+            n = self.coord.submit(h.worker_id, h.pool, request.lease_id, h.weight_version, samples,
+                                  request.sampling_seconds, request.generated_tokens)
+        except Rejected as exc:
+            if self.log:
+                self.log.warning("submission rejected", extra={"fields": {
+                    "worker": h.worker_id, "pool": h.pool, "lease": request.lease_id, "reason": str(exc)}})
+            return pb.SubmitReply(header=self._header(h), accepted=False, reason=str(exc))
+        return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
+
+    def _packed(self, request, context):
+        try:
+            return self.publisher.packed(request.version, request.dtype or "fp32")
+        except WeightsUnavailable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def GetWeightManifest(self, request, context):
+        p = self._packed(request, context)
+        version = request.version if request.version >= 0 else self.publisher.latest
+        return pb.WeightManifest(
+            header=self._header(request.header, version), version=version, dtype=p.dtype,
+            tensors=[pb.TensorInfo(name=e.name, shape=list(e.shape), dtype=e.dtype, offset=e.offset, nbytes=e.nbytes)
+                     for e in p.entries],
+            total_bytes=p.total_bytes, sha256=p.sha256, chunk_size=request.chunk_size or 0)
+
+    def StreamWeights(self, request, context):
+        self._packed(request, context)  # aborts with the right code when it cannot be served
+        t0, sent = time.perf_counter(), 0
+        try:
+            for c in self.publisher.chunks(request.version, request.dtype or "fp32", request.offset, request.chunk_size):
+                sent += len(c.data)
+                yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except WeightsUnavailable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ConnectionAbortedError as exc:  # the test hook breaking a stream
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if self.runtime:
+                self.runtime.weights_served(request.header.pool or "?", request.dtype or "fp32", sent,
+                                            time.perf_counter() - t0)
+
+    def GetStatus(self, request, context):
+        snap = self.coord.snapshot()
+        pools = [pb.PoolStatus(**p) for p in snap.pop("pools")]
+        workers = [pb.WorkerInfo(**w) for w in snap.pop("workers")]
+        lam = snap.pop("lambda")
+        msg = pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
+        setattr(msg, "lambda", lam)
+        return msg
+
+
+def start_server(coord: Coordinator, publisher: WeightPublisher, token: str, *, host: str = "127.0.0.1",
+                 port: int = 0, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 runtime=None, log=None, max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """A started server for the coordinator; returns (server, bound port)."""
+
+    def rejected(method: str, reason: str) -> None:
+        if runtime:
+            runtime.auth_rejected(method, reason)
+        if log:
+            log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
+
+    server = make_server(token, max_workers=max_workers, on_reject=rejected)
+    dcmdp_pb2_grpc.add_TrainerServicer_to_server(TrainerService(coord, publisher, runtime=runtime, log=log), server)
+    bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
+    server.start()
+    return server, bound
