@@ -3,6 +3,7 @@
     dcmdp run -f run.yaml [--steps N] [--out DIR] [--resume] [--inprocess]
     dcmdp validate -f run.yaml
     dcmdp plot DIR
+    dcmdp sweep -f sweep.yaml [--quick | --part NAME] [--out DIR] [--parallel N] [--report-only]
 
 The runners are found through the ``dcmdp.runners`` entry points, so the core never imports the
 trainer or the rollout packages.
@@ -71,6 +72,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dcmdp.sweep import sweep_main
+
+    return sweep_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -93,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="(re)draw the PNG plots of a run folder")
     p.add_argument("dir")
     p.set_defaults(fn=cmd_plot)
+
+    w = sub.add_parser("sweep", help="run a grid of local runs (DCMDPSweep) and aggregate it (resumable)")
+    w.add_argument("-f", "--file", required=True, help="DCMDPSweep file (YAML)")
+    w.add_argument("--quick", action="store_true", help="the sweep's quick variant (fewer steps/seeds/cells)")
+    w.add_argument("--part", default=None, help="run one named part of the grid (spec.parts)")
+    w.add_argument("--out", default=None, help="cell folder (default runs/sweeps/<name>[-<part>|-quick])")
+    w.add_argument("--parallel", type=int, default=None, help="cells at once (default spec.parallel)")
+    w.add_argument("--threads", type=int, default=None, help="torch threads per cell (default spec.threads)")
+    w.add_argument("--steps", type=int, default=None, help="override the steps per cell (smoke tests)")
+    w.add_argument("--only", default=None, help="comma-separated SOURCE/ALGORITHM filters (either may be *)")
+    w.add_argument("--report-dir", default=None, help="where the tables and PNGs go (default spec.report.dir)")
+    w.add_argument("--no-doc", action="store_true", help="do not rewrite the section of spec.report.doc")
+    w.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
+    w.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(fn=cmd_sweep)
     return ap
 
 
