@@ -354,8 +354,13 @@ class VLLMEngine:
                             seed=(int(params.seed) * 1_000_003 + int(i)) & _SEED_MASK)
             for i in indices
         ]
-        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], per_prompt,
-                                     use_tqdm=False)
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts], per_prompt,
+                                         use_tqdm=False)
+        except (ValueError, VLLMClientError) as e:  # prompt too long, token id out of vocab, ...
+            raise EngineError(f"vllm engine: vLLM rejected the batch: {e}") from e
         samples: list[Sample] = []
         for index, out in zip(indices, outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
