@@ -1,0 +1,195 @@
+"""The multi-process runtime for real: trainer and rollout workers as separate processes on loopback.
+
+* ``dcmdp run`` (the launcher): two pools of different precision run as separate processes, give
+  the very numbers of the in-process runner, and each pool's λ follows its own dual update;
+* a worker killed with SIGKILL while holding a lease: the lease expires, is re-issued, the run
+  completes, no rollout is counted twice; a stale submission is dropped and counted;
+* the trainer killed with SIGKILL and restarted with ``--resume``: it continues from the
+  checkpoint with the same step and λ, and the workers reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+
+import grpc
+import pytest
+
+from dcmdp.constraint import dual_ascent_step
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.transport.channel import open_channel
+from dcmdp_trainer import checkpoint
+from dcmdp_trainer.launcher import free_port, run_processes
+from dcmdp_trainer.local import run_inprocess
+from runtime_helpers import (Procs, get_status, proc_env, read_ready, rows, same_numbers, tiny_run, trainer_args,
+                             wait_for, worker_args, write_manifest)
+
+pytestmark = pytest.mark.slow
+P, G = 8, 4  # promptsPerStep, groupSize of the tiny manifest
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def token_file(tmp_path):
+    f = tmp_path / "token"
+    f.write_text(secrets.token_urlsafe(16))
+    return f
+
+
+def children_of(pid: int) -> list[str]:
+    """Command lines of ``pid``'s child processes, as ``ps`` lists them."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip() and "ps -ww" not in line]
+
+
+def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
+    run = tiny_run()
+    seen: dict[str, list[str]] = {}
+
+    def on_step(row):
+        if not seen:
+            seen["ps"] = children_of(os.getpid())
+
+    # the trainer damages the first weight chunk it serves: the worker must notice and re-fetch it
+    summary = run_processes(run, tmp_path / "proc", threads=1, on_step=on_step,
+                            extra_env={"DCMDP_TEST_CORRUPT_CHUNKS": "1"})
+    ps = seen["ps"]
+    assert sum("dcmdp_trainer" in line for line in ps) == 1, ps
+    assert sum("dcmdp_rollout" in line and "--pool bf16" in line for line in ps) == 1, ps
+    assert sum("dcmdp_rollout" in line and "--pool int8" in line for line in ps) == 1, ps
+    assert summary["steps"] == 6 and all(p["exit"] == 0 for p in summary["processes"].values())
+    logs = "".join((tmp_path / "proc" / "logs" / f).read_text() for f in ("rollout-bf16-0.log", "rollout-int8-0.log"))
+    assert logs.count("chunk crc mismatch: fetching it again") == 1
+
+    proc = rows(tmp_path / "proc" / "metrics.jsonl")
+    ref_summary = run_inprocess(run, tmp_path / "inp", threads=1)
+    ref = rows(tmp_path / "inp" / "metrics.jsonl")
+    assert [r["step"] for r in proc] == list(range(6))
+    for a, b in zip(ref, proc):
+        assert set(a) <= set(b), set(a) - set(b)  # every in-process key, plus runtime ones
+        assert same_numbers(a, b) == [], (a["step"], same_numbers(a, b))
+        assert b["rollouts"] == P * G and b["rollouts/dropped_stale"] == 0 and b["version/lag_max"] == 0
+    assert summary["lambdas"] == ref_summary["lambdas"]
+    assert [e for e in rows(tmp_path / "proc" / "eval.jsonl")] == [e for e in rows(tmp_path / "inp" / "eval.jsonl")]
+
+    # each pool's δ̄ is its own, and its λ follows its own dual update
+    spec = run.spec.algorithm.constraint
+    deltas = {p: [r[f"pool/{p}/discrepancy/prob_diff_mean"] for r in proc] for p in ("bf16", "int8")}
+    assert all(a != b for a, b in zip(deltas["bf16"], deltas["int8"]))
+    for pool, c in (("bf16", 0.003), ("int8", 0.006)):
+        lam = [r[f"pool/{pool}/constraint/lambda"] for r in proc]
+        assert lam[0] == spec.lambda_init and proc[0][f"pool/{pool}/constraint/tolerance"] == c
+        for k in range(len(proc) - 1):
+            want = dual_ascent_step(lam[k], deltas[pool][k], c, spec.lambda_lr, spec.lambda_min, spec.lambda_max)
+            assert lam[k + 1] == pytest.approx(want, abs=1e-12), (pool, k)
+    lam_final = {p: [r[f"pool/{p}/constraint/lambda"] for r in proc][-1] for p in ("bf16", "int8")}
+    assert lam_final["bf16"] != lam_final["int8"]
+
+
+def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, procs):
+    run = tiny_run(algorithm={"steps": 8},
+                   rollout={"leaseTimeoutSeconds": 3, "batchPrompts": 2,
+                            "pools": [{"name": "bf16", "precision": "bf16", "replicas": 2},
+                                      {"name": "int8", "precision": "int8"}]})
+    config, tok, ready = write_manifest(run, tmp_path / "run.yaml"), token_file(tmp_path), tmp_path / "ready"
+    token = tok.read_text()
+    procs.start("trainer", trainer_args(config, tmp_path / "out", tok, ready))
+    port = wait_for(lambda: (read_ready(ready) or {}).get("port"), 120, "the trainer", procs)
+    procs.start("bf16-0", worker_args(port, "bf16", 0, tok))
+    procs.start("int8-0", worker_args(port, "int8", 0, tok))
+    procs.start("bf16-1", worker_args(port, "bf16", 1, tok), env=proc_env(DCMDP_TEST_SAMPLE_DELAY="1.0"))
+
+    # calls without the run token are turned away by the real trainer too
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            dcmdp_pb2_grpc.TrainerStub(ch).GetStatus(pb.StatusRequest(), metadata=(("authorization", "Bearer x"),),
+                                                     timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    def victim_holds_a_lease():
+        st = get_status(port, token)
+        return st.step >= 1 and any(w.worker_id == "bf16-1" and w.leases > 0 for w in st.workers)
+
+    wait_for(victim_holds_a_lease, 120, "the slow worker to hold a lease", procs, interval=0.05)
+    procs.kill("bf16-1")  # SIGKILL, lease in hand
+
+    # a worker that samples with weights older than the bound allows (maxStaleness 0) is dropped
+    stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", token))
+    header = pb.Header(pool="bf16", worker_id="stale-client")
+    stub.Register(pb.RegisterRequest(header=header, engine="hf", precision="bf16"), timeout=10)
+    lease = wait_for(lambda: (lambda l: l if l.lease_id and not l.eval else None)(
+        stub.AcquireLease(pb.LeaseRequest(header=header), timeout=10)), 60, "a lease for the stale client")
+    assert lease.header.weight_version >= 1
+    samples = [pb.Sample(prompt_index=p.index, response_ids=[5], logprobs=[-1.0], finish_reason="length")
+               for p in lease.prompts for _ in range(lease.group_size)]
+    stale = pb.Header(pool="bf16", worker_id="stale-client", weight_version=lease.header.weight_version - 1)
+    reply = stub.SubmitRollouts(pb.RolloutBatch(header=stale, lease_id=lease.lease_id, samples=samples), timeout=10)
+    assert not reply.accepted and reply.reason.startswith("stale")
+    again = stub.SubmitRollouts(pb.RolloutBatch(header=stale, lease_id=lease.lease_id, samples=samples), timeout=10)
+    assert not again.accepted and again.reason == "released"
+    assert get_status(port, token).rollouts_dropped_stale == len(samples) == 2 * G
+
+    assert procs.wait("trainer", 240) == 0, procs.log("trainer")[-3000:]
+    assert procs.wait("bf16-0", 60) == 0 and procs.wait("int8-0", 60) == 0
+    trainer_log = procs.log_records("trainer")
+    expired = [r for r in trainer_log if r.get("msg") == "lease expired"]
+    assert any(r["worker"] == "bf16-1" for r in expired), expired
+    metrics = rows(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == list(range(8))
+    assert all(r["rollouts"] == P * G for r in metrics)  # every group exactly once
+    assert sum(r["rollouts/dropped_stale"] for r in metrics) == 2 * G
+    assert metrics[-1]["leases/expired"] >= 1 and metrics[-1]["leases/reissued"] >= 2
+
+
+def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_path, procs):
+    run = tiny_run(algorithm={"steps": 8}, checkpoint={"everySteps": 2})
+    config, tok, ready = write_manifest(run, tmp_path / "run.yaml"), token_file(tmp_path), tmp_path / "ready"
+    out = tmp_path / "out"
+    port = free_port()
+    procs.start("trainer", trainer_args(config, out, tok, ready, port))
+    wait_for(lambda: read_ready(ready), 120, "the trainer", procs)
+    procs.start("bf16-0", worker_args(port, "bf16", 0, tok))
+    procs.start("int8-0", worker_args(port, "int8", 0, tok))
+    wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 5, 180, "five steps", procs)
+    procs.kill("trainer")  # SIGKILL: no chance to checkpoint
+    before = rows(out / "metrics.jsonl")
+    ckpt = checkpoint.latest(out)
+    resume_step = int(ckpt.stem.split("-")[1])
+    assert resume_step in (4, 6) and len(before) >= resume_step
+    workers = {n: procs.items[n].pid for n in ("bf16-0", "int8-0")}
+
+    ready.unlink()
+    procs.start("trainer2", trainer_args(config, out, tok, ready, port, "--resume"))
+    assert procs.wait("trainer2", 240) == 0, procs.log("trainer2")[-3000:]
+    serving = [r for r in procs.log_records("trainer2") if r.get("msg") == "serving"][0]
+    assert serving["step"] == resume_step and serving["resumed"] is True
+    for name, pid in workers.items():  # the same processes, reconnected on their own
+        assert procs.items[name].pid == pid and procs.wait(name, 60) == 0
+        msgs = [r.get("msg") for r in procs.log_records(name)]
+        assert "trainer unreachable: retrying" in msgs and "registered again" in msgs, msgs
+
+    after = rows(out / "metrics.jsonl")
+    assert [r["step"] for r in after] == list(range(8))
+    for old in before:  # the same numbers before the crash and after the restart (λ included)
+        new = after[old["step"]]
+        assert same_numbers(old, new) == [], (old["step"], same_numbers(old, new))
+    first = after[resume_step]
+    for pool in ("bf16", "int8"):
+        # λ applied at the resumed step = λ_{k+1} of the dual update at the step before the crash
+        prev = after[resume_step - 1]
+        c = prev[f"pool/{pool}/constraint/tolerance"]
+        spec = run.spec.algorithm.constraint
+        want = dual_ascent_step(prev[f"pool/{pool}/constraint/lambda"], prev[f"pool/{pool}/discrepancy/prob_diff_mean"],
+                                c, spec.lambda_lr, spec.lambda_min, spec.lambda_max)
+        assert first[f"pool/{pool}/constraint/lambda"] == pytest.approx(want, abs=1e-12)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8

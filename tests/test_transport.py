@@ -1,0 +1,225 @@
+"""Wire helpers against a real trainer gRPC server (in this process): token checks, TLS, weight
+snapshots cast per pool dtype, damaged chunks re-fetched, broken streams resumed."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.transport.auth import TokenError, load_token
+from dcmdp.transport.channel import open_channel
+from dcmdp.transport.tensors import WeightFormatError, pack, unpack
+from dcmdp_rollout.weights import fetch_weights, wire_dtype
+from dcmdp_trainer.coordinator import Coordinator
+from dcmdp_trainer.server import start_server
+from dcmdp_trainer.session import Session
+from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+from runtime_helpers import tiny_run
+
+TOKEN = "s3cret-run-token"
+
+
+# -- serialisation -------------------------------------------------------------------------------
+def test_pack_casts_floats_keeps_ints_and_round_trips():
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g),
+             "steps": torch.tensor([3, 4], dtype=torch.int64), "scalar": torch.tensor(2.5)}
+    p32, p16 = pack(state, "fp32"), pack(state, "bf16")
+    float_bytes = sum(t.numel() for k, t in state.items() if t.is_floating_point())
+    assert {e.dtype for e in p16.entries} == {"bfloat16", "int64"}
+    assert sum(e.nbytes for e in p16.entries if e.dtype == "bfloat16") == 2 * float_bytes
+    assert sum(e.nbytes for e in p32.entries if e.dtype == "float32") == 4 * float_bytes
+    assert all(e.offset % 64 == 0 for e in p16.entries)
+    back = unpack(bytes(p16.data), p16.entries)
+    for k, t in state.items():
+        want = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert back[k].dtype == want.dtype and back[k].shape == t.shape and torch.equal(back[k], want)
+    assert torch.equal(unpack(p32.data, p32.entries)["w"], state["w"])
+    assert pack(state, "bf16", skip=("w",)).total_bytes < p16.total_bytes
+    assert p16.sha256 != p32.sha256 and len(p16.sha256) == 64
+
+
+def test_bad_manifests_and_dtypes_are_named():
+    p = pack({"w": torch.ones(4)}, "fp32")
+    with pytest.raises(WeightFormatError, match="wire dtype"):
+        pack({"w": torch.ones(1)}, "fp8")
+    bad = [type(p.entries[0])("w", (5,), "float32", 0, 16)]
+    with pytest.raises(WeightFormatError, match="tensor w"):
+        unpack(p.data, bad)
+    with pytest.raises(WeightFormatError, match="unknown tensor dtype"):
+        unpack(p.data, [type(p.entries[0])("w", (4,), "float99", 0, 16)])
+
+
+def test_wire_dtype_of_each_pool():
+    assert wire_dtype("hf", "bf16") == "bf16" and wire_dtype("hf", "fp16") == "fp16"
+    assert wire_dtype("hf", "int8") == "fp32" and wire_dtype("hf", "fp8") == "fp32"
+    assert wire_dtype("vllm", "fp8") == "bf16" and wire_dtype("vllm", "fp32") == "fp32"
+
+
+def test_token_sources(tmp_path: Path):
+    f = tmp_path / "tok"
+    f.write_text("  from-file\n")
+    assert load_token(str(f), env={}) == "from-file"
+    assert load_token(None, env={"DCMDP_TOKEN_FILE": str(f), "DCMDP_TOKEN": "x"}) == "from-file"
+    assert load_token(None, env={"DCMDP_TOKEN": "from-env"}) == "from-env"
+    with pytest.raises(TokenError, match="--token-file"):
+        load_token(None, env={})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(TokenError, match="empty"):
+        load_token(str(tmp_path / "empty"), env={})
+    with pytest.raises(TokenError, match="cannot read"):
+        load_token(str(tmp_path / "missing"), env={})
+
+
+# -- a real trainer server -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    run = tiny_run(model={"warmStart": {"steps": 0}})
+    s = Session(run, tmp_path_factory.mktemp("run"), threads=1)
+    yield s
+    s.metrics.close()
+
+
+def serve(session: Session, **tls):
+    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
+    publisher.publish(session.version, session.weights(session.version))
+    coord = Coordinator(session, publisher)
+    server, port = start_server(coord, publisher, TOKEN, **tls)
+    return server, port, publisher
+
+
+@pytest.fixture
+def served(session):
+    server, port, publisher = serve(session)
+    yield port, publisher
+    server.stop(grace=None)
+
+
+def stub(port: int, token: str = TOKEN):
+    return dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", token))
+
+
+def test_calls_without_or_with_a_wrong_token_are_rejected(served):
+    port, _ = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        raw = dcmdp_pb2_grpc.TrainerStub(ch)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+            with pytest.raises(grpc.RpcError) as e:
+                raw.GetStatus(pb.StatusRequest(), metadata=metadata, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:  # a streaming call is checked as well
+            list(raw.StreamWeights(pb.WeightRequest(version=-1, dtype="fp32"), timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub(port, "wrong-token").Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="w")), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = stub(port).GetStatus(pb.StatusRequest(), timeout=5)
+    assert status.run_name == "tiny" and status.total_steps == 6 and [p.name for p in status.pools] == ["bf16", "int8"]
+
+
+def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
+    port, publisher = served
+    s = stub(port)
+    header = pb.Header(pool="bf16", worker_id="w")
+    t16, st16 = fetch_weights(s, header, -1, "bf16", chunk_size=64 << 10)
+    t32, st32 = fetch_weights(s, header, 0, "fp32")
+    state = session.weights(0)
+    assert "lm_head.weight" not in t16  # tied to the embedding: not sent twice
+    assert set(t32) == set(state) - {"lm_head.weight"}
+    for k, t in t32.items():
+        assert torch.equal(t, state[k])
+        assert t16[k].dtype == torch.bfloat16 and torch.equal(t16[k], state[k].to(torch.bfloat16))
+    assert st16.total_bytes <= 0.51 * st32.total_bytes and st16.bytes == st16.total_bytes
+    assert st16.crc_errors == 0 and st16.resumes == 0
+    manifest = s.GetWeightManifest(pb.WeightRequest(header=header, version=0, dtype="bf16"), timeout=5)
+    assert manifest.total_bytes == st16.total_bytes and len(manifest.sha256) == 64
+    with pytest.raises(grpc.RpcError) as e:
+        s.GetWeightManifest(pb.WeightRequest(header=header, version=7, dtype="bf16"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not kept" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.GetWeightManifest(pb.WeightRequest(header=header, version=0, dtype="int4"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(WeightsUnavailable):
+        publisher.packed(99, "fp32")
+
+
+def test_a_corrupted_chunk_is_detected_and_fetched_again(session, monkeypatch):
+    monkeypatch.setenv("DCMDP_TEST_CORRUPT_CHUNKS", "2")
+    server, port, publisher = serve(session)
+    try:
+        events = []
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
+                                       chunk_size=128 << 10, on_event=lambda what, f: events.append(what))
+        assert publisher.corrupted_sent == 2 and stats.crc_errors == 2
+        assert events.count("chunk crc mismatch: fetching it again") == 2
+        assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
+        for k, t in tensors.items():
+            assert torch.equal(t, session.weights(0)[k])
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_broken_stream_is_resumed_where_it_stopped(session, monkeypatch):
+    monkeypatch.setenv("DCMDP_TEST_BREAK_STREAM", "3")
+    server, port, publisher = serve(session)
+    try:
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16",
+                                       chunk_size=16 << 10)
+        assert stats.total_bytes > 4 * (16 << 10)
+        assert publisher.breaks_done == 1 and stats.resumes == 1
+        assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
+        for k, t in tensors.items():
+            assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
+    finally:
+        server.stop(grace=None)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "tls.crt", folder / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_with_given_cert_and_key(session, tmp_path):
+    cert, key = self_signed(tmp_path)
+    server, port, _ = serve(session, tls_cert=str(cert), tls_key=str(key))
+    try:
+        secure = dcmdp_pb2_grpc.TrainerStub(open_channel(f"localhost:{port}", TOKEN, tls_ca=str(cert)))
+        assert secure.GetStatus(pb.StatusRequest(), timeout=10).run_name == "tiny"
+        tensors, stats = fetch_weights(secure, pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
+        assert stats.total_bytes > 0 and tensors
+        wrong_token = dcmdp_pb2_grpc.TrainerStub(open_channel(f"localhost:{port}", "nope", tls_ca=str(cert)))
+        with pytest.raises(grpc.RpcError) as e:
+            wrong_token.GetStatus(pb.StatusRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:  # plaintext against a TLS port does not get through
+            stub(port).GetStatus(pb.StatusRequest(), timeout=3)
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match="both"):
+        serve(session, tls_cert=str(cert))
