@@ -17,6 +17,10 @@ over the masked tokens of the mini-batch. Notation: π_θ the trainer's current 
       squared-penalty:    L = L_pg + mean_t λ_t (π_θ,t − p_inf,t)²       (smooth at 0)
       k3-penalty:         L = L_pg + mean_t λ_t (q_t − 1 − log q_t),  q_t = π_θ,t / p_inf,t
                           (k3 estimate of KL(p_inf ‖ π_θ) on engine samples)
+      hinge-penalty:      L = L_pg + mean_t λ_t max(0, |π_θ,t − p_inf,t| − c_t)
+                          (a per-token tolerance: only tokens whose own discrepancy exceeds c are
+                          pulled back; the |·| penalty pushes every token with a gradient of the
+                          same size, however small its discrepancy)
       advantage-shaping:  Â_t ← Â_t − λ_t δ_t  (δ_t detached), then the ordinary L_pg
 * Optional KL to a reference policy (k3):  β · mean_t (π_ref/π_θ − 1 − log(π_ref/π_θ)).
 """
@@ -78,11 +82,18 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
 
 
 def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor,
-                       mode: str = "penalty") -> tuple[torch.Tensor, torch.Tensor]:
-    """(λ-weighted penalty loss, unweighted penalty) for the penalty forms; token means."""
+                       mode: str = "penalty", tolerance: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ-weighted penalty loss, unweighted penalty) for the penalty forms; token means.
+
+    ``tolerance`` (c_t per token, broadcastable) is used by ``hinge-penalty`` only (None = 0).
+    """
     p, q_inf = logp.exp(), logp_inf.exp()
     if mode == "penalty":
         per_token = (p - q_inf).abs()
+    elif mode == "hinge-penalty":
+        c = torch.zeros_like(p) if tolerance is None else tolerance.to(p.dtype)
+        per_token = torch.relu((p - q_inf).abs() - c)
     elif mode == "squared-penalty":
         per_token = (p - q_inf).pow(2)
     elif mode == "k3-penalty":

@@ -32,7 +32,7 @@ POSITIVE_NUMBER = (
 
 AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
 Correction = Literal["tis", "mis", "icepop"]
-ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty"]
+ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
 PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]

@@ -72,6 +72,20 @@ def test_penalty_unweighted_value_and_unknown_mode():
         losses.constraint_penalty(lp, li, torch.ones(1, 2), torch.ones(1, 2), "advantage-shaping")
 
 
+def test_hinge_penalty_pulls_back_only_tokens_beyond_the_tolerance():
+    p = torch.tensor([[0.50, 0.50, 0.50, 0.50]], requires_grad=True)
+    q = torch.tensor([[0.49, 0.30, 0.70, 0.50]])  # |p - q| = 0.01, 0.2, 0.2, 0
+    mask, lam, c = torch.ones(1, 4), torch.full((1, 4), 2.0), torch.full((1, 4), 0.05)
+    weighted, raw = losses.constraint_penalty(p.log(), q.log(), lam, mask, "hinge-penalty", c)
+    assert float(raw) == pytest.approx((0.15 + 0.15) / 4) and weighted.item() == pytest.approx(2 * 0.3 / 4)
+    weighted.backward()
+    assert p.grad[0].tolist() == pytest.approx([0.0, 0.5, -0.5, 0.0])  # inside c: no gradient
+    # without a tolerance it is the |·| penalty
+    lp, li = p.detach().log(), q.log()
+    assert float(losses.constraint_penalty(lp, li, lam, mask, "hinge-penalty")[0]) == pytest.approx(
+        float(losses.constraint_penalty(lp, li, lam, mask, "penalty")[0]))
+
+
 def test_advantage_shaping_subtracts_lambda_delta_without_gradient():
     adv = torch.tensor([[1.0, 1.0, -1.0]])
     delta = torch.tensor([[0.1, 0.5, 0.2]], requires_grad=True)

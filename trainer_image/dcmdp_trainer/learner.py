@@ -139,6 +139,9 @@ class Learner:
         use_constraint = algo.uses_constraint
         lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32)
         lam_tok = (lam_by_pool[batch.pool][:, None] * batch.mask) if use_constraint else torch.zeros_like(batch.mask)
+        # c of each token's pool (0 while `tolerance: auto` calibrates), for the per-token hinge form
+        tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32)
+        tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
 
         # 3. advantages (and shaping)
         adv = losses.group_advantages(batch.rewards, batch.groups)[:, None].expand_as(batch.mask).contiguous()
@@ -164,7 +167,8 @@ class Learner:
             c_loss = torch.zeros(())
             penalty = torch.zeros(())
             if use_constraint and cons.mode != "advantage-shaping":
-                c_loss, penalty = losses.constraint_penalty(logp, batch.logp_inf[rows], lam_tok[rows], m, cons.mode)
+                c_loss, penalty = losses.constraint_penalty(logp, batch.logp_inf[rows], lam_tok[rows], m, cons.mode,
+                                                            tol_tok[rows])
                 loss = loss + c_loss
             kl = torch.zeros(())
             if logp_ref is not None:
