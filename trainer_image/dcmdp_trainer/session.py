@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,7 +57,8 @@ def quiet_transformers() -> None:
 
 class Session:
     def __init__(self, run: DCMDPRun, out_dir: Path, *, resume: bool = False, steps: Optional[int] = None,
-                 prometheus: Optional[PrometheusSink] = None, threads: int = 0):
+                 prometheus: Optional[PrometheusSink] = None, threads: int = 0,
+                 learner_factory: Optional[Callable[..., Learner]] = None):
         quiet_transformers()
         if threads:
             torch.set_num_threads(threads)
@@ -85,7 +86,8 @@ class Session:
             self.warmstart = warm_start(self.model, self.tokenizer, self.task, self.spec.model.warm_start, seed)
             self.model_dir = save_model(self.model, self.tokenizer, self.out / "model")
             (self.out / "run.json").write_text(json.dumps(dump_run(run), indent=2))
-        self.learner = Learner(run, self.model, self.tokenizer.pad_token_id, self.pools)
+        # learner_factory: e.g. the DeepSpeed learner of dcmdp_trainer.distributed (same arguments)
+        self.learner = (learner_factory or Learner)(run, self.model, self.tokenizer.pad_token_id, self.pools)
         if ckpt is not None:
             state = checkpoint.load(ckpt)
             self.learner.load_state_dict(state["learner"])

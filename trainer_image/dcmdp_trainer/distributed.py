@@ -1,0 +1,232 @@
+"""DeepSpeed ZeRO data parallelism for the trainer: ``spec.trainer.replicas`` ranks, one learner.
+
+Rank 0 is the trainer process of the runtime (gRPC server, coordinator, checkpoints); ranks
+1..N-1 follow it. Each step rank 0 broadcasts the step's rollouts; every rank computes π_old, δ
+and the advantages on the whole batch (so every rank makes the same dual update and holds the same
+λ), then takes its contiguous share of each mini-batch. A rank's token-mean loss is scaled by
+``world · tokens_rank / tokens_minibatch`` before DeepSpeed averages the gradients, so the
+averaged gradient is exactly the gradient of the token mean over the whole mini-batch: N ranks
+take the same step as one (``tests/test_deepspeed.py``). Gradient clipping is DeepSpeed's, on the
+global norm. ``loss/total`` in the metrics is the mini-batch loss over all ranks; the other loss
+keys are token-weighted means of the ranks' own.
+
+ZeRO stages 0, 1 and 2 are supported (stage 3 partitions the parameters themselves, and the
+runtime publishes full weights every step, which would need a gather per step: refused with a
+clear error). Checkpoints: rank 0 gathers every rank's optimizer partition into its checkpoint;
+on resume it broadcasts the checkpoint and every rank loads its own partition.
+
+Environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (torch.distributed's);
+backend gloo on CPU, NCCL on GPU. ``TORCH_EXTENSIONS_DIR`` keeps DeepSpeed's JIT builds (the CPU
+shm op, ~22 s once per machine) in ``.cache/torch_extensions`` unless set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dcmdp.spec import DCMDPRun
+from dcmdp_trainer.learner import Learner
+
+LOSS_KEYS = ("loss/policy", "loss/constraint", "constraint/penalty", "loss/kl", "optim/clip_frac")
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def init_distributed(run: DCMDPRun, log=None) -> None:
+    """Join the process group (idempotent)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
+    ds = run.spec.trainer.deepspeed
+    if ds.enabled and ds.zero_stage == 3:
+        raise DistributedError("spec.trainer.deepspeed.zeroStage: 3 is not supported by the dcmdp trainer "
+                               "(it publishes full weights every step; stage 3 would gather them each time); "
+                               "use zeroStage 0, 1 or 2")
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.setdefault(var, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.get(var, "29500"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if log:
+        log.info("process group joined", extra={"fields": {"rank": dist.get_rank(), "world": dist.get_world_size(),
+                                                           "backend": backend, "zero_stage": ds.zero_stage}})
+
+
+class DeepSpeedLearner(Learner):
+    """The DC-GRPO learner with its model and optimizer inside a DeepSpeed engine."""
+
+    def __init__(self, run: DCMDPRun, model, pad_id: int, pools: Optional[list[str]] = None):
+        import deepspeed
+        import torch.distributed as dist
+
+        super().__init__(run, model, pad_id, pools)
+        ds = run.spec.trainer.deepspeed
+        self.stage = ds.zero_stage
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": ds.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        if self.algo.grad_clip > 0:
+            config["gradient_clipping"] = self.algo.grad_clip
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        self.engine, self.module = engine, model
+        self.model = engine  # forward, eval() and train() go through the engine
+        self.optimizer = optimizer
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._scales: list[float] = []
+        self._shares: list[float] = []
+        self._global_losses: list[torch.Tensor] = []
+
+    # -- rank 0 drives, the others follow ----------------------------------------------------------
+    def _broadcast(self, obj: Any = None) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def train_step(self, rollouts):
+        if self.world > 1 and self.rank == 0:
+            self._broadcast(("train", rollouts))
+        return self._train_local(rollouts)
+
+    def _train_local(self, rollouts) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        self._global_losses, self._shares = [], []
+        row = super().train_step(rollouts)
+        if self.world > 1:
+            losses = torch.stack(self._global_losses)
+            dist.all_reduce(losses)
+            row["loss/total"] = float(losses.mean())
+            share = sum(self._shares) / max(1, len(self._shares))
+            local = torch.tensor([row[k] * share for k in LOSS_KEYS], dtype=torch.float64)
+            dist.all_reduce(local)
+            row.update({k: float(v) for k, v in zip(LOSS_KEYS, local)})
+        return row
+
+    def follow(self) -> int:
+        """Ranks > 0: do what rank 0 broadcasts until it says stop; returns the steps trained."""
+        steps = 0
+        while True:
+            kind, payload = self._broadcast()
+            if kind == "train":
+                self._train_local(payload)
+                steps += 1
+            elif kind == "state":
+                self._gather_optimizer()
+            elif kind == "load":
+                self._load_local(payload)
+            elif kind == "stop":
+                return steps
+            else:
+                raise DistributedError(f"unknown command from rank 0: {kind!r}")
+
+    def shutdown(self) -> None:
+        if self.world > 1 and self.rank == 0:
+            self._broadcast(("stop", None))
+
+    # -- the hooks of Learner -----------------------------------------------------------------------
+    def _minibatches(self, batch) -> list[slice]:
+        """This rank's contiguous share of each mini-batch, and the loss scale that makes the
+        DeepSpeed-averaged gradient the gradient of the whole mini-batch's token mean."""
+        out, self._scales = [], []
+        for sl in super()._minibatches(batch):
+            n = sl.stop - sl.start
+            if n < self.world:
+                raise DistributedError(f"a mini-batch of {n} sequences cannot be split over {self.world} ranks "
+                                       "(raise miniBatchSize or groupSize, or lower trainer.replicas)")
+            a = sl.start + n * self.rank // self.world
+            b = sl.start + n * (self.rank + 1) // self.world
+            mine, total = float(batch.mask[a:b].sum()), float(batch.mask[sl].sum())
+            share = mine / total if total > 0 else 1.0 / self.world
+            out.append(slice(a, b))
+            self._scales.append(self.world * share)
+            self._shares.append(share)
+        return out
+
+    def backward_and_step(self, loss: torch.Tensor) -> float:
+        scale = self._scales.pop(0)
+        self._global_losses.append(loss.detach().float() * scale / self.world)
+        self.engine.backward(loss * scale)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _optimizer_state(self) -> dict[str, Any]:
+        import deepspeed
+
+        sd = self.optimizer.state_dict()
+        if self.stage in (1, 2):
+            sd["ds_version"] = deepspeed.__version__
+        return sd
+
+    def _gather_optimizer(self) -> Optional[list[dict[str, Any]]]:
+        import torch.distributed as dist
+
+        parts: Optional[list] = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(self._optimizer_state(), parts, dst=0)
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank 0: the model, every rank's optimizer partition, the multipliers."""
+        if self.world > 1:
+            self._broadcast(("state", None))
+            parts = self._gather_optimizer()
+        else:
+            parts = [self._optimizer_state()]
+        return {"model": self.module.state_dict(), "optimizer": {"deepspeed_stage": self.stage, "ranks": parts},
+                "constraints": self.constraints.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.world > 1 and self.rank == 0:
+            self._broadcast(("load", state))
+        self._load_local(state)
+
+    def _load_local(self, state: dict[str, Any]) -> None:
+        opt = state["optimizer"]
+        if not (isinstance(opt, dict) and "ranks" in opt):
+            raise DistributedError("this checkpoint was written without DeepSpeed; resume it with "
+                                   "spec.trainer.deepspeed.enabled: false")
+        if opt["deepspeed_stage"] != self.stage or len(opt["ranks"]) != self.world:
+            raise DistributedError(f"checkpoint of ZeRO stage {opt['deepspeed_stage']} over {len(opt['ranks'])} ranks; "
+                                   f"this run has stage {self.stage} over {self.world}: keep them equal to resume")
+        self.module.load_state_dict(state["model"])
+        if self.stage in (1, 2):
+            self.optimizer.load_state_dict(opt["ranks"], load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(opt["ranks"][0])
+        self.constraints.load_state_dict(state["constraints"])
+
+
+def session_kwargs(run: DCMDPRun) -> dict[str, Any]:
+    """Session arguments of rank 0: build its learner inside DeepSpeed."""
+    return {"learner_factory": DeepSpeedLearner}
+
+
+def follow(run: DCMDPRun, out: Path, *, resume: bool, steps: Optional[int], threads: int, log) -> int:
+    """A rank > 0: build the same model and learner, then train whatever rank 0 broadcasts."""
+    from dcmdp.models.tiny import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(run.spec.algorithm.seed)
+    model, tokenizer = build_model(run.spec.model, seed=run.spec.algorithm.seed)
+    learner = DeepSpeedLearner(run, model, tokenizer.pad_token_id, [p.name for p in run.spec.rollout.pools])
+    log.info("following rank 0", extra={"fields": {"rank": learner.rank, "world": learner.world}})
+    trained = learner.follow()
+    log.info("rank done", extra={"fields": {"steps": trained}})
+    return 0
