@@ -396,16 +396,21 @@ class Runner:
         self.quiet = quiet
         self.log = log or (lambda msg: None)
         self.failed: dict[str, str] = {}
+        self.ran = 0
+        self.t_start = time.time()
 
     def run(self) -> dict[str, Any]:
         import multiprocessing as mp
 
+        import sys
+
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         out, p = self.out, self.p
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(p.sweep.model_dump(mode="json", by_alias=True), indent=2))
-        t_start = time.time()
+        t_start = self.t_start = time.time()
         todo = [c for c in p.cells if not cell_done(out, c, p.steps)]
         seeds_needed = sorted({c.seed for c in todo}) if p.sweep.spec.shared_warm_start else []
         self.warm = [s for s in seeds_needed if not (warm_start_dir(out, s) / "model" / "config.json").exists()]
@@ -419,7 +424,8 @@ class Runner:
         manager = ctx.Manager()
         self.queue = manager.Queue()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=self.quiet)
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=self.quiet,
+                                 console=Console(width=None if sys.stdout.isatty() else 200))
         title = f"[bold]{p.sweep.metadata.name}" + (f" ({p.part})" if p.part else "")
         self.overall = self.progress.add_task(title, total=len(p.cells), completed=skipped,
                                               info=f"{skipped} already done" if skipped else "")
@@ -443,12 +449,12 @@ class Runner:
                 proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             manager.shutdown()
-            self._state(time.time() - t_start, len(todo) - len(self.pending))
+            self._state(time.time() - t_start, self.ran)
             raise
         pool.shutdown()
         manager.shutdown()
         wall = time.time() - t_start
-        state = self._state(wall, len(todo))
+        state = self._state(wall, self.ran)
         return {"cells": len(p.cells), "ran": len(todo) - len(self.failed), "skipped": skipped,
                 "failed": dict(self.failed), "wall_s": wall, "total_wall_s": state["total_wall_s"]}
 
@@ -501,6 +507,8 @@ class Runner:
         res = fut.result()
         info = self._finish(what, res)
         self.done_ids.add(cid)
+        self.ran += 1
+        self._state(time.time() - self.t_start, self.ran, running=True)
         self.progress.advance(self.overall)
         self.progress.update(self.overall, info=f"last: {cid} {res['wall_s']:.0f}s")
         self.progress.console.print(
@@ -568,11 +576,14 @@ class Runner:
             if cid in self.bars:
                 self.progress.update(self.bars[cid], completed=step, info=f"reward {reward:.2f}")
 
-    def _state(self, wall: float, ran: int) -> dict[str, Any]:
+    def _state(self, wall: float, ran: int, running: bool = False) -> dict[str, Any]:
+        """Record this invocation's wall time in state.json (updated as cells finish, so a report
+        written while the grid runs shows the time so far)."""
         f = self.out / "state.json"
         state = json.loads(f.read_text()) if f.exists() else {"invocations": []}
-        state["invocations"].append({"started": time.time() - wall, "wall_s": wall, "cells_run": ran,
-                                     "parallel": self.parallel, "threads": self.threads, "cpus": os.cpu_count()})
+        entry = {"started": self.t_start, "wall_s": wall, "cells_run": ran, "running": running,
+                 "parallel": self.parallel, "threads": self.threads, "cpus": os.cpu_count()}
+        state["invocations"] = [i for i in state["invocations"] if i.get("started") != self.t_start] + [entry]
         state["total_wall_s"] = sum(i["wall_s"] for i in state["invocations"])
         f.write_text(json.dumps(state, indent=2))
         return state

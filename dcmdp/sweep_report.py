@@ -332,9 +332,9 @@ def fragment(p: Any, data: dict[str, Any], dest: Path, base: Path, command: str)
         "",
         f"Cells finished: **{done} of {total}** ({'complete' if done == total else 'PARTIAL: the grid is still running or was stopped'}); "
         f"{p.steps} RL steps per cell; seeds {', '.join(map(str, p.seeds))}. "
-        + (f"Wall time so far: {_duration(state.get('total_wall_s', 0))} over {len(inv)} invocation(s) "
-           f"({inv[-1]['parallel']} cells at once, {inv[-1]['threads']} thread(s) each, {inv[-1]['cpus']} CPUs)."
-           if inv else ""),
+        + (f"Wall time{' so far' if done < total else ''}: {_duration(state.get('total_wall_s', 0))} over "
+           f"{len(inv)} invocation(s) ({inv[-1]['parallel']} cells at once, {inv[-1]['threads']} thread(s) each, "
+           f"{inv[-1]['cpus']} CPUs)." if inv else "Wall time: not recorded yet (the first invocation is running)."),
         "",
         *([f"![overview]({rel(ov)})", ""] if ov.exists() else []),
         "Final held-out accuracy, **trainer greedy** — mean ± std over seeds (collapsed runs / seeds); "

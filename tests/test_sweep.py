@@ -158,3 +158,5 @@ def test_a_two_cell_grid_runs_calibrates_c_resumes_and_reports(tmp_path: Path, c
     assert main(["sweep", "-f", str(f), "--out", str(out), "--quiet"]) == 0
     assert "0 cells run, 2 already done" in capsys.readouterr().err
     assert (dc / "cell.json").stat().st_mtime_ns == stamp
+    state = json.loads((out / "state.json").read_text())
+    assert [i["cells_run"] for i in state["invocations"]] == [2, 0] and state["total_wall_s"] > 0
