@@ -54,9 +54,12 @@ def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:
                 t.add_row(f"held-out {key.split('_')[-1]} accuracy", f"{first[key]:.3f} → {final[key]:.3f}")
     if "reward/mean" in last:
         t.add_row("last reward", f"{last['reward/mean']:.3f}")
-    for pool, lam in (summary.get("lambdas") or {}).items():
-        d = last.get(f"pool/{pool}/discrepancy/prob_diff_mean")
-        c = (summary.get("tolerances") or {}).get(pool)
-        t.add_row(f"pool {pool}: δ̄ / c / λ",
-                  f"{d:.2e} / {c if c is None else format(c, '.2e')} / {lam:.3f}" if d is not None else f"λ {lam:.3f}")
+    pools = [k.split("/")[1] for k in last if k.startswith("pool/") and k.endswith("/discrepancy/prob_diff_mean")]
+    lambdas, tolerances = summary.get("lambdas") or {}, summary.get("tolerances") or {}
+    for pool in pools:
+        d = last[f"pool/{pool}/discrepancy/prob_diff_mean"]
+        c = tolerances.get(pool)
+        lam = lambdas.get(pool)
+        t.add_row(f"pool {pool}: δ̄ / c / λ", f"{d:.2e} / " + (f"{c:.2e}" if c is not None else "—") + " / "
+                  + (f"{lam:.3f}" if lam is not None else "— (no constraint)"))
     return t

@@ -199,7 +199,7 @@ class Session:
         return {
             "steps": self.step, "weight_version": self.version, "wall_s": time.time() - self.started,
             "parameters": num_parameters(self.model), "warmstart": self.warmstart,
-            "lambdas": self.learner.constraints.lambdas(),
+            "lambdas": self.learner.constraints.lambdas() if self.spec.algorithm.uses_constraint else {},
             "tolerances": {p: m.tolerance for p, m in self.learner.constraints.pools.items()},
             "eval": self.eval_rows,
         }
