@@ -6,8 +6,9 @@ single rollout pool: precision, logit noise, lag) and the algorithms (each a pat
 validated up front, run by the in-process runner (found through the ``dcmdp.runners`` entry point,
 so the core never imports the trainer) in a pool of worker processes.
 
-* **Shared warm start**: the supervised warm start is run once per seed and its model folder reused
-  by every cell of that seed (``model.path``), so cells differ only in what the sweep varies.
+* **Shared warm start**: the supervised warm start is run once per seed (or once, with
+  ``warmStartSeed``) and its model folder reused by every cell of that seed (``model.path``), so
+  cells differ only in what the sweep varies.
 * **Relative tolerance**: an algorithm may set ``tolerance: {relativeTo: grpo, factor: 0.5}``: its c
   is ``factor`` × the mean δ̄ that the ``grpo`` cells of the same source measured (mean over their
   steps and seeds). Those reference cells run first; the derived c is written into the cell's
@@ -108,7 +109,9 @@ class SweepSpec(SweepModel):
     eval_every: int = Field(0, ge=0, description="Held-out eval period in cells (0 = start and end).")
     sources: list[SourceSpec] = Field(..., min_length=1)
     algorithms: list[AlgorithmEntry] = Field(..., min_length=1)
-    shared_warm_start: bool = True
+    shared_warm_start: bool = Field(True, description="Warm-start once and reuse the model (else every cell warm-starts).")
+    warm_start_seed: Optional[int] = Field(
+        None, ge=0, description="One warm start (with this seed) for every cell; unset = one per seed.")
     parallel: int = Field(2, ge=1, le=256, description="Cells run at once.")
     threads: int = Field(1, ge=1, le=256, description="torch threads per cell.")
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
@@ -412,7 +415,7 @@ class Runner:
         (out / "sweep.json").write_text(json.dumps(p.sweep.model_dump(mode="json", by_alias=True), indent=2))
         t_start = self.t_start = time.time()
         todo = [c for c in p.cells if not cell_done(out, c, p.steps)]
-        seeds_needed = sorted({c.seed for c in todo}) if p.sweep.spec.shared_warm_start else []
+        seeds_needed = sorted({self.ws_seed(c) for c in todo}) if p.sweep.spec.shared_warm_start else []
         self.warm = [s for s in seeds_needed if not (warm_start_dir(out, s) / "model" / "config.json").exists()]
         self.warm_pending = list(self.warm)
         self.pending = list(todo)
@@ -497,7 +500,7 @@ class Runner:
             self.warm.remove(what)
             if err is not None:
                 self._fail(cid, repr(err), count=False)
-                for c in [c for c in self.pending if c.seed == what]:
+                for c in [c for c in self.pending if self.ws_seed(c) == what]:
                     self.pending.remove(c)
                     self._fail(c.id, f"the warm start of seed {what} failed")
             return
@@ -517,9 +520,14 @@ class Runner:
             + (", collapsed" if info.get("collapsed") else ""))
 
     # -- helpers ---------------------------------------------------------------------------
+    def ws_seed(self, cell: Cell) -> int:
+        """The seed of the warm start a cell starts from."""
+        ws = self.p.sweep.spec.warm_start_seed
+        return cell.seed if ws is None else ws
+
     def _next_ready(self) -> Optional[Cell]:
         for c in self.pending:
-            if c.seed in self.warm:
+            if self.ws_seed(c) in self.warm:
                 continue
             if all(d in self.done_ids for d in c.deps):
                 return c
@@ -529,7 +537,7 @@ class Runner:
         m = copy.deepcopy(cell.manifest)
         spec = m["spec"]
         if self.p.sweep.spec.shared_warm_start:
-            folder = (warm_start_dir(self.out, cell.seed) / "model").resolve()
+            folder = (warm_start_dir(self.out, self.ws_seed(cell)) / "model").resolve()
             spec["model"] = merge(spec.get("model", {}), {"path": str(folder), "warmStart": {"steps": 0}})
         if cell.relative is not None:
             spec["algorithm"]["constraint"]["tolerance"] = resolve_tolerance(self.out, self.p, cell)
@@ -651,8 +659,12 @@ def sweep_main(args: Any) -> int:
     else:
         dest = out / "report"
     doc = here / sweep.spec.report.doc if official and sweep.spec.report.doc and not args.no_doc else None
-    command = "dcmdp sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else \
-        f"dcmdp sweep -f {args.file}" + (" --quick" if args.quick else f" --part {part}" if part else "")
+    # the command that (re)produces the report: as typed, less the flags that only change the view
+    if sys.argv[1:2] == ["sweep"]:
+        argv = [a for a in sys.argv[2:] if a not in ("--report-only", "--quiet", "--no-doc")]
+        command = "dcmdp sweep " + " ".join(shlex.quote(a) for a in argv)
+    else:
+        command = f"dcmdp sweep -f {args.file}" + (" --quick" if args.quick else f" --part {part}" if part else "")
     if not args.report_only:
         import signal
 

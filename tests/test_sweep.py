@@ -124,12 +124,12 @@ def test_update_doc_rewrites_only_its_section(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_two_cell_grid_runs_calibrates_c_resumes_and_reports(tmp_path: Path, capsys) -> None:
     f = tmp_path / "tiny.yaml"
-    doc = sweep_doc(report={"dir": "report", "doc": "results.md", "title": "Tiny"})
+    doc = sweep_doc(report={"dir": "report", "doc": "results.md", "title": "Tiny"}, seeds=[3], warmStartSeed=0)
     f.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     assert main(["sweep", "-f", str(f), "--out", str(out), "--quiet"]) == 0
 
-    grpo, dc = out / "cells/noise/grpo/seed0", out / "cells/noise/dc-half/seed0"
+    grpo, dc = out / "cells/noise/grpo/seed3", out / "cells/noise/dc-half/seed3"
     for d in (grpo, dc):
         cell = json.loads((d / "cell.json").read_text())
         assert cell["steps"] == 3 and cell["greedy"] is not None and cell["sampled"] is not None
@@ -141,6 +141,7 @@ def test_a_two_cell_grid_runs_calibrates_c_resumes_and_reports(tmp_path: Path, c
     assert c == pytest.approx(0.5 * sum(deltas) / len(deltas), rel=1e-9)
     assert [r["constraint/tolerance"] for r in read_metrics(dc / "metrics.jsonl")] == [pytest.approx(c)] * 3
     # both cells share the warm start of seed 0
+    assert sorted(x.name for x in (out / "warmstart").iterdir()) == ["seed0"]
     for d in (grpo, dc):
         assert yaml.safe_load((d / "run.yaml").read_text())["spec"]["model"]["path"].endswith("warmstart/seed0/model")
 
