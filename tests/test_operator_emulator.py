@@ -55,3 +55,80 @@ def test_generate_name_and_typed_lists(k):
 def test_kubeconfig_points_at_the_emulator():
     text = kubeconfig("http://127.0.0.1:1234", "ns1")
     assert "server: http://127.0.0.1:1234" in text and "namespace: ns1" in text and "current-context: emulator" in text
+
+
+def test_dcmdprun_admission_follows_the_crd(k):
+    # unknown fields and CEL rules are refused with the field named (HTTP 422)
+    with pytest.raises(AssertionError, match=r"HTTP 422.*spec.algorithm.stepz"):
+        k.create("DCMDPRun", "e", {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "a1"},
+                                   "spec": {"algorithm": {"stepz": 3}}})
+    with pytest.raises(AssertionError, match=r"HTTP 422.*lambdaInit"):
+        k.create("DCMDPRun", "e", {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "a2"},
+                                   "spec": {"algorithm": {"constraint": {"lambdaInit": 5.0, "lambdaMax": 1.0}}}})
+    assert k.get("DCMDPRun", "e", "a2") is None
+    # defaults are filled in, as the API server does from the CRD
+    run = k.create("DCMDPRun", "e", {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "a3"}, "spec": {}})
+    assert run["spec"]["algorithm"]["steps"] == 100 and run["spec"]["rollout"]["pools"][0]["name"] == "default"
+    # updates too; removing a field brings its default back
+    run = k.patch("DCMDPRun", "e", "a3", {"spec": {"algorithm": {"steps": 7}}})
+    assert run["spec"]["algorithm"]["steps"] == 7 and run["metadata"]["generation"] == 2
+    with pytest.raises(AssertionError, match=r"HTTP 422"):
+        k.patch("DCMDPRun", "e", "a3", {"spec": {"algorithm": {"steps": -1}}})
+    run = k.patch("DCMDPRun", "e", "a3", {"spec": {"algorithm": {"steps": None}}})
+    assert run["spec"]["algorithm"]["steps"] == 100
+    # the status must match the CRD's status schema
+    with pytest.raises(AssertionError, match=r"HTTP 422.*restarts"):
+        k.patch("DCMDPRun", "e", "a3", {"status": {"restarts": -1}}, sub="status")
+    assert k.patch("DCMDPRun", "e", "a3", {"status": {"restarts": 2}}, sub="status")["status"]["restarts"] == 2
+
+
+def test_tables_carry_the_printer_columns(k):
+    k.create("DCMDPRun", "t", {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "tab"}, "spec": {}})
+    k.patch("DCMDPRun", "t", "tab", {"status": {"phase": "Running", "step": 4, "reward": 0.5}}, sub="status")
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(k.url + "/apis/dcmdp.io/v1alpha1/namespaces/t/dcmdpruns/tab",
+                                 headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"})
+    table = json.loads(urllib.request.urlopen(req, timeout=5).read())
+    names = [c["name"] for c in table["columnDefinitions"]]
+    assert names[:4] == ["Name", "Phase", "Step", "Steps"]
+    row = dict(zip(names, table["rows"][0]["cells"]))
+    assert (row["Name"], row["Phase"], row["Step"], row["Steps"], row["Reward"]) == ("tab", "Running", 4, 100, 0.5)
+    assert row["Age"].endswith("s")
+
+
+def test_discovery_names_the_core_group_v1(k):
+    import json
+    import urllib.request
+
+    core = json.loads(urllib.request.urlopen(k.url + "/api/v1", timeout=5).read())
+    assert core["groupVersion"] == "v1"
+    names = {r["name"]: r for r in core["resources"]}
+    assert names["secrets"]["singularName"] == "secret" and names["configmaps"]["shortNames"] == ["cm"]
+    runs = json.loads(urllib.request.urlopen(k.url + "/apis/dcmdp.io/v1alpha1", timeout=5).read())
+    by_name = {r["name"]: r for r in runs["resources"]}
+    assert by_name["dcmdpruns"]["shortNames"] == ["dcr"] and by_name["dcmdpruns/status"]["shortNames"] == []
+
+
+def test_kubectl_works_against_it(tmp_path):
+    from pathlib import Path
+    import subprocess
+
+    kubectl = Path(__file__).resolve().parent.parent / ".tools" / "kubectl"
+    if not kubectl.exists():
+        pytest.skip("no .tools/kubectl (make tools)")
+    example = Path(__file__).resolve().parent.parent / "examples" / "kind-cpu.yaml"
+    with EmulatorThread() as emu:
+        (tmp_path / "config").write_text(emu.kubeconfig("demo"))
+        env = {"KUBECONFIG": str(tmp_path / "config"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        run = lambda *a: subprocess.run([str(kubectl), *a], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
+        out = run("create", "--validate=false", "-f", str(example))
+        assert out.returncode == 0, out.stderr
+        Kube(emu.url).create("Secret", "demo", {"metadata": {"name": "s1"}})
+        out = run("get", "dcr")
+        assert out.returncode == 0, out.stderr
+        header = out.stdout.splitlines()[0].split()
+        assert header[:5] == ["NAME", "PHASE", "STEP", "STEPS", "REWARD"] and "kind-cpu" in out.stdout
+        out = run("get", "secret", "s1", "-o", "jsonpath={.metadata.name}")
+        assert out.returncode == 0 and out.stdout == "s1", out.stderr

@@ -9,6 +9,10 @@ the operator uses and adds what the operator relies on from a real API server an
 * the status subresource: ``/status`` writes change only ``status``, main-resource writes never do;
 * garbage collection: deleting an object deletes the objects it owns (background propagation);
 * lists carry ``kind``/``apiVersion`` (so ``kubectl get`` can list);
+* the CRD's admission for ``DCMDPRun`` (``dcmdp.admission``, generated from the spec model):
+  unknown fields and schema or CEL violations are rejected (HTTP 422, the field named), defaults
+  are filled in on create and update, and ``/status`` writes must match the CRD's status schema;
+* ``kubectl get dcmdprun`` tables with the CRD's printer columns; kubectl singular and short names;
 * a bounded cost per request: KMock matches each request against its whole request history (fine
   for a short test, quadratic for an operator polling hundreds of runs), so the history is trimmed;
   :attr:`Emulator.log` keeps a compact record of every API request instead.
@@ -30,20 +34,21 @@ from typing import Any, Optional
 
 import kmock
 from kmock._internal import dicts as _kdicts  # KMock's own merge-patch (what its PATCH does)
+from kmock._internal.k8s import KubernetesError
 
 from dcmdp.spec import API_GROUP, PLURAL
 
 RESOURCES: dict[str, kmock.ResourceInfo] = {
-    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch", "create", "delete"}),
-    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"get", "list", "watch", "create", "patch"}),
-    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}),
-    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}),
-    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
-    "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
-    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
-    "batch/v1/jobs": kmock.ResourceInfo(kind="Job", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
-    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status", "scale"}),
-    "scheduling.volcano.sh/v1beta1/podgroups": kmock.ResourceInfo(kind="PodGroup", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", shortnames={"ns"}, namespaced=False, verbs={"get", "list", "watch", "create", "delete"}),
+    "v1/events": kmock.ResourceInfo(kind="Event", singular="event", shortnames={"ev"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch"}),
+    "v1/secrets": kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", singular="configmap", shortnames={"cm"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}),
+    "v1/services": kmock.ResourceInfo(kind="Service", singular="service", shortnames={"svc"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", singular="persistentvolumeclaim", shortnames={"pvc"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", singular="pod", shortnames={"po"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
+    "batch/v1/jobs": kmock.ResourceInfo(kind="Job", singular="job", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
+    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", singular="deployment", shortnames={"deploy"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status", "scale"}),
+    "scheduling.volcano.sh/v1beta1/podgroups": kmock.ResourceInfo(kind="PodGroup", singular="podgroup", shortnames={"pg"}, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"}),
     f"{API_GROUP}/v1alpha1/{PLURAL}": kmock.ResourceInfo(
         kind="DCMDPRun", singular="dcmdprun", namespaced=True, shortnames={"dcr"}, categories={"all", "dcmdp"},
         verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"},
@@ -51,10 +56,37 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
 }
 
 _ROOT_KEYS = frozenset({"apiVersion", "kind", "metadata", "status"})
+RUNS = kmock.resource(f"{API_GROUP}/v1alpha1/{PLURAL}")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch_between(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return copy.deepcopy(new)
+    out: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        if k not in old:
+            out[k] = copy.deepcopy(v)
+        elif old[k] != v:
+            out[k] = merge_patch_between(old[k], v)
+    return out
+
+
+def _invalid(kind: str, name: Any, errors: list[tuple[str, str]]) -> KubernetesError:
+    causes = "; ".join(f"{path}: {msg}" for path, msg in errors)
+    return KubernetesError(
+        status=422, reason="Invalid", message=f'{kind}.dcmdp.io "{name}" is invalid: {causes}',
+        details={"causes": [{"field": path, "message": msg} for path, msg in errors]},
+    )
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """KMock's emulator with uids, generations, the status subresource and garbage collection."""
+    """KMock's emulator with uids, generations, the status subresource, DCMDPRun admission,
+    garbage collection and kubectl tables."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -63,7 +95,9 @@ class Emulator(kmock.KubernetesEmulator):
         self._rv = itertools.count(1)
         self.log: list[dict[str, Any]] = []  # see _record
         self.record = True
+        self.admission = True
 
+    # ---------------------------------------------------------------------------- helpers
     def _record(self, request: kmock.Request) -> None:
         """One line per API request: method, verb, group, resource[/sub], namespace, name, user agent."""
         if request.resource is None or not request.resource.plural:
@@ -82,11 +116,15 @@ class Emulator(kmock.KubernetesEmulator):
             "namespace": request.namespace, "name": name, "ua": request.headers.get("User-Agent", ""),
         })
 
-    def _has_status(self, resource: Any) -> bool:
+    def _info(self, resource: Any) -> Optional[kmock.ResourceInfo]:
         for key, info in RESOURCES.items():
             if resource == kmock.resource(key):
-                return "status" in info.subresources
-        return False
+                return info
+        return None
+
+    def _has_status(self, resource: Any) -> bool:
+        info = self._info(resource)
+        return info is not None and "status" in info.subresources
 
     def _find(self, resource: Any, namespace: Optional[str], name: Optional[str]) -> Any:
         for (res, ns, nm), obj in self._objects.items():
@@ -94,67 +132,121 @@ class Emulator(kmock.KubernetesEmulator):
                 return obj
         return None
 
+    def _admit(self, obj: dict[str, Any], name: Any) -> dict[str, Any]:
+        """The CRD's admission for a DCMDPRun: the object as stored, or a 422."""
+        if not self.admission:
+            return obj
+        from dcmdp.admission import admit
+
+        admitted, errors = admit({k: v for k, v in obj.items() if k != "status"})
+        if errors:
+            raise _invalid("DCMDPRun", name, errors)
+        assert admitted is not None
+        admitted["metadata"] = obj.get("metadata") or {}
+        if "status" in obj:
+            admitted["status"] = obj["status"]
+        return admitted
+
+    def _check_status(self, status: Any, name: Any) -> None:
+        if not self.admission:
+            return
+        from dcmdp.admission import validate_status
+
+        errors = validate_status(status)
+        if errors:
+            raise _invalid("DCMDPRun", name, errors)
+
+    # ----------------------------------------------------------------------------- writes
+    def _on_create(self, request: kmock.Request, data: dict[str, Any]) -> None:
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        if self._find(request.resource, meta.get("namespace"), meta.get("name")) is not None:
+            return  # KMock answers 409
+        if self._has_status(request.resource):
+            data.pop("status", None)
+        info = self._info(request.resource)
+        if info is not None:  # the API server always stores (and returns) these
+            res = request.resource
+            data.setdefault("apiVersion", f"{res.group}/{res.version}" if res.group else res.version)
+            data.setdefault("kind", info.kind)
+        if request.resource == RUNS:
+            admitted = self._admit(data, meta.get("name"))
+            if admitted is not data:
+                data.clear()
+                data.update(admitted)
+            meta = data["metadata"]
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta["generation"] = 1
+        meta["resourceVersion"] = str(next(self._rv))
+        meta.pop("deletionTimestamp", None)
+
+    def _on_update(self, request: kmock.Request, data: dict[str, Any], obj: Any) -> None:
+        if request.subresource == "status":
+            for k in list(data):
+                if k != "status":
+                    del data[k]
+        elif self._has_status(request.resource):
+            data.pop("status", None)
+        old = copy.deepcopy(obj.raw)
+        meta = data.setdefault("metadata", {})
+        for k in ("uid", "creationTimestamp", "generation", "resourceVersion", "name", "namespace"):
+            meta.pop(k, None)
+        new = _kdicts.patch_dict(copy.deepcopy(old), data)
+        if request.resource == RUNS:
+            if request.subresource == "status":
+                self._check_status(new.get("status") or {}, request.name)
+            elif {k: v for k, v in new.items() if k not in _ROOT_KEYS} != {k: v for k, v in old.items() if k not in _ROOT_KEYS}:
+                new = self._admit(dict(new), request.name)
+                patch = merge_patch_between(old, new)
+                data.clear()
+                data.update(patch)
+                meta = data.setdefault("metadata", {})
+        before = {k: v for k, v in old.items() if k not in _ROOT_KEYS}
+        after = {k: v for k, v in new.items() if k not in _ROOT_KEYS}
+        if before != after:
+            meta["generation"] = int(old.get("metadata", {}).get("generation") or 1) + 1
+        meta["resourceVersion"] = str(next(self._rv))
+
     async def _handle(self, request: kmock.Request) -> Any:
-        if len(self._requests) > 8:  # the current request is the last one: keep it
+        # KMock matches each request against its whole history: keep it short (the current
+        # request is the last one), and the accumulated error log too.
+        if len(self._requests) > 8:
             del self._requests[:-2]
             for payload in self._payloads:
                 del payload._requests[:-2]
+        if self._errors and len(self._errors[-1]) > 8:
+            del self._errors[-1][:-2]
         if self.record:
             self._record(request)
         data = request.data
-        gc_uid: Optional[str] = None
-        gc_key: Optional[tuple[Any, Optional[str], str]] = None
+        gc: Optional[tuple[str, tuple[Any, Optional[str], str]]] = None
         if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             async with self._lock:
                 if request.action == kmock.action.CREATE and isinstance(data, dict):
-                    meta = data.setdefault("metadata", {})
-                    if not meta.get("name") and meta.get("generateName"):
-                        meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-                    if request.namespace and not meta.get("namespace"):
-                        meta["namespace"] = request.namespace
-                    if self._find(request.resource, meta.get("namespace"), meta.get("name")) is None:
-                        if self._has_status(request.resource):
-                            data.pop("status", None)
-                        meta["uid"] = str(uuid.uuid4())
-                        meta["creationTimestamp"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                        meta["generation"] = 1
-                        meta["resourceVersion"] = str(next(self._rv))
-                        meta.pop("deletionTimestamp", None)
+                    self._on_create(request, data)
                 elif request.action == kmock.action.UPDATE and isinstance(data, dict):
                     obj = self._find(request.resource, request.namespace, request.name)
                     if obj is not None:
-                        if request.subresource == "status":
-                            for k in list(data):
-                                if k not in ("status", "metadata"):
-                                    del data[k]
-                            data["metadata"] = {}
-                        elif self._has_status(request.resource):
-                            data.pop("status", None)
-                        old = copy.deepcopy(obj.raw)
-                        meta = data.setdefault("metadata", {})
-                        for k in ("uid", "creationTimestamp", "generation", "resourceVersion"):
-                            meta.pop(k, None)
-                        new = _kdicts.patch_dict(copy.deepcopy(old), data)
-                        before = {k: v for k, v in old.items() if k not in _ROOT_KEYS}
-                        after = {k: v for k, v in new.items() if k not in _ROOT_KEYS}
-                        if before != after:
-                            meta["generation"] = int(old.get("metadata", {}).get("generation") or 1) + 1
-                        meta["resourceVersion"] = str(next(self._rv))
+                        self._on_update(request, data, obj)
                 if request.action in (kmock.action.UPDATE, kmock.action.DELETE):
                     obj = self._find(request.resource, request.namespace, request.name)
-                    if obj is not None:
-                        gc_uid = (obj.raw.get("metadata") or {}).get("uid")
-                        gc_key = (request.resource, request.namespace, request.name)
+                    uid = (obj.raw.get("metadata") or {}).get("uid") if obj is not None else None
+                    if uid:
+                        gc = (uid, (request.resource, request.namespace, request.name))
         response = await super()._handle(request)
-        if gc_uid and gc_key is not None:
+        if gc is not None:
             async with self._lock:
-                gone = self._find(*gc_key) is None
+                gone = self._find(*gc[1]) is None
             if gone:
-                await self._collect(gc_uid)
+                await self._collect(gc[0])
         return response
 
     async def _collect(self, owner_uid: str) -> None:
-        """Delete what ``owner_uid`` owned (then what those owned)."""
+        """Delete what ``owner_uid`` owned (then what those owned): background propagation."""
         pending = [owner_uid]
         while pending:
             uid = pending.pop()
@@ -169,8 +261,7 @@ class Emulator(kmock.KubernetesEmulator):
                 for res, obj in owned:
                     raw = copy.deepcopy(obj.raw)
                     if (raw.get("metadata") or {}).get("finalizers"):
-                        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                        obj.patch({"metadata": {"deletionTimestamp": now, "resourceVersion": str(next(self._rv))}})
+                        obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": str(next(self._rv))}})
                         events.append((res, {"type": "MODIFIED", "object": obj.raw}))
                         continue
                     obj.delete()
@@ -180,19 +271,80 @@ class Emulator(kmock.KubernetesEmulator):
                 for res, event in events:
                     await self._buses[res].put(event)
 
+    # ------------------------------------------------------------------------------ reads
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"][1:]  # the core group is "v1", not "/v1"
+        for item in payload.get("resources", []) if isinstance(payload, dict) else []:
+            if "/" in item["name"]:  # subresources have no names of their own for kubectl
+                item["shortNames"], item["categories"] = [], []
+        return payload
+
     async def _serve_list(self, request: kmock.Request) -> Any:
         payload = await super()._serve_list(request)
-        if isinstance(payload, dict) and request.resource is not None:
-            for key, info in RESOURCES.items():
-                if request.resource == kmock.resource(key):
-                    payload = {
-                        "apiVersion": "/".join(key.split("/")[:-1]),
-                        "kind": f"{info.kind}List",
-                        **payload,
-                    }
-                    payload["metadata"] = {"resourceVersion": str(next(self._rv))}
-                    break
+        info = self._info(request.resource)
+        if isinstance(payload, dict) and info is not None:
+            key = next(k for k in RESOURCES if request.resource == kmock.resource(k))
+            payload = {"apiVersion": "/".join(key.split("/")[:-1]), "kind": f"{info.kind}List", **payload}
+            payload["metadata"] = {"resourceVersion": str(next(self._rv))}
+            if request.resource == RUNS and _wants_table(request):
+                return _table(payload["items"])
         return payload
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        payload = await super()._serve_fetch(request)
+        if request.resource == RUNS and _wants_table(request):
+            return _table([payload])
+        return payload
+
+
+def _wants_table(request: kmock.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    for part in path.strip(".").split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _human_age(seconds: float) -> str:
+    """Like kubectl's ages: 45s, 3m20s, 17m, 5h, 3d."""
+    s = max(int(seconds), 0)
+    if s < 120:
+        return f"{s}s"
+    if s < 600:
+        return f"{s // 60}m{s % 60}s" if s % 60 else f"{s // 60}m"
+    if s < 3 * 3600:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def _table(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``meta.k8s.io/v1`` Table with the CRD's printer columns (what ``kubectl get`` shows)."""
+    from dcmdp.crd import PRINTER_COLUMNS
+
+    columns = [{"name": "Name", "type": "string", "format": "name", "description": "name", "priority": 0}]
+    columns += [
+        {"name": c["name"], "type": c["type"], "format": "", "description": c.get("description", ""),
+         "priority": c.get("priority", 0)}
+        for c in PRINTER_COLUMNS
+    ]
+    rows = []
+    for obj in items:
+        cells: list[Any] = [obj["metadata"]["name"]]
+        for c in PRINTER_COLUMNS:
+            value = _json_path(obj, c["jsonPath"])
+            if c["type"] == "date" and value:
+                born = dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+                value = _human_age((dt.datetime.now(dt.timezone.utc) - born).total_seconds())
+            cells.append(value)
+        rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                                "metadata": obj["metadata"]}})
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "columnDefinitions": columns, "rows": rows}
 
 
 def kubeconfig(url: str, namespace: str = "default", token: str = "emulator") -> str:

@@ -94,7 +94,7 @@ async def reconcile_run(body: kopf.Body, memo: kopf.Memo, reason: str, logger: l
         logger.info(f"{action} {kind} {name}")
 
 
-@kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
+@kopf.daemon(*RESOURCE, cancellation_backoff=2.0, cancellation_timeout=10.0)
 async def poll(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Every poll period: re-apply the children, read the trainer, update the status; delete the
     run ``ttlSecondsAfterFinished`` after it finished."""

@@ -99,11 +99,14 @@ async def reconcile(
             await _patch_status(client, meta, result.status)
             return result
 
-        # 3. apply them (create or patch, idempotent), all at once
+        # 3. apply them (create or patch, idempotent), all at once. A run without its Secret and
+        #    ConfigMap is new: its children are created without reading first (a 409 falls back
+        #    to read-and-patch, so this stays idempotent).
+        fresh = secret is None and configmap is None
         known = {"Secret": secret, "ConfigMap": configmap}
         outcomes = await asyncio.gather(
             *(
-                apply.apply(client, d, known.get(d["kind"]), known=d["kind"] in known)
+                apply.apply(client, d, known.get(d["kind"]), known=fresh or d["kind"] in known)
                 for d in desired
             ),
             return_exceptions=True,

@@ -1,0 +1,101 @@
+"""One reconcile, called directly, against the API emulator with the CRD's admission switched off
+(as when the CRD is missing or out of date): the operator's own checks answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kopf
+import pytest
+
+from dcmdp_operator import kube, reconcile
+from dcmdp_operator.config import OperatorConfig
+from dcmdp_operator.emulator import EmulatorThread
+from operator_helpers import Kube
+
+NS = "rc"
+CONFIG = OperatorConfig(trainer_address="127.0.0.1:1", grpc_timeout_seconds=0.5)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with EmulatorThread() as e:
+        e.emulator.admission = False
+        yield e
+
+
+def reconcile_once(emu, name: str) -> reconcile.Result:
+    async def go() -> reconcile.Result:
+        client = kube.Client()
+        client.configure(kopf.ConnectionInfo(server=emu.url, token="x"))
+        try:
+            body = Kube(emu.url).get("DCMDPRun", NS, name)
+            return await reconcile.reconcile(body, client=client, config=CONFIG, trigger="test")
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def make(k: Kube, name: str, spec: dict) -> None:
+    k.create("DCMDPRun", NS, {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": name}, "spec": spec})
+
+
+def test_an_invalid_spec_fails_with_the_field_named_then_recovers_when_fixed(emu):
+    k = Kube(emu.url)
+    make(k, "bad", {"algorithm": {"constraint": {"lambdaInit": 5.0, "lambdaMax": 1.0}}})
+    result = reconcile_once(emu, "bad")
+    st = k.get("DCMDPRun", NS, "bad")["status"]
+    assert st == {k: v for k, v in result.status.items() if v is not None}  # None: removed by the merge patch
+    assert st["phase"] == "Failed" and st["reason"] == "InvalidSpec"
+    assert "spec.algorithm.constraint" in st["message"] and "lambdaInit" in st["message"]
+    assert result.events == [("Warning", "Failed", st["message"])]
+    assert k.children(NS, "bad") == {}
+    k.patch("DCMDPRun", NS, "bad", {"spec": {"algorithm": {"constraint": {"lambdaInit": 0.5}}}})
+    result = reconcile_once(emu, "bad")
+    assert result.status["phase"] == "Pending" and len(k.children(NS, "bad")) == 5
+
+
+def test_names_too_long_for_kubernetes_are_an_invalid_spec(emu):
+    k = Kube(emu.url)
+    make(k, "n" * 58, {})
+    st = reconcile_once(emu, "n" * 58).status
+    assert st["phase"] == "Failed" and "shorter run" in st["message"]
+
+
+def test_a_foreign_object_in_the_way_is_reported_and_left_alone(emu):
+    k = Kube(emu.url)
+    k.create("ConfigMap", NS, {"metadata": {"name": "clash-config", "labels": {"dcmdp.io/run": "clash"}}, "data": {"mine": "1"}})
+    make(k, "clash", {})
+    result = reconcile_once(emu, "clash")
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict" and "ConfigMap clash-config" in ready["message"]
+    assert k.get("ConfigMap", NS, "clash-config")["data"] == {"mine": "1"}  # untouched
+    assert ("Job", "clash-trainer") in k.children(NS, "clash")  # the rest is built
+
+
+def test_a_second_reconcile_writes_nothing_but_the_status(emu):
+    k = Kube(emu.url)
+    make(k, "twice", {"rollout": {"pools": [{"name": "a"}, {"name": "b"}]}})
+    first = reconcile_once(emu, "twice")
+    assert sorted(w[0] for w in first.writes) == ["ConfigMap", "Deployment", "Deployment", "Job", "Secret", "Service"]
+    assert all(w[2] == "created" for w in first.writes)
+    second = reconcile_once(emu, "twice")
+    assert second.writes == [] and second.events == []
+    # the trainer is "running" but not reachable: reported, not raised
+    k.patch("Job", NS, "twice-trainer", {"status": {"active": 1}}, sub="status")
+    third = reconcile_once(emu, "twice")
+    assert third.status["phase"] == "Running" and third.status["trainerReachable"] is False
+    ready = next(c for c in third.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "TrainerUnreachable" and "127.0.0.1:1" in ready["message"]
+
+
+def test_lost_secret_and_config_are_recreated_without_touching_the_rest(emu):
+    k = Kube(emu.url)
+    make(k, "lost", {})
+    reconcile_once(emu, "lost")
+    job_rv = k.get("Job", NS, "lost-trainer")["metadata"]["resourceVersion"]
+    k.delete("Secret", NS, "lost-token")
+    k.delete("ConfigMap", NS, "lost-config")
+    result = reconcile_once(emu, "lost")  # looks like a new run: creates first, conflicts fall back
+    assert sorted(result.writes) == [("ConfigMap", "lost-config", "created"), ("Secret", "lost-token", "created")]
+    assert k.get("Job", NS, "lost-trainer")["metadata"]["resourceVersion"] == job_rv
