@@ -51,8 +51,9 @@ def init_distributed(run: DCMDPRun, log=None) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.setdefault(var, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.get(var, "29500"))
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(var, default)
+    os.environ.setdefault("LOCAL_RANK", "0")  # one rank per pod; without it DeepSpeed looks for MPI
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if log:
@@ -80,6 +81,8 @@ class DeepSpeedLearner(Learner):
         }
         if self.algo.grad_clip > 0:
             config["gradient_clipping"] = self.algo.grad_clip
+        for param in model.parameters():  # e.g. left over from the warm start: DeepSpeed would add them in
+            param.grad = None
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.engine, self.module = engine, model
         self.model = engine  # forward, eval() and train() go through the engine

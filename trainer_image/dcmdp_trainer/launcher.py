@@ -202,7 +202,7 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
             rank_env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": host, "MASTER_PORT": str(free_port(host))}
         trainers = []
         for r in range(ranks):
-            e = dict(env, **rank_env, RANK=str(r)) if ranks > 1 else env
+            e = dict(env, **rank_env, RANK=str(r), LOCAL_RANK=str(r)) if ranks > 1 else env
             trainers.append(children.start(f"trainer-{r}" if ranks > 1 else "trainer", trainer_cmd,
                                            logs / (f"trainer-{r}.log" if ranks > 1 else "trainer.log"), e))
         trainer = trainers[0]
