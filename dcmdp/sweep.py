@@ -94,8 +94,18 @@ class SubsetSpec(SweepModel):
     eval_every: Optional[int] = Field(None, ge=0)
 
 
+class HeadlineSpec(SweepModel):
+    """The headline table: per source, the baseline, the best passive correction, the paper's
+    DC-GRPO form and the best DC-GRPO row (algorithm entry names)."""
+
+    baseline: str = "grpo"
+    paper: Optional[str] = Field(None, description="The row with the paper's form (e.g. dc-penalty-1).")
+
+
 class ReportSpec(SweepModel):
     """Where the aggregated report goes; paths are relative to the sweep file's folder."""
+
+    headline: Optional[HeadlineSpec] = None
 
     dir: str = Field(..., min_length=1, description="Where table.md, results.json/csv and PNGs go.")
     doc: Optional[str] = Field(None, description="A markdown file whose marked section is rewritten.")
@@ -167,6 +177,11 @@ class SweepSpec(SweepModel):
                 ref = algos[a].tolerance
                 if ref is not None and ref.relative_to not in sub.algorithms:
                     raise ValueError(f"{where}.algorithms: {a!r} needs its reference {ref.relative_to!r} too")
+        if self.report is not None and self.report.headline is not None:
+            for role in ("baseline", "paper"):
+                name = getattr(self.report.headline, role)
+                if name is not None and name not in algos:
+                    raise ValueError(f"report.headline.{role}: unknown algorithm {name!r}")
         if "quick" in self.parts:
             raise ValueError("parts: 'quick' is reserved for `quick:`")
         return self
