@@ -52,6 +52,9 @@ def env(tmp_path_factory):
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = saved_env
+    if os.environ.get("DCMDP_TEST_OPERATOR_LOG"):  # the operator's whole log, for debugging
+        with open(os.environ["DCMDP_TEST_OPERATOR_LOG"], "w") as f:
+            f.write(runner.output)
     assert runner.exception is None, runner.output[-3000:]
     assert runner.exit_code == 0
     assert "Traceback" not in runner.output, runner.output[runner.output.index("Traceback") - 2000:][:5000]

@@ -90,6 +90,10 @@ def test_last_transition_time_moves_only_when_the_status_flips():
     assert cond(third, "Progressing")["lastTransitionTime"] == "2026-01-01T12:00:01Z"
     # the last known figures stay
     assert third["step"] == 13 and third["pools"][1]["lambda"] == 0.4 and third["trainerReachable"] is False
+    assert third["phase"] == "Running" and third["reason"] == "TrainerUnreachable"
+    assert "stopped answering (last update 2026-01-01T12:00:00Z)" in third["message"]
+    never = S.compute(run_of(), Observed(job=job(active=1)), None, 1, T0)
+    assert never["reason"] == "TrainerStarting" and "not answering yet" in never["message"]
     assert third["startTime"] == "2026-01-01T12:00:01Z"
 
 

@@ -110,6 +110,10 @@ def _phase(
     if int(job_status.get("active") or 0) > 0 or int(job_status.get("ready") or 0) > 0:
         if obs.trainer is not None:
             return "Running", "Training", f"step {trainer.get('step', 0)}/{trainer.get('total_steps', run.spec.algorithm.steps)}"
+        if previous.get("lastTrainerUpdate"):
+            return "Running", "TrainerUnreachable", (
+                f"trainer pods are running; its status endpoint stopped answering (last update "
+                f"{previous['lastTrainerUpdate']})")
         return "Running", "TrainerStarting", "trainer pods are running; its status endpoint is not answering yet"
     return "Pending", "WaitingForTrainer", "waiting for the trainer pods to start"
 
