@@ -9,6 +9,9 @@ manifest's sha256 before any tensor is used; a mismatch fetches the whole snapsh
 
 from __future__ import annotations
 
+import hashlib
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -16,7 +19,7 @@ from typing import Callable, Optional
 import grpc
 
 from dcmdp.proto import dcmdp_pb2 as pb
-from dcmdp.transport.tensors import TensorEntry, WeightFormatError, chunk_crc, sha256, unpack
+from dcmdp.transport.tensors import TensorEntry, WeightFormatError, chunk_crc, unpack
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -33,6 +36,29 @@ def wire_dtype(engine: str, precision: str) -> str:
 
 class WeightFetchError(RuntimeError):
     pass
+
+
+class _Hasher:
+    """sha256 of the accepted chunks, in order, in a thread of its own: hashlib releases the GIL,
+    so the digest of chunk i is computed while chunk i+1 is being received."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._digest.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
 
 
 @dataclass
@@ -66,6 +92,7 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, chunk_si
         stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
         req_version = manifest.version
         buf = bytearray(manifest.total_bytes)
+        digest = _Hasher()  # over the accepted bytes, in order, while the next chunk arrives
         offset, failures = 0, 0
         while offset < manifest.total_bytes:
             if failures >= max_attempts:
@@ -76,20 +103,22 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, chunk_si
             progressed = False
             try:
                 for ch in stream:
-                    n = len(ch.data)
+                    data = ch.data  # (each attribute read of a bytes field is a fresh copy)
+                    n = len(data)
                     stats.bytes += n
                     if ch.version != req_version or ch.offset != offset or offset + n > manifest.total_bytes:
                         event("chunk out of place", offset=offset, got_offset=ch.offset, got_version=ch.version)
                         stream.cancel()
                         failures += 1
                         break
-                    if chunk_crc(ch.data) != ch.crc32:
+                    if chunk_crc(data) != ch.crc32:
                         stats.crc_errors += 1
                         failures += 1
                         event("chunk crc mismatch: fetching it again", offset=offset, bytes=n)
                         stream.cancel()
                         break
-                    buf[offset:offset + n] = ch.data
+                    buf[offset:offset + n] = data
+                    digest.update(data)
                     offset += n
                     progressed = True
                     failures = 0
@@ -100,7 +129,7 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, chunk_si
                 failures += 0 if progressed else 1
                 event("stream broken: resuming", offset=offset, code=exc.code().name)
                 time.sleep(min(2.0, 0.05 * (2 ** failures)))
-        if sha256(buf) == manifest.sha256:
+        if digest.hexdigest() == manifest.sha256:
             entries = [TensorEntry(t.name, tuple(t.shape), t.dtype, t.offset, t.nbytes) for t in manifest.tensors]
             try:
                 tensors = unpack(buf, entries)

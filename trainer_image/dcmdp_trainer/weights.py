@@ -43,6 +43,9 @@ class WeightPublisher:
         self.skip = skip  # e.g. a tied lm_head.weight (the receiver re-ties it)
         self._snapshots: "OrderedDict[int, Mapping[str, torch.Tensor]]" = OrderedDict()
         self._packed: "OrderedDict[tuple[int, str], Packed]" = OrderedDict()
+        # (version, dtype, chunk size) -> [(offset, bytes, crc32)]: split and checksummed once, then
+        # served to every worker without a copy per request (costs one more copy of the snapshot)
+        self._split: dict[tuple[int, str, int], list[tuple[int, bytes, int]]] = {}
         self._cache = cache
         self._lock = threading.Lock()
         self._building: dict[tuple[int, str], threading.Lock] = {}
@@ -60,6 +63,8 @@ class WeightPublisher:
                 old, _ = self._snapshots.popitem(last=False)
                 for key in [k for k in self._packed if k[0] == old]:
                     del self._packed[key]
+                for key in [k for k in self._split if k[0] == old]:
+                    del self._split[key]
 
     @property
     def latest(self) -> int:
@@ -95,8 +100,25 @@ class WeightPublisher:
                 self._packed[key] = p
                 self._building.pop(key, None)
                 while len(self._packed) > self._cache:
-                    self._packed.popitem(last=False)
+                    gone, _ = self._packed.popitem(last=False)
+                    for k in [k for k in self._split if k[:2] == gone]:
+                        del self._split[k]
             return p
+
+    def _chunk_list(self, version: int, dtype: str, size: int, p: Packed) -> list[tuple[int, bytes, int]]:
+        key = (version, dtype, size)
+        with self._lock:
+            found = self._split.get(key)
+        if found is None:
+            view = memoryview(p.data)
+            found = []
+            for start in range(0, p.total_bytes, size):
+                data = bytes(view[start:start + size])
+                found.append((start, data, chunk_crc(data)))
+            with self._lock:
+                if (version, dtype) in self._packed:
+                    self._split[key] = found
+        return found
 
     def chunks(self, version: int, dtype: str, offset: int = 0, chunk_size: int = 0) -> Iterator[Chunk]:
         """The stream of ``version``/``dtype`` from ``offset``, in crc32-checked chunks."""
@@ -108,14 +130,18 @@ class WeightPublisher:
             raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_BYTES}] bytes (got {chunk_size})")
         if not 0 <= offset <= p.total_bytes:
             raise ValueError(f"offset {offset} is outside the {p.total_bytes}-byte snapshot")
-        view = memoryview(p.data)
+        if offset % size == 0:  # the usual case: whole chunks, split and checksummed once
+            pieces = self._chunk_list(version, dtype, size, p)[offset // size:]
+        else:  # resuming inside a chunk
+            view = memoryview(p.data)
+            pieces = [(s, bytes(view[s:s + size]), None) for s in range(offset, p.total_bytes, size)]
         sent = 0
-        for start in range(offset, p.total_bytes, size):
+        for start, data, crc in pieces:
             if self._break and self.breaks_done == 0 and sent >= self._break:
                 self.breaks_done += 1
                 raise ConnectionAbortedError(f"test hook: stream broken after {sent} chunks")
-            data = bytes(view[start:start + size])
-            crc = chunk_crc(data)
+            if crc is None:
+                crc = chunk_crc(data)
             if self.corrupted_sent < self._corrupt:
                 self.corrupted_sent += 1
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
