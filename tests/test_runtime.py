@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
@@ -49,6 +50,11 @@ def children_of(pid: int) -> list[str]:
     """Command lines of ``pid``'s child processes, as ``ps`` lists them."""
     out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines() if line.strip() and "ps -ww" not in line]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
@@ -102,9 +108,9 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
                                       {"name": "int8", "precision": "int8"}]})
     config, tok, ready = write_manifest(run, tmp_path / "run.yaml"), token_file(tmp_path), tmp_path / "ready"
     token = tok.read_text()
-    procs.start("trainer", trainer_args(config, tmp_path / "out", tok, ready))
+    procs.start("trainer", trainer_args(config, tmp_path / "out", tok, ready, 0, "--metrics-port", "0"))
     port = wait_for(lambda: (read_ready(ready) or {}).get("port"), 120, "the trainer", procs)
-    procs.start("bf16-0", worker_args(port, "bf16", 0, tok))
+    procs.start("bf16-0", worker_args(port, "bf16", 0, tok, "--metrics-port", "0", "--metrics-host", "127.0.0.1"))
     procs.start("int8-0", worker_args(port, "int8", 0, tok))
     procs.start("bf16-1", worker_args(port, "bf16", 1, tok), env=proc_env(DCMDP_TEST_SAMPLE_DELAY="1.0"))
 
@@ -120,6 +126,19 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
         return st.step >= 1 and any(w.worker_id == "bf16-1" and w.leases > 0 for w in st.workers)
 
     wait_for(victim_holds_a_lease, 120, "the slow worker to hold a lease", procs, interval=0.05)
+
+    # Prometheus on the trainer (per-step keys, per pool, and the runtime's own) and on a worker
+    trainer_metrics = scrape(read_ready(ready)["metrics_port"])
+    for name in ("dcmdp_pool_discrepancy_prob_diff_mean{pool=\"bf16\"}", "dcmdp_pool_constraint_lambda{pool=\"int8\"}",
+                 "dcmdp_leases_outstanding", "dcmdp_lease_expirations", "dcmdp_version_lag{pool=\"bf16\"}",
+                 "dcmdp_tokens_per_second", "dcmdp_weight_sync_bytes_total{dtype=\"bf16\",pool=\"bf16\"}",
+                 "dcmdp_trainer_idle_fraction", "dcmdp_auth_rejected_total{reason=\"wrong run token\"} 1.0"):
+        assert name in trainer_metrics, name
+    worker_port = [r for r in procs.log_records("bf16-0") if r.get("msg") == "metrics"][0]["port"]
+    worker_metrics = scrape(worker_port)
+    for name in ("dcmdp_worker_tokens_total", "dcmdp_worker_weight_sync_bytes_total", "dcmdp_worker_weight_version",
+                 "dcmdp_worker_sampling_seconds_bucket", "dcmdp_worker_tokens_per_second"):
+        assert name in worker_metrics, name
     procs.kill("bf16-1")  # SIGKILL, lease in hand
 
     # a worker that samples with weights older than the bound allows (maxStaleness 0) is dropped
@@ -193,3 +212,27 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
         assert first[f"pool/{pool}/constraint/lambda"] == pytest.approx(want, abs=1e-12)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8
+
+
+@pytest.mark.vllm
+def test_a_vllm_pool_runs_under_its_own_venv(tmp_path):
+    """A vLLM bf16 pool (its worker under .venv-vllm's Python) beside an HF int8 pool."""
+    run = tiny_run(algorithm={"steps": 3},
+                   rollout={"pools": [{"name": "vllm", "engine": "vllm", "precision": "bf16", "tolerance": 0.003},
+                                      {"name": "int8", "engine": "hf", "precision": "int8", "tolerance": 0.006}]})
+    seen = {}
+
+    def on_step(row):
+        seen.setdefault("ps", children_of(os.getpid()))
+
+    summary = run_processes(run, tmp_path / "out", threads=1, on_step=on_step)
+    assert summary["steps"] == 3 and all(p["exit"] == 0 for p in summary["processes"].values())
+    vllm_line = [line for line in seen["ps"] if "--pool vllm" in line][0]
+    assert ".venv-vllm/bin/python" in vllm_line or os.environ.get("DCMDP_VLLM_PYTHON", "\0") in vllm_line
+    log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "rollout-vllm-0.log").read_text().splitlines()
+           if line.startswith("{")]
+    loaded = [r["version"] for r in log if r.get("msg") == "weights loaded"]
+    assert loaded[0] == 0 and max(loaded) >= 2  # built from v0, then updated in place
+    metrics = rows(tmp_path / "out" / "metrics.jsonl")
+    assert all(r["rollouts"] == P * G for r in metrics)
+    assert all(0 < r["pool/vllm/discrepancy/prob_diff_mean"] < 0.05 for r in metrics)
