@@ -161,7 +161,11 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
                   on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None, threads: int = 0,
                   host: str = "127.0.0.1", worker_threads: Optional[int] = None,
                   extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Run the manifest as separate trainer and worker processes; returns the trainer's summary."""
+    """Run the manifest as separate trainer and worker processes; returns the trainer's summary.
+
+    ``threads`` (torch threads) applies to every process; when 0, the trainer keeps torch's
+    default and each worker gets cores // (1 + workers) threads (at least 1), so the processes do
+    not oversubscribe the machine."""
     from dcmdp_trainer import checkpoint
 
     out = Path(out_dir)
@@ -210,6 +214,9 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
         target = f"{host}:{info['port']}"
         start_step = int(info.get("step", 0))
         wthreads = worker_threads if worker_threads is not None else threads
+        if not wthreads:  # share the cores: the trainer keeps torch's default, workers split the rest
+            n_workers = sum(p.replicas for p in spec.rollout.pools)
+            wthreads = max(1, (os.cpu_count() or 1) // (1 + n_workers))
         workers = []
         for pool in spec.rollout.pools:
             for i in range(pool.replicas):

@@ -7,7 +7,7 @@ gets bf16 bytes — and cached, then served as a manifest plus a stream of crc32
 from any byte offset (a broken stream resumes where it stopped).
 
 Test hooks (environment, read once): ``DCMDP_TEST_CORRUPT_CHUNKS=N`` damages the bytes (not the
-crc) of the first N chunks served, once each; ``DCMDP_TEST_BREAK_STREAM=N`` aborts the first
+crc) of the first chunk of each of the first N streams served; ``DCMDP_TEST_BREAK_STREAM=N`` aborts the first
 stream after N chunks. They exist to prove that workers detect and recover from both.
 """
 
@@ -120,6 +120,13 @@ class WeightPublisher:
                     self._split[key] = found
         return found
 
+    def _claim_corruption(self) -> bool:
+        with self._lock:
+            if self.corrupted_sent < self._corrupt:
+                self.corrupted_sent += 1
+                return True
+            return False
+
     def chunks(self, version: int, dtype: str, offset: int = 0, chunk_size: int = 0) -> Iterator[Chunk]:
         """The stream of ``version``/``dtype`` from ``offset``, in crc32-checked chunks."""
         p = self.packed(version, dtype)
@@ -142,8 +149,7 @@ class WeightPublisher:
                 raise ConnectionAbortedError(f"test hook: stream broken after {sent} chunks")
             if crc is None:
                 crc = chunk_crc(data)
-            if self.corrupted_sent < self._corrupt:
-                self.corrupted_sent += 1
+            if sent == 0 and self._corrupt and self._claim_corruption():
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             sent += 1
             yield Chunk(version, start, data, crc)
