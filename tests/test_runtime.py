@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
+import sys
+import time
 import urllib.request
 
 import grpc
@@ -236,3 +239,51 @@ def test_a_vllm_pool_runs_under_its_own_venv(tmp_path):
     metrics = rows(tmp_path / "out" / "metrics.jsonl")
     assert all(r["rollouts"] == P * G for r in metrics)
     assert all(0 < r["pool/vllm/discrepancy/prob_diff_mean"] < 0.05 for r in metrics)
+
+
+def _launch(tmp_path, steps: int = 40):
+    run = tiny_run(algorithm={"steps": steps}, checkpoint={"everySteps": 0})
+    config = write_manifest(run, tmp_path / "run.yaml")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "dcmdp.cli", "run", "-f", str(config), "--out", str(out),
+                          "--threads", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=proc_env(), start_new_session=True)
+    return p, out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "worker-dies"])
+def test_dcmdp_run_stops_every_process_on_ctrl_c_or_a_failure(tmp_path, how):
+    launcher, out = _launch(tmp_path)
+    try:
+        wait_for(lambda: rows(out / "metrics.jsonl"), 180, "the first step")
+        kids = {line.split()[0]: line for line in children_of(launcher.pid)}
+        assert len(kids) == 3, kids  # trainer + two workers
+        if how == "ctrl-c":
+            os.kill(launcher.pid, signal.SIGINT)
+        else:
+            victim = next(pid for pid, line in kids.items() if "--pool int8" in line)
+            os.kill(int(victim), signal.SIGKILL)
+        output = launcher.communicate(timeout=120)[0]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    if how == "ctrl-c":
+        assert launcher.returncode == 130, output[-2000:]
+        assert checkpoint.latest(out) is not None  # the trainer stopped at a step boundary and saved
+    else:
+        assert launcher.returncode == 1, output[-2000:]
+        assert "worker int8-0" in output and "exited with code -9" in output, output[-2000:]
+    deadline = time.monotonic() + 10
+    while any(_alive(int(pid)) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in kids if _alive(int(pid))], "processes left behind"
+    assert len(rows(out / "metrics.jsonl")) < 40
