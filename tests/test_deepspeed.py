@@ -8,7 +8,6 @@ loaded into fresh engines continues with the same step.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent('''
-    import copy, json, sys, torch
+    import copy, sys, torch
     sys.path.insert(0, sys.argv[3])
     from runtime_helpers import tiny_run
     from dcmdp.models.tiny import build_model

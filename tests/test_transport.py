@@ -223,3 +223,23 @@ def test_tls_with_given_cert_and_key(session, tmp_path):
         server.stop(grace=None)
     with pytest.raises(ValueError, match="both"):
         serve(session, tls_cert=str(cert))
+
+
+def test_a_starting_trainer_reports_initializing_until_attached(session):
+    server, port = start_server(None, None, TOKEN, run=session.run, total_steps=6)
+    try:
+        s = stub(port)
+        st = s.GetStatus(pb.StatusRequest(), timeout=5)
+        assert st.phase == "Initializing" and st.run_name == "tiny" and st.total_steps == 6
+        with pytest.raises(grpc.RpcError) as e:
+            s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="w")), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and e.value.details().startswith("trainer starting")
+        publisher = WeightPublisher(keep=1)
+        publisher.publish(session.version, session.weights(session.version))
+        server.dcmdp_service.attach(Coordinator(session, publisher), publisher)
+        reply = s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="w")), timeout=5)
+        assert reply.run_name == "tiny" and {f.name for f in reply.model_files} >= {"config.json"}
+        assert not any(f.name.endswith(".safetensors") for f in reply.model_files)
+        assert s.GetStatus(pb.StatusRequest(), timeout=5).phase == "Initializing"  # until the loop runs
+    finally:
+        server.stop(grace=None)

@@ -91,6 +91,11 @@ class Worker:
                         self._log("error", FATAL[code], code=code.name, details=exc.details())
                         return EXIT_FATAL
                     now = time.monotonic()
+                    if code == grpc.StatusCode.UNAVAILABLE and (exc.details() or "").startswith("trainer starting"):
+                        self._log("info", "trainer starting: waiting", target=self.target)
+                        self.failing_since = None  # it answers: not unreachable
+                        time.sleep(1.0)
+                        continue
                     self.failing_since = self.failing_since or now
                     if now - self.failing_since > self.give_up_after:
                         self._log("error", "trainer unreachable: giving up", target=self.target,

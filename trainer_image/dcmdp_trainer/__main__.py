@@ -88,21 +88,29 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
 
     runtime = TrainerMetrics()
     metrics_port = None
-    if args.metrics_port >= 0:
-        metrics_port = runtime.serve(args.host, args.metrics_port)
-    session = Session(run, out, resume=resume, steps=args.steps, prometheus=runtime.sink, threads=threads,
-                      **_distributed_kwargs(run))
+    try:
+        # listen first: GetStatus answers "Initializing" during the warm start / checkpoint load
+        server, port = start_server(None, None, token, host=args.host, port=args.port, tls_cert=args.tls_cert,
+                                    tls_key=args.tls_key, runtime=runtime, log=log, run=run,
+                                    total_steps=args.steps or run.spec.algorithm.steps)
+        if args.metrics_port >= 0:
+            metrics_port = runtime.serve(args.host, args.metrics_port)
+    except (OSError, ValueError) as exc:
+        log.error(str(exc))
+        return 2
+    log.info("listening", extra={"fields": {"port": port, "metrics_port": metrics_port, "tls": bool(args.tls_cert)}})
+    try:
+        session = Session(run, out, resume=resume, steps=args.steps, prometheus=runtime.sink, threads=threads,
+                          **_distributed_kwargs(run))
+    except BaseException:
+        server.stop(grace=None)
+        runtime.close()
+        raise
     tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
     publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
     publisher.publish(session.version, session.weights(session.version))
     coord = Coordinator(session, publisher, log=log, runtime=runtime)
-    try:
-        server, port = start_server(coord, publisher, token, host=args.host, port=args.port,
-                                    tls_cert=args.tls_cert, tls_key=args.tls_key, runtime=runtime, log=log)
-    except (OSError, ValueError) as exc:
-        log.error(str(exc))
-        session.close()
-        return 2
+    server.dcmdp_service.attach(coord, publisher)
     log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                           "version": session.version, "resumed": resume,
                                           "tls": bool(args.tls_cert), "out": str(out)}})

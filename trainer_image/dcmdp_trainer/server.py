@@ -36,24 +36,43 @@ def model_files(folder: Path) -> list[pb.ModelFile]:
 
 
 class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
-    def __init__(self, coord: Coordinator, publisher: WeightPublisher, *, runtime=None, log=None,
-                 long_poll_s: float = LONG_POLL_S):
-        self.coord = coord
-        self.publisher = publisher
+    """Serves from the moment the port is bound: until :meth:`attach` (the warm start and the
+    checkpoint load happen in between) ``GetStatus`` answers phase ``Initializing`` and every
+    other call ``UNAVAILABLE`` with details starting "trainer starting" (workers wait, and do not
+    count it as the trainer being unreachable)."""
+
+    def __init__(self, coord: Optional[Coordinator] = None, publisher: Optional[WeightPublisher] = None, *,
+                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S):
         self.runtime = runtime
         self.log = log
         self.long_poll_s = long_poll_s
+        self.run, self.total_steps = run, total_steps
+        self.started = time.time()
+        self.coord: Optional[Coordinator] = None
+        if coord is not None:
+            self.attach(coord, publisher)
+
+    def attach(self, coord: Coordinator, publisher: WeightPublisher) -> None:
         session = coord.session
         manifest = dump_run(session.run)
         manifest["spec"]["algorithm"]["steps"] = session.total_steps
         self.manifest_json = json.dumps(manifest)
         self.files = model_files(session.model_dir)
+        self.publisher = publisher
+        self.coord = coord
+
+    def _ready(self, context) -> Coordinator:
+        coord = self.coord
+        if coord is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "trainer starting (warm start / checkpoint load): retry")
+        return coord
 
     def _header(self, h: pb.Header, version: Optional[int] = None) -> pb.Header:
         return pb.Header(weight_version=self.coord.version if version is None else version,
                          pool=h.pool, worker_id=h.worker_id)
 
     def Register(self, request, context):
+        self._ready(context)
         h = request.header
         if not h.worker_id or not h.pool:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.worker_id and header.pool are required")
@@ -66,6 +85,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                                 weight_version=self.coord.version)
 
     def AcquireLease(self, request, context):
+        self._ready(context)
         h = request.header
         try:
             rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version, wait=self.long_poll_s)
@@ -85,6 +105,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             expires_unix_ms=int((time.time() + ttl) * 1000), eval=item.is_eval, step=item.step)
 
     def SubmitRollouts(self, request, context):
+        self._ready(context)
         h = request.header
         samples = [Sample(s.prompt_index, list(s.response_ids), list(s.logprobs), s.finish_reason or "stop")
                    for s in request.samples]
@@ -107,6 +128,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def GetWeightManifest(self, request, context):
+        self._ready(context)
         p = self._packed(request, context)
         version = request.version if request.version >= 0 else self.publisher.latest
         return pb.WeightManifest(
@@ -116,6 +138,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             total_bytes=p.total_bytes, sha256=p.sha256, chunk_size=request.chunk_size or 0)
 
     def StreamWeights(self, request, context):
+        self._ready(context)
         self._packed(request, context)  # aborts with the right code when it cannot be served
         t0, sent = time.perf_counter(), 0
         try:
@@ -134,6 +157,10 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                                             time.perf_counter() - t0)
 
     def GetStatus(self, request, context):
+        if self.coord is None:
+            name = self.run.metadata.name if self.run is not None else ""
+            return pb.Status(header=pb.Header(), run_name=name, phase="Initializing", total_steps=self.total_steps,
+                             message="warm start / checkpoint load", updated_unix_ms=int(self.started * 1000))
         snap = self.coord.snapshot()
         pools = [pb.PoolStatus(**p) for p in snap.pop("pools")]
         workers = [pb.WorkerInfo(**w) for w in snap.pop("workers")]
@@ -143,10 +170,12 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         return msg
 
 
-def start_server(coord: Coordinator, publisher: WeightPublisher, token: str, *, host: str = "127.0.0.1",
-                 port: int = 0, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 runtime=None, log=None, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A started server for the coordinator; returns (server, bound port)."""
+def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublisher], token: str, *,
+                 host: str = "127.0.0.1", port: int = 0, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = 32, run=None,
+                 total_steps: int = 0) -> tuple[grpc.Server, int]:
+    """A started server; returns (server, bound port). With ``coord`` None it serves as starting
+    until ``server.dcmdp_service.attach(coord, publisher)``."""
 
     def rejected(method: str, reason: str) -> None:
         if runtime:
@@ -155,7 +184,9 @@ def start_server(coord: Coordinator, publisher: WeightPublisher, token: str, *, 
             log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
 
     server = make_server(token, max_workers=max_workers, on_reject=rejected)
-    dcmdp_pb2_grpc.add_TrainerServicer_to_server(TrainerService(coord, publisher, runtime=runtime, log=log), server)
+    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log)
+    dcmdp_pb2_grpc.add_TrainerServicer_to_server(service, server)
     bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
     server.start()
+    server.dcmdp_service = service  # type: ignore[attr-defined]
     return server, bound
