@@ -166,13 +166,13 @@ def test_resyncs_create_nothing_new_and_keep_the_token(env):
     first = post_counts(env, "beta")
     assert first == {"secrets": 1, "configmaps": 1, "services": 1, "jobs": 1, "deployments": 1}
     patches_before = [r for r in api_requests(env.emu) if r["verb"] == "patch" and (r["name"] or "").startswith("beta-")]
-    # let the poll daemon reconcile several times
-    seen = {"n": 0}
-
+    # let the poll daemon reconcile several times (each reconcile reads the token Secret)
     def polled() -> bool:
-        seen["n"] = sum(1 for r in api_requests(env.emu) if r["resource"] == "dcmdpruns/status" and r["name"] == "beta")
-        return seen["n"] >= 5
-    wait_for(polled, what="five status writes")
+        return sum(1 for r in api_requests(env.emu) if r["verb"] == "get" and r["name"] == "beta-token") >= 5
+    wait_for(polled, what="five reconciles")
+    # an unchanged status is not rewritten either
+    status_writes = [r for r in api_requests(env.emu) if r["resource"] == "dcmdpruns/status" and r["name"] == "beta"]
+    assert len(status_writes) <= 2
     assert post_counts(env, "beta") == first
     assert token_of(env, "beta") == token
     patches = [r for r in api_requests(env.emu) if r["verb"] == "patch" and (r["name"] or "").startswith("beta-")]

@@ -59,6 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _config.CONFIG.trainer_address = args.trainer_address
         _config.CONFIG.trainer_target("run", "ns")  # fail now on a bad template
     kopf.configure(debug=args.debug, verbose=args.verbose)
+    os.environ.pop("DCMDP_METRICS_PORT", None)  # read above; handlers must not open it a second time
 
     from . import handlers, metrics  # noqa: F401  (registers the handlers)
 

@@ -42,7 +42,16 @@ def _parse(body: dict[str, Any]) -> DCMDPRun:
     )
 
 
-async def _patch_status(client: kube.Client, meta: dict[str, Any], new: dict[str, Any]) -> None:
+def _set(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if v is not None}
+
+
+async def _patch_status(
+    client: kube.Client, meta: dict[str, Any], new: dict[str, Any], previous: Optional[dict[str, Any]] = None
+) -> None:
+    """Write the status (a merge patch of /status), unless it is what is already there."""
+    if previous is not None and _set(new) == _set(previous):
+        return
     await client.merge_patch(kube.RUNS, meta["namespace"], meta["name"], {"status": new}, subresource="status")
 
 
@@ -133,9 +142,9 @@ async def reconcile(
                 config.trainer_target(name, ns), token, config.grpc_timeout_seconds
             )
 
-        # 5. status, written once
+        # 5. status, written once (and not at all when nothing changed)
         result = finish(effective)
-        await _patch_status(client, meta, result.status)
+        await _patch_status(client, meta, result.status, previous)
         metrics.RECONCILES.labels(trigger, "ok").inc()
         return result
     except BaseException as exc:
