@@ -604,7 +604,7 @@ class Runner:
         written while the grid runs shows the time so far)."""
         f = self.out / "state.json"
         state = json.loads(f.read_text()) if f.exists() else {"invocations": []}
-        entry = {"started": self.t_start, "wall_s": wall, "cells_run": ran, "running": running,
+        entry = {"started": self.t_start, "part": self.p.part, "wall_s": wall, "cells_run": ran, "running": running,
                  "parallel": self.parallel, "threads": self.threads, "cpus": os.cpu_count()}
         state["invocations"] = [i for i in state["invocations"] if i.get("started") != self.t_start] + [entry]
         state["total_wall_s"] = sum(i["wall_s"] for i in state["invocations"])
@@ -612,8 +612,12 @@ class Runner:
         return state
 
 
-def default_out(sweep: DCMDPSweep, part: Optional[str]) -> Path:
-    return Path("runs") / "sweeps" / (sweep.metadata.name + (f"-{part}" if part else ""))
+def default_out(sweep: DCMDPSweep, part: Optional[str], steps: Optional[int] = None) -> Path:
+    """The cell folder: one for the whole grid and all its parts (a cell's id is unique in the grid,
+    so parts share their reference cells); the quick grid and --steps overrides get their own."""
+    suffix = "-quick" if part == "quick" else ""
+    suffix += f"-steps{steps}" if steps else ""
+    return Path("runs") / "sweeps" / (sweep.metadata.name + suffix)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -658,7 +662,7 @@ def sweep_main(args: Any) -> int:
         raise SpecError([("--part", "give --quick or --part, not both")], "command line")
     part = "quick" if args.quick else args.part
     p = _filter(plan(sweep, part=part, source=args.file, steps=args.steps), args.only)
-    out = Path(args.out) if args.out else default_out(sweep, part)
+    out = Path(args.out) if args.out else default_out(sweep, part, args.steps)
     if args.dry_run:
         for c in p.cells:
             mark = "done" if cell_done(out, c, p.steps) else ("after " + ", ".join(c.deps) if c.deps else "ready")

@@ -369,7 +369,9 @@ def fragment(p: Any, data: dict[str, Any], dest: Path, base: Path, command: str)
     image links are relative to ``base`` (the folder of the markdown file that shows them)."""
     done, total = len(data["cells"]), len(p.cells)
     state = data.get("state") or {}
-    inv = state.get("invocations") or []
+    # the invocations that ran this part (cells of other parts, e.g. shared references, are reused)
+    inv = [i for i in state.get("invocations") or [] if i.get("part", p.part) == p.part]
+    wall = sum(i["wall_s"] for i in inv)
 
     def rel(f: Path) -> str:
         return os.path.relpath(f.resolve(), base.resolve()).replace(os.sep, "/")
@@ -380,9 +382,10 @@ def fragment(p: Any, data: dict[str, Any], dest: Path, base: Path, command: str)
         "",
         f"Cells finished: **{done} of {total}** ({'complete' if done == total else 'PARTIAL: the grid is still running or was stopped'}); "
         f"{p.steps} RL steps per cell; seeds {', '.join(map(str, p.seeds))}. "
-        + (f"Wall time{' so far' if done < total else ''}: {_duration(state.get('total_wall_s', 0))} over "
-           f"{len(inv)} invocation(s) ({inv[-1]['parallel']} cells at once, {inv[-1]['threads']} thread(s) each, "
-           f"{inv[-1]['cpus']} CPUs)." if inv else "Wall time: not recorded yet (the first invocation is running)."),
+        + (f"Wall time{' so far' if done < total else ''}: {_duration(wall)} over {len(inv)} invocation(s) of "
+           f"this command, {sum(i['cells_run'] for i in inv)} cells run by it ({inv[-1]['parallel']} cells at once, "
+           f"{inv[-1]['threads']} thread(s) each, {inv[-1]['cpus']} CPUs; cells already finished by other parts "
+           "are reused)." if inv else "Wall time: not recorded yet (the first invocation is running)."),
         "",
         *([f"![overview]({rel(ov)})", ""] if ov.exists() else []),
         *(["**Headline** — final held-out accuracy, trainer greedy / engine sampled, mean ± std over seeds "
