@@ -49,7 +49,7 @@ def test_committed_sweep_loads_and_its_parts_cover_the_grid() -> None:
     sweep = W.load_sweep(MISMATCH)
     full = W.plan(sweep)
     parts = [W.plan(sweep, part=name) for name in sweep.spec.parts]
-    assert sorted(c.id for p in parts for c in p.cells) == sorted(c.id for c in full.cells)
+    assert {c.id for p in parts for c in p.cells} == {c.id for c in full.cells}  # parts may share cells
     quick = W.plan(sweep, part="quick")
     assert quick.steps < full.steps and len(quick.cells) < len(full.cells)
     # every relative cell depends on the reference cells of its own source, all seeds
