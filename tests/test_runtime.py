@@ -261,7 +261,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "worker-dies"])
 def test_dcmdp_run_stops_every_process_on_ctrl_c_or_a_failure(tmp_path, how):
-    launcher, out = _launch(tmp_path)
+    # far more steps than the test waits for, so the interruption always lands mid-run, however
+    # slowly a loaded machine lets the test see the first step
+    launcher, out = _launch(tmp_path, steps=2000)
     try:
         wait_for(lambda: rows(out / "metrics.jsonl"), 180, "the first step")
         kids = {line.split()[0]: line for line in children_of(launcher.pid)}
@@ -286,4 +288,4 @@ def test_dcmdp_run_stops_every_process_on_ctrl_c_or_a_failure(tmp_path, how):
     while any(_alive(int(pid)) for pid in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in kids if _alive(int(pid))], "processes left behind"
-    assert len(rows(out / "metrics.jsonl")) < 40
+    assert len(rows(out / "metrics.jsonl")) < 2000
