@@ -111,6 +111,31 @@ class PrometheusSink:
         pass
 
 
+class ServedRegistry:
+    """A Prometheus registry, served over HTTP (``/metrics``) from ``serve`` until ``close``."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+        self.port: Optional[int] = None
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (port 0 = any free port); returns the bound port."""
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._server.server_address[1]
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
 class MetricsWriter:
     """Fan one row per step out to every sink."""
 

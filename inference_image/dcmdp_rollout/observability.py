@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from prometheus_client import Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from dcmdp.metrics import ServedRegistry
 
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
-class WorkerMetrics:
+class WorkerMetrics(ServedRegistry):
     def __init__(self, pool: str, worker_id: str) -> None:
-        r = self.registry = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         labels = {"pool": pool, "worker": worker_id}
         names = list(labels)
 
@@ -36,20 +37,7 @@ class WorkerMetrics:
         self.crc_errors = counter("dcmdp_worker_chunk_crc_errors", "Weight chunks that failed their crc32").labels(**labels)
         self.resumes = counter("dcmdp_worker_stream_resumes", "Weight streams resumed after a break").labels(**labels)
         self.reconnects = counter("dcmdp_worker_reconnects", "Reconnections to the trainer").labels(**labels)
-        self.port: Optional[int] = None
-        self._server = None
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=reason, **self._labels).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        self.port = server.server_address[1]
-        return self.port
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -8,16 +8,17 @@ lag per pool, weight-sync bytes and seconds per pool and dtype, tokens/s and the
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
-from dcmdp.metrics import PrometheusSink
+from dcmdp.metrics import PrometheusSink, ServedRegistry
 
 
-class TrainerMetrics:
+class TrainerMetrics(ServedRegistry):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         self.sink = PrometheusSink(r)
         self.leases_outstanding = Gauge("dcmdp_leases_outstanding", "Active prompt leases", registry=r)
         self.leases_expired = Gauge("dcmdp_lease_expirations", "Leases expired so far (their prompts re-issued)", registry=r)
@@ -33,20 +34,6 @@ class TrainerMetrics:
         self.step_seconds = Gauge("dcmdp_step_seconds", "Wall seconds of the last step", registry=r)
         self.idle_fraction = Gauge("dcmdp_trainer_idle_fraction", "Share of the last step spent waiting for rollouts", registry=r)
         self.weight_version = Gauge("dcmdp_weight_version", "Newest published weight version", registry=r)
-        self.port: Optional[int] = None
-        self._server = None
-
-    def serve(self, host: str, port: int) -> int:
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        self.port = server.server_address[1]
-        return self.port
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     # -- updates ---------------------------------------------------------------------------------
     def leases(self, book) -> None:
