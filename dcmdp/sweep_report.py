@@ -171,9 +171,13 @@ def table_markdown(p: Any, data: dict[str, Any], key: str = "greedy") -> str:
 
 
 def kind_of(p: Any, algo: Any) -> str:
-    """grpo | passive (tis/mis/icepop) | dc (dc-grpo, with or without corrections)."""
-    name = algo.algorithm.get("name") or p.sweep.spec.base.get("algorithm", {}).get("name", "dc-grpo")
-    return {"grpo": "grpo", "tis": "passive", "mis": "passive", "icepop": "passive"}.get(name, "dc")
+    """grpo | passive (tis/mis/icepop) | dc (dc-grpo alone) | dc+passive (dc-grpo with corrections)."""
+    base = p.sweep.spec.base.get("algorithm", {})
+    name = algo.algorithm.get("name") or base.get("name", "dc-grpo")
+    kind = {"grpo": "grpo", "tis": "passive", "mis": "passive", "icepop": "passive"}.get(name, "dc")
+    if kind == "dc" and (algo.algorithm.get("corrections") or base.get("corrections")):
+        kind = "dc+passive"
+    return kind
 
 
 def headline_markdown(p: Any, data: dict[str, Any]) -> Optional[str]:
@@ -198,17 +202,21 @@ def headline_markdown(p: Any, data: dict[str, Any]) -> Optional[str]:
         rows = [(by[(src, n)], n) for n, a in algos.items() if kind_of(p, a) == kind and (src, n) in by]
         return max(rows, key=lambda r: r[0]["greedy"]) if rows else (None, "")
 
+    def diff(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> str:
+        return f"{a['greedy'] - b['greedy']:+.2f}" if a and b else "–"
+
     lines = ["| source | GRPO | best passive correction | DC-GRPO, paper's form"
-             + (f" ({hl.paper})" if hl.paper else "") + " | best DC-GRPO row | best DC − GRPO | best DC − best passive |",
-             "|---|---|---|---|---|---|---|"]
+             + (f" ({hl.paper})" if hl.paper else "") + " | best DC-GRPO (constraint alone) | best DC-GRPO + correction "
+             "| DC alone − GRPO | DC alone − best passive | DC + correction − best passive |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in p.sources:
         g = by.get((s.name, hl.baseline))
         bp, bpn = best(s.name, "passive")
         bd, bdn = best(s.name, "dc")
+        bc, bcn = best(s.name, "dc+passive")
         paper = by.get((s.name, hl.paper)) if hl.paper else None
-        d1 = f"{bd['greedy'] - g['greedy']:+.2f}" if bd and g else "–"
-        d2 = f"{bd['greedy'] - bp['greedy']:+.2f}" if bd and bp else "–"
-        lines.append(f"| {s.label or s.name} | {cell(g)} | {cell(bp, bpn)} | {cell(paper)} | {cell(bd, bdn)} | {d1} | {d2} |")
+        lines.append(f"| {s.label or s.name} | {cell(g)} | {cell(bp, bpn)} | {cell(paper)} | {cell(bd, bdn)} "
+                     f"| {cell(bc, bcn)} | {diff(bd, g)} | {diff(bd, bp)} | {diff(bc, bp)} |")
     return "\n".join(lines)
 
 
