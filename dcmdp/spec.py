@@ -265,6 +265,12 @@ class AlgorithmSpec(SpecModel):
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     steps: int = Field(100, ge=1, le=10_000_000)
     max_staleness: int = Field(0, ge=0, le=1024, description="Weight versions a rollout may lag.")
+    discrepancy_reference: Literal["current", "sampled"] = Field(
+        "current",
+        description="p_train in δ: 'current' = the trainer's weights at the start of the step (staleness "
+        "counts as mismatch); 'sampled' = the weights the rollout was sampled with, where still kept "
+        "(only the engine's numerics count).",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     importance_cap: float = Field(2.0, gt=1, le=1e6, description="C of tis/mis.")
     icepop_low: float = Field(0.5, gt=0, lt=1)

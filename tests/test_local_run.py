@@ -85,3 +85,16 @@ def test_quickstart_reward_rises(tmp_path):
           f"{end['eval/accuracy_greedy']:.3f}; sampled {start['eval/accuracy_sampled']:.3f} -> {end['eval/accuracy_sampled']:.3f}")
     assert last > first + 0.05
     assert end["eval/accuracy_sampled"] > start["eval/accuracy_sampled"]
+
+
+def test_discrepancy_reference_sampled_separates_staleness_from_engine_numerics(tmp_path):
+    """A stale fp32 pool: against the current weights δ̄ is the staleness; against the weights the
+    rollouts were sampled with (still kept, lag ≤ history) it is the fp32 engine's ~1e-7."""
+    spec = dict(algorithm={"steps": 5, "learningRate": 3e-3, "maxStaleness": 2, "discrepancyReference": "sampled"},
+                rollout={"pools": [{"name": "stale", "precision": "fp32", "lag": 2}]})
+    run_inprocess(tiny_run(**spec), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    late = rows[3:]  # from step 2 on the pool really samples with 2-versions-old weights
+    assert all(r["version/lag_mean"] == 2 for r in late)
+    assert all(r["discrepancy/prob_diff_mean"] < 1e-5 for r in rows)
+    assert all(r["discrepancy/prob_diff_mean_vs_current"] > 100 * r["discrepancy/prob_diff_mean"] for r in late)

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -37,6 +37,7 @@ class Batch:
     logp_inf: torch.Tensor  # [N, L-1]
     rewards: torch.Tensor  # [N]
     pool: torch.Tensor  # [N] index into pool names
+    version: torch.Tensor  # [N] weight version each rollout was sampled with
     groups: list[int]  # number of sequences of each group, in order
 
     @property
@@ -71,10 +72,11 @@ def collate(rollouts: list[Rollout], pools: list[str], pad_id: int) -> Batch:
     pool_index = {p: i for i, p in enumerate(pools)}
     return Batch(ids, attn, pos, mask, logp_inf,
                  torch.tensor([r.reward for r in ordered], dtype=torch.float32),
-                 torch.tensor([pool_index[r.pool] for r in ordered], dtype=torch.long), groups)
+                 torch.tensor([pool_index[r.pool] for r in ordered], dtype=torch.long),
+                 torch.tensor([r.version for r in ordered], dtype=torch.long), groups)
 
 
-def token_logprobs(model, batch: Batch, rows: slice, temperature: float) -> torch.Tensor:
+def token_logprobs(model, batch: Batch, rows: slice | torch.Tensor, temperature: float) -> torch.Tensor:
     """log π(y_t) of every target token of ``rows`` under ``model`` (teacher-forced)."""
     out = model(input_ids=batch.ids[rows], attention_mask=batch.attn[rows], position_ids=batch.pos[rows], use_cache=False)
     logits = out.logits[:, :-1, :].float()
@@ -97,6 +99,10 @@ class Learner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.algo.learning_rate,
                                            betas=tuple(self.algo.adam_betas), weight_decay=self.algo.weight_decay)
         self.autocast = spec.trainer.precision == "bf16"
+        # discrepancyReference: sampled — the owner of the weight history sets this: version → weights
+        # (None for the current version or one no longer kept, where π_old stands in)
+        self.snapshot_of: Optional[Callable[[int], Optional[dict[str, torch.Tensor]]]] = None
+        self._scratch = None
         self.reference = None
         if self.algo.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval()
@@ -127,14 +133,17 @@ class Learner:
             logp_old = token_logprobs(self.model, batch, everything, algo.temperature)
             logp_ref = token_logprobs(self.reference, batch, everything, algo.temperature) if self.reference else None
 
-        # 2. discrepancy and the multiplier of each token's pool
-        delta = token_discrepancy(logp_old, batch.logp_inf) * batch.mask
-        run_stats = discrepancy_stats(logp_old, batch.logp_inf, batch.mask)
+        # 2. discrepancy (p_train = π_old, or the sampled version's) and each token's pool multiplier
+        logp_train = logp_old
+        if algo.discrepancy_reference == "sampled" and self.snapshot_of is not None:
+            logp_train = self._sampled_version_logprobs(batch, logp_old)
+        delta = token_discrepancy(logp_train, batch.logp_inf) * batch.mask
+        run_stats = discrepancy_stats(logp_train, batch.logp_inf, batch.mask)
         pool_stats: dict[str, dict[str, float]] = {}
         for i, name in enumerate(self.pools):
             rows = batch.pool == i
             if rows.any():
-                pool_stats[name] = discrepancy_stats(logp_old[rows], batch.logp_inf[rows], batch.mask[rows])
+                pool_stats[name] = discrepancy_stats(logp_train[rows], batch.logp_inf[rows], batch.mask[rows])
                 pool_stats[name]["reward_mean"] = float(batch.rewards[rows].mean())
         use_constraint = algo.uses_constraint
         lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32)
@@ -201,6 +210,8 @@ class Learner:
         })
         row.update({f"discrepancy/{k}": v for k, v in run_stats.items() if k != "tokens"})
         row["discrepancy/tokens"] = run_stats["tokens"]
+        if logp_train is not logp_old:  # what δ̄ would be against the current weights (staleness included)
+            row["discrepancy/prob_diff_mean_vs_current"] = discrepancy_stats(logp_old, batch.logp_inf, batch.mask)["prob_diff_mean"]
         if weights is not None:
             kept = (weights > 0).float()
             row["correction/weight_mean"] = float(losses.masked_mean(weights, batch.mask))
@@ -214,6 +225,21 @@ class Learner:
             row[f"pool/{p}/constraint/lambda"] = applied[p] if use_constraint else 0.0
             row[f"pool/{p}/constraint/tolerance"] = tolerances[p]
         return row
+
+    def _sampled_version_logprobs(self, batch: Batch, logp_old: torch.Tensor) -> torch.Tensor:
+        """log p_train of each rollout under the weights it was sampled with, where still kept."""
+        out = logp_old.clone()
+        for version in batch.version.unique().tolist():
+            weights = self.snapshot_of(int(version)) if self.snapshot_of else None
+            if weights is None:
+                continue
+            if self._scratch is None:
+                self._scratch = copy.deepcopy(self.model).eval()
+            self._scratch.load_state_dict(weights)
+            rows = (batch.version == version).nonzero().squeeze(-1)
+            with torch.no_grad(), self.forward_context():
+                out[rows] = token_logprobs(self._scratch, batch, rows, self.algo.temperature)
+        return out
 
     def _minibatches(self, batch: Batch) -> list[slice]:
         """promptsPerStep / miniBatchSize slices of whole groups (fewer if fewer groups came)."""

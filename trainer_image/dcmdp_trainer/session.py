@@ -88,6 +88,7 @@ class Session:
             (self.out / "run.json").write_text(json.dumps(dump_run(run), indent=2))
         # learner_factory: e.g. the DeepSpeed learner of dcmdp_trainer.distributed (same arguments)
         self.learner = (learner_factory or Learner)(run, self.model, self.tokenizer.pad_token_id, self.pools)
+        self.learner.snapshot_of = lambda v: None if v == self.version else self.history.get(v)
         if ckpt is not None:
             state = checkpoint.load(ckpt)
             self.learner.load_state_dict(state["learner"])
