@@ -173,7 +173,7 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
 
 
 def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_path, procs):
-    run = tiny_run(algorithm={"steps": 8}, checkpoint={"everySteps": 2})
+    run = tiny_run(algorithm={"steps": 14}, checkpoint={"everySteps": 2})  # room to kill it mid-run on a slow machine
     config, tok, ready = write_manifest(run, tmp_path / "run.yaml"), token_file(tmp_path), tmp_path / "ready"
     out = tmp_path / "out"
     port = free_port()
@@ -186,7 +186,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
     before = rows(out / "metrics.jsonl")
     ckpt = checkpoint.latest(out)
     resume_step = int(ckpt.stem.split("-")[1])
-    assert resume_step in (4, 6) and len(before) >= resume_step
+    assert 4 <= resume_step <= 12 and len(before) >= resume_step
     workers = {n: procs.items[n].pid for n in ("bf16-0", "int8-0")}
 
     ready.unlink()
@@ -200,7 +200,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
         assert "trainer unreachable: retrying" in msgs and "registered again" in msgs, msgs
 
     after = rows(out / "metrics.jsonl")
-    assert [r["step"] for r in after] == list(range(8))
+    assert [r["step"] for r in after] == list(range(14))
     for old in before:  # the same numbers before the crash and after the restart (λ included)
         new = after[old["step"]]
         assert same_numbers(old, new) == [], (old["step"], same_numbers(old, new))
@@ -214,7 +214,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
                                 c, spec.lambda_lr, spec.lambda_min, spec.lambda_max)
         assert first[f"pool/{pool}/constraint/lambda"] == pytest.approx(want, abs=1e-12)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 8
+    assert summary["steps"] == 14
 
 
 @pytest.mark.vllm
