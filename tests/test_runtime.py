@@ -105,7 +105,8 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
 
 
 def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, procs):
-    run = tiny_run(algorithm={"steps": 8},
+    run = tiny_run(algorithm={"steps": 16},  # long enough for the stale client to get a lease on a slow machine
+                  
                    rollout={"leaseTimeoutSeconds": 3, "batchPrompts": 2,
                             "pools": [{"name": "bf16", "precision": "bf16", "replicas": 2},
                                       {"name": "int8", "precision": "int8"}]})
@@ -166,7 +167,7 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
     expired = [r for r in trainer_log if r.get("msg") == "lease expired"]
     assert any(r["worker"] == "bf16-1" for r in expired), expired
     metrics = rows(tmp_path / "out" / "metrics.jsonl")
-    assert [r["step"] for r in metrics] == list(range(8))
+    assert [r["step"] for r in metrics] == list(range(16))
     assert all(r["rollouts"] == P * G for r in metrics)  # every group exactly once
     assert sum(r["rollouts/dropped_stale"] for r in metrics) == 2 * G
     assert metrics[-1]["leases/expired"] >= 1 and metrics[-1]["leases/reissued"] >= 2
