@@ -105,8 +105,8 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
 
 
 def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, procs):
-    run = tiny_run(algorithm={"steps": 16},  # long enough for the stale client to get a lease on a slow machine
-                  
+    # 16 steps: long enough for the stale client below to get a lease, even on a slow machine
+    run = tiny_run(algorithm={"steps": 16},
                    rollout={"leaseTimeoutSeconds": 3, "batchPrompts": 2,
                             "pools": [{"name": "bf16", "precision": "bf16", "replicas": 2},
                                       {"name": "int8", "precision": "int8"}]})
