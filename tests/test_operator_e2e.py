@@ -44,7 +44,7 @@ def free_port() -> int:
 def entry(name: str) -> list[str]:
     exe = shutil.which(name, path=os.path.dirname(sys.executable))
     if exe is None:
-        pytest.skip(f"{name} is not installed (pip install -e .)")
+        pytest.fail(f"{name} is not installed next to {sys.executable}: run make venv (pip install -e .)")
     return [exe]
 
 

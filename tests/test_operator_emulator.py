@@ -117,7 +117,7 @@ def test_kubectl_works_against_it(tmp_path):
 
     kubectl = Path(__file__).resolve().parent.parent / ".tools" / "kubectl"
     if not kubectl.exists():
-        pytest.skip("no .tools/kubectl (make tools)")
+        pytest.fail("no .tools/kubectl: run make tools (make test does)")
     example = Path(__file__).resolve().parent.parent / "examples" / "kind-cpu.yaml"
     with EmulatorThread() as emu:
         (tmp_path / "config").write_text(emu.kubeconfig("demo"))
