@@ -20,3 +20,10 @@ def _one_thread():
         return
     torch.set_num_threads(1)
     yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that collected no test is a failure (exit 1), never pytest's silent exit code 5."""
+    if session.testscollected == 0:
+        session.exitstatus = 1
+        print("\nerror: no tests were collected (check the test paths and -m/-k filters)")
