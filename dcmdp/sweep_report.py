@@ -293,8 +293,9 @@ def plot_sources(out: Path, p: Any, dest: Path, dpi: int = 80) -> list[Path]:
     made = []
     colors = _palette(plt)
     for src in p.sources:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
         any_line = False
+        d_range: list[float] = []
         for i, algo in enumerate(p.algorithms):
             cells = [c for c in p.cells if c.source == src.name and c.algorithm == algo.name
                      and cell_done(out, c, p.steps)]
@@ -307,6 +308,7 @@ def plot_sources(out: Path, p: Any, dest: Path, dpi: int = 80) -> list[Path]:
             axes[0].plot(x, y, color=color, label=label, lw=1.3)
             x, y = _seed_mean([c["discrepancy/prob_diff_mean"] for c in curves])
             axes[1].plot(x, y, color=color, lw=1.3)
+            d_range += [v for xi, v in zip(x, y) if xi >= 10 and v > 0]
             x, y = _seed_mean([c["constraint/tolerance"] for c in curves])
             is_dc = (algo.algorithm.get("name") or p.sweep.spec.base.get("algorithm", {}).get("name")) == "dc-grpo"
             if x and is_dc:
@@ -320,13 +322,15 @@ def plot_sources(out: Path, p: Any, dest: Path, dpi: int = 80) -> list[Path]:
         axes[0].set_title(f"reward ({window}-step mean, seed mean)")
         axes[1].set_title("δ̄ = mean |p_train − p_inf| (solid), c (dashed)")
         axes[1].set_yscale("log")
+        if d_range:  # the first steps (no lag yet, δ̄ ~ 1e-7) would squash the interesting range
+            axes[1].set_ylim(min(d_range) / 3, max(d_range) * 3)
         axes[2].set_title("λ (dc-grpo rows)")
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
         fig.suptitle(f"mismatch source: {src.label or src.name}")
-        fig.tight_layout(rect=(0, 0, 0.83, 1))
+        fig.tight_layout(rect=(0, 0, 0.78, 1))
         path = dest / f"{src.name}.png"
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
