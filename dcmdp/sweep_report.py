@@ -349,7 +349,7 @@ def plot_overview(p: Any, data: dict[str, Any], dest: Path, dpi: int = 80) -> Op
     if not by:
         return None
     colors = _palette(plt)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(17, 4.2), sharey=True)
     xs = list(range(len(p.sources)))
     n = len(p.algorithms)
     for i, algo in enumerate(p.algorithms):
@@ -364,7 +364,7 @@ def plot_overview(p: Any, data: dict[str, Any], dest: Path, dpi: int = 80) -> Op
         ax.set_title(f"final held-out accuracy, {key} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 0.79, 1))
     path = dest / "overview.png"
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
