@@ -161,3 +161,16 @@ def test_a_two_cell_grid_runs_calibrates_c_resumes_and_reports(tmp_path: Path, c
     assert (dc / "cell.json").stat().st_mtime_ns == stamp
     state = json.loads((out / "state.json").read_text())
     assert [i["cells_run"] for i in state["invocations"]] == [2, 0] and state["total_wall_s"] > 0
+
+
+def test_rows_are_classified_for_the_headline() -> None:
+    p = W.plan(W.load_sweep(MISMATCH), part="staleness-tight")
+    kinds = {a.name: R.kind_of(p, a) for a in p.algorithms}
+    assert kinds["grpo"] == "grpo" and kinds["tis"] == "passive"
+    assert kinds["dc-auto"] == "dc" and kinds["dc-tis-tight"] == "dc+passive"
+    agg = [{"source": "lag4", "algorithm": n, "seeds": 3, "planned": 3, "collapses": 0, "greedy": g,
+            "greedy_std": 0.01, "sampled": 0.3, "sampled_std": 0.02}
+           for n, g in (("grpo", 0.2), ("tis", 0.8), ("dc-auto", 0.6), ("dc-k3-0.5", 0.65), ("dc-tis-tight", 0.7))]
+    row = next(line for line in R.headline_markdown(p, {"aggregate": agg}).splitlines() if "stale K=4" in line)
+    assert "tis: 0.80" in row and "dc-k3-0.5: 0.65" in row and "dc-tis-tight: 0.70" in row
+    assert row.endswith("| +0.45 | -0.15 | -0.10 |")
