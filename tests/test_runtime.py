@@ -242,13 +242,19 @@ def test_a_vllm_pool_runs_under_its_own_venv(tmp_path):
     assert all(0 < r["pool/vllm/discrepancy/prob_diff_mean"] < 0.05 for r in metrics)
 
 
+def _default_sigint() -> None:
+    """A shell's background job (nohup … &, some CI runners) starts with SIGINT ignored, and the
+    launcher would inherit that; give it the default disposition, as an interactive Ctrl-C has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(tmp_path, steps: int = 40):
     run = tiny_run(algorithm={"steps": steps}, checkpoint={"everySteps": 0})
     config = write_manifest(run, tmp_path / "run.yaml")
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "dcmdp.cli", "run", "-f", str(config), "--out", str(out),
                           "--threads", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=proc_env(), start_new_session=True)
+                         env=proc_env(), start_new_session=True, preexec_fn=_default_sigint)
     return p, out
 
 
