@@ -307,6 +307,9 @@ def plan(sweep: DCMDPSweep, *, part: Optional[str] = None, source: str = "sweep"
                 cells.append(Cell(src.name, algo.name, seed, m, algo.tolerance, deps))
     # source by source, reference algorithms first (the scheduler fills in cells that do not
     # wait for a calibration while the references run), so the table fills column by column
+    # a row or column without a cell in this plan (an algorithm restricted to other sources) is left out
+    algorithms = [a for a in algorithms if any(c.algorithm == a.name for c in cells)]
+    sources = [x for x in sources if any(c.source == x.name for c in cells)]
     return Plan(sweep, n_steps, list(seeds), sources, algorithms, cells, eval_every, part)
 
 

@@ -423,6 +423,8 @@ def fragment(p: Any, data: dict[str, Any], dest: Path, base: Path, command: str)
     if calib:
         parts = []
         for src, d in calib.items():
+            if src not in {x.name for x in p.sources}:
+                continue
             refs = ", ".join(f"{k} δ̄ {v['mean_delta']:.2e}" for k, v in d.items() if k != "tolerance")
             parts.append(f"{src}: {refs}")
         lines.append("Relative tolerances (c = factor × the reference's mean δ̄ on that source): "
