@@ -198,7 +198,9 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
     for name, pid in workers.items():  # the same processes, reconnected on their own
         assert procs.items[name].pid == pid and procs.wait(name, 60) == 0
         msgs = [r.get("msg") for r in procs.log_records(name)]
-        assert "trainer unreachable: retrying" in msgs and "registered again" in msgs, msgs
+        # it noticed the crash (the port closed, or the restarted trainer still starting) and re-registered
+        assert {"trainer unreachable: retrying", "trainer starting: waiting"} & set(msgs), msgs
+        assert "registered again" in msgs, msgs
 
     after = rows(out / "metrics.jsonl")
     assert [r["step"] for r in after] == list(range(14))
