@@ -18,7 +18,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return xs, ys
 
 
-def _smooth(ys: list[float], k: int = 10) -> list[float]:
+def smooth(ys: list[float], k: int = 10) -> list[float]:
+    """Trailing moving average over k points (fewer at the start)."""
     out, acc = [], 0.0
     for i, y in enumerate(ys):
         acc += y
@@ -52,7 +53,7 @@ def plot_run(out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs, ys = _series(rows, "reward/mean")
     ax.plot(xs, ys, alpha=0.3, color="C0")
-    ax.plot(xs, _smooth(ys), color="C0", label="reward (10-step mean)")
+    ax.plot(xs, smooth(ys), color="C0", label="reward (10-step mean)")
     for key, style in (("eval/accuracy_greedy", "o-"), ("eval/accuracy_sampled", "s--")):
         ex, ey = _series(rows, key)
         if ex:
@@ -64,7 +65,7 @@ def plot_run(out_dir: Path) -> list[Path]:
     groups = [(p, f"pool/{p}/") for p in pools] if len(pools) > 1 else [("all", "")]
     for i, (label, prefix) in enumerate(groups):
         xs, ys = _series(rows, prefix + "discrepancy/prob_diff_mean")
-        ax.plot(xs, _smooth(ys), color=f"C{i}", label=f"δ̄ {label}")
+        ax.plot(xs, smooth(ys), color=f"C{i}", label=f"δ̄ {label}")
         cx, cy = _series(rows, prefix + "constraint/tolerance")
         if cx:
             ax.plot(cx, cy, "--", color=f"C{i}", label=f"c {label}")

@@ -26,17 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcmdp.metrics import read_metrics
-
-
-def smooth(ys: list[float], k: int) -> list[float]:
-    """Trailing moving average over k points (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y
-        if i >= k:
-            acc -= ys[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
+from dcmdp.plots import smooth
 
 
 def collapsed(rewards: list[float], window: int = 10, fraction: float = 0.5) -> bool:
