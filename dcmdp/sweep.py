@@ -4,7 +4,8 @@ A sweep file (kind ``DCMDPSweep``) names a base run, the mismatch sources (each 
 single rollout pool: precision, logit noise, lag) and the algorithms (each a patch of
 ``spec.algorithm``). Every combination and seed is one *cell*: an ordinary ``DCMDPRun`` manifest,
 validated up front, run by the in-process runner (found through the ``dcmdp.runners`` entry point,
-so the core never imports the trainer) in a pool of worker processes.
+so the core never imports the trainer) in a pool of worker processes; a cell with a ``vllm`` pool
+runs with the process runner instead, its rollout worker under the vLLM venv (``make vllm-venv``).
 
 * **Shared warm start**: the supervised warm start is run once per seed (or once, with
   ``warmStartSeed``) and its model folder reused by every cell of that seed (``model.path``), so
@@ -332,7 +333,9 @@ def cell_manifest(sweep: DCMDPSweep, src: SourceSpec, algo: AlgorithmEntry, seed
 
 # ------------------------------------------------------------------------------------ the worker
 def _worker_run(manifest: dict[str, Any], out_dir: str, threads: int, queue: Any, cid: str) -> dict[str, Any]:
-    """Run one cell in a worker process (the in-process runner of the trainer package)."""
+    """Run one cell in a worker process: the in-process runner of the trainer package, or the
+    process runner (trainer and rollout worker as child processes) for a ``vllm`` pool, whose
+    worker runs under the vLLM venv's own Python."""
     from dcmdp.cli import runner
 
     run = parse_run(manifest, cid)
@@ -343,7 +346,8 @@ def _worker_run(manifest: dict[str, Any], out_dir: str, threads: int, queue: Any
             queue.put((cid, int(row["step"]) + 1, float(row.get("reward/mean", 0.0))))
 
     t0 = time.time()
-    summary = runner("inprocess")(run, out, on_step=on_step, threads=threads)
+    mode = "processes" if any(p.engine == "vllm" for p in run.spec.rollout.pools) else "inprocess"
+    summary = runner(mode)(run, out, on_step=on_step, threads=threads)
     return {"wall_s": time.time() - t0, "steps": summary.get("steps")}
 
 

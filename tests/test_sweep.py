@@ -174,3 +174,24 @@ def test_rows_are_classified_for_the_headline() -> None:
     row = next(line for line in R.headline_markdown(p, {"aggregate": agg}).splitlines() if "stale K=4" in line)
     assert "tis: 0.80" in row and "dc-k3-0.5: 0.65" in row and "dc-tis-tight: 0.70" in row
     assert row.endswith("| +0.45 | -0.15 | -0.10 |")
+
+
+@pytest.mark.slow
+def test_the_committed_quick_grid_runs(tmp_path: Path, capsys) -> None:
+    """``dcmdp sweep -f bench/sweeps/mismatch.yaml --quick``, as committed, end to end: every cell
+    finishes, GRPO learns without mismatch, the stale source shows a mismatch orders of magnitude
+    larger, and the report is written beside the cells (not into docs/: the quick grid is a smoke
+    run, not the published result)."""
+    out = tmp_path / "quick"
+    doc_before = (REPO / "docs" / "results.md").read_text()
+    assert main(["sweep", "-f", str(MISMATCH), "--quick", "--out", str(out), "--quiet"]) == 0
+    p = W.plan(W.load_sweep(MISMATCH), part="quick")
+    cells = {(c["source"], c["algorithm"]): c for c in json.loads((out / "report" / "results.json").read_text())["cells"]}
+    assert set(cells) == {(c.source, c.algorithm) for c in p.cells} and len(cells) == len(p.cells) >= 4
+    grpo = cells[("none", "grpo")]
+    assert grpo["steps"] == p.steps and grpo["greedy"] > grpo["greedy_start"] + 0.1, grpo  # GRPO learns
+    assert cells[("lag16", "grpo")]["delta_mean"] > 100 * grpo["delta_mean"]
+    calib = json.loads((out / "calibration.json").read_text())
+    assert calib["lag16"]["tolerance"]["dc-penalty-1"] == pytest.approx(calib["lag16"]["grpo"]["mean_delta"])
+    assert "| GRPO |" in capsys.readouterr().out
+    assert (REPO / "docs" / "results.md").read_text() == doc_before
