@@ -195,3 +195,22 @@ def test_the_committed_quick_grid_runs(tmp_path: Path, capsys) -> None:
     assert calib["lag16"]["tolerance"]["dc-penalty-1"] == pytest.approx(calib["lag16"]["grpo"]["mean_delta"])
     assert "| GRPO |" in capsys.readouterr().out
     assert (REPO / "docs" / "results.md").read_text() == doc_before
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_vllm_source_runs_its_cells_with_the_process_runner(tmp_path: Path) -> None:
+    """A source with a ``vllm`` pool: the cell runs as trainer + vLLM worker processes (the vLLM
+    venv's Python), and its δ̄ is the real bf16 vLLM vs fp32 trainer discrepancy."""
+    base = {**TINY_BASE, "model": {"warmStart": {"steps": 3, "batchSize": 32}}}
+    doc = sweep_doc(base=base, steps=2, sources=[{"name": "vllm-bf16", "pool": {"engine": "vllm", "precision": "bf16"}}],
+                    algorithms=[{"name": "grpo", "algorithm": {"name": "grpo"}}])
+    f = tmp_path / "vllm.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    assert main(["sweep", "-f", str(f), "--out", str(out), "--quiet"]) == 0
+    cell = out / "cells/vllm-bf16/grpo/seed0"
+    assert json.loads((cell / "cell.json").read_text())["steps"] == 2
+    assert (cell / "logs" / "rollout-engine-0.log").exists()  # a separate worker process ran the pool
+    deltas = [r["discrepancy/prob_diff_mean"] for r in read_metrics(cell / "metrics.jsonl")]
+    assert len(deltas) == 2 and all(1e-5 < d < 5e-2 for d in deltas), deltas
