@@ -480,7 +480,7 @@ class Runner:
         manager.shutdown()
         wall = time.time() - t_start
         state = self._state(wall, self.ran)
-        return {"cells": len(p.cells), "ran": len(todo) - len(self.failed), "skipped": skipped,
+        return {"cells": len(p.cells), "ran": self.ran, "skipped": skipped,
                 "failed": dict(self.failed), "wall_s": wall, "total_wall_s": state["total_wall_s"]}
 
     def _submit(self, pool: ProcessPoolExecutor) -> None:

@@ -300,8 +300,7 @@ def plot_sources(out: Path, p: Any, dest: Path, dpi: int = 80) -> list[Path]:
             axes[1].plot(x, y, color=color, lw=1.3)
             d_range += [v for xi, v in zip(x, y) if xi >= 10 and v > 0]
             x, y = _seed_mean([c["constraint/tolerance"] for c in curves])
-            is_dc = (algo.algorithm.get("name") or p.sweep.spec.base.get("algorithm", {}).get("name")) == "dc-grpo"
-            if x and is_dc:
+            if x and kind_of(p, algo).startswith("dc"):
                 axes[1].plot(x, y, "--", color=color, lw=1.0)
                 lx, ly = _seed_mean([c["constraint/lambda"] for c in curves])
                 axes[2].plot(lx, ly, color=color, lw=1.3)

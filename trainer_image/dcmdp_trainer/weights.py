@@ -141,7 +141,7 @@ class WeightPublisher:
             pieces = self._chunk_list(version, dtype, size, p)[offset // size:]
         else:  # resuming inside a chunk
             view = memoryview(p.data)
-            pieces = [(s, bytes(view[s:s + size]), None) for s in range(offset, p.total_bytes, size)]
+            pieces = ((s, bytes(view[s:s + size]), None) for s in range(offset, p.total_bytes, size))
         sent = 0
         for start, data, crc in pieces:
             if self._break and self.breaks_done == 0 and sent >= self._break:
