@@ -1,7 +1,9 @@
 """GRPO's clipped surrogate, the discrepancy penalties and the passive corrections (TIS/MIS/IcePop).
 
 All functions take per-token tensors of shape [B, T] with a response mask; losses are token means
-over the masked tokens of the mini-batch. Notation: π_θ the trainer's current probability,
+over the masked tokens of the mini-batch. A micro-batch of a mini-batch passes the mini-batch's
+``denominator`` (its masked-token count): Σ over micro-batches of Σ_t x_t / denominator is then the
+mini-batch's token mean, and so is the sum of their gradients (gradient accumulation). Notation: π_θ the trainer's current probability,
 π_old the trainer's probability at the start of the step (detached), p_inf the rollout engine's.
 
 * Group advantages (GRPO):  Â_i = (r_i − mean_g r) / (std_g r + ε), shared by all tokens of i.
@@ -32,9 +34,12 @@ from typing import Optional, Sequence
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator: Optional[torch.Tensor | float] = None) -> torch.Tensor:
+    """Σ x·m / Σ m, or Σ x·m / denominator when given (a micro-batch's share of a mini-batch's mean)."""
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    if denominator is None:
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum() / max(float(denominator), 1.0)
 
 
 def group_advantages(rewards: torch.Tensor, group_sizes: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
@@ -65,9 +70,11 @@ def importance_weights(logp_old: torch.Tensor, logp_inf: torch.Tensor, correctio
 
 
 def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                      clip_low: float, clip_high: float, weights: Optional[torch.Tensor] = None
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level PPO-clip loss with separate low/high bounds; returns (loss, diagnostics)."""
+                      clip_low: float, clip_high: float, weights: Optional[torch.Tensor] = None,
+                      denominator: Optional[torch.Tensor | float] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level PPO-clip loss with separate low/high bounds; returns (loss, diagnostics).
+
+    ``info["clip_frac"]``: the clipped fraction of this call's masked tokens."""
     ratio = (logp - logp_old).exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -78,12 +85,12 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
         m = mask.bool()
         was_clipped = ((ratio < 1 - clip_low) & (advantages < 0)) | ((ratio > 1 + clip_high) & (advantages > 0))
         info = {"clip_frac": float(was_clipped[m].float().mean()) if m.any() else 0.0}
-    return masked_mean(per_token, mask), info
+    return masked_mean(per_token, mask, denominator), info
 
 
 def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor,
-                       mode: str = "penalty", tolerance: Optional[torch.Tensor] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       mode: str = "penalty", tolerance: Optional[torch.Tensor] = None,
+                       denominator: Optional[torch.Tensor | float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(λ-weighted penalty loss, unweighted penalty) for the penalty forms; token means.
 
     ``tolerance`` (c_t per token, broadcastable) is used by ``hinge-penalty`` only (None = 0).
@@ -101,7 +108,7 @@ def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Te
         per_token = log_q.exp() - 1 - log_q
     else:
         raise ValueError(f"not a penalty mode: {mode!r}")
-    return masked_mean(lam * per_token, mask), masked_mean(per_token.detach(), mask)
+    return masked_mean(lam * per_token, mask, denominator), masked_mean(per_token.detach(), mask, denominator)
 
 
 def shape_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -109,7 +116,8 @@ def shape_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: torch.T
     return advantages - lam * delta.detach()
 
 
-def reference_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reference_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
+                 denominator: Optional[torch.Tensor | float] = None) -> torch.Tensor:
     """k3 estimate of KL(π_θ ‖ π_ref) on the batch's tokens."""
     log_r = logp_ref - logp
-    return masked_mean(log_r.exp() - 1 - log_r, mask)
+    return masked_mean(log_r.exp() - 1 - log_r, mask, denominator)
