@@ -190,7 +190,7 @@ class Learner:
         logp_train = logp_old
         if algo.discrepancy_reference == "sampled" and self.snapshot_of is not None:
             logp_train = self._sampled_version_logprobs(batch, logp_old)
-        delta = token_discrepancy(logp_train, batch.logp_inf) * batch.mask
+        delta = losses.masked(token_discrepancy(logp_train, batch.logp_inf), batch.mask)
         run_stats = discrepancy_stats(logp_train, batch.logp_inf, batch.mask)
         pool_stats: dict[str, dict[str, float]] = {}
         for i, name in enumerate(self.pools):
@@ -201,20 +201,26 @@ class Learner:
         use_constraint = algo.uses_constraint
         lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32,
                                    device=self.device)
-        lam_tok = (lam_by_pool[batch.pool][:, None] * batch.mask) if use_constraint else torch.zeros_like(batch.mask)
+        lam_tok = (losses.masked(lam_by_pool[batch.pool][:, None].expand_as(batch.mask), batch.mask) if use_constraint
+                   else torch.zeros_like(batch.mask))
         # c of each token's pool (0 while `tolerance: auto` calibrates), for the per-token hinge form
         tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32,
                                    device=self.device)
         tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
 
         # 3. advantages (and shaping)
-        adv = losses.group_advantages(batch.rewards, batch.groups)[:, None].expand_as(batch.mask).contiguous()
+        adv = losses.group_advantages(batch.rewards, batch.groups, std=algo.advantage_std)
+        adv = adv[:, None].expand_as(batch.mask).contiguous()
         if use_constraint and cons.mode == "advantage-shaping":
             adv = losses.shape_advantages(adv, delta, lam_tok)
-        weights = None
+        weights = keep = None
         if algo.active_corrections:
-            weights = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
-                                                cap=algo.importance_cap, low=algo.icepop_low, high=algo.icepop_high)
+            weights, keep = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
+                                                      cap=algo.importance_cap, low=algo.icepop_low,
+                                                      high=algo.icepop_high, mis_low=algo.mis_low,
+                                                      level=algo.correction_level, mask=batch.mask)
+        # the tokens the policy loss counts (lossDenominator); its denominator spans a whole mini-batch
+        counted = keep if keep is not None and algo.loss_denominator == "kept" else batch.mask
 
         # 4. mini-batch updates, split at group boundaries; each accumulates its micro-batches' gradients
         #    with the whole mini-batch's token count as the denominator (the mini-batch's token mean)
@@ -223,7 +229,10 @@ class Learner:
                                   "loss/kl": 0.0, "loss/total": 0.0, "optim/grad_norm": 0.0, "optim/clip_frac": 0.0}
         chunks = self._minibatches(batch)
         for chunk in chunks:
-            denominator = float(batch.mask[chunk].sum())
+            # computed once over the whole mini-batch (every rank's rows): each micro-batch's loss is its share
+            denominator = losses.aggregation_denominator(counted[chunk], algo.loss_aggregation)
+            tokens = losses.aggregation_denominator(batch.mask[chunk])
+            counted_tokens = losses.aggregation_denominator(counted[chunk])
             micro = self.micro_batches(batch, self.local_rows(batch, chunk))
             for k, mb in enumerate(micro):
                 cols = slice(batch.width - mb.width, None)
@@ -234,22 +243,27 @@ class Learner:
                 with self.forward_context():
                     logp = micro_logprobs(self.model, batch, mb, algo.temperature)
                 m = part(batch.mask)
-                pg, info = losses.clipped_surrogate(logp, part(logp_old), part(adv), m, algo.clip_low, algo.clip_high,
-                                                    None if weights is None else part(weights), denominator=denominator)
+                pg, info = losses.clipped_surrogate(
+                    logp, part(logp_old), part(adv), part(counted), algo.clip_low, algo.clip_high,
+                    None if weights is None else part(weights), dual_clip=algo.dual_clip,
+                    log_ratio_clamp=algo.log_ratio_clamp, aggregation=algo.loss_aggregation,
+                    denominator=denominator, constant=algo.loss_aggregation_constant)
                 loss = pg
                 c_loss = penalty = kl = torch.zeros((), device=self.device)
                 if use_constraint and cons.mode != "advantage-shaping":
                     c_loss, penalty = losses.constraint_penalty(logp, part(batch.logp_inf), part(lam_tok), m, cons.mode,
-                                                                part(tol_tok), denominator=denominator)
+                                                                part(tol_tok), log_ratio_clamp=algo.log_ratio_clamp,
+                                                                denominator=tokens)
                     loss = loss + c_loss
                 if logp_ref is not None:
-                    kl = losses.reference_kl(logp, part(logp_ref), m, denominator=denominator)
+                    kl = losses.reference_kl(logp, part(logp_ref), m, log_ratio_clamp=algo.log_ratio_clamp,
+                                             denominator=tokens)
                     loss = loss + algo.kl_coef * kl
                 self.backward(loss, last=k == len(micro) - 1)
                 for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
                                  ("loss/kl", kl), ("loss/total", loss)):
                     sums[key] += float(val.detach())
-                sums["optim/clip_frac"] += info["clip_frac"] * float(m.sum()) / max(denominator, 1.0)
+                sums["optim/clip_frac"] += info["clip_frac"] * float(part(counted).bool().sum()) / counted_tokens
             sums["optim/grad_norm"] += self.optimizer_step()
 
         # 5. the dual step (the λ logged below is the one applied in this step)
@@ -275,9 +289,8 @@ class Learner:
         if logp_train is not logp_old:  # what δ̄ would be against the current weights (staleness included)
             row["discrepancy/prob_diff_mean_vs_current"] = discrepancy_stats(logp_old, batch.logp_inf, batch.mask)["prob_diff_mean"]
         if weights is not None:
-            kept = (weights > 0).float()
             row["correction/weight_mean"] = float(losses.masked_mean(weights, batch.mask))
-            row["correction/masked_frac"] = float(1 - losses.masked_mean(kept, batch.mask))
+            row["correction/masked_frac"] = float(1 - losses.masked_mean(keep.float(), batch.mask))
         for p, s in pool_stats.items():
             row[f"pool/{p}/discrepancy/prob_diff_mean"] = s["prob_diff_mean"]
             row[f"pool/{p}/discrepancy/prob_diff_max"] = s["prob_diff_max"]
