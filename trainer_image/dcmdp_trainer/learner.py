@@ -114,10 +114,17 @@ class Learner:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor) -> float:
+        """One optimizer update; returns the gradient norm. A non-finite loss or gradient norm is not
+        applied (the gradients are dropped) and the non-finite norm is returned for the caller to count."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(loss)):
+            return float("nan")
         loss.backward()
         clip = self.algo.grad_clip if self.algo.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         self.optimizer.step()
         return float(norm)
 
@@ -165,6 +172,7 @@ class Learner:
         self.model.train()
         sums: dict[str, float] = {"loss/policy": 0.0, "loss/constraint": 0.0, "constraint/penalty": 0.0,
                                   "loss/kl": 0.0, "loss/total": 0.0, "optim/grad_norm": 0.0, "optim/clip_frac": 0.0}
+        skipped = 0  # updates not applied: non-finite loss or gradient norm
         chunks = self._minibatches(batch)
         for rows in chunks:
             with self.forward_context():
@@ -184,6 +192,9 @@ class Learner:
                 kl = losses.reference_kl(logp, logp_ref[rows], m)
                 loss = loss + algo.kl_coef * kl
             norm = self.backward_and_step(loss)
+            if not math.isfinite(norm):
+                skipped += 1
+                continue
             for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
                              ("loss/kl", kl), ("loss/total", loss)):
                 sums[key] += float(val.detach())
@@ -198,7 +209,8 @@ class Learner:
         if use_constraint:
             self.constraints.update(run_stats["prob_diff_mean"], {p: s["prob_diff_mean"] for p, s in pool_stats.items()})
 
-        row: dict[str, Any] = {k: v / len(chunks) for k, v in sums.items()}
+        row: dict[str, Any] = {k: v / max(1, len(chunks) - skipped) for k, v in sums.items()}
+        row["optim/skipped_updates"] = skipped
         row.update({
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std(unbiased=False)),
