@@ -144,10 +144,12 @@ class DeepSpeedLearner(Learner):
         return torch.arange(minibatch.start + n * self.rank // self.world,
                             minibatch.start + n * (self.rank + 1) // self.world)
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """× world: DeepSpeed averages the ranks' gradients, the mini-batch mean is their sum."""
+    def backward(self, loss: torch.Tensor, last: bool) -> bool:
+        """× world: DeepSpeed averages the ranks' gradients, the mini-batch mean is their sum. Every
+        rank takes part in every backward (a rank skipping alone would leave the others waiting)."""
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss * self.world)
+        return True
 
     def optimizer_step(self) -> float:
         self.engine.step()

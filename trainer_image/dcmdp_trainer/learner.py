@@ -150,15 +150,24 @@ class Learner:
         """The rows of ``minibatch`` this process computes (all of them alone)."""
         return torch.arange(minibatch.start, minibatch.stop)
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Accumulate the gradient of one micro-batch's share of the mini-batch loss."""
+    def backward(self, loss: torch.Tensor, last: bool) -> bool:
+        """Accumulate the gradient of one micro-batch's share of the mini-batch loss; False (nothing
+        accumulated) for a non-finite loss: the caller drops the mini-batch's update."""
+        if not bool(torch.isfinite(loss)):
+            return False
         loss.backward()
+        return True
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self) -> float:
-        """Clip, step and clear the accumulated gradients; returns the global grad norm."""
+        """Clip, step and clear the accumulated gradients; returns the global grad norm. A non-finite
+        norm is not applied (the gradients are dropped) and returned for the caller to count."""
         clip = self.algo.grad_clip if self.algo.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        if bool(torch.isfinite(norm)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -227,6 +236,7 @@ class Learner:
         self.model.train()
         sums: dict[str, float] = {"loss/policy": 0.0, "loss/constraint": 0.0, "constraint/penalty": 0.0,
                                   "loss/kl": 0.0, "loss/total": 0.0, "optim/grad_norm": 0.0, "optim/clip_frac": 0.0}
+        skipped = 0  # updates not applied: non-finite loss or gradient norm
         chunks = self._minibatches(batch)
         for chunk in chunks:
             # computed once over the whole mini-batch (every rank's rows): each micro-batch's loss is its share
@@ -234,6 +244,8 @@ class Learner:
             tokens = losses.aggregation_denominator(batch.mask[chunk])
             counted_tokens = losses.aggregation_denominator(counted[chunk])
             micro = self.micro_batches(batch, self.local_rows(batch, chunk))
+            part_sums = dict.fromkeys(sums, 0.0)
+            finite = True
             for k, mb in enumerate(micro):
                 cols = slice(batch.width - mb.width, None)
 
@@ -259,12 +271,24 @@ class Learner:
                     kl = losses.reference_kl(logp, part(logp_ref), m, log_ratio_clamp=algo.log_ratio_clamp,
                                              denominator=tokens)
                     loss = loss + algo.kl_coef * kl
-                self.backward(loss, last=k == len(micro) - 1)
+                if not self.backward(loss, last=k == len(micro) - 1):
+                    finite = False
+                    break
                 for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
                                  ("loss/kl", kl), ("loss/total", loss)):
-                    sums[key] += float(val.detach())
-                sums["optim/clip_frac"] += info["clip_frac"] * float(part(counted).bool().sum()) / counted_tokens
-            sums["optim/grad_norm"] += self.optimizer_step()
+                    part_sums[key] += float(val.detach())
+                part_sums["optim/clip_frac"] += info["clip_frac"] * float(part(counted).bool().sum()) / counted_tokens
+            if not finite:  # a non-finite loss: this mini-batch's update is not applied
+                self.discard_gradients()
+                skipped += 1
+                continue
+            norm = self.optimizer_step()
+            if not math.isfinite(norm):
+                skipped += 1
+                continue
+            part_sums["optim/grad_norm"] = norm
+            for key, val in part_sums.items():
+                sums[key] += val
 
         # 5. the dual step (the λ logged below is the one applied in this step)
         applied = {p: self.constraints.pools[p].value for p in self.pools}
@@ -274,7 +298,8 @@ class Learner:
         if use_constraint:
             self.constraints.update(run_stats["prob_diff_mean"], {p: s["prob_diff_mean"] for p, s in pool_stats.items()})
 
-        row: dict[str, Any] = {k: v / len(chunks) for k, v in sums.items()}
+        row: dict[str, Any] = {k: v / max(1, len(chunks) - skipped) for k, v in sums.items()}
+        row["optim/skipped_updates"] = skipped
         row.update({
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std(unbiased=False)),
