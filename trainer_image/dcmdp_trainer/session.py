@@ -27,7 +27,7 @@ import torch
 
 from dcmdp.engine import Rollout, Sample
 from dcmdp.generation import sample
-from dcmdp.metrics import MetricsWriter, PrometheusSink
+from dcmdp.metrics import MetricsWriter, PrometheusSink, trim_jsonl
 from dcmdp.models.tiny import build_model, num_parameters, save_model
 from dcmdp.spec import DCMDPRun, dump_run
 from dcmdp.tasks import Problem, build_task
@@ -79,9 +79,8 @@ class Session:
         self.warmstart: dict[str, float] = {}
         self.eval_rows: list[dict[str, Any]] = []
 
-        ckpt = checkpoint.latest(self.out) if resume else None
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.out)}")
+        # the newest intact checkpoint (broken newer ones are skipped with a warning)
+        ckpt, state = checkpoint.load_latest(self.out) if resume else (None, None)
         if ckpt is None:
             self.warmstart = warm_start(self.model, self.tokenizer, self.task, self.spec.model.warm_start, seed)
             self.model_dir = save_model(self.model, self.tokenizer, self.out / "model")
@@ -89,13 +88,15 @@ class Session:
         # learner_factory: e.g. the DeepSpeed learner of dcmdp_trainer.distributed (same arguments)
         self.learner = (learner_factory or Learner)(run, self.model, self.tokenizer.pad_token_id, self.pools)
         self.learner.snapshot_of = lambda v: None if v == self.version else self.history.get(v)
-        if ckpt is not None:
-            state = checkpoint.load(ckpt)
+        if state is not None:
+            checkpoint.restore_rng(state)  # again: building the learner may have drawn numbers
             self.learner.load_state_dict(state["learner"])
             self.step, self.version = state["step"], state["version"]
             self.history = OrderedDict(state["history"])
             self.warmstart = state.get("warmstart", {})
             self.model_dir = self.out / "model"
+            if (self.out / "eval.jsonl").exists():
+                trim_jsonl(self.out / "eval.jsonl")  # a torn last line would corrupt the next append
         else:
             self._publish()
         self.metrics = MetricsWriter(self.out, resume_step=self.step if ckpt is not None else None, prometheus=prometheus)
