@@ -94,6 +94,8 @@ def save(out: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     for old in candidates(out)[keep:]:
         old.unlink(missing_ok=True)
         record_path(old).unlink(missing_ok=True)
+    for stray in folder.glob("step-*.tmp"):  # left by a process killed mid-write
+        stray.unlink(missing_ok=True)
     return path
 
 
