@@ -25,7 +25,7 @@ PLURAL = "dcmdpruns"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
-VERIFIER = r"^(exact|numeric|contains|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+VERIFIER = r"^(exact|numeric|contains|math|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 # A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
 # or overflows). The same pattern is in the CRD, so the cluster and `dcmdp run` agree.
 POSITIVE_NUMBER = (
@@ -34,6 +34,9 @@ POSITIVE_NUMBER = (
 
 AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
 Correction = Literal["tis", "mis", "icepop"]
+CorrectionLevel = Literal["token", "sequence", "geometric"]
+AdvantageStd = Literal["population", "unbiased", "none"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
@@ -100,19 +103,32 @@ class SpecModel(BaseModel):
 class WarmStartSpec(SpecModel):
     """Short supervised warm start on the task's reference answers, so RL starts above zero."""
 
-    steps: int = Field(100, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
+    steps: Optional[int] = Field(
+        None, ge=0, le=100_000,
+        description="Supervised steps before RL (0 = none). Unset: 100 for a built-in model, 0 for a loaded "
+        "one (model.path / model.name), whose pretrained weights a warm start at this rate would wreck.",
+    )
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     batch_size: int = Field(256, ge=1, le=65_536)
 
 
 class ModelSpec(SpecModel):
-    """The policy: a built-in tiny model built in code, or a local Hugging Face folder."""
+    """The policy: a built-in tiny model built in code, a local Hugging Face folder, or a Hub id."""
 
     builtin: Optional[Literal["tiny-qwen3", "tiny-qwen3-moe"]] = Field(
         "tiny-qwen3", description="Built-in model built in code (ignored when `path` is set)."
     )
     path: Optional[str] = Field(
-        None, description="Local Hugging Face model folder (config, weights, tokenizer). No hub downloads."
+        None, description="Local Hugging Face model folder (config, weights, tokenizer)."
+    )
+    name: Optional[str] = Field(
+        None, min_length=1, max_length=200,
+        description="Hugging Face Hub id (e.g. Qwen/Qwen3-0.6B), resolved through the huggingface_hub cache "
+        "(downloaded there when online). Exclusive with `path`.",
+    )
+    revision: Optional[str] = Field(None, min_length=1, max_length=200, description="Hub revision of `name`.")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the trainer's weights (a bf16 checkpoint is upcast to fp32 by default)."
     )
     hidden_size: int = Field(128, ge=8, le=65_536)
     intermediate_size: int = Field(256, ge=8, le=262_144)
@@ -127,6 +143,8 @@ class ModelSpec(SpecModel):
     CEL = (
         CelRule("self.numHeads % self.numKvHeads == 0", "numHeads must be a multiple of numKvHeads", ".numHeads"),
         CelRule("self.numExpertsPerTok <= self.numExperts", "numExpertsPerTok must be <= numExperts", ".numExpertsPerTok"),
+        CelRule("!(has(self.path) && has(self.name))", "set model.path or model.name, not both", ".name"),
+        CelRule("!has(self.revision) || has(self.name)", "revision needs model.name (a Hub id)", ".revision"),
     )
 
     @model_validator(mode="after")
@@ -135,7 +153,23 @@ class ModelSpec(SpecModel):
             raise ValueError("numHeads must be a multiple of numKvHeads")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError("numExpertsPerTok must be <= numExperts")
+        if self.path and self.name:
+            raise ValueError("set model.path or model.name, not both")
+        if self.revision and not self.name:
+            raise ValueError("revision needs model.name (a Hub id)")
         return self
+
+    @property
+    def loaded(self) -> bool:
+        """True for a pretrained model (``path`` or ``name``), False for a built-in one."""
+        return bool(self.path or self.name)
+
+    @property
+    def warm_start_steps(self) -> int:
+        """``warmStart.steps``, or its default: 100 for a built-in model, 0 for a loaded one."""
+        if self.warm_start.steps is not None:
+            return self.warm_start.steps
+        return 0 if self.loaded else 100
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -145,17 +179,22 @@ class DatasetSpec(SpecModel):
     path: str = Field(..., min_length=1)
     verifier: str = Field(
         "exact",
-        description="exact | numeric | contains | a Python 'module:function' taking (response, answer) -> float.",
+        description="exact | numeric | contains | math | a Python 'module:function' taking (response, answer) "
+        "-> a finite number (see docs/models-and-tasks.md).",
         json_schema_extra={"pattern": VERIFIER},
     )
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    invalid_reward: Literal["error", "zero"] = Field(
+        "error", description="A verifier returning NaN, inf or a non-number: 'error' stops the run naming the "
+        "verifier and prompt; 'zero' scores 0 and counts it (reward/invalid).",
+    )
 
     @field_validator("verifier")
     @classmethod
     def _verifier(cls, v: str) -> str:
         if re.fullmatch(VERIFIER, v):
             return v
-        raise ValueError("must be exact, numeric, contains or 'module:function'")
+        raise ValueError("must be exact, numeric, contains, math or 'module:function'")
 
 
 class TaskSpec(SpecModel):
@@ -167,10 +206,20 @@ class TaskSpec(SpecModel):
     dataset: Optional[DatasetSpec] = None
     held_out: int = Field(256, ge=1, le=100_000, description="Held-out prompts for evaluation.")
     max_new_tokens: int = Field(0, ge=0, le=4096, description="0 = derived from the task.")
+    chat_template: Literal["none", "tokenizer"] = Field(
+        "none", description="none: the prompt text as is (after the tokenizer's BOS, if it has one); tokenizer: "
+        "the tokenizer's chat template with the prompt as the user message and the generation prompt added.",
+    )
+    system_prompt: Optional[str] = Field(None, description="System message (chatTemplate: tokenizer only).")
+    overlong_prompts: Literal["drop", "refuse"] = Field(
+        "drop", description="Prompts whose tokens + maxNewTokens exceed the model's context: drop them (counted, "
+        "with a warning naming the first) or refuse the dataset.",
+    )
 
     CEL = (
         CelRule("self.name != 'jsonl' || has(self.dataset)", "task 'jsonl' needs `dataset` (path and verifier)", ".dataset"),
         CelRule("self.name == 'jsonl' || !has(self.dataset)", "`dataset` is only used with name: jsonl", ".dataset"),
+        CelRule("!has(self.systemPrompt) || self.chatTemplate == 'tokenizer'", "systemPrompt needs chatTemplate: tokenizer", ".systemPrompt"),
     )
 
     @model_validator(mode="after")
@@ -179,6 +228,8 @@ class TaskSpec(SpecModel):
             raise ValueError("task 'jsonl' needs `dataset` (path and verifier)")
         if self.name != "jsonl" and self.dataset is not None:
             raise ValueError(f"`dataset` is only used with name: jsonl (name is {self.name!r})")
+        if self.system_prompt is not None and self.chat_template != "tokenizer":
+            raise ValueError("systemPrompt needs chatTemplate: tokenizer")
         return self
 
 
@@ -280,6 +331,33 @@ class AlgorithmSpec(SpecModel):
     importance_cap: float = Field(2.0, gt=1, le=1e6, description="C of tis/mis.")
     icepop_low: float = Field(0.5, gt=0, lt=1)
     icepop_high: float = Field(5.0, gt=1, le=1e6)
+    mis_low: float = Field(
+        0.0, ge=0, lt=1, description="L of mis: ratios below L are dropped too (0 = none; verl rejects below 1/C)."
+    )
+    correction_level: CorrectionLevel = Field(
+        "token",
+        description="Ratio the corrections use: per token, the sequence's product, or its geometric mean "
+        "(shared by the sequence's tokens).",
+    )
+    advantage_std: AdvantageStd = Field(
+        "population",
+        description="Group std dividing advantages: population (÷G), unbiased (÷G−1, verl/TRL) or none (Dr. GRPO).",
+    )
+    loss_aggregation: LossAggregation = Field(
+        "token-mean", description="How per-token losses of a mini-batch are reduced (docs/method.md)."
+    )
+    loss_aggregation_constant: float = Field(
+        1.0, gt=0, le=1e6, description="K of seq-mean-token-sum: Σ_i Σ_t ℓ / (N·K) (Dr. GRPO: the max response length)."
+    )
+    loss_denominator: Literal["all", "kept"] = Field(
+        "all", description="Tokens counted by the aggregation: all response tokens, or only those mis/icepop keep (verl)."
+    )
+    dual_clip: Optional[float] = Field(
+        None, gt=1, le=1e6, description="Dual-clip c: a negative-advantage token's loss is capped at c·|A| (null = off)."
+    )
+    log_ratio_clamp: float = Field(
+        20.0, gt=0, le=80, description="K: log-ratios are clamped to ±K before exp (finite in float32 up to ~88)."
+    )
     constraint: ConstraintSpec = Field(default_factory=ConstraintSpec)
 
     CEL = (
@@ -492,6 +570,11 @@ class RolloutSpec(SpecModel):
     )
     batch_prompts: int = Field(0, ge=0, le=65_536, description="Prompts per lease (0 = miniBatchSize).")
     lease_timeout_seconds: float = Field(60.0, gt=0, le=86_400)
+    stall_timeout_seconds: float = Field(
+        600.0, ge=0, le=604_800,
+        description="Fail the run when no rollout has been accepted for this long while workers submit or "
+        "none are connected (0 = wait forever).",
+    )
 
     CEL = (
         CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique", ".pools"),
