@@ -90,7 +90,7 @@ def evaluate(session: Session, pools: LocalPools) -> dict[str, float]:
 def run_inprocess(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, resume: bool = False,
                   on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None,
                   threads: int = 0) -> dict[str, Any]:
-    session = Session(run, Path(out_dir), resume=resume, steps=steps, threads=threads)
+    session = Session(run, Path(out_dir), resume=resume, steps=steps, threads=threads, serve_lags=True)
     pools = LocalPools(session)
     spec, algo = session.spec, session.spec.algorithm
     every_eval = spec.eval.every_steps
