@@ -41,8 +41,9 @@ class LocalPools:
         for pool in session.spec.rollout.pools:
             if pool.replicas == 0:
                 continue
+            opts = dict(options or {}, device=pool.device) if pool.engine == "hf" else options
             self.engines[pool.name] = make_engine(pool.engine, str(session.model_dir), pool.precision,
-                                                  noise=pool.noise, seed=session.spec.algorithm.seed, options=options)
+                                                  noise=pool.noise, seed=session.spec.algorithm.seed, options=opts)
 
     def sync(self, pool: str, lag: int) -> int:
         version = self.session.version_for(lag)
