@@ -12,20 +12,13 @@ trainer or the rollout packages.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
+from dcmdp.runners import installed, runner
 from dcmdp.spec import SpecError, dump_run, load_run
-
-
-def runner(name: str) -> Callable[..., dict[str, Any]]:
-    found = {ep.name: ep for ep in entry_points(group="dcmdp.runners")}
-    if name not in found:
-        raise SystemExit(f"error: runner {name!r} is not installed (install dcmdp[trainer,rollout])")
-    return found[name].load()
+from dcmdp.sweep import cli as sweep_cli
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -48,8 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
     mode = "inprocess" if args.inprocess else "processes"
-    found = {ep.name for ep in entry_points(group="dcmdp.runners")}
-    if mode not in found:
+    if mode not in installed():
         mode = "inprocess"
     fn = runner(mode)
     with RunProgress(total, enabled=not args.quiet) as bar:
@@ -70,12 +62,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for p in plot_run(Path(args.dir)):
         print(p)
     return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from dcmdp.sweep import sweep_main
-
-    return sweep_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,21 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(fn=cmd_plot)
 
-    w = sub.add_parser("sweep", help="run a grid of local runs (DCMDPSweep) and aggregate it (resumable)")
-    w.add_argument("-f", "--file", required=True, help="DCMDPSweep file (YAML)")
-    w.add_argument("--quick", action="store_true", help="the sweep's quick variant (fewer steps/seeds/cells)")
-    w.add_argument("--part", default=None, help="run one named part of the grid (spec.parts)")
-    w.add_argument("--out", default=None, help="cell folder (default runs/sweeps/<name>[-<part>|-quick])")
-    w.add_argument("--parallel", type=int, default=None, help="cells at once (default spec.parallel)")
-    w.add_argument("--threads", type=int, default=None, help="torch threads per cell (default spec.threads)")
-    w.add_argument("--steps", type=int, default=None, help="override the steps per cell (smoke tests)")
-    w.add_argument("--only", default=None, help="comma-separated SOURCE/ALGORITHM filters (either may be *)")
-    w.add_argument("--report-dir", default=None, help="where the tables and PNGs go (default spec.report.dir)")
-    w.add_argument("--no-doc", action="store_true", help="do not rewrite the section of spec.report.doc")
-    w.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
-    w.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    w.add_argument("--quiet", action="store_true", help="no progress bars")
-    w.set_defaults(fn=cmd_sweep)
+    sweep_cli.add_parser(sub)
     return ap
 
 
