@@ -1,5 +1,7 @@
 """The DC-GRPO step: batch layout, π_old, per-pool λ, corrections and the dual update."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,21 @@ def test_state_dict_round_trip_restores_lambda_and_optimizer():
     other.load_state_dict(state)
     assert other.constraints.pools["bf16"].value == learner.constraints.pools["bf16"].value
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "dc-grpo", "corrections": ["icepop", "mis"], "constraint": {"mode": "k3-penalty"}},
+    {"name": "dc-grpo", "corrections": ["tis"], "constraint": {"mode": "penalty"}},
+    {"name": "tis"},
+])
+def test_extreme_finite_logprobs_never_poison_the_weights(algorithm):
+    """A sentinel (−9999) or merely extreme (−95) submitted logprob leaves every weight finite."""
+    run = tiny_run(algorithm=algorithm)
+    model, tok = build_model(run.spec.model)
+    rolls = make_rollouts(model, tok)
+    for k, r in enumerate(rolls[:6]):
+        r.logprobs[0] = (-9999.0, -95.0)[k % 2]
+    learner = Learner(run, model, tok.pad_token_id)
+    row = learner.train_step(rolls)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))

@@ -137,7 +137,7 @@ class Learner:
         logp_train = logp_old
         if algo.discrepancy_reference == "sampled" and self.snapshot_of is not None:
             logp_train = self._sampled_version_logprobs(batch, logp_old)
-        delta = token_discrepancy(logp_train, batch.logp_inf) * batch.mask
+        delta = losses.masked(token_discrepancy(logp_train, batch.logp_inf), batch.mask)
         run_stats = discrepancy_stats(logp_train, batch.logp_inf, batch.mask)
         pool_stats: dict[str, dict[str, float]] = {}
         for i, name in enumerate(self.pools):
@@ -147,7 +147,8 @@ class Learner:
                 pool_stats[name]["reward_mean"] = float(batch.rewards[rows].mean())
         use_constraint = algo.uses_constraint
         lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32)
-        lam_tok = (lam_by_pool[batch.pool][:, None] * batch.mask) if use_constraint else torch.zeros_like(batch.mask)
+        lam_tok = (losses.masked(lam_by_pool[batch.pool][:, None].expand_as(batch.mask), batch.mask) if use_constraint
+                   else torch.zeros_like(batch.mask))
         # c of each token's pool (0 while `tolerance: auto` calibrates), for the per-token hinge form
         tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32)
         tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
@@ -156,10 +157,11 @@ class Learner:
         adv = losses.group_advantages(batch.rewards, batch.groups)[:, None].expand_as(batch.mask).contiguous()
         if use_constraint and cons.mode == "advantage-shaping":
             adv = losses.shape_advantages(adv, delta, lam_tok)
-        weights = None
+        weights = keep = None
         if algo.active_corrections:
-            weights = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
-                                                cap=algo.importance_cap, low=algo.icepop_low, high=algo.icepop_high)
+            weights, keep = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
+                                                      cap=algo.importance_cap, low=algo.icepop_low,
+                                                      high=algo.icepop_high, mask=batch.mask)
 
         # 4. mini-batch updates, split at group boundaries
         self.model.train()
@@ -213,9 +215,8 @@ class Learner:
         if logp_train is not logp_old:  # what δ̄ would be against the current weights (staleness included)
             row["discrepancy/prob_diff_mean_vs_current"] = discrepancy_stats(logp_old, batch.logp_inf, batch.mask)["prob_diff_mean"]
         if weights is not None:
-            kept = (weights > 0).float()
             row["correction/weight_mean"] = float(losses.masked_mean(weights, batch.mask))
-            row["correction/masked_frac"] = float(1 - losses.masked_mean(kept, batch.mask))
+            row["correction/masked_frac"] = float(1 - losses.masked_mean(keep.float(), batch.mask))
         for p, s in pool_stats.items():
             row[f"pool/{p}/discrepancy/prob_diff_mean"] = s["prob_diff_mean"]
             row[f"pool/{p}/discrepancy/prob_diff_max"] = s["prob_diff_max"]
