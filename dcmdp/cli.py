@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from dcmdp.plots import plot_run
+from dcmdp.progress import RunProgress, summary_table
 from dcmdp.runners import installed, runner
 from dcmdp.spec import SpecError, dump_run, load_run
 from dcmdp.sweep import cli as sweep_cli
@@ -24,8 +28,6 @@ from dcmdp.sweep import cli as sweep_cli
 def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     if args.print:
-        import yaml
-
         print(yaml.safe_dump(dump_run(run), sort_keys=False))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
@@ -35,8 +37,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dcmdp.progress import RunProgress, summary_table
-
     run = load_run(args.file)
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
@@ -47,8 +47,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     with RunProgress(total, enabled=not args.quiet) as bar:
         summary = fn(run, out, steps=args.steps, resume=args.resume, on_step=bar.step, on_eval=bar.eval,
                      threads=args.threads)
-    from dcmdp.plots import plot_run
-
     plots = plot_run(out)
     bar.console.print(summary_table(summary, bar.last))
     bar.console.print(f"metrics: {out / 'metrics.jsonl'}  plots: {', '.join(p.name for p in plots)}  "
@@ -57,8 +55,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from dcmdp.plots import plot_run
-
     for p in plot_run(Path(args.dir)):
         print(p)
     return 0

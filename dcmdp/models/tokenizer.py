@@ -18,6 +18,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 def build_tokenizer(chars: str = CHARS):
     """A character-level ``PreTrainedTokenizerFast`` (each character one token)."""
+    # optional and heavy (the ml extra): the core imports without it
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,6 +37,7 @@ def build_tokenizer(chars: str = CHARS):
 
 
 def load_tokenizer(folder: Union[str, Path]):
+    # optional and heavy (the ml extra): the core imports without it
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))

@@ -39,6 +39,7 @@ def _palette(plt) -> list[Any]:
 
 def plot_sources(out: Path, p: Plan, dest: Path, dpi: int = 80) -> list[Path]:
     """One PNG per source: reward, δ̄ (solid) vs c (dashed) and λ, one line per algorithm (seed mean)."""
+    # optional and slow to import (the ml extra): only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,6 +95,7 @@ def plot_sources(out: Path, p: Plan, dest: Path, dpi: int = 80) -> list[Path]:
 
 def plot_overview(p: Plan, data: dict[str, Any], dest: Path, dpi: int = 80) -> Optional[Path]:
     """Final held-out accuracy (greedy and sampled) per source, one marker series per algorithm."""
+    # optional and slow to import (the ml extra): only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")

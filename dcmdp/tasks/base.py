@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -52,8 +53,6 @@ def resolve_verifier(name: str) -> Verifier:
     """A built-in verifier by name, or a Python 'module:function' taking (response, answer)."""
     if name in BUILTIN_VERIFIERS:
         return BUILTIN_VERIFIERS[name]
-    import importlib
-
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
