@@ -48,14 +48,16 @@ its gradient.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, get_args
 
 import torch
 
+from dcmdp.spec import AdvantageStd, CorrectionLevel, LossAggregation
+
 LOG_RATIO_CLAMP = 20.0  # default K (verl's bound); exp(K) ≈ 4.9e8
-ADVANTAGE_STD = ("population", "unbiased", "none")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-CORRECTION_LEVELS = ("token", "sequence", "geometric")
+ADVANTAGE_STD: tuple[str, ...] = get_args(AdvantageStd)
+AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
+CORRECTION_LEVELS: tuple[str, ...] = get_args(CorrectionLevel)
 
 
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

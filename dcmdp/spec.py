@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from dcmdp import podsecurity
 
 API_GROUP = "dcmdp.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -23,7 +25,7 @@ PLURAL = "dcmdpruns"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
-VERIFIER = r"^(exact|numeric|contains|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+VERIFIER = r"^(exact|numeric|contains|math|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 # A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
 # or overflows). The same pattern is in the CRD, so the cluster and `dcmdp run` agree.
 POSITIVE_NUMBER = (
@@ -32,6 +34,9 @@ POSITIVE_NUMBER = (
 
 AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
 Correction = Literal["tis", "mis", "icepop"]
+CorrectionLevel = Literal["token", "sequence", "geometric"]
+AdvantageStd = Literal["population", "unbiased", "none"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
@@ -49,6 +54,9 @@ class CelRule(NamedTuple):
     rule: str  # CEL over ``self`` (the object, camelCase field names, defaults applied)
     message: str
     field_path: Optional[str] = None  # JSON path relative to the object, e.g. ".lambdaInit"
+    # A pod-security rule: left out of the CRD when the admin allows this escalation
+    # (``dcmdp.podsecurity.ESCALATIONS``; ``python -m dcmdp.crd --allow``).
+    escalation: Optional[str] = None
 
 
 class SpecModel(BaseModel):
@@ -95,19 +103,32 @@ class SpecModel(BaseModel):
 class WarmStartSpec(SpecModel):
     """Short supervised warm start on the task's reference answers, so RL starts above zero."""
 
-    steps: int = Field(100, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
+    steps: Optional[int] = Field(
+        None, ge=0, le=100_000,
+        description="Supervised steps before RL (0 = none). Unset: 100 for a built-in model, 0 for a loaded "
+        "one (model.path / model.name), whose pretrained weights a warm start at this rate would wreck.",
+    )
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     batch_size: int = Field(256, ge=1, le=65_536)
 
 
 class ModelSpec(SpecModel):
-    """The policy: a built-in tiny model built in code, or a local Hugging Face folder."""
+    """The policy: a built-in tiny model built in code, a local Hugging Face folder, or a Hub id."""
 
     builtin: Optional[Literal["tiny-qwen3", "tiny-qwen3-moe"]] = Field(
         "tiny-qwen3", description="Built-in model built in code (ignored when `path` is set)."
     )
     path: Optional[str] = Field(
-        None, description="Local Hugging Face model folder (config, weights, tokenizer). No hub downloads."
+        None, description="Local Hugging Face model folder (config, weights, tokenizer)."
+    )
+    name: Optional[str] = Field(
+        None, min_length=1, max_length=200,
+        description="Hugging Face Hub id (e.g. Qwen/Qwen3-0.6B), resolved through the huggingface_hub cache "
+        "(downloaded there when online). Exclusive with `path`.",
+    )
+    revision: Optional[str] = Field(None, min_length=1, max_length=200, description="Hub revision of `name`.")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the trainer's weights (a bf16 checkpoint is upcast to fp32 by default)."
     )
     hidden_size: int = Field(128, ge=8, le=65_536)
     intermediate_size: int = Field(256, ge=8, le=262_144)
@@ -122,6 +143,8 @@ class ModelSpec(SpecModel):
     CEL = (
         CelRule("self.numHeads % self.numKvHeads == 0", "numHeads must be a multiple of numKvHeads", ".numHeads"),
         CelRule("self.numExpertsPerTok <= self.numExperts", "numExpertsPerTok must be <= numExperts", ".numExpertsPerTok"),
+        CelRule("!(has(self.path) && has(self.name))", "set model.path or model.name, not both", ".name"),
+        CelRule("!has(self.revision) || has(self.name)", "revision needs model.name (a Hub id)", ".revision"),
     )
 
     @model_validator(mode="after")
@@ -130,7 +153,23 @@ class ModelSpec(SpecModel):
             raise ValueError("numHeads must be a multiple of numKvHeads")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError("numExpertsPerTok must be <= numExperts")
+        if self.path and self.name:
+            raise ValueError("set model.path or model.name, not both")
+        if self.revision and not self.name:
+            raise ValueError("revision needs model.name (a Hub id)")
         return self
+
+    @property
+    def loaded(self) -> bool:
+        """True for a pretrained model (``path`` or ``name``), False for a built-in one."""
+        return bool(self.path or self.name)
+
+    @property
+    def warm_start_steps(self) -> int:
+        """``warmStart.steps``, or its default: 100 for a built-in model, 0 for a loaded one."""
+        if self.warm_start.steps is not None:
+            return self.warm_start.steps
+        return 0 if self.loaded else 100
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -140,17 +179,22 @@ class DatasetSpec(SpecModel):
     path: str = Field(..., min_length=1)
     verifier: str = Field(
         "exact",
-        description="exact | numeric | contains | a Python 'module:function' taking (response, answer) -> float.",
+        description="exact | numeric | contains | math | a Python 'module:function' taking (response, answer) "
+        "-> a finite number (see docs/models-and-tasks.md).",
         json_schema_extra={"pattern": VERIFIER},
     )
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    invalid_reward: Literal["error", "zero"] = Field(
+        "error", description="A verifier returning NaN, inf or a non-number: 'error' stops the run naming the "
+        "verifier and prompt; 'zero' scores 0 and counts it (reward/invalid).",
+    )
 
     @field_validator("verifier")
     @classmethod
     def _verifier(cls, v: str) -> str:
         if re.fullmatch(VERIFIER, v):
             return v
-        raise ValueError("must be exact, numeric, contains or 'module:function'")
+        raise ValueError("must be exact, numeric, contains, math or 'module:function'")
 
 
 class TaskSpec(SpecModel):
@@ -162,10 +206,20 @@ class TaskSpec(SpecModel):
     dataset: Optional[DatasetSpec] = None
     held_out: int = Field(256, ge=1, le=100_000, description="Held-out prompts for evaluation.")
     max_new_tokens: int = Field(0, ge=0, le=4096, description="0 = derived from the task.")
+    chat_template: Literal["none", "tokenizer"] = Field(
+        "none", description="none: the prompt text as is (after the tokenizer's BOS, if it has one); tokenizer: "
+        "the tokenizer's chat template with the prompt as the user message and the generation prompt added.",
+    )
+    system_prompt: Optional[str] = Field(None, description="System message (chatTemplate: tokenizer only).")
+    overlong_prompts: Literal["drop", "refuse"] = Field(
+        "drop", description="Prompts whose tokens + maxNewTokens exceed the model's context: drop them (counted, "
+        "with a warning naming the first) or refuse the dataset.",
+    )
 
     CEL = (
         CelRule("self.name != 'jsonl' || has(self.dataset)", "task 'jsonl' needs `dataset` (path and verifier)", ".dataset"),
         CelRule("self.name == 'jsonl' || !has(self.dataset)", "`dataset` is only used with name: jsonl", ".dataset"),
+        CelRule("!has(self.systemPrompt) || self.chatTemplate == 'tokenizer'", "systemPrompt needs chatTemplate: tokenizer", ".systemPrompt"),
     )
 
     @model_validator(mode="after")
@@ -174,6 +228,8 @@ class TaskSpec(SpecModel):
             raise ValueError("task 'jsonl' needs `dataset` (path and verifier)")
         if self.name != "jsonl" and self.dataset is not None:
             raise ValueError(f"`dataset` is only used with name: jsonl (name is {self.name!r})")
+        if self.system_prompt is not None and self.chat_template != "tokenizer":
+            raise ValueError("systemPrompt needs chatTemplate: tokenizer")
         return self
 
 
@@ -275,6 +331,33 @@ class AlgorithmSpec(SpecModel):
     importance_cap: float = Field(2.0, gt=1, le=1e6, description="C of tis/mis.")
     icepop_low: float = Field(0.5, gt=0, lt=1)
     icepop_high: float = Field(5.0, gt=1, le=1e6)
+    mis_low: float = Field(
+        0.0, ge=0, lt=1, description="L of mis: ratios below L are dropped too (0 = none; verl rejects below 1/C)."
+    )
+    correction_level: CorrectionLevel = Field(
+        "token",
+        description="Ratio the corrections use: per token, the sequence's product, or its geometric mean "
+        "(shared by the sequence's tokens).",
+    )
+    advantage_std: AdvantageStd = Field(
+        "population",
+        description="Group std dividing advantages: population (÷G), unbiased (÷G−1, verl/TRL) or none (Dr. GRPO).",
+    )
+    loss_aggregation: LossAggregation = Field(
+        "token-mean", description="How per-token losses of a mini-batch are reduced (docs/method.md)."
+    )
+    loss_aggregation_constant: float = Field(
+        1.0, gt=0, le=1e6, description="K of seq-mean-token-sum: Σ_i Σ_t ℓ / (N·K) (Dr. GRPO: the max response length)."
+    )
+    loss_denominator: Literal["all", "kept"] = Field(
+        "all", description="Tokens counted by the aggregation: all response tokens, or only those mis/icepop keep (verl)."
+    )
+    dual_clip: Optional[float] = Field(
+        None, gt=1, le=1e6, description="Dual-clip c: a negative-advantage token's loss is capped at c·|A| (null = off)."
+    )
+    log_ratio_clamp: float = Field(
+        20.0, gt=0, le=80, description="K: log-ratios are clamped to ±K before exp (finite in float32 up to ~88)."
+    )
     constraint: ConstraintSpec = Field(default_factory=ConstraintSpec)
 
     CEL = (
@@ -317,8 +400,130 @@ class AlgorithmSpec(SpecModel):
         return [self.name] if self.name in ("tis", "mis", "icepop") else list(self.corrections)
 
 
+# --------------------------------------------------------------------------- pod templates
+def _refused(escalation: str, field: str, what: str, rule: str) -> CelRule:
+    return CelRule(rule, podsecurity.refusal(escalation, what), f".{field}", escalation)
+
+
+def _not_true(field: str) -> str:
+    return f"!has(self.{field}) || !self.{field}"
+
+
+class OpenModel(SpecModel):
+    """A Kubernetes object the operator passes on: the fields declared here are typed and checked
+    (pod security); any other field is kept as written (``x-kubernetes-preserve-unknown-fields``)."""
+
+    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+
+
+class SeccompProfile(OpenModel):
+    type: Optional[str] = Field(None, max_length=64)
+
+
+class PodSecurityContext(OpenModel):
+    run_as_user: Optional[int] = None
+    run_as_non_root: Optional[bool] = None
+    seccomp_profile: Optional[SeccompProfile] = None
+
+    CEL = (
+        _refused("runAsRoot", "runAsUser", "runAsUser 0", "!has(self.runAsUser) || self.runAsUser != 0"),
+        _refused("runAsRoot", "runAsNonRoot", "runAsNonRoot false", "!has(self.runAsNonRoot) || self.runAsNonRoot"),
+        _refused(
+            "privileged", "seccompProfile.type", "seccompProfile Unconfined",
+            "!has(self.seccompProfile) || !has(self.seccompProfile.type) || self.seccompProfile.type != 'Unconfined'",
+        ),
+    )
+
+
+class Capabilities(OpenModel):
+    add: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=64)
+
+
+class ContainerSecurityContext(PodSecurityContext):
+    privileged: Optional[bool] = None
+    allow_privilege_escalation: Optional[bool] = None
+    capabilities: Optional[Capabilities] = None
+
+    CEL = PodSecurityContext.CEL + (
+        _refused("privileged", "privileged", "privileged", _not_true("privileged")),
+        _refused(
+            "privileged", "allowPrivilegeEscalation", "allowPrivilegeEscalation true",
+            _not_true("allowPrivilegeEscalation"),
+        ),
+        _refused(
+            "capabilities", "capabilities.add", "adding a capability other than NET_BIND_SERVICE",
+            "!has(self.capabilities) || !has(self.capabilities.add) || "
+            "self.capabilities.add.all(c, c == 'NET_BIND_SERVICE')",
+        ),
+    )
+
+
+class ContainerPort(OpenModel):
+    host_port: Optional[int] = None
+
+    CEL = (_refused("hostNamespaces", "hostPort", "hostPort", "!has(self.hostPort) || self.hostPort == 0"),)
+
+
+class Container(OpenModel):
+    security_context: Optional[ContainerSecurityContext] = None
+    ports: Optional[list[ContainerPort]] = Field(None, max_length=64)
+
+
+class Volume(OpenModel):
+    host_path: Optional[dict[str, Any]] = None
+
+    CEL = (_refused("hostPath", "hostPath", "a hostPath volume", "!has(self.hostPath)"),)
+
+
+class PodFields(OpenModel):
+    """The pod fields of a template that pod security looks at (everything else passes through)."""
+
+    host_network: Optional[bool] = None
+    host_pid: Optional[bool] = Field(None, alias="hostPID")
+    host_ipc: Optional[bool] = Field(None, alias="hostIPC")
+    service_account_name: Optional[str] = None
+    service_account: Optional[str] = None
+    automount_service_account_token: Optional[bool] = None
+    security_context: Optional[PodSecurityContext] = None
+    volumes: Optional[list[Volume]] = Field(None, max_length=256)
+    containers: Optional[list[Container]] = Field(None, max_length=64)
+    init_containers: Optional[list[Container]] = Field(None, max_length=64)
+    ephemeral_containers: Optional[list[Container]] = Field(None, max_length=64)
+
+    CEL = (
+        _refused("hostNamespaces", "hostNetwork", "hostNetwork", _not_true("hostNetwork")),
+        _refused("hostNamespaces", "hostPID", "hostPID", _not_true("hostPID")),
+        _refused("hostNamespaces", "hostIPC", "hostIPC", _not_true("hostIPC")),
+        _refused("serviceAccount", "serviceAccountName", "serviceAccountName", "!has(self.serviceAccountName)"),
+        _refused("serviceAccount", "serviceAccount", "serviceAccount", "!has(self.serviceAccount)"),
+        _refused(
+            "serviceAccount", "automountServiceAccountToken", "automountServiceAccountToken true",
+            _not_true("automountServiceAccountToken"),
+        ),
+    )
+
+
+class PodTemplate(PodFields):
+    """A pod template overlay, short form (pod fields at the top) or full form ``{metadata, spec}``
+    (see ``operator/dcmdp_operator/podtemplate.py``). Escalations (:mod:`dcmdp.podsecurity`) are
+    refused unless the validation context's ``allow_escalations`` names them."""
+
+    spec: Optional[PodFields] = None
+
+    @model_validator(mode="after")
+    def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
+        allow = (info.context or {}).get("allow_escalations", ())
+        found = podsecurity.violations(self.overlay(), "", allow)
+        if found:
+            raise ValueError("; ".join(f"{p.lstrip('.')}: {m}" for p, m in found))
+        return self
+
+    def overlay(self) -> dict[str, Any]:
+        """The template as written (JSON-compatible, camelCase), for the operator to merge."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 # --------------------------------------------------------------------------- trainer / rollout
-PodTemplate = dict[str, Any]
 
 
 class DeepSpeedSpec(SpecModel):
@@ -335,7 +540,7 @@ class TrainerSpec(SpecModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
-        default_factory=dict, description="Pod template overlay: nodeSelector, tolerations, resources…"
+        default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"
     )
 
 
@@ -352,7 +557,7 @@ class PoolSpec(SpecModel):
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
     image: Optional[str] = None
-    template: PodTemplate = Field(default_factory=dict)
+    template: PodTemplate = Field(default_factory=PodTemplate)
 
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
@@ -365,6 +570,11 @@ class RolloutSpec(SpecModel):
     )
     batch_prompts: int = Field(0, ge=0, le=65_536, description="Prompts per lease (0 = miniBatchSize).")
     lease_timeout_seconds: float = Field(60.0, gt=0, le=86_400)
+    stall_timeout_seconds: float = Field(
+        600.0, ge=0, le=604_800,
+        description="Fail the run when no rollout has been accepted for this long while workers submit or "
+        "none are connected (0 = wait forever).",
+    )
 
     CEL = (
         CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique", ".pools"),
@@ -509,14 +719,15 @@ def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
-    """Validate a manifest already parsed into Python objects."""
+def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozenset[str] = frozenset()) -> DCMDPRun:
+    """Validate a manifest already parsed into Python objects. ``allow_escalations``: the pod
+    template escalations the cluster admin allows (:mod:`dcmdp.podsecurity`; none by default)."""
     if not isinstance(data, dict):
         raise SpecError([("(root)", "a DCMDPRun manifest must be a mapping")], source)
     try:
         # Manifests use the camelCase names only (the API server knows no others); Python code
         # may still construct models with snake_case keywords.
-        return DCMDPRun.model_validate(data, by_name=False)
+        return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
         raise SpecError(validation_errors(exc), source) from None
 

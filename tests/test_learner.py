@@ -126,3 +126,34 @@ def test_extreme_finite_logprobs_never_poison_the_weights(algorithm):
     row = learner.train_step(rolls)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def _first_update_grad_norm(algorithm, rolls, tok):
+    """Grad norm of a single mini-batch update (π_θ = π_old: ratio 1, no clipping), no penalty."""
+    run = tiny_run(algorithm={"name": "grpo", "miniBatchSize": 8, "gradClip": 0, **algorithm})
+    model, _ = build_model(run.spec.model, seed=3)
+    return Learner(run, model, tok.pad_token_id).train_step(rolls)
+
+
+def test_advantage_std_and_aggregation_constant_scale_the_update_exactly():
+    model, tok = build_model(tiny_run().spec.model, seed=3)
+    rolls = make_rollouts(model, tok)  # rewards 0, 1, 0, 1 in every group of 4
+    norm = {k: _first_update_grad_norm(a, rolls, tok)["optim/grad_norm"] for k, a in {
+        "population": {}, "unbiased": {"advantageStd": "unbiased"}, "none": {"advantageStd": "none"},
+        "sum1": {"lossAggregation": "seq-mean-token-sum"},
+        "sum4": {"lossAggregation": "seq-mean-token-sum", "lossAggregationConstant": 4.0}}.items()}
+    # Â = (r − ½) / (σ + ε): σ = ½ (population), √(1/3) (unbiased), none = no division
+    assert norm["unbiased"] / norm["population"] == pytest.approx((0.5 + 1e-6) / (math.sqrt(1 / 3) + 1e-6), rel=1e-4)
+    assert norm["none"] / norm["population"] == pytest.approx(0.5 + 1e-6, rel=1e-4)
+    assert norm["sum4"] / norm["sum1"] == pytest.approx(0.25, rel=1e-4)
+
+
+def test_kept_denominator_divides_by_the_tokens_mis_keeps():
+    model, tok = build_model(tiny_run().spec.model, seed=3)
+    rolls = make_rollouts(model, tok)
+    for r in rolls[::3]:  # these sequences get r = π_old/p_inf = e² > C: mis drops them
+        r.logprobs = [x - 2.0 for x in r.logprobs]
+    rows = {d: _first_update_grad_norm({"name": "mis", "lossDenominator": d}, rolls, tok) for d in ("all", "kept")}
+    kept_frac = 1 - rows["all"]["correction/masked_frac"]
+    assert 0 < kept_frac < 1
+    assert rows["all"]["optim/grad_norm"] / rows["kept"]["optim/grad_norm"] == pytest.approx(kept_frac, rel=1e-4)

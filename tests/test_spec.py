@@ -37,12 +37,12 @@ def test_examples_load(path: Path) -> None:
 def test_gpu_example_puts_trainer_and_pools_on_their_own_nodes() -> None:
     r = S.load_run(REPO / "examples" / "gpu-cluster.yaml")
     assert r.spec.trainer.precision == "bf16"
-    assert r.spec.trainer.template["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
+    assert r.spec.trainer.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
     assert [(p.engine, p.precision) for p in r.spec.rollout.pools] == [("vllm", "fp8"), ("vllm", "bf16")]
     for p in r.spec.rollout.pools:
-        assert p.template["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
-        assert p.template["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert any(t["key"] == "nvidia.com/gpu" for t in p.template["tolerations"])
+        assert p.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+        assert p.template.overlay()["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert any(t["key"] == "nvidia.com/gpu" for t in p.template.overlay()["tolerations"])
 
 
 def test_kind_example_is_cpu_only_and_small() -> None:
@@ -101,7 +101,7 @@ def test_algorithm_helpers() -> None:
 
 def test_null_means_not_set() -> None:
     r = S.parse_run(run({"algorithm": {"steps": None}, "trainer": {"template": None}, "task": {"dataset": None}}))
-    assert r.spec.algorithm.steps == 100 and r.spec.trainer.template == {} and r.spec.task.dataset is None
+    assert r.spec.algorithm.steps == 100 and r.spec.trainer.template.overlay() == {} and r.spec.task.dataset is None
     assert S.parse_run(run({"model": {"builtin": None}})).spec.model.builtin is None  # null is a value here
     assert S.ModelSpec.null_keeping_fields() == {"builtin"}
 
@@ -222,3 +222,31 @@ def test_load_run_errors(tmp_path: Path, text: Any, path: str, word: str) -> Non
         S.load_run(f)
     assert info.value.errors[0][0] == path and word in info.value.errors[0][1]
     assert str(f) in str(info.value)
+
+
+# ------------------------------------------------------------ policy-loss conventions (issue 17)
+def test_policy_loss_conventions_parse_with_todays_defaults() -> None:
+    alg = S.parse_run(run({})).spec.algorithm
+    assert (alg.advantage_std, alg.loss_aggregation, alg.loss_denominator, alg.correction_level) == (
+        "population", "token-mean", "all", "token")
+    assert alg.dual_clip is None and alg.log_ratio_clamp == 20.0 and alg.mis_low == 0.0
+    verl_like = {"advantageStd": "unbiased", "lossAggregation": "seq-mean-token-sum", "lossAggregationConstant": 1024,
+                 "lossDenominator": "kept", "dualClip": 3, "logRatioClamp": 20, "misLow": 0.5,
+                 "correctionLevel": "geometric", "corrections": ["mis"]}
+    alg = S.parse_run(run({"algorithm": verl_like})).spec.algorithm
+    assert alg.dual_clip == 3.0 and alg.loss_aggregation_constant == 1024.0 and alg.correction_level == "geometric"
+
+
+@pytest.mark.parametrize("field, value, word", [
+    ("advantageStd", "sample", "unbiased"),
+    ("lossAggregation", "sum", "seq-mean-token-mean"),
+    ("lossAggregationConstant", 0, "greater than 0"),
+    ("lossDenominator", "dropped", "kept"),
+    ("dualClip", 1.0, "greater than 1"),
+    ("logRatioClamp", 100, "less than or equal to 80"),
+    ("misLow", 1.0, "less than 1"),
+    ("correctionLevel", "batch", "geometric"),
+])
+def test_policy_loss_convention_errors_name_the_field(field: str, value: Any, word: str) -> None:
+    errs = errors_of(run({"algorithm": {field: value}}))
+    assert any(path == f"spec.algorithm.{field}" and word in msg for path, msg in errs), errs

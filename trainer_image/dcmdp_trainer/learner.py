@@ -114,10 +114,17 @@ class Learner:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor) -> float:
+        """One optimizer update; returns the gradient norm. A non-finite loss or gradient norm is not
+        applied (the gradients are dropped) and the non-finite norm is returned for the caller to count."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(loss)):
+            return float("nan")
         loss.backward()
         clip = self.algo.grad_clip if self.algo.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         self.optimizer.step()
         return float(norm)
 
@@ -154,38 +161,50 @@ class Learner:
         tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
 
         # 3. advantages (and shaping)
-        adv = losses.group_advantages(batch.rewards, batch.groups)[:, None].expand_as(batch.mask).contiguous()
+        adv = losses.group_advantages(batch.rewards, batch.groups, std=algo.advantage_std)
+        adv = adv[:, None].expand_as(batch.mask).contiguous()
         if use_constraint and cons.mode == "advantage-shaping":
             adv = losses.shape_advantages(adv, delta, lam_tok)
         weights = keep = None
         if algo.active_corrections:
             weights, keep = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
                                                       cap=algo.importance_cap, low=algo.icepop_low,
-                                                      high=algo.icepop_high, mask=batch.mask)
+                                                      high=algo.icepop_high, mis_low=algo.mis_low,
+                                                      level=algo.correction_level, mask=batch.mask)
+        # the tokens the policy loss counts (lossDenominator); its denominator spans a whole mini-batch
+        counted = keep if keep is not None and algo.loss_denominator == "kept" else batch.mask
 
         # 4. mini-batch updates, split at group boundaries
         self.model.train()
         sums: dict[str, float] = {"loss/policy": 0.0, "loss/constraint": 0.0, "constraint/penalty": 0.0,
                                   "loss/kl": 0.0, "loss/total": 0.0, "optim/grad_norm": 0.0, "optim/clip_frac": 0.0}
+        skipped = 0  # updates not applied: non-finite loss or gradient norm
         chunks = self._minibatches(batch)
         for rows in chunks:
             with self.forward_context():
                 logp = token_logprobs(self.model, batch, rows, algo.temperature)
             m = batch.mask[rows]
-            pg, info = losses.clipped_surrogate(logp, logp_old[rows], adv[rows], m, algo.clip_low, algo.clip_high,
-                                                None if weights is None else weights[rows])
+            pg, info = losses.clipped_surrogate(
+                logp, logp_old[rows], adv[rows], counted[rows], algo.clip_low, algo.clip_high,
+                None if weights is None else weights[rows], dual_clip=algo.dual_clip,
+                log_ratio_clamp=algo.log_ratio_clamp, aggregation=algo.loss_aggregation,
+                denominator=losses.aggregation_denominator(counted[rows], algo.loss_aggregation),
+                constant=algo.loss_aggregation_constant)
             loss = pg
             c_loss = torch.zeros(())
             penalty = torch.zeros(())
             if use_constraint and cons.mode != "advantage-shaping":
                 c_loss, penalty = losses.constraint_penalty(logp, batch.logp_inf[rows], lam_tok[rows], m, cons.mode,
-                                                            tol_tok[rows])
+                                                            tol_tok[rows], log_ratio_clamp=algo.log_ratio_clamp)
                 loss = loss + c_loss
             kl = torch.zeros(())
             if logp_ref is not None:
-                kl = losses.reference_kl(logp, logp_ref[rows], m)
+                kl = losses.reference_kl(logp, logp_ref[rows], m, log_ratio_clamp=algo.log_ratio_clamp)
                 loss = loss + algo.kl_coef * kl
             norm = self.backward_and_step(loss)
+            if not math.isfinite(norm):
+                skipped += 1
+                continue
             for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
                              ("loss/kl", kl), ("loss/total", loss)):
                 sums[key] += float(val.detach())
@@ -200,7 +219,8 @@ class Learner:
         if use_constraint:
             self.constraints.update(run_stats["prob_diff_mean"], {p: s["prob_diff_mean"] for p, s in pool_stats.items()})
 
-        row: dict[str, Any] = {k: v / len(chunks) for k, v in sums.items()}
+        row: dict[str, Any] = {k: v / max(1, len(chunks) - skipped) for k, v in sums.items()}
+        row["optim/skipped_updates"] = skipped
         row.update({
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std(unbiased=False)),

@@ -1,0 +1,206 @@
+"""Models and tasks as users have them (issue 13): Hugging Face folders built in the test (a
+Qwen-style one: byte-level BPE, no BOS, padded vocabulary, chat template, bf16 weights; a
+Llama-style one: BOS, no pad), GSM8K-format JSONL data and the ``math`` verifier. Each test holds
+the right behaviour for one failure a new user met."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from dcmdp.cli import main
+from dcmdp.engine import Sample
+from dcmdp.models.source import ModelSourceError, resolve_model_folder
+from dcmdp.spec import ModelSpec, parse_run
+from dcmdp.tasks.prompt import PromptFormat
+from dcmdp_trainer.coordinator import Coordinator, Rejected, RunFailed
+from dcmdp_trainer.local import run_inprocess
+from dcmdp_trainer.session import NonFiniteWeights, Session
+from dcmdp_trainer.weights import WeightPublisher
+from hf_folders import gsm8k_jsonl, llama_style, qwen_style
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hf")
+    return {"qwen": qwen_style(base / "qwen"), "llama": llama_style(base / "llama"), "data": gsm8k_jsonl(base)}
+
+
+def manifest(model: dict, data, **over) -> dict:
+    spec = {
+        "model": model,
+        "task": {"name": "jsonl", "dataset": {"path": str(data), "verifier": "math"}, "chatTemplate": "tokenizer",
+                 "systemPrompt": "End with #### and the number.", "maxNewTokens": 12, "heldOut": 4},
+        "algorithm": {"name": "dc-grpo", "groupSize": 4, "promptsPerStep": 4, "miniBatchSize": 2, "steps": 2,
+                      "learningRate": 1e-4},
+        "rollout": {"pools": [{"name": "bf16", "precision": "bf16"}]},
+        "checkpoint": {"everySteps": 0},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
+    return {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "real"}, "spec": spec}
+
+
+def write(tmp_path, doc) -> str:
+    import yaml
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return str(f)
+
+
+# -- 1. both folder styles train end to end, with the chat template and the math verifier ----------
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["qwen", "llama"])
+def test_hf_folders_train_end_to_end_with_the_math_verifier(folders, tmp_path, style):
+    run = parse_run(manifest({"path": str(folders[style])}, folders["data"]))
+    summary = run_inprocess(run, tmp_path / "out", threads=1)
+    assert summary["steps"] == 2 and summary["warmstart"] == {"warmstart/steps": 0}  # off for loaded models
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0.0 <= row["response/truncated_frac"] <= 1.0 and row["optim/skipped_updates"] == 0
+        assert row["reward/invalid"] == 0 and row["rollouts"] == 16
+    assert len(summary["eval"]) == 2  # start and end
+
+
+def test_prompts_have_no_none_and_follow_the_template(folders):
+    """Qwen has no BOS: prompts used to start with None; Llama keeps its BOS."""
+    from dcmdp.models.tokenizer import load_tokenizer
+
+    qwen, llama = load_tokenizer(folders["qwen"]), load_tokenizer(folders["llama"])
+    raw = PromptFormat().ids(qwen, "Tom has 3")
+    assert None not in raw and raw == qwen("Tom has 3", add_special_tokens=False)["input_ids"]
+    assert PromptFormat().ids(llama, "Tom has 3")[0] == llama.bos_token_id
+    assert llama.pad_token_id == llama.eos_token_id  # no pad: EOS pads (masked)
+    chat = PromptFormat("tokenizer", "Be brief.")
+    assert chat.text(qwen, "Tom has 3").endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in chat.text(qwen, "Tom has 3")
+    assert chat.ids(qwen, "x") == qwen(chat.text(qwen, "x"), add_special_tokens=False)["input_ids"]
+
+
+# -- 2. the padded vocabulary, the trainer's checks and a run that fails instead of waiting -------
+@pytest.fixture(scope="module")
+def qwen_session(folders, tmp_path_factory):
+    run = parse_run(manifest({"path": str(folders["qwen"])}, folders["data"],
+                             rollout={"stallTimeoutSeconds": 3.0}))
+    s = Session(run, tmp_path_factory.mktemp("run"), threads=1)
+    yield s
+    s.metrics.close()
+
+
+def coordinator(session):
+    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
+    publisher.publish(session.version, session.weights(session.version))
+    return Coordinator(session, publisher)
+
+
+def lease_and_submit(coord, make_samples, stop):
+    """A worker in a thread: serves every lease with ``make_samples(item)`` until ``stop`` is set."""
+    def loop():
+        while not stop.is_set():
+            rec, finished = coord.acquire("w0", "bf16", coord.version, wait=0.1)
+            if finished:
+                return
+            if rec is None:
+                continue
+            try:
+                coord.submit("w0", "bf16", rec.lease_id, rec.version, make_samples(rec.item), 0.1, 4)
+            except Rejected:
+                pass
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def samples_for(item, response, logprobs):
+    return [Sample(p.index, list(response), list(logprobs)) for p in item.prompts for _ in range(item.n)]
+
+
+def test_the_vocabulary_is_the_models_embedding_not_the_tokenizer(qwen_session):
+    assert qwen_session.vocab_size == 448 > len(qwen_session.tokenizer)
+    coord = coordinator(qwen_session)
+    eos = qwen_session.tokenizer.eos_token_id
+    coord.phase = "Running"
+    coord._fill()
+    rec = coord.book.acquire("bf16", "w0", coord._version_for)
+    # a padded-row id (>= len(tokenizer), < embedding rows) is a valid sample, as engines may draw it
+    assert coord.submit("w0", "bf16", rec.lease_id, 0, samples_for(rec.item, [440, eos], [-9.0, -1.0]), 0.1, 8) > 0
+
+
+@pytest.mark.parametrize("logprob, cause", [(-9999.0, "logprob_floor"), (-95.0, "logprob_floor"),
+                                            (0.0009, "logprob_positive"), (float("nan"), "logprob_not_finite")])
+def test_implausible_logprobs_are_rejected_and_the_run_fails_with_the_cause(qwen_session, logprob, cause):
+    coord = coordinator(qwen_session)
+    eos = qwen_session.tokenizer.eos_token_id
+    stop = threading.Event()
+
+    def make(item):
+        return samples_for(item, [5, eos], [-1.0, -1.0] if item.is_eval else [-1.0, logprob])
+    lease_and_submit(coord, make, stop)
+    try:
+        with pytest.raises(RunFailed, match=cause):
+            coord.run()
+    finally:
+        stop.set()
+    assert coord.phase == "Failed" and cause in coord.message and coord.rejected["malformed"] >= 1
+    assert qwen_session.step == 0  # nothing trained
+
+
+def test_empty_responses_and_non_finite_timings_are_rejected(qwen_session):
+    coord = coordinator(qwen_session)
+    coord.phase = "Running"
+    coord._fill()
+    rec = coord.book.acquire("bf16", "w0", coord._version_for)
+    with pytest.raises(Rejected, match="empty response"):
+        coord.submit("w0", "bf16", rec.lease_id, 0, samples_for(rec.item, [], []), 0.1, 0)
+    rec = coord.book.acquire("bf16", "w0", coord._version_for)
+    eos = qwen_session.tokenizer.eos_token_id
+    with pytest.raises(Rejected, match="sampling_seconds nan"):
+        coord.submit("w0", "bf16", rec.lease_id, 0, samples_for(rec.item, [eos], [-1.0]), float("nan"), 1)
+
+
+def test_a_run_with_no_accepted_rollouts_fails_after_the_stall_timeout(qwen_session):
+    coord = coordinator(qwen_session)  # no worker at all (stallTimeoutSeconds: 3)
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match="no rollout accepted .* is any rollout worker running"):
+        coord.run()
+    assert time.monotonic() - t0 < 10 and coord.snapshot()["phase"] == "Failed"
+
+
+# -- 3. never train on, publish or checkpoint poison ----------------------------------------------
+def test_a_non_finite_loss_or_gradient_is_skipped_not_applied(qwen_session):
+    learner = qwen_session.learner
+    before = {k: v.clone() for k, v in qwen_session.model.state_dict().items()}
+    assert math.isnan(learner.backward_and_step(torch.tensor(float("nan"), requires_grad=True)))
+    p = next(qwen_session.model.parameters())
+    handle = p.register_hook(lambda g: g * float("inf"))
+    try:
+        norm = learner.backward_and_step(sum(q.sum() for q in qwen_session.model.parameters()) * 0.0 + p.sum())
+    finally:
+        handle.remove()
+    assert not math.isfinite(norm)
+    after = qwen_session.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_finite_weights_are_never_published(folders, tmp_path):
+    run = parse_run(manifest({"path": str(folders["qwen"])}, folders["data"]))
+    s = Session(run, tmp_path, threads=1)
+    try:
+        with torch.no_grad():
+            next(s.model.parameters())[0, 0] = float("nan")
+        s.step = 1
+        with pytest.raises(NonFiniteWeights, match="NaN/inf"):
+            s._publish()
+        with pytest.raises(NonFiniteWeights):
+            s.save_checkpoint()
+        assert all(torch.isfinite(v).all() for v in s.history[s.version].values())  # the good one stays
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        s.metrics.close()
