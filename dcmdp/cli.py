@@ -20,11 +20,14 @@ from typing import Any, Optional
 
 import yaml
 
+from dcmdp.models.source import resolve_model_folder
+from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
 from dcmdp.plots import plot_run
 from dcmdp.progress import RunProgress, summary_table
 from dcmdp.runners import installed, runner
 from dcmdp.spec import DCMDPRun, SpecError, dump_run, load_run
 from dcmdp.sweep import cli as sweep_cli
+from dcmdp.tasks import build_task
 
 
 # Files that mark a folder as holding a run (written by the trainer in --out), and everything else a
@@ -77,15 +80,11 @@ def answer_length_warnings(run: DCMDPRun) -> list[str]:
     if not task.dataset or not Path(task.dataset.path).is_file():
         return []
     try:
-        from dcmdp.models.source import resolve_model_folder
-        from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
-        from dcmdp.tasks import build_task
-    except ImportError:  # the core without transformers: nothing to count tokens with
-        return []
-    try:
         tok = (load_tokenizer(resolve_model_folder(run.spec.model, allow_download=False))
                if run.spec.model.loaded else build_tokenizer())
         built = build_task(task)
+    except ImportError:  # the core without transformers: nothing to count tokens with
+        return []
     except (OSError, ValueError) as exc:
         return [f"cannot check answer lengths: {exc}"]
     limit = built.max_new_tokens

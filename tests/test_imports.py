@@ -66,7 +66,7 @@ GENERATED = {"dcmdp.proto.dcmdp_pb2", "dcmdp.proto.dcmdp_pb2_grpc"}
 # Optional heavy dependencies: an extra installs them (ml, trainer, rollout, operator) and the
 # modules that use them must still import without them, or they are slow to import.
 HEAVY = {"torch", "transformers", "tokenizers", "safetensors", "deepspeed", "vllm", "matplotlib", "kopf",
-         "grpc_tools"}
+         "grpc_tools", "math_verify", "huggingface_hub"}
 
 
 @dataclass

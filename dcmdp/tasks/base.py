@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from dcmdp.tasks import math_answer
+
 Verifier = Callable[[str, str], float]
 
 
@@ -57,10 +59,8 @@ def contains_match(response: str, answer: str) -> float:
 
 
 def math_match(response: str, answer: str) -> float:
-    """The ``math`` verifier: :func:`dcmdp.tasks.math_answer.math_match` (imported on first use)."""
-    from dcmdp.tasks.math_answer import math_match as match
-
-    return match(response, answer)
+    """The ``math`` verifier: :func:`dcmdp.tasks.math_answer.math_match`."""
+    return math_answer.math_match(response, answer)
 
 
 BUILTIN_VERIFIERS: dict[str, Verifier] = {
