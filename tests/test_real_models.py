@@ -326,3 +326,26 @@ def test_output_folders_are_never_mixed_and_resume_keeps_evaluations(folders, tm
                  "--threads", "1"]) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 1
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_gpu_example_recipe_runs_with_a_qwen_style_folder(folders, tmp_path):
+    """examples/gpu-cluster.yaml's model and task sections, as written, on the CPU: only the paths,
+    the sizes and the cluster parts (vLLM pools, DeepSpeed, GPUs) are swapped out."""
+    import yaml
+
+    from dcmdp.spec import load_run
+
+    doc = yaml.safe_load(open("examples/gpu-cluster.yaml"))
+    spec = doc["spec"]
+    assert spec["task"]["dataset"]["verifier"] == "math" and spec["task"]["chatTemplate"] == "tokenizer"
+    spec["model"]["path"] = str(folders["qwen"])
+    spec["task"]["dataset"]["path"] = str(folders["data"])
+    spec["task"].update(heldOut=4, maxNewTokens=8)
+    spec["algorithm"].update(groupSize=2, promptsPerStep=2, miniBatchSize=1, steps=1)
+    spec["trainer"] = {"precision": "bf16"}
+    spec["rollout"] = {"pools": [{"name": "bf16", "precision": "bf16", "tolerance": "auto"}]}
+    spec["checkpoint"] = {"everySteps": 0}
+    spec.pop("scheduling")
+    summary = run_inprocess(load_run(write(tmp_path, doc)), tmp_path / "out", threads=1)
+    assert summary["steps"] == 1 and summary["warmstart"] == {"warmstart/steps": 0}
