@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from dcmdp import podsecurity
 
 API_GROUP = "dcmdp.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -52,6 +54,9 @@ class CelRule(NamedTuple):
     rule: str  # CEL over ``self`` (the object, camelCase field names, defaults applied)
     message: str
     field_path: Optional[str] = None  # JSON path relative to the object, e.g. ".lambdaInit"
+    # A pod-security rule: left out of the CRD when the admin allows this escalation
+    # (``dcmdp.podsecurity.ESCALATIONS``; ``python -m dcmdp.crd --allow``).
+    escalation: Optional[str] = None
 
 
 class SpecModel(BaseModel):
@@ -395,8 +400,130 @@ class AlgorithmSpec(SpecModel):
         return [self.name] if self.name in ("tis", "mis", "icepop") else list(self.corrections)
 
 
+# --------------------------------------------------------------------------- pod templates
+def _refused(escalation: str, field: str, what: str, rule: str) -> CelRule:
+    return CelRule(rule, podsecurity.refusal(escalation, what), f".{field}", escalation)
+
+
+def _not_true(field: str) -> str:
+    return f"!has(self.{field}) || !self.{field}"
+
+
+class OpenModel(SpecModel):
+    """A Kubernetes object the operator passes on: the fields declared here are typed and checked
+    (pod security); any other field is kept as written (``x-kubernetes-preserve-unknown-fields``)."""
+
+    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+
+
+class SeccompProfile(OpenModel):
+    type: Optional[str] = Field(None, max_length=64)
+
+
+class PodSecurityContext(OpenModel):
+    run_as_user: Optional[int] = None
+    run_as_non_root: Optional[bool] = None
+    seccomp_profile: Optional[SeccompProfile] = None
+
+    CEL = (
+        _refused("runAsRoot", "runAsUser", "runAsUser 0", "!has(self.runAsUser) || self.runAsUser != 0"),
+        _refused("runAsRoot", "runAsNonRoot", "runAsNonRoot false", "!has(self.runAsNonRoot) || self.runAsNonRoot"),
+        _refused(
+            "privileged", "seccompProfile.type", "seccompProfile Unconfined",
+            "!has(self.seccompProfile) || !has(self.seccompProfile.type) || self.seccompProfile.type != 'Unconfined'",
+        ),
+    )
+
+
+class Capabilities(OpenModel):
+    add: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=64)
+
+
+class ContainerSecurityContext(PodSecurityContext):
+    privileged: Optional[bool] = None
+    allow_privilege_escalation: Optional[bool] = None
+    capabilities: Optional[Capabilities] = None
+
+    CEL = PodSecurityContext.CEL + (
+        _refused("privileged", "privileged", "privileged", _not_true("privileged")),
+        _refused(
+            "privileged", "allowPrivilegeEscalation", "allowPrivilegeEscalation true",
+            _not_true("allowPrivilegeEscalation"),
+        ),
+        _refused(
+            "capabilities", "capabilities.add", "adding a capability other than NET_BIND_SERVICE",
+            "!has(self.capabilities) || !has(self.capabilities.add) || "
+            "self.capabilities.add.all(c, c == 'NET_BIND_SERVICE')",
+        ),
+    )
+
+
+class ContainerPort(OpenModel):
+    host_port: Optional[int] = None
+
+    CEL = (_refused("hostNamespaces", "hostPort", "hostPort", "!has(self.hostPort) || self.hostPort == 0"),)
+
+
+class Container(OpenModel):
+    security_context: Optional[ContainerSecurityContext] = None
+    ports: Optional[list[ContainerPort]] = Field(None, max_length=64)
+
+
+class Volume(OpenModel):
+    host_path: Optional[dict[str, Any]] = None
+
+    CEL = (_refused("hostPath", "hostPath", "a hostPath volume", "!has(self.hostPath)"),)
+
+
+class PodFields(OpenModel):
+    """The pod fields of a template that pod security looks at (everything else passes through)."""
+
+    host_network: Optional[bool] = None
+    host_pid: Optional[bool] = Field(None, alias="hostPID")
+    host_ipc: Optional[bool] = Field(None, alias="hostIPC")
+    service_account_name: Optional[str] = None
+    service_account: Optional[str] = None
+    automount_service_account_token: Optional[bool] = None
+    security_context: Optional[PodSecurityContext] = None
+    volumes: Optional[list[Volume]] = Field(None, max_length=256)
+    containers: Optional[list[Container]] = Field(None, max_length=64)
+    init_containers: Optional[list[Container]] = Field(None, max_length=64)
+    ephemeral_containers: Optional[list[Container]] = Field(None, max_length=64)
+
+    CEL = (
+        _refused("hostNamespaces", "hostNetwork", "hostNetwork", _not_true("hostNetwork")),
+        _refused("hostNamespaces", "hostPID", "hostPID", _not_true("hostPID")),
+        _refused("hostNamespaces", "hostIPC", "hostIPC", _not_true("hostIPC")),
+        _refused("serviceAccount", "serviceAccountName", "serviceAccountName", "!has(self.serviceAccountName)"),
+        _refused("serviceAccount", "serviceAccount", "serviceAccount", "!has(self.serviceAccount)"),
+        _refused(
+            "serviceAccount", "automountServiceAccountToken", "automountServiceAccountToken true",
+            _not_true("automountServiceAccountToken"),
+        ),
+    )
+
+
+class PodTemplate(PodFields):
+    """A pod template overlay, short form (pod fields at the top) or full form ``{metadata, spec}``
+    (see ``operator/dcmdp_operator/podtemplate.py``). Escalations (:mod:`dcmdp.podsecurity`) are
+    refused unless the validation context's ``allow_escalations`` names them."""
+
+    spec: Optional[PodFields] = None
+
+    @model_validator(mode="after")
+    def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
+        allow = (info.context or {}).get("allow_escalations", ())
+        found = podsecurity.violations(self.overlay(), "", allow)
+        if found:
+            raise ValueError("; ".join(f"{p.lstrip('.')}: {m}" for p, m in found))
+        return self
+
+    def overlay(self) -> dict[str, Any]:
+        """The template as written (JSON-compatible, camelCase), for the operator to merge."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 # --------------------------------------------------------------------------- trainer / rollout
-PodTemplate = dict[str, Any]
 
 
 class DeepSpeedSpec(SpecModel):
@@ -413,7 +540,7 @@ class TrainerSpec(SpecModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
-        default_factory=dict, description="Pod template overlay: nodeSelector, tolerations, resources…"
+        default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"
     )
 
 
@@ -430,7 +557,7 @@ class PoolSpec(SpecModel):
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
     image: Optional[str] = None
-    template: PodTemplate = Field(default_factory=dict)
+    template: PodTemplate = Field(default_factory=PodTemplate)
 
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
@@ -590,14 +717,15 @@ def _messages(exc: ValidationError) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
-    """Validate a manifest already parsed into Python objects."""
+def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozenset[str] = frozenset()) -> DCMDPRun:
+    """Validate a manifest already parsed into Python objects. ``allow_escalations``: the pod
+    template escalations the cluster admin allows (:mod:`dcmdp.podsecurity`; none by default)."""
     if not isinstance(data, dict):
         raise SpecError([("(root)", "a DCMDPRun manifest must be a mapping")], source)
     try:
         # Manifests use the camelCase names only (the API server knows no others); Python code
         # may still construct models with snake_case keywords.
-        return DCMDPRun.model_validate(data, by_name=False)
+        return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
         raise SpecError(_messages(exc), source) from None
 
