@@ -177,14 +177,16 @@ def test_a_run_with_no_accepted_rollouts_fails_after_the_stall_timeout(qwen_sess
 def test_a_non_finite_loss_or_gradient_is_skipped_not_applied(qwen_session):
     learner = qwen_session.learner
     before = {k: v.clone() for k, v in qwen_session.model.state_dict().items()}
-    assert math.isnan(learner.backward_and_step(torch.tensor(float("nan"), requires_grad=True)))
+    assert not learner.backward(torch.tensor(float("nan"), requires_grad=True), last=True)  # nothing accumulated
     p = next(qwen_session.model.parameters())
     handle = p.register_hook(lambda g: g * float("inf"))
     try:
-        norm = learner.backward_and_step(sum(q.sum() for q in qwen_session.model.parameters()) * 0.0 + p.sum())
+        assert learner.backward(sum(q.sum() for q in qwen_session.model.parameters()) * 0.0 + p.sum(), last=True)
+        norm = learner.optimizer_step()
     finally:
         handle.remove()
     assert not math.isfinite(norm)
+    assert all(q.grad is None for q in qwen_session.model.parameters())  # the gradients were dropped
     after = qwen_session.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
