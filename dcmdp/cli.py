@@ -106,9 +106,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in answer_length_warnings(run):
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
-        import yaml
+        from dcmdp import yamlfile
 
-        print(yaml.safe_dump(dump_run(run), sort_keys=False))
+        print(yamlfile.dumps(dump_run(run)))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
         print(f"{args.file}: valid {run.kind} {run.metadata.name!r}: {run.spec.algorithm.name}, "
