@@ -40,6 +40,7 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
 PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 EngineName = Literal["hf", "vllm"]
 
@@ -538,6 +539,19 @@ class TrainerSpec(SpecModel):
     replicas: int = Field(1, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    device: Device = Field(
+        "auto", description="Where the model, batches, optimizer state and autocast live: cpu, cuda, or auto "
+        "(cuda when present). cuda where none is present fails at start."
+    )
+    micro_batch_tokens: int = Field(
+        0, ge=0, le=1 << 40,
+        description="Token budget (rows × padded length) of every forward and backward: the π_old, reference and "
+        "sampled-version passes and each mini-batch (gradients accumulated over its micro-batches; the update "
+        "is the mini-batch's). 0 = one micro-batch per pass. A sequence longer than the budget runs alone.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them."
+    )
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
         default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"
