@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from dcmdp import yamlfile
 from dcmdp.models.source import resolve_model_folder
 from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
 from dcmdp.plots import plot_run
@@ -105,7 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in answer_length_warnings(run):
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
-        print(yaml.safe_dump(dump_run(run), sort_keys=False))
+        print(yamlfile.dumps(dump_run(run)))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
         print(f"{args.file}: valid {run.kind} {run.metadata.name!r}: {run.spec.algorithm.name}, "

@@ -17,6 +17,7 @@ import yaml
 
 from dcmdp import crd as C
 from dcmdp import spec as S
+from dcmdp.names import MAX_RUN_NAME
 from dcmdp_testing.admission import admit, apply_defaults, validate_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,11 +332,11 @@ def _mutations(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bo
 
     yield from walk(SCHEMA["properties"]["spec"], stored["spec"], ("spec",))
     meta = SCHEMA["properties"]["metadata"]["properties"]["name"]
-    for new in ("Bad_Name", "a" * 64, "-a", "a."):
+    for new in ("Bad_Name", "a" * 64, "a" * (MAX_RUN_NAME + 1), "-a", "a.", "1abc"):
         yield f"metadata.name={new!r}", _set(stored, ("metadata", "name"), new), False, "metadata.name"
     yield "apiVersion", _set(stored, ("apiVersion",), "dcmdp.io/v1"), False, "apiVersion"
     yield "kind", _set(stored, ("kind",), "DCMDPJob"), False, "kind"
-    assert meta["maxLength"] == 63
+    assert meta["maxLength"] == MAX_RUN_NAME
 
 
 def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool, str]]:

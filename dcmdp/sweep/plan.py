@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from pydantic import ValidationError
 
-from dcmdp.spec import KIND, SpecError, YAMLLoader, parse_run, validation_errors
+from dcmdp import yamlfile
+from dcmdp.spec import KIND, SpecError, parse_run, validation_errors
 from dcmdp.sweep.spec import AlgorithmEntry, DCMDPSweep, RelativeTolerance, SourceSpec
 
 def merge(base: Any, patch: Any) -> Any:
@@ -63,12 +63,15 @@ PLACEHOLDER_TOLERANCE = 1.0  # validated stand-in for a relative c (replaced bef
 def load_sweep(path: Union[str, Path]) -> DCMDPSweep:
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=YAMLLoader)
+        docs = yamlfile.read_documents(path)
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
-    return parse_sweep(data, str(path))
+    except yamlfile.YAMLFileError as exc:
+        raise SpecError([(exc.where, str(exc))], str(path)) from None
+    if len(docs) != 1:
+        raise SpecError([("(file)", f"the file holds {len(docs)} YAML documents: a sweep file holds exactly one")],
+                        str(path))
+    return parse_sweep(docs[0], str(path))
 
 
 def parse_sweep(data: Any, source: str = "sweep") -> DCMDPSweep:

@@ -16,10 +16,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dcmdp import yamlfile
 from dcmdp.runners import runner
 from dcmdp.spec import parse_run
 from dcmdp.sweep.cells import cell_dir, cell_done, cell_metrics, mean_delta, warm_start_dir
@@ -159,7 +159,7 @@ class Runner:
             d = cell_dir(out, cell)
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-            (d / "run.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+            (d / "run.yaml").write_text(yamlfile.dumps(manifest))
             fut = pool.submit(_worker_run, manifest, str(d), self.threads, self.queue, cell.id)
             self.running[fut] = (cell.id, cell)
             self.bars[cell.id] = self.progress.add_task(f"  {cell.id}", total=p.steps, info="")
