@@ -150,7 +150,7 @@ class Session:
         if not too_long:
             return 0
         first = ", ".join(repr(p[:40]) for p in list(too_long)[:3])
-        what = (f"{len(too_long)} prompt(s) need more than {budget} tokens (context {self.context} - "
+        what = (f"{len(too_long)} prompt(s) longer than {budget} tokens (context {self.context} - "
                 f"maxNewTokens {self.task.max_new_tokens}); first: {first}")
         if self.spec.task.overlong_prompts == "refuse":
             raise ValueError(f"spec.task.dataset.path: {what} (overlongPrompts: refuse)")
