@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from dcmdp.device import resolve_device
 from dcmdp.engine import EngineError, Sample, SamplingParams
 from dcmdp.generation import sample
 
@@ -45,8 +46,6 @@ class HFEngine:
             raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8)")
         if threads:
             torch.set_num_threads(threads)
-        from dcmdp.device import resolve_device
-
         self.device = resolve_device(device, "spec.rollout.pools[].device")
         if precision == "int8" and self.device.type != "cpu":
             raise EngineError("hf engine: int8 (torch dynamic quantisation) runs on the CPU only: "
