@@ -351,3 +351,26 @@ def test_the_gpu_example_recipe_runs_with_a_qwen_style_folder(folders, tmp_path)
     spec.pop("scheduling")
     summary = run_inprocess(load_run(write(tmp_path, doc)), tmp_path / "out", threads=1)
     assert summary["steps"] == 1 and summary["warmstart"] == {"warmstart/steps": 0}
+
+
+def test_a_cached_hub_id_loads_offline_in_the_asked_dtype(folders, tmp_path, monkeypatch):
+    """``model.name`` resolves through huggingface_hub's cache layout with no network."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from dcmdp.models.tiny import build_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--tiny-qwen"
+    shutil.copytree(folders["qwen"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(name="acme/tiny-qwen")
+    assert resolve_model_folder(spec) == repo / "snapshots" / commit
+    model, tok = build_model(spec)
+    assert next(model.parameters()).dtype == torch.float32 and tok.bos_token_id is None  # bf16 file upcast
+    model, _ = build_model(ModelSpec(name="acme/tiny-qwen", dtype="bf16"))
+    assert next(model.parameters()).dtype == torch.bfloat16
