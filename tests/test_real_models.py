@@ -250,6 +250,18 @@ def test_a_verifier_returning_nan_or_none_is_named_or_scored_zero(folders, tmp_p
         s.metrics.close()
 
 
+def test_dcmdp_run_stops_on_a_nan_reward_naming_verifier_and_prompt(folders, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "nan"}) + "\n" for i in range(4)))
+    doc = manifest({"path": str(folders["qwen"])}, data,
+                   task={"dataset": {"path": str(data), "verifier": "test_real_models:bad_verifier"}})
+    out = tmp_path / "out"
+    assert main(["run", "-f", write(tmp_path, doc), "--out", str(out), "--inprocess", "--quiet", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "RewardError: verifier 'test_real_models:bad_verifier' returned nan" in err and "for prompt 'p" in err
+    assert not (out / "checkpoints").exists()  # nothing trained, nothing checkpointed
+
+
 # -- 5. lengths -----------------------------------------------------------------------------------
 def test_overlong_prompts_are_dropped_with_a_count_or_refused(folders, tmp_path, caplog):
     data = tmp_path / "long.jsonl"
