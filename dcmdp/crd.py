@@ -43,7 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dcmdp import podsecurity
+from dcmdp import names, podsecurity
 from dcmdp import spec as S
 
 GROUP = S.API_GROUP
@@ -331,15 +331,10 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     spec = _spec_schema(allow)
     spec["description"] = "What to train and where: the same manifest runs locally with `dcmdp run -f`."
     spec["default"] = {}
-    name = S.Metadata.model_fields["name"]
     metadata = {
         "type": "object",
         "properties": {
-            "name": {
-                "type": "string",
-                "maxLength": next(m.max_length for m in name.metadata if hasattr(m, "max_length")),
-                "pattern": S.DNS_LABEL,
-            }
+            "name": {"type": "string", "maxLength": names.MAX_RUN_NAME, "pattern": names.DNS_1035_LABEL},
         },
     }
     root = {
@@ -354,6 +349,22 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
         },
     }
     return _strip_models(root)
+
+
+def to_json_schema(node: Any) -> Any:
+    """An OpenAPI v3 schema node as JSON Schema (draft 4): ``x-kubernetes-*`` keys dropped,
+    ``nullable`` folded into the ``type`` (and ``enum``) as ``null``. The Helm values schema and the
+    admission emulation (``dcmdp_testing.admission``) check documents with it."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if node.get("nullable") and "type" in node:
+        out["type"] = [node["type"], "null"]
+    if node.get("nullable") and "enum" in node:
+        out["enum"] = list(node["enum"]) + [None]
+    return out
 
 
 PRINTER_COLUMNS = [

@@ -12,18 +12,18 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from dcmdp import podsecurity
+from dcmdp import names, podsecurity
+from dcmdp.yamlfile import YAMLFileError, YAMLLoader, read_documents  # noqa: F401 (YAMLLoader: re-exported)
 
 API_GROUP = "dcmdp.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "DCMDPRun"
 PLURAL = "dcmdpruns"
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL = names.DNS_1123_LABEL
 # A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
 VERIFIER = r"^(exact|numeric|contains|math|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 # A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
@@ -682,10 +682,59 @@ class RunSpec(SpecModel):
         return pool.tolerance if pool.tolerance is not None else self.algorithm.constraint.tolerance
 
 
-class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = Field("run", min_length=1, max_length=63, pattern=DNS_LABEL)
+class Metadata(SpecModel):
+    """``metadata`` as Kubernetes validates it (rules in :mod:`dcmdp.names`, shared with the
+    operator): the run name a DNS-1035 label short enough for its children's names, the namespace
+    a DNS-1123 label, label and annotation keys/values as the API server checks them. The fields
+    the API server sets (uid, resourceVersion, …) are accepted and kept; any other is an error."""
+
+    name: str = Field("run", description=f"A DNS-1035 label of at most {names.MAX_RUN_NAME} characters.")
     namespace: Optional[str] = None
+    labels: Optional[dict[str, str]] = None
+    annotations: Optional[dict[str, str]] = None
+    generate_name: Optional[str] = None
+    uid: Optional[str] = None
+    resource_version: Optional[str] = None
+    generation: Optional[int] = None
+    creation_timestamp: Optional[str] = None
+    deletion_timestamp: Optional[str] = None
+    deletion_grace_period_seconds: Optional[int] = None
+    finalizers: Optional[list[str]] = None
+    owner_references: Optional[list[dict[str, Any]]] = None
+    managed_fields: Optional[list[dict[str, Any]]] = None
+    self_link: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        err = names.run_name_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: Optional[str]) -> Optional[str]:
+        err = v is not None and names.dns_1123_label_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.labels_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.annotations_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
 
 
 class DCMDPRun(SpecModel):
@@ -694,6 +743,16 @@ class DCMDPRun(SpecModel):
     metadata: Metadata = Field(default_factory=Metadata)
     spec: RunSpec = Field(default_factory=RunSpec)
     status: Optional[dict[str, Any]] = Field(None, description="Written by the operator; ignored here.")
+
+    @model_validator(mode="after")
+    def _child_names(self) -> "DCMDPRun":
+        for i, pool in enumerate(self.spec.rollout.pools):
+            if len(self.metadata.name) + len(pool.name) > names.MAX_RUN_AND_POOL:
+                raise ValueError(
+                    f"spec.rollout.pools[{i}].name: run name {self.metadata.name!r} and pool name {pool.name!r} "
+                    f"together exceed {names.MAX_RUN_AND_POOL} characters (the pool's Deployment is named "
+                    f"<run>{names.POOL_INFIX}<pool>, at most {names.MAX_LABEL})")
+        return self
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -720,7 +779,9 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out or "(root)"
 
 
-def _messages(exc: ValidationError) -> list[tuple[str, str]]:
+def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as ``(field path, message)`` pairs, a path written like a manifest's
+    (``spec.rollout.pools[1].name``), the first message per path (what :class:`SpecError` holds)."""
     seen: dict[str, str] = {}
     for err in exc.errors():
         path = _path(err["loc"])
@@ -741,34 +802,24 @@ def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozens
         # may still construct models with snake_case keywords.
         return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
-        raise SpecError(_messages(exc), source) from None
-
-
-class YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-6`` as a float like Kubernetes does.
-
-    PyYAML implements YAML 1.1, where an exponent without a dot (``1e-6``) is a string; kubectl
-    (YAML 1.2 rules) reads a number. Without this, a manifest the cluster accepts would fail here.
-    """
-
-
-YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
+        raise SpecError(validation_errors(exc), source) from None
 
 
 def load_run(path: Union[str, Path]) -> DCMDPRun:
-    """Read and validate a YAML manifest (the first DCMDPRun document in the file)."""
+    """Read and validate a YAML manifest, read with the limits of :mod:`dcmdp.yamlfile` (UTF-8,
+    no duplicate keys, bounded depth and alias expansion). Of a multi-document file, the one
+    document of kind DCMDPRun (two or more are an error)."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=YAMLLoader) if d is not None]
+        docs = read_documents(path)
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
+    except YAMLFileError as exc:
+        raise SpecError([(exc.where, str(exc))], str(path)) from None
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) > 1:
+        raise SpecError([("kind", f"{len(runs)} documents of kind {KIND} in the file: one manifest per file")],
+                        str(path))
     if not runs:
         if len(docs) == 1:
             return parse_run(docs[0], str(path))
