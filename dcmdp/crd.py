@@ -43,7 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dcmdp import podsecurity
+from dcmdp import names, podsecurity
 from dcmdp import spec as S
 
 GROUP = S.API_GROUP
@@ -229,6 +229,12 @@ class _Builder:
         if kind == "object" and "properties" in node:
             out["type"] = "object"
             out.update(self.convert_object(node, path))
+        elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+            out["type"] = "object"  # a map (labels): CEL can iterate over its keys
+            out["additionalProperties"] = self.convert(node["additionalProperties"], path + "{}")
+            for k in ("minProperties", "maxProperties"):
+                if k in node:
+                    out[k] = node[k]
         elif kind == "object":
             out["type"] = "object"
             out["x-kubernetes-preserve-unknown-fields"] = True
@@ -338,13 +344,17 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
             "name": {
                 "type": "string",
                 "maxLength": next(m.max_length for m in name.metadata if hasattr(m, "max_length")),
-                "pattern": S.DNS_LABEL,
+                "pattern": names.DNS_1035_LABEL,
             }
         },
     }
     root = {
         "type": "object",
         "description": "A DC-GRPO training run: a trainer and rollout pools that exchange rollouts and weights.",
+        "x-kubernetes-validations": [
+            {"rule": r.rule, "message": r.message, **({"fieldPath": r.field_path} if r.field_path else {})}
+            for r in S.DCMDPRun.CEL
+        ],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

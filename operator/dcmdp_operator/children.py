@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
-from dcmdp import podsecurity
+from dcmdp import names, podsecurity
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
 
 from . import podtemplate
@@ -50,7 +50,7 @@ POOL_LABEL = "dcmdp.io/pool"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 
-DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_1035 = re.compile(names.DNS_1035_LABEL)
 
 # The images' user (trainer_image/Dockerfile, inference_image/Dockerfile: `USER 10001:10001`).
 RUN_AS_USER = 10001
@@ -90,12 +90,8 @@ def configmap_name(run: str) -> str:
     return f"{run}-config"
 
 
-def trainer_name(run: str) -> str:
-    return f"{run}-trainer"
-
-
-def pool_name(run: str, pool: str) -> str:
-    return f"{run}-rollout-{pool}"
+trainer_name = names.trainer_name
+pool_name = names.pool_name
 
 
 def pvc_name(run: str) -> str:
@@ -108,7 +104,7 @@ def podgroup_name(run: str) -> str:
 
 def trainer_host(run: str) -> str:
     """Pod 0 of the indexed Job, through the headless Service (same namespace)."""
-    return f"{trainer_name(run)}-0.{trainer_name(run)}"
+    return f"{names.trainer_hostname(run, 0)}.{trainer_name(run)}"
 
 
 def new_token() -> str:
@@ -214,6 +210,10 @@ def build(
         raise BuildError("token", "a run needs a token")
     name = meta["name"]
     spec = run.spec
+    # The model checks these too; `meta` is the object's own (the model saw the same name).
+    derived = names.derived_name_errors(name, spec.trainer.replicas, [p.name for p in spec.rollout.pools])
+    if derived:
+        raise BuildError(*derived[0])
     finished = phase in TERMINAL_PHASES
     out: list[dict[str, Any]] = [
         {
