@@ -337,15 +337,10 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     spec = _spec_schema(allow)
     spec["description"] = "What to train and where: the same manifest runs locally with `dcmdp run -f`."
     spec["default"] = {}
-    name = S.Metadata.model_fields["name"]
     metadata = {
         "type": "object",
         "properties": {
-            "name": {
-                "type": "string",
-                "maxLength": next(m.max_length for m in name.metadata if hasattr(m, "max_length")),
-                "pattern": names.DNS_1035_LABEL,
-            }
+            "name": {"type": "string", "maxLength": names.MAX_RUN_NAME, "pattern": names.DNS_1035_LABEL},
         },
     }
     root = {

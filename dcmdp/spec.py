@@ -12,18 +12,18 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from dcmdp import names, podsecurity
+from dcmdp.yamlfile import YAMLFileError, YAMLLoader, read_documents  # noqa: F401 (YAMLLoader: re-exported)
 
 API_GROUP = "dcmdp.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "DCMDPRun"
 PLURAL = "dcmdpruns"
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL = names.DNS_1123_LABEL
 # A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
 VERIFIER = r"^(exact|numeric|contains|math|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 # A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
@@ -40,6 +40,7 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
 PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 EngineName = Literal["hf", "vllm"]
 
@@ -515,14 +516,8 @@ def _label_rules(field: str, values: bool) -> CelRule:
 
 
 def _label_errors(mapping: Optional[dict[str, str]], field: str, values: bool) -> list[tuple[str, str]]:
-    out = []
-    for k, v in (mapping or {}).items():
-        if len(k) > names.MAX_LABEL_KEY or not re.search(names.LABEL_KEY, k):
-            out.append((field, f"{k!r} is not a valid key ([prefix/]name, name at most 63 characters)"))
-        elif values and (len(v) > names.MAX_LABEL or not re.search(names.LABEL_VALUE, v)):
-            out.append((field, f"{k}: {v!r} is not a valid label value (at most 63 characters of "
-                        "[A-Za-z0-9-_.], starting and ending alphanumeric)"))
-    return out
+    found = names.labels_errors(mapping or {}) if values else names.annotations_errors(mapping or {})
+    return [(field, err) for err in found]
 
 
 Labels = Optional[dict[str, str]]
@@ -586,6 +581,19 @@ class TrainerSpec(SpecModel):
     replicas: int = Field(1, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    device: Device = Field(
+        "auto", description="Where the model, batches, optimizer state and autocast live: cpu, cuda, or auto "
+        "(cuda when present). cuda where none is present fails at start."
+    )
+    micro_batch_tokens: int = Field(
+        0, ge=0, le=1 << 40,
+        description="Token budget (rows × padded length) of every forward and backward: the π_old, reference and "
+        "sampled-version passes and each mini-batch (gradients accumulated over its micro-batches; the update "
+        "is the mini-batch's). 0 = one micro-batch per pass. A sequence longer than the budget runs alone.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them."
+    )
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
         default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"
@@ -644,7 +652,7 @@ class RolloutSpec(SpecModel):
 class PVCSpec(SpecModel):
     enabled: bool = False
     size: str = Field("10Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
-    storage_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_SUBDOMAIN)
+    storage_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.SUBDOMAIN)
 
 
 class CheckpointSpec(SpecModel):
@@ -666,10 +674,10 @@ class SchedulingSpec(SpecModel):
     queue_name: Optional[str] = Field(
         None,
         max_length=names.MAX_LABEL,
-        pattern=names.DNS_SUBDOMAIN,
+        pattern=names.SUBDOMAIN,
         description="Kueue LocalQueue or Volcano queue (a label value on the children: at most 63 characters).",
     )
-    priority_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_SUBDOMAIN)
+    priority_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.SUBDOMAIN)
 
     CEL = (
         CelRule(
@@ -721,11 +729,59 @@ class RunSpec(SpecModel):
         return pool.tolerance if pool.tolerance is not None else self.algorithm.constraint.tolerance
 
 
-class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    # A letter first: the trainer's Service is named after the run (a DNS-1035 label).
-    name: str = Field("run", min_length=1, max_length=63, pattern=names.DNS_1035_LABEL)
+class Metadata(SpecModel):
+    """``metadata`` as Kubernetes validates it (rules in :mod:`dcmdp.names`, shared with the
+    operator): the run name a DNS-1035 label short enough for its children's names, the namespace
+    a DNS-1123 label, label and annotation keys/values as the API server checks them. The fields
+    the API server sets (uid, resourceVersion, …) are accepted and kept; any other is an error."""
+
+    name: str = Field("run", description=f"A DNS-1035 label of at most {names.MAX_RUN_NAME} characters.")
     namespace: Optional[str] = None
+    labels: Optional[dict[str, str]] = None
+    annotations: Optional[dict[str, str]] = None
+    generate_name: Optional[str] = None
+    uid: Optional[str] = None
+    resource_version: Optional[str] = None
+    generation: Optional[int] = None
+    creation_timestamp: Optional[str] = None
+    deletion_timestamp: Optional[str] = None
+    deletion_grace_period_seconds: Optional[int] = None
+    finalizers: Optional[list[str]] = None
+    owner_references: Optional[list[dict[str, Any]]] = None
+    managed_fields: Optional[list[dict[str, Any]]] = None
+    self_link: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        err = names.run_name_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: Optional[str]) -> Optional[str]:
+        err = v is not None and names.dns_1123_label_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.labels_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.annotations_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
 
 
 class DCMDPRun(SpecModel):
@@ -735,7 +791,8 @@ class DCMDPRun(SpecModel):
     spec: RunSpec = Field(default_factory=RunSpec)
     status: Optional[dict[str, Any]] = Field(None, description="Written by the operator; ignored here.")
 
-    # The names Kubernetes derives from the run's (dcmdp.names) must fit a 63-character label.
+    # The trainer's indexed-Job pod hostnames <run>-trainer-<index> must fit a 63-character label;
+    # the pools' Deployments <run>-rollout-<pool> too (the API server sees metadata.name at the root).
     CEL = (
         CelRule(
             f"size(self.metadata.name) + {len(names.TRAINER_SUFFIX) + 1} + "
@@ -744,20 +801,27 @@ class DCMDPRun(SpecModel):
             ".metadata.name",
         ),
         CelRule(
-            f"self.spec.rollout.pools.all(p, size(self.metadata.name) + {len(names.ROLLOUT_INFIX)} + "
-            f"size(p.name) <= {names.MAX_LABEL})",
+            f"self.spec.rollout.pools.all(p, size(self.metadata.name) + size(p.name) <= {names.MAX_RUN_AND_POOL})",
             "spec.rollout.pools: the Deployment name <name>-rollout-<pool> must be at most 63 characters",
             ".spec.rollout.pools",
         ),
     )
 
     @model_validator(mode="after")
-    def _derived_names(self) -> "DCMDPRun":
-        found = names.derived_name_errors(
-            self.metadata.name, self.spec.trainer.replicas, [p.name for p in self.spec.rollout.pools]
-        )
-        if found:
-            raise _field_errors(found)
+    def _hostnames(self) -> "DCMDPRun":
+        err = names.trainer_hostname_error(self.metadata.name, self.spec.trainer.replicas)
+        if err:
+            raise _field_errors([("metadata.name", err)])
+        return self
+
+    @model_validator(mode="after")
+    def _child_names(self) -> "DCMDPRun":
+        for i, pool in enumerate(self.spec.rollout.pools):
+            if len(self.metadata.name) + len(pool.name) > names.MAX_RUN_AND_POOL:
+                raise ValueError(
+                    f"spec.rollout.pools[{i}].name: run name {self.metadata.name!r} and pool name {pool.name!r} "
+                    f"together exceed {names.MAX_RUN_AND_POOL} characters (the pool's Deployment is named "
+                    f"<run>{names.POOL_INFIX}<pool>, at most {names.MAX_LABEL})")
         return self
 
 
@@ -824,31 +888,21 @@ def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozens
         raise SpecError(_messages(exc), source) from None
 
 
-class YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-6`` as a float like Kubernetes does.
-
-    PyYAML implements YAML 1.1, where an exponent without a dot (``1e-6``) is a string; kubectl
-    (YAML 1.2 rules) reads a number. Without this, a manifest the cluster accepts would fail here.
-    """
-
-
-YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
 def load_run(path: Union[str, Path]) -> DCMDPRun:
-    """Read and validate a YAML manifest (the first DCMDPRun document in the file)."""
+    """Read and validate a YAML manifest, read with the limits of :mod:`dcmdp.yamlfile` (UTF-8,
+    no duplicate keys, bounded depth and alias expansion). Of a multi-document file, the one
+    document of kind DCMDPRun (two or more are an error)."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=YAMLLoader) if d is not None]
+        docs = read_documents(path)
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
+    except YAMLFileError as exc:
+        raise SpecError([(exc.where, str(exc))], str(path)) from None
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) > 1:
+        raise SpecError([("kind", f"{len(runs)} documents of kind {KIND} in the file: one manifest per file")],
+                        str(path))
     if not runs:
         if len(docs) == 1:
             return parse_run(docs[0], str(path))

@@ -18,6 +18,7 @@ import yaml
 from dcmdp import crd as C
 from dcmdp import spec as S
 from dcmdp.admission import _to_json_schema, admit
+from dcmdp.names import MAX_RUN_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -338,11 +339,11 @@ def _mutations(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bo
 
     yield from walk(SCHEMA["properties"]["spec"], stored["spec"], ("spec",))
     meta = SCHEMA["properties"]["metadata"]["properties"]["name"]
-    for new in ("Bad_Name", "a" * 64, "-a", "a."):
+    for new in ("Bad_Name", "a" * 64, "a" * (MAX_RUN_NAME + 1), "-a", "a.", "1abc"):
         yield f"metadata.name={new!r}", _set(stored, ("metadata", "name"), new), False, "metadata.name"
     yield "apiVersion", _set(stored, ("apiVersion",), "dcmdp.io/v1"), False, "apiVersion"
     yield "kind", _set(stored, ("kind",), "DCMDPJob"), False, "kind"
-    assert meta["maxLength"] == 63
+    assert meta["maxLength"] == MAX_RUN_NAME
 
 
 def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool, str]]:
@@ -383,8 +384,7 @@ def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
     tt = s + ("trainer", "template")
     cases += [
         # names Kubernetes derives: <run>-trainer-<index> (pod hostname), <run>-rollout-<pool>
-        ("hostname 64", [(("metadata", "name"), "a" * 54)] + one_pool("p"), False, "metadata.name"),
-        ("hostname 63", [(("metadata", "name"), "a" * 53)] + one_pool("p"), True, ""),
+        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p"), True, ""),
         ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p"), False, "metadata.name"),
         ("deployment 64", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 15), False, "pools"),
         ("deployment 63", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 14), True, ""),

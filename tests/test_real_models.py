@@ -144,7 +144,7 @@ def test_implausible_logprobs_are_rejected_and_the_run_fails_with_the_cause(qwen
         return samples_for(item, [5, eos], [-1.0, -1.0] if item.is_eval else [-1.0, logprob])
     lease_and_submit(coord, make, stop)
     try:
-        with pytest.raises(RunFailed, match=cause):
+        with pytest.raises(RunFailed, match=f"every submission of a step was rejected as malformed \\({cause}\\)"):
             coord.run()
     finally:
         stop.set()
@@ -177,14 +177,16 @@ def test_a_run_with_no_accepted_rollouts_fails_after_the_stall_timeout(qwen_sess
 def test_a_non_finite_loss_or_gradient_is_skipped_not_applied(qwen_session):
     learner = qwen_session.learner
     before = {k: v.clone() for k, v in qwen_session.model.state_dict().items()}
-    assert math.isnan(learner.backward_and_step(torch.tensor(float("nan"), requires_grad=True)))
+    assert not learner.backward(torch.tensor(float("nan"), requires_grad=True), last=True)  # nothing accumulated
     p = next(qwen_session.model.parameters())
     handle = p.register_hook(lambda g: g * float("inf"))
     try:
-        norm = learner.backward_and_step(sum(q.sum() for q in qwen_session.model.parameters()) * 0.0 + p.sum())
+        assert learner.backward(sum(q.sum() for q in qwen_session.model.parameters()) * 0.0 + p.sum(), last=True)
+        norm = learner.optimizer_step()
     finally:
         handle.remove()
     assert not math.isfinite(norm)
+    assert all(q.grad is None for q in qwen_session.model.parameters())  # the gradients were dropped
     after = qwen_session.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -204,3 +206,148 @@ def test_non_finite_weights_are_never_published(folders, tmp_path):
         assert not (tmp_path / "checkpoints").exists()
     finally:
         s.metrics.close()
+
+
+# -- 4. rewards for real tasks --------------------------------------------------------------------
+def test_math_and_numeric_verifiers_read_chain_of_thought_answers():
+    from dcmdp.tasks.base import math_match, numeric_match
+
+    ref = "Tom has 3 + 4 = 7 apples.\n#### 7"
+    for response in ("so he has 7", "#### 7", "The answer is \\boxed{7}.", "7.0"):
+        assert math_match(response, ref) == 1.0, response
+    assert math_match("\\boxed{\\frac{14}{2}}", ref) == 1.0 and math_match("\\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    assert math_match("#### 8", ref) == 0.0 and math_match("no idea", ref) == 0.0
+    assert math_match("#### 1,234", "#### 1234") == 1.0
+    assert numeric_match("3 + 4 = 7", ref) == 1.0 and numeric_match("7 is wrong, 8", ref) == 0.0
+    assert numeric_match("1,234.5", "1234.5") == 1.0 and numeric_match("none", ref) == 0.0
+
+
+def bad_verifier(response, answer):  # a user verifier returning NaN / None by the answer
+    return {"nan": float("nan"), "none": None}.get(answer, 1.0)
+
+
+@pytest.mark.parametrize("policy", ["error", "zero"])
+def test_a_verifier_returning_nan_or_none_is_named_or_scored_zero(folders, tmp_path, policy):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": a}) + "\n"
+                            for i, a in enumerate(["nan", "none", "ok", "ok"])))
+    run = parse_run(manifest({"path": str(folders["qwen"])}, data,
+                             task={"dataset": {"path": str(data), "verifier": "test_real_models:bad_verifier",
+                                               "invalidReward": policy}}))
+    s = Session(run, tmp_path / "out", threads=1)
+    try:
+        from dcmdp.tasks import Problem
+
+        for answer in ("nan", "none"):
+            if policy == "error":
+                with pytest.raises(ValueError, match=f"verifier 'test_real_models:bad_verifier' returned .* for prompt 'p'"):
+                    s.reward([5], Problem("p", answer))
+            else:
+                assert s.reward([5], Problem("p", answer)) == 0.0
+        assert s.reward([5], Problem("p", "ok")) == 1.0
+        assert s.invalid_rewards == (2 if policy == "zero" else 0)
+    finally:
+        s.metrics.close()
+
+
+# -- 5. lengths -----------------------------------------------------------------------------------
+def test_overlong_prompts_are_dropped_with_a_count_or_refused(folders, tmp_path, caplog):
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": f"short {i}", "answer": "#### 1"} for i in range(6)] + [{"prompt": "word " * 600, "answer": "#### 2"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = manifest({"path": str(folders["qwen"])}, data)  # context 512
+    s = Session(parse_run(doc), tmp_path / "a", threads=1)
+    s.metrics.close()
+    assert s.dropped_prompts == 1 and all("word" not in p.prompt for p in s.task.problems())
+    assert "dropped 1 prompt(s)" in caplog.text and "'word word" in caplog.text
+    doc["spec"]["task"]["overlongPrompts"] = "refuse"
+    with pytest.raises(ValueError, match=r"spec.task.dataset.path: 1 prompt\(s\) longer than 500 tokens .*\(overlongPrompts: refuse\)"):
+        Session(parse_run(doc), tmp_path / "b", threads=1)
+
+
+def test_truncation_is_measured_and_warned_about(folders, tmp_path, caplog):
+    run = parse_run(manifest({"path": str(folders["qwen"])}, folders["data"], task={"maxNewTokens": 2},
+                             algorithm={"steps": 1}))
+    run_inprocess(run, tmp_path / "out", threads=1)
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["response/truncated_frac"] > 0.5  # a random model rarely samples EOS in 2 tokens
+    assert "hit maxNewTokens (2) before EOS" in caplog.text
+
+
+def test_validate_checks_paths_and_warns_about_long_reference_answers(folders, tmp_path, capsys):
+    doc = manifest({"path": str(folders["qwen"])}, folders["data"], task={"maxNewTokens": 4})
+    assert main(["validate", "-f", write(tmp_path, doc)]) == 0
+    assert "reference answers are longer" in capsys.readouterr().err
+    doc = manifest({"path": str(tmp_path / "no-model")}, tmp_path / "no.jsonl")
+    assert main(["validate", "-f", write(tmp_path, doc)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.model.path" in err and "does not exist" in err and "spec.task.dataset.path" in err
+
+
+# -- 6. models and output folders -----------------------------------------------------------------
+def test_a_hub_id_offline_and_uncached_is_an_error_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelSourceError, match="spec.model.name: cannot get Qwen/Qwen3-0.6B@main"):
+        resolve_model_folder(ModelSpec(name="Qwen/Qwen3-0.6B", revision="main"))
+    with pytest.raises(ModelSourceError, match="spec.model.path: .* does not exist"):
+        resolve_model_folder(ModelSpec(path=str(tmp_path / "nothing")))
+
+
+def test_model_spec_rules_and_the_warm_start_default():
+    assert ModelSpec().warm_start_steps == 100 and ModelSpec(path="x").warm_start_steps == 0
+    assert ModelSpec(name="a/b", warm_start={"steps": 5}).warm_start_steps == 5
+    with pytest.raises(ValueError, match="model.path or model.name, not both"):
+        ModelSpec(path="x", name="a/b")
+    with pytest.raises(ValueError, match="revision needs model.name"):
+        ModelSpec(path="x", revision="main")
+
+
+@pytest.mark.slow
+def test_output_folders_are_never_mixed_and_resume_keeps_evaluations(folders, tmp_path, capsys):
+    doc = manifest({"path": str(folders["qwen"])}, folders["data"], algorithm={"steps": 2},
+                   checkpoint={"everySteps": 1}, eval={"everySteps": 1})
+    f, out = write(tmp_path, doc), str(tmp_path / "out")
+    assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--steps", "1", "--threads", "1"]) == 0
+    assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--threads", "1"]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--resume", "--threads", "1"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [e["step"] for e in summary["eval"]] == [0, 1, 2]  # the evaluations before the checkpoint kept
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--resume"]) == 0
+    assert "already finished (2 of 2 steps); nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--overwrite", "--steps", "1",
+                 "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 1
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_gpu_example_recipe_runs_with_a_qwen_style_folder(folders, tmp_path):
+    """examples/gpu-cluster.yaml's model and task sections, as written, on the CPU: only the paths,
+    the sizes and the cluster parts (vLLM pools, DeepSpeed, GPUs) are swapped out."""
+    import yaml
+
+    from dcmdp.spec import load_run
+
+    doc = yaml.safe_load(open("examples/gpu-cluster.yaml"))
+    spec = doc["spec"]
+    assert spec["task"]["dataset"]["verifier"] == "math" and spec["task"]["chatTemplate"] == "tokenizer"
+    spec["model"]["path"] = str(folders["qwen"])
+    spec["task"]["dataset"]["path"] = str(folders["data"])
+    spec["task"].update(heldOut=4, maxNewTokens=8)
+    spec["algorithm"].update(groupSize=2, promptsPerStep=2, miniBatchSize=1, steps=1)
+    spec["trainer"] = {"precision": "bf16"}
+    spec["rollout"] = {"pools": [{"name": "bf16", "precision": "bf16", "tolerance": "auto"}]}
+    spec["checkpoint"] = {"everySteps": 0}
+    spec.pop("scheduling")
+    summary = run_inprocess(load_run(write(tmp_path, doc)), tmp_path / "out", threads=1)
+    assert summary["steps"] == 1 and summary["warmstart"] == {"warmstart/steps": 0}

@@ -159,7 +159,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("spec not a map", run("everything"), "spec", "dictionary"),
     ("wrong kind", run(kind="RayJob"), "kind", "DCMDPRun"),
     ("wrong version", run(apiVersion="dcmdp.io/v1"), "apiVersion", "v1alpha1"),
-    ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "pattern"),
+    ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "DNS-1035 label"),
     ("negative ttl", run({"ttlSecondsAfterFinished": -1}), "spec.ttlSecondsAfterFinished", "greater than or equal to 0"),
 ]
 

@@ -23,13 +23,11 @@ replicas. The trainer always runs with ``--resume``: it continues from the newes
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 from typing import Any, Optional
 
-import yaml
 
-from dcmdp import names, podsecurity
+from dcmdp import names, podsecurity, yamlfile
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
 
 from . import podtemplate
@@ -49,8 +47,6 @@ ROLE_LABEL = "dcmdp.io/role"
 POOL_LABEL = "dcmdp.io/pool"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
-
-DNS_1035 = re.compile(names.DNS_1035_LABEL)
 
 # The images' user (trainer_image/Dockerfile, inference_image/Dockerfile: `USER 10001:10001`).
 RUN_AS_USER = 10001
@@ -134,9 +130,10 @@ def read_accepted(configmap: Optional[dict[str, Any]]) -> Optional[dict[str, Any
     if not text:
         return None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        docs = yamlfile.loads(text)
+    except yamlfile.YAMLFileError:
         return None
+    data = docs[0] if len(docs) == 1 else None
     return data if isinstance(data, dict) else None
 
 
@@ -177,12 +174,9 @@ def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _metadata(name: str, meta: dict[str, Any], lbls: dict[str, str]) -> dict[str, Any]:
-    if len(name) > 63 or not DNS_1035.match(name):
-        raise BuildError(
-            "metadata.name",
-            f"child name {name!r} is not a valid DNS label of at most 63 characters starting with a "
-            "letter: use a shorter run (or pool) name",
-        )
+    err = names.child_name_error(name)
+    if err:
+        raise BuildError("metadata.name", f"child name: {err}: use a shorter run (or pool) name")
     return {
         "name": name,
         "namespace": meta["namespace"],
@@ -211,9 +205,9 @@ def build(
     name = meta["name"]
     spec = run.spec
     # The model checks these too; `meta` is the object's own (the model saw the same name).
-    derived = names.derived_name_errors(name, spec.trainer.replicas, [p.name for p in spec.rollout.pools])
-    if derived:
-        raise BuildError(*derived[0])
+    host_error = names.trainer_hostname_error(name, spec.trainer.replicas)
+    if host_error:
+        raise BuildError("metadata.name", host_error)
     finished = phase in TERMINAL_PHASES
     out: list[dict[str, Any]] = [
         {
@@ -227,7 +221,7 @@ def build(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _metadata(configmap_name(name), meta, labels(name, "config")),
-            "data": {CONFIG_KEY: yaml.safe_dump(run_config(run, meta), sort_keys=True)},
+            "data": {CONFIG_KEY: yamlfile.dumps(run_config(run, meta), sort_keys=True)},
         },
     ]
     if spec.checkpoint.pvc.enabled:

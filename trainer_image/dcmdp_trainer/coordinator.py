@@ -105,8 +105,8 @@ class Coordinator:
         self.dropped_by_pool: dict[str, int] = {p: 0 for p in self.pools}
         self.dropped_since_step = 0
         self.rejected: dict[str, int] = {}
-        # malformed submissions since the last accepted one: cause -> (work item keys, last detail)
-        self.failing: dict[str, tuple[set[str], str]] = {}
+        # malformed submissions since the last accepted one: cause -> (work item keys, submissions)
+        self.failing: dict[str, tuple[set[str], int]] = {}
         self.last_accept = clock()
         self.last_rejection = ""
         self.phase = "Initializing"
@@ -258,13 +258,15 @@ class Coordinator:
     def _failing(self, item: WorkItem, problem: Problem) -> None:
         """Remember a malformed submission (under cond); once every work item of the oldest pending
         step was rejected for the same cause with nothing accepted in between, the run fails."""
-        keys, _ = self.failing.get(problem.cause, (set(), ""))
+        keys, count = self.failing.get(problem.cause, (set(), 0))
         keys.add(item.key)
-        self.failing[problem.cause] = (keys, problem.detail)
+        self.failing[problem.cause] = (keys, count + 1)
         self.last_rejection = f"{problem.cause}: {problem.detail}"
         pending = [b for st, b in sorted(self.buffers.items()) if not b.complete]
-        need = pending[0].items - pending[0].done if pending and not item.is_eval else 1
-        if len(keys) >= max(1, need):
+        need = max(1, pending[0].items - pending[0].done if pending and not item.is_eval else 1)
+        # every outstanding item rejected, or as many rejections as that twice over (a worker that
+        # gets the same released item back each time)
+        if len(keys) >= need or count + 1 >= 2 * need:
             self._fail(f"every submission of a step was rejected as malformed ({problem.cause}): {problem.detail}")
 
     def _fail(self, message: str) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from dcmdp.engine import Rollout, Sample
 from dcmdp.generation import sample
-from dcmdp.metrics import MetricsWriter, PrometheusSink
+from dcmdp.metrics import MetricsWriter, PrometheusSink, read_metrics
 from dcmdp.models.tiny import build_model, context_length, num_parameters, save_model, vocab_limit
 from dcmdp.spec import DCMDPRun, dump_run
 from dcmdp.tasks import Problem, build_task
@@ -99,10 +99,9 @@ class Session:
         self.warmstart: dict[str, float] = {}
         self.eval_rows: list[dict[str, Any]] = []
 
-        ckpt = checkpoint.latest(self.out) if resume else None
+        # the newest intact checkpoint (broken newer ones are skipped with a warning)
+        ckpt, state = checkpoint.load_latest(self.out) if resume else (None, None)
         self.resumed_finished = False
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.out)}")
         if ckpt is None:
             self.warmstart = warm_start(self.model, self.tokenizer, self.task, self.spec.model.warm_start, seed,
                                         steps=self.spec.model.warm_start_steps, fmt=self.format)
@@ -111,8 +110,8 @@ class Session:
         # learner_factory: e.g. the DeepSpeed learner of dcmdp_trainer.distributed (same arguments)
         self.learner = (learner_factory or Learner)(run, self.model, self.tokenizer.pad_token_id, self.pools)
         self.learner.snapshot_of = lambda v: None if v == self.version else self.history.get(v)
-        if ckpt is not None:
-            state = checkpoint.load(ckpt)
+        if state is not None:
+            checkpoint.restore_rng(state)  # again: building the learner may have drawn numbers
             self.learner.load_state_dict(state["learner"])
             self.step, self.version = state["step"], state["version"]
             self.history = OrderedDict(state["history"])
@@ -141,7 +140,7 @@ class Session:
         if not too_long:
             return 0
         first = ", ".join(repr(p[:40]) for p in list(too_long)[:3])
-        what = (f"{len(too_long)} prompt(s) need more than {budget} tokens (context {self.context} - "
+        what = (f"{len(too_long)} prompt(s) longer than {budget} tokens (context {self.context} - "
                 f"maxNewTokens {self.task.max_new_tokens}); first: {first}")
         if self.spec.task.overlong_prompts == "refuse":
             raise ValueError(f"spec.task.dataset.path: {what} (overlongPrompts: refuse)")
@@ -281,7 +280,7 @@ class Session:
     def _earlier_evals(self, step: int) -> list[dict[str, Any]]:
         """Evaluations up to ``step`` (the checkpoint resumed from); eval.jsonl is cut back to them."""
         path = self.out / "eval.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        rows = read_metrics(path) if path.exists() else []  # a torn last line is dropped
         rows = [r for r in rows if r.get("step", 0) <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
