@@ -15,7 +15,11 @@ GPU (``--device cuda``) torch's max allocated CUDA memory is reported beside it.
 Goals: rollouts / base ≤ 1.3 and staleness / base ≤ 1.3. The RSS includes the Python/torch
 runtime (reported alone as ``runtime_mib``: the process after importing torch and transformers).
 
-    .venv/bin/python bench/trainer_memory.py [--preset 50m] [--micro-batch-tokens 2048] [--threads 2]
+    .venv/bin/python bench/trainer_memory.py [--preset 50m] [--micro-batch-tokens 256] [--threads 2]
+
+The budget must bind in the base configuration too (its mini-batches are 16 rollouts of ~16
+tokens): with a budget above the base's mini-batch, base runs smaller micro-batches than the
+512-rollout case and the ratio measures the budget, not the growth.
 
 Last line: one JSON object.
 """
@@ -111,7 +115,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="50m")
-    ap.add_argument("--micro-batch-tokens", type=int, default=2048)
+    ap.add_argument("--micro-batch-tokens", type=int, default=256)  # binds in base too (16 rows × ~16 tokens)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # one configuration (child)
