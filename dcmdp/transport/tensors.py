@@ -22,6 +22,21 @@ ALIGN = 64
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 
 
+def wire_dtype(engine: str, precision: str) -> str:
+    """The dtype a pool receives weights in: its own float precision, bf16 when the engine
+    quantises (int8, fp8: the engine quantises from 16-bit weights, so the wire carries half the
+    bytes of fp32)."""
+    if precision in ("bf16", "fp16", "fp32"):
+        return precision
+    return "bf16"
+
+
+def wire_cast(state: Mapping[str, "torch.Tensor"], dtype: str) -> dict[str, "torch.Tensor"]:
+    """``state`` with floating-point tensors rounded to the wire dtype (what a worker receives)."""
+    target = _torch_dtypes()[dtype]
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
 class WeightFormatError(ValueError):
     """A snapshot or manifest that cannot be what it claims (bad dtype, sizes, checksum)."""
 

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = spec.trainer.threads or default)")
     ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
+    ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
+                    help="how weights reach workers: a torch.distributed broadcast (gloo/NCCL; not under TLS) "
+                         "with the gRPC stream as fallback, or the gRPC stream only")
     ap.add_argument("--linger", type=float, default=10.0, help="seconds to wait for workers to hear the run ended")
     return ap
 
@@ -84,6 +87,8 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     from dcmdp_trainer.observability import TrainerMetrics
     from dcmdp_trainer.server import start_server
     from dcmdp_trainer.session import Session
+    from dcmdp.transport.tensors import wire_dtype
+    from dcmdp_trainer.broadcast import BroadcastHub
     from dcmdp_trainer.weights import WeightPublisher
 
     runtime = TrainerMetrics()
@@ -107,10 +112,15 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         runtime.close()
         raise
     tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
-    publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
+    publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
+                                dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
     publisher.publish(session.version, session.weights(session.version))
     coord = Coordinator(session, publisher, log=log, runtime=runtime)
-    server.dcmdp_service.attach(coord, publisher)
+    hub = None
+    if args.data_plane == "collective" and not args.tls_cert:  # gloo has no TLS: weights stay on gRPC
+        hub = BroadcastHub(publisher, args.host, expected=coord.workers_receiving,
+                           on_round=lambda r: log.info("weights broadcast", extra={"fields": vars(r)}))
+    server.dcmdp_service.attach(coord, publisher, hub)
     log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                           "version": session.version, "resumed": resume,
                                           "tls": bool(args.tls_cert), "out": str(out)}})

@@ -33,6 +33,7 @@ from dcmdp.engine import Rollout, Sample
 from dcmdp_trainer.leases import LeaseBook, LeaseRecord, WorkItem
 from dcmdp_trainer.local import split_prompts
 from dcmdp_trainer.session import Session, StepPrompt
+from dcmdp.transport.tensors import wire_dtype
 from dcmdp_trainer.weights import WeightPublisher
 
 Callback = Callable[[dict[str, Any]], None]
@@ -158,6 +159,14 @@ class Coordinator:
             w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, time.time()
             self.workers[worker_id] = w
         self._log("worker registered", worker=worker_id, pool=pool, engine=engine, precision=precision)
+
+    def workers_receiving(self, dtype: str, within_s: float = 30.0) -> int:
+        """Workers seen in the last ``within_s`` seconds whose pool receives weights in ``dtype``
+        (the joiners a broadcast round of that dtype waits for)."""
+        now = time.time()
+        with self.cond:
+            return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
+                       and wire_dtype(self.pools[w.pool].engine, self.pools[w.pool].precision) == dtype)
 
     def _seen(self, worker_id: str, pool: str, version: int) -> WorkerState:
         w = self.workers.get(worker_id)

@@ -19,11 +19,19 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
 from dcmdp.transport.channel import bind, make_server
+from dcmdp.transport.buckets import WeightCastError
+from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected
+from dcmdp_trainer.stream_guard import Slots, StallWatchdog
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LONG_POLL_S = 2.0
+MAX_WORKERS = 32  # server threads
+MAX_STREAMS = 8  # concurrent weight streams (each holds a thread and one bucket buffer)
+MAX_LONG_POLLS = 16  # concurrent long-polling AcquireLease calls; the rest are answered at once
+STALL_S = 30.0  # a weight stream that hands gRPC no chunk for this long is cancelled
+SHED_RETRY_MS = 1000  # retry_after_ms told to a worker whose long poll found no free slot
 
 
 def model_files(folder: Path) -> list[pb.ModelFile]:
@@ -42,8 +50,14 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     count it as the trainer being unreachable)."""
 
     def __init__(self, coord: Optional[Coordinator] = None, publisher: Optional[WeightPublisher] = None, *,
-                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S):
+                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S,
+                 max_streams: int = MAX_STREAMS, max_long_polls: int = MAX_LONG_POLLS, stall_s: float = STALL_S,
+                 hub: Optional[BroadcastHub] = None):
         self.runtime = runtime
+        self.hub = hub
+        self.streams = Slots(max_streams)
+        self.long_polls = Slots(max_long_polls)
+        self.watchdog = StallWatchdog(stall_s, tick_s=min(0.5, stall_s / 4), on_stall=self._stalled)
         self.log = log
         self.long_poll_s = long_poll_s
         self.run, self.total_steps = run, total_steps
@@ -52,14 +66,19 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         if coord is not None:
             self.attach(coord, publisher)
 
-    def attach(self, coord: Coordinator, publisher: WeightPublisher) -> None:
+    def attach(self, coord: Coordinator, publisher: WeightPublisher, hub: Optional[BroadcastHub] = None) -> None:
         session = coord.session
         manifest = dump_run(session.run)
         manifest["spec"]["algorithm"]["steps"] = session.total_steps
         self.manifest_json = json.dumps(manifest)
         self.files = model_files(session.model_dir)
         self.publisher = publisher
+        self.hub = hub or self.hub
         self.coord = coord
+
+    def _stalled(self, what: str) -> None:
+        if self.log:
+            self.log.warning("weight stream stalled: cancelled", extra={"fields": {"stream": what}})
 
     def _ready(self, context) -> Coordinator:
         coord = self.coord
@@ -87,14 +106,19 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def AcquireLease(self, request, context):
         self._ready(context)
         h = request.header
+        polling = self.long_polls.take()  # no free long-poll slot: answer at once, retry later
         try:
-            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version, wait=self.long_poll_s)
+            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version,
+                                               wait=self.long_poll_s if polling else 0.0)
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        finally:
+            if polling:
+                self.long_polls.give()
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
         if rec is None:
-            return pb.Lease(header=self._header(h), retry_after_ms=50)
+            return pb.Lease(header=self._header(h), retry_after_ms=50 if polling else SHED_RETRY_MS)
         item = rec.item
         ttl = max(0.0, rec.expires - self.coord.clock())
         return pb.Lease(
@@ -119,39 +143,68 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             return pb.SubmitReply(header=self._header(h), accepted=False, reason=str(exc))
         return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
 
-    def _packed(self, request, context):
+    def _prepared(self, request, context):
         try:
-            return self.publisher.packed(request.version, request.dtype or "fp32")
+            return self.publisher.prepared(request.version, request.dtype or "fp32")
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WeightCastError as exc:  # the trainer's weights overflow the wire dtype: nothing is sent
+            if self.log:
+                self.log.error("weights not castable", extra={"fields": {"reason": str(exc)}})
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _manifest(self, h: pb.Header, prep) -> pb.WeightManifest:
+        lay = prep.layout
+        return pb.WeightManifest(
+            header=self._header(h, prep.version), version=prep.version, dtype=lay.dtype,
+            tensors=[pb.TensorInfo(name=e.name, shape=list(e.shape), dtype=e.dtype, offset=e.offset, nbytes=e.nbytes)
+                     for e in lay.entries],
+            total_bytes=lay.total_bytes, chunk_size=lay.bucket_bytes)
 
     def GetWeightManifest(self, request, context):
         self._ready(context)
-        p = self._packed(request, context)
-        version = request.version if request.version >= 0 else self.publisher.latest
-        return pb.WeightManifest(
-            header=self._header(request.header, version), version=version, dtype=p.dtype,
-            tensors=[pb.TensorInfo(name=e.name, shape=list(e.shape), dtype=e.dtype, offset=e.offset, nbytes=e.nbytes)
-                     for e in p.entries],
-            total_bytes=p.total_bytes, sha256=p.sha256, chunk_size=request.chunk_size or 0)
+        return self._manifest(request.header, self._prepared(request, context))
+
+    def JoinBroadcast(self, request, context):
+        """A ticket to the broadcast of (version, dtype); an empty group says: stream it."""
+        self._ready(context)
+        prep = self._prepared(request, context)
+        ticket = self.hub.join(prep.version, prep.layout.dtype) if self.hub is not None else None
+        reply = pb.BroadcastTicket(header=self._header(request.header, prep.version),
+                                   manifest=self._manifest(request.header, prep))
+        if ticket is not None:
+            reply.group, reply.rank, reply.world_size = ticket.group, ticket.rank, ticket.world_size
+            reply.store_port, reply.backend = self.hub.port, ticket.backend
+            reply.timeout_ms = int(self.hub.timeout_s * 1000)
+        return reply
 
     def StreamWeights(self, request, context):
         self._ready(context)
-        self._packed(request, context)  # aborts with the right code when it cannot be served
-        t0, sent = time.perf_counter(), 0
+        prep = self._prepared(request, context)  # aborts with the right code when it cannot be served
         try:
-            for c in self.publisher.chunks(request.version, request.dtype or "fp32", request.offset, request.chunk_size):
-                sent += len(c.data)
-                yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
+            self.publisher.check_request(prep, request.offset, request.chunk_size)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.streams.take():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.streams.limit} weight streams are being served: retry")
+        key = self.watchdog.watch(f"{request.header.worker_id}/v{prep.version}/{request.dtype}", context.cancel)
+        t0, sent = time.perf_counter(), 0
+        try:
+            for c in self.publisher.chunks(prep.version, request.dtype or "fp32", request.offset, request.chunk_size,
+                                           request.length):
+                sent += len(c.data)
+                yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
+                self.watchdog.progress(key)
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ConnectionAbortedError as exc:  # the test hook breaking a stream
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
+            self.watchdog.done(key)
+            self.streams.give()
             if self.runtime:
                 self.runtime.weights_served(request.header.pool or "?", request.dtype or "fp32", sent,
                                             time.perf_counter() - t0)
@@ -172,10 +225,12 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
 
 def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublisher], token: str, *,
                  host: str = "127.0.0.1", port: int = 0, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = 32, run=None,
-                 total_steps: int = 0) -> tuple[grpc.Server, int]:
+                 tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = MAX_WORKERS, run=None,
+                 total_steps: int = 0, **limits) -> tuple[grpc.Server, int]:
     """A started server; returns (server, bound port). With ``coord`` None it serves as starting
-    until ``server.dcmdp_service.attach(coord, publisher)``."""
+    until ``server.dcmdp_service.attach(coord, publisher)``. ``limits``: ``max_streams``,
+    ``max_long_polls``, ``stall_s``, ``long_poll_s``, ``hub`` (the broadcast data plane) of
+    :class:`TrainerService`."""
 
     def rejected(method: str, reason: str) -> None:
         if runtime:
@@ -184,7 +239,7 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
             log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
 
     server = make_server(token, max_workers=max_workers, on_reject=rejected)
-    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log)
+    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log, **limits)
     dcmdp_pb2_grpc.add_TrainerServicer_to_server(service, server)
     bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
     server.start()
