@@ -35,7 +35,8 @@ Beyond the paper:
 
 The diagnostics logged besides δ̄: the max of δ_t, the mean |log p_train − log p_inf| and the k3
 estimator of KL(p_inf ‖ p_train) with r = p_train / p_inf:  k3 = r − 1 − log r  (≥ 0, unbiased
-for samples drawn from the inference engine).
+for samples drawn from the inference engine), log r clamped to ±20 (as the losses' default
+log-ratio clamp) so that no finite log-probability makes it inf.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ from dcmdp.spec import ConstraintSpec
 
 
 # ------------------------------------------------------------------------------- discrepancy
+K3_LOG_RATIO_CLAMP = 20.0  # |log r| bound of the k3 diagnostic (the losses' default clamp)
+
+
 def token_discrepancy(logp_train: torch.Tensor, logp_inf: torch.Tensor) -> torch.Tensor:
     """δ_t = |p_train,t − p_inf,t| from log-probabilities (elementwise)."""
     return (logp_train.exp() - logp_inf.exp()).abs()
@@ -66,7 +70,8 @@ def discrepancy_stats(logp_train: torch.Tensor, logp_inf: torch.Tensor, mask: to
     lt, li = logp_train[m].double(), logp_inf[m].double()
     delta = (lt.exp() - li.exp()).abs()
     log_r = lt - li
-    k3 = log_r.exp() - 1 - log_r
+    log_r_c = log_r.clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    k3 = log_r_c.exp() - 1 - log_r_c
     return {
         "prob_diff_mean": float(delta.mean()),
         "prob_diff_max": float(delta.max()),

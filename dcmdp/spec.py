@@ -32,6 +32,9 @@ POSITIVE_NUMBER = (
 
 AlgorithmName = Literal["grpo", "tis", "mis", "icepop", "dc-grpo"]
 Correction = Literal["tis", "mis", "icepop"]
+CorrectionLevel = Literal["token", "sequence", "geometric"]
+AdvantageStd = Literal["population", "unbiased", "none"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
@@ -275,6 +278,33 @@ class AlgorithmSpec(SpecModel):
     importance_cap: float = Field(2.0, gt=1, le=1e6, description="C of tis/mis.")
     icepop_low: float = Field(0.5, gt=0, lt=1)
     icepop_high: float = Field(5.0, gt=1, le=1e6)
+    mis_low: float = Field(
+        0.0, ge=0, lt=1, description="L of mis: ratios below L are dropped too (0 = none; verl rejects below 1/C)."
+    )
+    correction_level: CorrectionLevel = Field(
+        "token",
+        description="Ratio the corrections use: per token, the sequence's product, or its geometric mean "
+        "(shared by the sequence's tokens).",
+    )
+    advantage_std: AdvantageStd = Field(
+        "population",
+        description="Group std dividing advantages: population (÷G), unbiased (÷G−1, verl/TRL) or none (Dr. GRPO).",
+    )
+    loss_aggregation: LossAggregation = Field(
+        "token-mean", description="How per-token losses of a mini-batch are reduced (docs/method.md)."
+    )
+    loss_aggregation_constant: float = Field(
+        1.0, gt=0, le=1e6, description="K of seq-mean-token-sum: Σ_i Σ_t ℓ / (N·K) (Dr. GRPO: the max response length)."
+    )
+    loss_denominator: Literal["all", "kept"] = Field(
+        "all", description="Tokens counted by the aggregation: all response tokens, or only those mis/icepop keep (verl)."
+    )
+    dual_clip: Optional[float] = Field(
+        None, gt=1, le=1e6, description="Dual-clip c: a negative-advantage token's loss is capped at c·|A| (null = off)."
+    )
+    log_ratio_clamp: float = Field(
+        20.0, gt=0, le=80, description="K: log-ratios are clamped to ±K before exp (finite in float32 up to ~88)."
+    )
     constraint: ConstraintSpec = Field(default_factory=ConstraintSpec)
 
     CEL = (

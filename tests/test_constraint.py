@@ -101,3 +101,11 @@ def test_per_pool_multipliers_are_independent_and_round_trip():
     other.load_state_dict(cs.state_dict())
     for name in ("bf16", "int8"):
         assert other.pools[name].state_dict() == cs.pools[name].state_dict()
+
+
+def test_discrepancy_stats_stay_finite_for_extreme_finite_logprobs():
+    lt = torch.tensor([[-0.1, -95.0, -1.0]])
+    li = torch.tensor([[-9999.0, -0.2, -torch.finfo(torch.float32).max]])
+    s = discrepancy_stats(lt, li, torch.ones(1, 3))
+    assert all(math.isfinite(v) for v in s.values())
+    assert s["k3_kl"] == pytest.approx(((math.exp(20) - 21) + (math.exp(-94.8) - 1 + 94.8) + (math.exp(20) - 21)) / 3)

@@ -1,5 +1,7 @@
 """The DC-GRPO step: batch layout, π_old, per-pool λ, corrections and the dual update."""
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,52 @@ def test_state_dict_round_trip_restores_lambda_and_optimizer():
     other.load_state_dict(state)
     assert other.constraints.pools["bf16"].value == learner.constraints.pools["bf16"].value
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "dc-grpo", "corrections": ["icepop", "mis"], "constraint": {"mode": "k3-penalty"}},
+    {"name": "dc-grpo", "corrections": ["tis"], "constraint": {"mode": "penalty"}},
+    {"name": "tis"},
+])
+def test_extreme_finite_logprobs_never_poison_the_weights(algorithm):
+    """A sentinel (−9999) or merely extreme (−95) submitted logprob leaves every weight finite."""
+    run = tiny_run(algorithm=algorithm)
+    model, tok = build_model(run.spec.model)
+    rolls = make_rollouts(model, tok)
+    for k, r in enumerate(rolls[:6]):
+        r.logprobs[0] = (-9999.0, -95.0)[k % 2]
+    learner = Learner(run, model, tok.pad_token_id)
+    row = learner.train_step(rolls)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def _first_update_grad_norm(algorithm, rolls, tok):
+    """Grad norm of a single mini-batch update (π_θ = π_old: ratio 1, no clipping), no penalty."""
+    run = tiny_run(algorithm={"name": "grpo", "miniBatchSize": 8, "gradClip": 0, **algorithm})
+    model, _ = build_model(run.spec.model, seed=3)
+    return Learner(run, model, tok.pad_token_id).train_step(rolls)
+
+
+def test_advantage_std_and_aggregation_constant_scale_the_update_exactly():
+    model, tok = build_model(tiny_run().spec.model, seed=3)
+    rolls = make_rollouts(model, tok)  # rewards 0, 1, 0, 1 in every group of 4
+    norm = {k: _first_update_grad_norm(a, rolls, tok)["optim/grad_norm"] for k, a in {
+        "population": {}, "unbiased": {"advantageStd": "unbiased"}, "none": {"advantageStd": "none"},
+        "sum1": {"lossAggregation": "seq-mean-token-sum"},
+        "sum4": {"lossAggregation": "seq-mean-token-sum", "lossAggregationConstant": 4.0}}.items()}
+    # Â = (r − ½) / (σ + ε): σ = ½ (population), √(1/3) (unbiased), none = no division
+    assert norm["unbiased"] / norm["population"] == pytest.approx((0.5 + 1e-6) / (math.sqrt(1 / 3) + 1e-6), rel=1e-4)
+    assert norm["none"] / norm["population"] == pytest.approx(0.5 + 1e-6, rel=1e-4)
+    assert norm["sum4"] / norm["sum1"] == pytest.approx(0.25, rel=1e-4)
+
+
+def test_kept_denominator_divides_by_the_tokens_mis_keeps():
+    model, tok = build_model(tiny_run().spec.model, seed=3)
+    rolls = make_rollouts(model, tok)
+    for r in rolls[::3]:  # these sequences get r = π_old/p_inf = e² > C: mis drops them
+        r.logprobs = [x - 2.0 for x in r.logprobs]
+    rows = {d: _first_update_grad_norm({"name": "mis", "lossDenominator": d}, rolls, tok) for d in ("all", "kept")}
+    kept_frac = 1 - rows["all"]["correction/masked_frac"]
+    assert 0 < kept_frac < 1
+    assert rows["all"]["optim/grad_norm"] / rows["kept"]["optim/grad_norm"] == pytest.approx(kept_frac, rel=1e-4)

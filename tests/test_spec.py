@@ -222,3 +222,31 @@ def test_load_run_errors(tmp_path: Path, text: Any, path: str, word: str) -> Non
         S.load_run(f)
     assert info.value.errors[0][0] == path and word in info.value.errors[0][1]
     assert str(f) in str(info.value)
+
+
+# ------------------------------------------------------------ policy-loss conventions (issue 17)
+def test_policy_loss_conventions_parse_with_todays_defaults() -> None:
+    alg = S.parse_run(run({})).spec.algorithm
+    assert (alg.advantage_std, alg.loss_aggregation, alg.loss_denominator, alg.correction_level) == (
+        "population", "token-mean", "all", "token")
+    assert alg.dual_clip is None and alg.log_ratio_clamp == 20.0 and alg.mis_low == 0.0
+    verl_like = {"advantageStd": "unbiased", "lossAggregation": "seq-mean-token-sum", "lossAggregationConstant": 1024,
+                 "lossDenominator": "kept", "dualClip": 3, "logRatioClamp": 20, "misLow": 0.5,
+                 "correctionLevel": "geometric", "corrections": ["mis"]}
+    alg = S.parse_run(run({"algorithm": verl_like})).spec.algorithm
+    assert alg.dual_clip == 3.0 and alg.loss_aggregation_constant == 1024.0 and alg.correction_level == "geometric"
+
+
+@pytest.mark.parametrize("field, value, word", [
+    ("advantageStd", "sample", "unbiased"),
+    ("lossAggregation", "sum", "seq-mean-token-mean"),
+    ("lossAggregationConstant", 0, "greater than 0"),
+    ("lossDenominator", "dropped", "kept"),
+    ("dualClip", 1.0, "greater than 1"),
+    ("logRatioClamp", 100, "less than or equal to 80"),
+    ("misLow", 1.0, "less than 1"),
+    ("correctionLevel", "batch", "geometric"),
+])
+def test_policy_loss_convention_errors_name_the_field(field: str, value: Any, word: str) -> None:
+    errs = errors_of(run({"algorithm": {field: value}}))
+    assert any(path == f"spec.algorithm.{field}" and word in msg for path, msg in errs), errs

@@ -137,7 +137,7 @@ class Learner:
         logp_train = logp_old
         if algo.discrepancy_reference == "sampled" and self.snapshot_of is not None:
             logp_train = self._sampled_version_logprobs(batch, logp_old)
-        delta = token_discrepancy(logp_train, batch.logp_inf) * batch.mask
+        delta = losses.masked(token_discrepancy(logp_train, batch.logp_inf), batch.mask)
         run_stats = discrepancy_stats(logp_train, batch.logp_inf, batch.mask)
         pool_stats: dict[str, dict[str, float]] = {}
         for i, name in enumerate(self.pools):
@@ -147,19 +147,25 @@ class Learner:
                 pool_stats[name]["reward_mean"] = float(batch.rewards[rows].mean())
         use_constraint = algo.uses_constraint
         lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32)
-        lam_tok = (lam_by_pool[batch.pool][:, None] * batch.mask) if use_constraint else torch.zeros_like(batch.mask)
+        lam_tok = (losses.masked(lam_by_pool[batch.pool][:, None].expand_as(batch.mask), batch.mask) if use_constraint
+                   else torch.zeros_like(batch.mask))
         # c of each token's pool (0 while `tolerance: auto` calibrates), for the per-token hinge form
         tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32)
         tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
 
         # 3. advantages (and shaping)
-        adv = losses.group_advantages(batch.rewards, batch.groups)[:, None].expand_as(batch.mask).contiguous()
+        adv = losses.group_advantages(batch.rewards, batch.groups, std=algo.advantage_std)
+        adv = adv[:, None].expand_as(batch.mask).contiguous()
         if use_constraint and cons.mode == "advantage-shaping":
             adv = losses.shape_advantages(adv, delta, lam_tok)
-        weights = None
+        weights = keep = None
         if algo.active_corrections:
-            weights = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
-                                                cap=algo.importance_cap, low=algo.icepop_low, high=algo.icepop_high)
+            weights, keep = losses.importance_weights(logp_old, batch.logp_inf, algo.active_corrections,
+                                                      cap=algo.importance_cap, low=algo.icepop_low,
+                                                      high=algo.icepop_high, mis_low=algo.mis_low,
+                                                      level=algo.correction_level, mask=batch.mask)
+        # the tokens the policy loss counts (lossDenominator); its denominator spans a whole mini-batch
+        counted = keep if keep is not None and algo.loss_denominator == "kept" else batch.mask
 
         # 4. mini-batch updates, split at group boundaries
         self.model.train()
@@ -170,18 +176,22 @@ class Learner:
             with self.forward_context():
                 logp = token_logprobs(self.model, batch, rows, algo.temperature)
             m = batch.mask[rows]
-            pg, info = losses.clipped_surrogate(logp, logp_old[rows], adv[rows], m, algo.clip_low, algo.clip_high,
-                                                None if weights is None else weights[rows])
+            pg, info = losses.clipped_surrogate(
+                logp, logp_old[rows], adv[rows], counted[rows], algo.clip_low, algo.clip_high,
+                None if weights is None else weights[rows], dual_clip=algo.dual_clip,
+                log_ratio_clamp=algo.log_ratio_clamp, aggregation=algo.loss_aggregation,
+                denominator=losses.aggregation_denominator(counted[rows], algo.loss_aggregation),
+                constant=algo.loss_aggregation_constant)
             loss = pg
             c_loss = torch.zeros(())
             penalty = torch.zeros(())
             if use_constraint and cons.mode != "advantage-shaping":
                 c_loss, penalty = losses.constraint_penalty(logp, batch.logp_inf[rows], lam_tok[rows], m, cons.mode,
-                                                            tol_tok[rows])
+                                                            tol_tok[rows], log_ratio_clamp=algo.log_ratio_clamp)
                 loss = loss + c_loss
             kl = torch.zeros(())
             if logp_ref is not None:
-                kl = losses.reference_kl(logp, logp_ref[rows], m)
+                kl = losses.reference_kl(logp, logp_ref[rows], m, log_ratio_clamp=algo.log_ratio_clamp)
                 loss = loss + algo.kl_coef * kl
             norm = self.backward_and_step(loss)
             for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
@@ -213,9 +223,8 @@ class Learner:
         if logp_train is not logp_old:  # what δ̄ would be against the current weights (staleness included)
             row["discrepancy/prob_diff_mean_vs_current"] = discrepancy_stats(logp_old, batch.logp_inf, batch.mask)["prob_diff_mean"]
         if weights is not None:
-            kept = (weights > 0).float()
             row["correction/weight_mean"] = float(losses.masked_mean(weights, batch.mask))
-            row["correction/masked_frac"] = float(1 - losses.masked_mean(kept, batch.mask))
+            row["correction/masked_frac"] = float(1 - losses.masked_mean(keep.float(), batch.mask))
         for p, s in pool_stats.items():
             row[f"pool/{p}/discrepancy/prob_diff_mean"] = s["prob_diff_mean"]
             row[f"pool/{p}/discrepancy/prob_diff_max"] = s["prob_diff_max"]
