@@ -13,7 +13,7 @@ For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32) and worker 
 Time = first byte asked for → last worker done (wall clock of the processes on one machine).
 Runs alternate, best of ``--repeats`` each. Also measured during the data-plane runs: the
 trainer's CPU seconds (user + sys of its process) per GiB delivered, and its extra resident memory
-(peak RSS over the RSS before the sync, sampled every 2 ms) in buckets. The bytes ratios are the
+(peak RSS over the RSS before the sync, sampled every 5 ms) in buckets. The bytes ratios are the
 wire bytes of an int8 and a bf16 pool (wire dtype bf16) over those of an fp32 pool, from the
 manifests the trainer serves.
 
@@ -85,7 +85,7 @@ class PeakRss:
         self._t.start()
 
     def _run(self):
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(0.005):
             self.peak = max(self.peak, rss())
 
     def stop(self) -> int:

@@ -1,5 +1,6 @@
 """Wire helpers against a real trainer gRPC server (in this process): token checks, TLS, weight
-snapshots cast per pool dtype, damaged chunks re-fetched, broken streams resumed."""
+snapshots cast per pool dtype, damaged chunks re-fetched, broken streams resumed (the gRPC stream,
+the data plane's fallback; the broadcast itself: tests/test_broadcast.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenError, load_token
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.tensors import WeightFormatError, pack, unpack
 from dcmdp_rollout.weights import fetch_weights, wire_dtype
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
@@ -26,37 +26,7 @@ from runtime_helpers import tiny_run
 TOKEN = "s3cret-run-token"
 
 
-# -- serialisation -------------------------------------------------------------------------------
-def test_pack_casts_floats_keeps_ints_and_round_trips():
-    g = torch.Generator().manual_seed(0)
-    state = {"w": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g),
-             "steps": torch.tensor([3, 4], dtype=torch.int64), "scalar": torch.tensor(2.5)}
-    p32, p16 = pack(state, "fp32"), pack(state, "bf16")
-    float_bytes = sum(t.numel() for k, t in state.items() if t.is_floating_point())
-    assert {e.dtype for e in p16.entries} == {"bfloat16", "int64"}
-    assert sum(e.nbytes for e in p16.entries if e.dtype == "bfloat16") == 2 * float_bytes
-    assert sum(e.nbytes for e in p32.entries if e.dtype == "float32") == 4 * float_bytes
-    assert all(e.offset % 64 == 0 for e in p16.entries)
-    back = unpack(bytes(p16.data), p16.entries)
-    for k, t in state.items():
-        want = t.to(torch.bfloat16) if t.is_floating_point() else t
-        assert back[k].dtype == want.dtype and back[k].shape == t.shape and torch.equal(back[k], want)
-    assert torch.equal(unpack(p32.data, p32.entries)["w"], state["w"])
-    assert pack(state, "bf16", skip=("w",)).total_bytes < p16.total_bytes
-    assert p16.sha256 != p32.sha256 and len(p16.sha256) == 64
-
-
-def test_bad_manifests_and_dtypes_are_named():
-    p = pack({"w": torch.ones(4)}, "fp32")
-    with pytest.raises(WeightFormatError, match="wire dtype"):
-        pack({"w": torch.ones(1)}, "fp8")
-    bad = [type(p.entries[0])("w", (5,), "float32", 0, 16)]
-    with pytest.raises(WeightFormatError, match="tensor w"):
-        unpack(p.data, bad)
-    with pytest.raises(WeightFormatError, match="unknown tensor dtype"):
-        unpack(p.data, [type(p.entries[0])("w", (4,), "float99", 0, 16)])
-
-
+# -- wire dtypes (the byte layout: tests/test_buckets.py) ---------------------------------------
 def test_wire_dtype_of_each_pool():
     assert wire_dtype("hf", "bf16") == "bf16" and wire_dtype("hf", "fp16") == "fp16"
     assert wire_dtype("hf", "int8") == "bf16" and wire_dtype("hf", "fp8") == "bf16"  # the engine quantises

@@ -136,13 +136,16 @@ def fill(state: Mapping[str, "torch.Tensor"], layout: Layout, i: int, out: "torc
 
     lo, hi = layout.span(i)
     view = out[:hi - lo]
-    view.zero_()
+    at = 0
     for p in layout.pieces(i):
+        view[at:p.at].zero_()  # an alignment gap
         dt = dtype_from_name(p.entry.dtype)
         size = dt.itemsize
         src = state[p.entry.name].detach().reshape(-1)[p.start // size:p.stop // size]
         dst = view[p.at:p.at + p.stop - p.start].view(dt)
         dst.copy_(src if src.device == dst.device else src.to(dst.device, non_blocking=False))
+        at = p.at + p.stop - p.start
+    view[at:].zero_()
     return view
 
 

@@ -178,12 +178,11 @@ def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receive
 
 def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Optional[Sink] = None,
                   max_attempts: int = 8, timeout: Optional[float] = 600.0,
-                  on_event: Optional[Callable[[str, dict], None]] = None, chunk_size: int = 0):
+                  on_event: Optional[Callable[[str, dict], None]] = None):
     """Fetch ``version`` (-1 = latest) in ``dtype`` over the gRPC stream.
 
     Returns (tensors by name, FetchStats); with a ``sink`` the tensors go to it bucket by bucket
-    as they arrive and the dict is empty. ``chunk_size`` is ignored (the trainer's bucket size is
-    the one chunk size)."""
+    as they arrive and the dict is empty."""
     stats = FetchStats(dtype=dtype)
     t0 = time.perf_counter()
 
@@ -234,16 +233,26 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                             backend=ticket.backend or "gloo", peer_host=ticket.store_host or host)
             size = min(layout.bucket_bytes, layout.total_bytes)
             bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-            crc = torch.zeros(1, dtype=torch.int64)
-            for i in range(layout.buckets):
-                receiver.wait_for(i - 2)  # its buffer is about to be reused
+            crcs = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+            posted = {}
+
+            def post(i: int) -> None:  # bucket i's receive, queued ahead of time (gloo matches ops by order)
                 lo, hi = layout.span(i)
                 data = bufs[i % 2][:hi - lo]
-                pg.broadcast(data, 0).wait()
-                pg.broadcast(crc, 0).wait()
-                stats.bytes += hi - lo
-                stats.broadcast_bytes += hi - lo
+                posted[i] = (data, crcs[i % 2], pg.broadcast(data, 0), pg.broadcast(crcs[i % 2], 0))
+
+            for i in range(min(2, layout.buckets)):
+                post(i)
+            for i in range(layout.buckets):
+                data, crc, work_data, work_crc = posted.pop(i)
+                work_data.wait()
+                work_crc.wait()
+                stats.bytes += data.numel()
+                stats.broadcast_bytes += data.numel()
                 receiver.submit(i, data, int(crc.item()))
+                if i + 2 < layout.buckets:
+                    receiver.wait_for(i)  # checked and loaded: its buffer takes bucket i+2
+                    post(i + 2)
             receiver.drain()
         except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
             event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])

@@ -50,14 +50,13 @@ RPC_TIMEOUT = 60.0
 class Worker:
     def __init__(self, target: str, pool: str, token: str, *, worker_id: str, tls_ca: Optional[str] = None,
                  server_name: Optional[str] = None, threads: int = 0, give_up_after: float = 300.0,
-                 chunk_size: int = 0, engine_options: Optional[dict[str, Any]] = None,
+                 engine_options: Optional[dict[str, Any]] = None,
                  metrics: Optional[WorkerMetrics] = None, log=None, data_plane: bool = True):
         self.target, self.pool, self.worker_id = target, pool, worker_id
         self.channel = open_channel(target, token, tls_ca=tls_ca, server_name=server_name)
         self.stub = dcmdp_pb2_grpc.TrainerStub(self.channel)
         self.threads = threads
         self.give_up_after = give_up_after
-        self.chunk_size = chunk_size  # (unused: the trainer's bucket size is the one chunk size)
         self.data_plane = data_plane
         self.host = target.rsplit(":", 1)[0].strip("[]")
         self.engine_options = dict(engine_options or {})
