@@ -155,6 +155,7 @@ from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.weights import receive_broadcast
 stub = dcmdp_pb2_grpc.TrainerStub(open_channel("127.0.0.1:" + sys.argv[1], sys.argv[2]))
 h = pb.Header(pool="bf16", worker_id="doomed")
+print("ready", flush=True)
 ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=0, dtype="bf16"), timeout=30)
 print("joined", flush=True)
 import dcmdp_rollout.weights as w
@@ -167,11 +168,13 @@ receive_broadcast(stub, h, ticket, "127.0.0.1")
 """
 
 
-@pytest.mark.parametrize("served", [{"expected": 2, "timeout_s": 20.0, "bucket": 1 << 20, "extra_mib": 48}],
+@pytest.mark.parametrize("served", [{"expected": 2, "gather_s": 60.0, "timeout_s": 20.0, "bucket": 1 << 20,
+                                    "extra_mib": 48}],
                          indirect=True)
 def test_a_worker_killed_mid_broadcast_fails_the_round_not_the_others(served):
-    doomed = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(served.port), TOKEN])
+    doomed = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(served.port), TOKEN], stdout=subprocess.PIPE)
     try:
+        assert doomed.stdout.readline().strip() == b"ready"
         t0 = time.monotonic()
         tensors, stats = joined_and_received(served, "survivor")
         assert doomed.wait(30) == -signal.SIGKILL
@@ -179,6 +182,7 @@ def test_a_worker_killed_mid_broadcast_fails_the_round_not_the_others(served):
         assert (stats.refetched > 0) == ("broadcast failed: fetching the rest over the stream" in stats.events)
         r = served.wait_round()
         assert r.error and time.monotonic() - t0 < 20  # the round failed at once, not at the timeout
+        served.hub.expected = lambda dtype: 1
         tensors, stats = joined_and_received(served, "next")  # the hub goes on
         served.check(tensors)
         assert stats.broadcast_bytes == stats.total_bytes
