@@ -1,6 +1,6 @@
 """``dcmdp``: run, validate and inspect DCMDPRun manifests on one machine.
 
-    dcmdp run -f run.yaml [--steps N] [--out DIR] [--resume] [--inprocess]
+    dcmdp run -f run.yaml [--steps N] [--out DIR] [--resume | --overwrite] [--inprocess]
     dcmdp validate -f run.yaml
     dcmdp plot DIR
     dcmdp sweep -f sweep.yaml [--quick | --part NAME] [--out DIR] [--parallel N] [--report-only]
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dcmdp.spec import SpecError, dump_run, load_run
+from dcmdp.spec import DCMDPRun, SpecError, dump_run, load_run
 
 
 def runner(name: str) -> Callable[..., dict[str, Any]]:
@@ -28,12 +29,88 @@ def runner(name: str) -> Callable[..., dict[str, Any]]:
     return found[name].load()
 
 
+# Files that mark a folder as holding a run (written by the trainer in --out), and everything else a
+# run writes there: --overwrite deletes exactly these, never other files of the folder.
+RUN_MARKERS = ("run.json", "metrics.jsonl", "summary.json", "checkpoints")
+RUN_FILES = RUN_MARKERS + ("eval.jsonl", "model", "tensorboard", "logs", "run.yaml", ".token",
+                           ".trainer-ready.json", "reward.png", "discrepancy.png", "lambda.png")
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / m).exists() for m in RUN_MARKERS)
+
+
+def remove_run(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (see RUN_FILES); other files stay."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def finished_summary(out: Path, total: int) -> Optional[dict[str, Any]]:
+    """The summary of a run in ``out`` that already reached ``total`` steps, else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and int(summary.get("steps", 0)) >= total else None
+
+
+def check_paths(run: DCMDPRun) -> list[tuple[str, str]]:
+    """(field, problem) for each local path of the spec that does not exist (relative paths are read
+    from the current folder, as ``dcmdp run`` reads them)."""
+    problems = []
+    model, task = run.spec.model, run.spec.task
+    if model.path and not (Path(model.path) / "config.json").is_file():
+        what = "does not exist" if not Path(model.path).exists() else "has no config.json"
+        problems.append(("spec.model.path", f"{model.path} {what}"))
+    if task.dataset and not Path(task.dataset.path).is_file():
+        problems.append(("spec.task.dataset.path", f"no such file: {task.dataset.path}"))
+    return problems
+
+
+def answer_length_warnings(run: DCMDPRun) -> list[str]:
+    """Warnings for reference answers longer (in tokens, EOS included) than ``maxNewTokens``: a
+    response can never reproduce them, so their reward is 0 every step. Needs the ML extra."""
+    task = run.spec.task
+    if not task.dataset or not Path(task.dataset.path).is_file():
+        return []
+    if run.spec.model.path and not Path(run.spec.model.path).is_dir():
+        return []
+    try:
+        from dcmdp.models.source import resolve_model_folder
+        from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
+        from dcmdp.tasks import build_task
+    except ImportError:  # the core without transformers: nothing to count tokens with
+        return []
+    try:
+        tok = (load_tokenizer(resolve_model_folder(run.spec.model, allow_download=False))
+               if run.spec.model.loaded else build_tokenizer())
+        built = build_task(task)
+    except (OSError, ValueError) as exc:
+        return [f"cannot check answer lengths: {exc}"]
+    limit = built.max_new_tokens
+    long = [p for p in built.problems() if len(tok(p.answer, add_special_tokens=False)["input_ids"]) + 1 > limit]
+    if not long:
+        return []
+    return [f"spec.task.maxNewTokens ({limit}): {len(long)} of {len(built.problems())} reference answers are "
+            f"longer (first: {long[0].answer[:60]!r}); a response that long is cut off before EOS"]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
+    problems = [] if args.cluster else check_paths(run)
+    if problems:
+        raise SpecError(problems, str(args.file))
+    for warning in answer_length_warnings(run):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.print:
-        import yaml
+        from dcmdp import yamlfile
 
-        print(yaml.safe_dump(dump_run(run), sort_keys=False))
+        print(yamlfile.dumps(dump_run(run)))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
         print(f"{args.file}: valid {run.kind} {run.metadata.name!r}: {run.spec.algorithm.name}, "
@@ -47,6 +124,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite exclude each other")
+    if holds_run(out) and not (args.resume or args.overwrite):
+        print(f"error: {out} holds another run; pass --resume to continue it, --overwrite to replace it, "
+              "or choose another --out", file=sys.stderr)
+        return 2
+    if args.overwrite:
+        remove_run(out)
+    if args.resume:
+        done = finished_summary(out, total)
+        if done is not None:
+            print(f"{out}: the run already finished ({done.get('steps')} of {total} steps); nothing to do "
+                  "(pass --steps N to train further)")
+            return 0
     mode = "inprocess" if args.inprocess else "processes"
     found = {ep.name for ep in entry_points(group="dcmdp.runners")}
     if mode not in found:
@@ -87,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
     r.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    r.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     r.add_argument("--inprocess", action="store_true", help="trainer and engines in this process (no gRPC)")
     r.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a manifest without running it")
     v.add_argument("-f", "--file", required=True)
     v.add_argument("--print", action="store_true", help="print the resolved manifest (defaults filled in)")
+    v.add_argument("--cluster", action="store_true",
+                   help="the manifest runs in a cluster: its paths are mounted in the pods, not checked here")
     v.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("plot", help="(re)draw the PNG plots of a run folder")

@@ -65,8 +65,13 @@ def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_{mask} x / max(1, |mask|): a 0-d tensor of x's dtype; x outside the mask is ignored (even NaN)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
+    """Σ_{mask} x / max(1, |mask|): a 0-d tensor of x's dtype; x outside the mask is ignored (even NaN).
+
+    ``denominator`` replaces |mask| (a micro-batch passes its mini-batch's token count, so the
+    micro-batches' values and gradients sum to the mini-batch's mean)."""
+    if denominator is not None:
+        return masked(x, mask).sum() / max(float(denominator), 1.0)
     return masked(x, mask).sum() / mask.bool().sum().clamp(min=1).to(x.dtype)
 
 
@@ -222,11 +227,13 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
 
 def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor,
                        mode: str = "penalty", tolerance: Optional[torch.Tensor] = None, *,
-                       log_ratio_clamp: float = LOG_RATIO_CLAMP) -> tuple[torch.Tensor, torch.Tensor]:
+                       log_ratio_clamp: float = LOG_RATIO_CLAMP, denominator: Optional[float] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(λ-weighted penalty loss, unweighted penalty) for the penalty forms; token means (0-d tensors).
 
     ``tolerance`` (c_t per token, broadcastable) is used by ``hinge-penalty`` only (None = 0);
-    ``log_ratio_clamp`` bounds log q of ``k3-penalty``. ValueError for any other mode.
+    ``log_ratio_clamp`` bounds log q of ``k3-penalty``; ``denominator`` as in ``masked_mean``.
+    ValueError for any other mode.
     """
     m = mask.bool()
     lp, li = masked(logp, m), masked(logp_inf, m)
@@ -243,7 +250,7 @@ def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Te
         per_token = log_q.exp() - 1 - log_q
     else:
         raise ValueError(f"not a penalty mode: {mode!r}")
-    return masked_mean(masked(lam, m) * per_token, m), masked_mean(per_token.detach(), m)
+    return masked_mean(masked(lam, m) * per_token, m, denominator), masked_mean(per_token.detach(), m, denominator)
 
 
 def shape_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -252,8 +259,8 @@ def shape_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: torch.T
 
 
 def reference_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, *,
-                 log_ratio_clamp: float = LOG_RATIO_CLAMP) -> torch.Tensor:
+                 log_ratio_clamp: float = LOG_RATIO_CLAMP, denominator: Optional[float] = None) -> torch.Tensor:
     """k3 estimate of KL(π_θ ‖ π_ref) on the batch's tokens (token mean, log-ratio clamped to ±K)."""
     m = mask.bool()
     log_r = masked(masked(logp_ref, m) - logp, m).clamp(-log_ratio_clamp, log_ratio_clamp)
-    return masked_mean(log_r.exp() - 1 - log_r, m)
+    return masked_mean(log_r.exp() - 1 - log_r, m, denominator)

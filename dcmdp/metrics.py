@@ -46,10 +46,8 @@ class JsonlSink:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_from_step is not None and path.exists():
-            # resuming: drop rows written after the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < truncate_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # resuming: drop rows written after the checkpoint we resume from (and a torn last line)
+            trim_jsonl(path, before_step=truncate_from_step)
         elif truncate_from_step is None and path.exists():
             path.unlink()
         self._fh = path.open("a")
@@ -159,5 +157,30 @@ class MetricsWriter:
             s.close()
 
 
+def trim_jsonl(path: Path, before_step: Optional[int] = None) -> None:
+    """Rewrite a JSON-lines file without its torn last line and, with ``before_step``, without the
+    rows of that step or later (resuming from a checkpoint of that step)."""
+    rows = [r for r in read_metrics(path) if before_step is None or r.get("step", -1) < before_step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines file. A torn last line (the writer died mid-line) is dropped; a
+    malformed line before it raises ValueError naming the file and line."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            if i == len(lines):
+                break  # torn last line
+            raise ValueError(f"{path}: line {i} is not JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
+    return rows

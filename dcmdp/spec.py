@@ -12,18 +12,20 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from dcmdp import names, podsecurity
+from dcmdp.yamlfile import YAMLFileError, YAMLLoader, read_documents  # noqa: F401 (YAMLLoader: re-exported)
 
 API_GROUP = "dcmdp.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "DCMDPRun"
 PLURAL = "dcmdpruns"
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL = names.DNS_1123_LABEL
 # A dataset verifier: a built-in name or a Python 'module:function' (ASCII, as the CRD's RE2 sees it).
-VERIFIER = r"^(exact|numeric|contains|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+VERIFIER = r"^(exact|numeric|contains|math|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 # A tolerance given as a string: a positive decimal number (bounded digits, so it never rounds to 0
 # or overflows). The same pattern is in the CRD, so the cluster and `dcmdp run` agree.
 POSITIVE_NUMBER = (
@@ -38,6 +40,7 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 TrainerPrecision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
 PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 EngineName = Literal["hf", "vllm"]
 
@@ -52,6 +55,9 @@ class CelRule(NamedTuple):
     rule: str  # CEL over ``self`` (the object, camelCase field names, defaults applied)
     message: str
     field_path: Optional[str] = None  # JSON path relative to the object, e.g. ".lambdaInit"
+    # A pod-security rule: left out of the CRD when the admin allows this escalation
+    # (``dcmdp.podsecurity.ESCALATIONS``; ``python -m dcmdp.crd --allow``).
+    escalation: Optional[str] = None
 
 
 class SpecModel(BaseModel):
@@ -98,19 +104,32 @@ class SpecModel(BaseModel):
 class WarmStartSpec(SpecModel):
     """Short supervised warm start on the task's reference answers, so RL starts above zero."""
 
-    steps: int = Field(100, ge=0, le=100_000, description="Supervised steps before RL (0 = none).")
+    steps: Optional[int] = Field(
+        None, ge=0, le=100_000,
+        description="Supervised steps before RL (0 = none). Unset: 100 for a built-in model, 0 for a loaded "
+        "one (model.path / model.name), whose pretrained weights a warm start at this rate would wreck.",
+    )
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     batch_size: int = Field(256, ge=1, le=65_536)
 
 
 class ModelSpec(SpecModel):
-    """The policy: a built-in tiny model built in code, or a local Hugging Face folder."""
+    """The policy: a built-in tiny model built in code, a local Hugging Face folder, or a Hub id."""
 
     builtin: Optional[Literal["tiny-qwen3", "tiny-qwen3-moe"]] = Field(
         "tiny-qwen3", description="Built-in model built in code (ignored when `path` is set)."
     )
     path: Optional[str] = Field(
-        None, description="Local Hugging Face model folder (config, weights, tokenizer). No hub downloads."
+        None, description="Local Hugging Face model folder (config, weights, tokenizer)."
+    )
+    name: Optional[str] = Field(
+        None, min_length=1, max_length=200,
+        description="Hugging Face Hub id (e.g. Qwen/Qwen3-0.6B), resolved through the huggingface_hub cache "
+        "(downloaded there when online). Exclusive with `path`.",
+    )
+    revision: Optional[str] = Field(None, min_length=1, max_length=200, description="Hub revision of `name`.")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the trainer's weights (a bf16 checkpoint is upcast to fp32 by default)."
     )
     hidden_size: int = Field(128, ge=8, le=65_536)
     intermediate_size: int = Field(256, ge=8, le=262_144)
@@ -125,6 +144,8 @@ class ModelSpec(SpecModel):
     CEL = (
         CelRule("self.numHeads % self.numKvHeads == 0", "numHeads must be a multiple of numKvHeads", ".numHeads"),
         CelRule("self.numExpertsPerTok <= self.numExperts", "numExpertsPerTok must be <= numExperts", ".numExpertsPerTok"),
+        CelRule("!(has(self.path) && has(self.name))", "set model.path or model.name, not both", ".name"),
+        CelRule("!has(self.revision) || has(self.name)", "revision needs model.name (a Hub id)", ".revision"),
     )
 
     @model_validator(mode="after")
@@ -133,7 +154,23 @@ class ModelSpec(SpecModel):
             raise ValueError("numHeads must be a multiple of numKvHeads")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError("numExpertsPerTok must be <= numExperts")
+        if self.path and self.name:
+            raise ValueError("set model.path or model.name, not both")
+        if self.revision and not self.name:
+            raise ValueError("revision needs model.name (a Hub id)")
         return self
+
+    @property
+    def loaded(self) -> bool:
+        """True for a pretrained model (``path`` or ``name``), False for a built-in one."""
+        return bool(self.path or self.name)
+
+    @property
+    def warm_start_steps(self) -> int:
+        """``warmStart.steps``, or its default: 100 for a built-in model, 0 for a loaded one."""
+        if self.warm_start.steps is not None:
+            return self.warm_start.steps
+        return 0 if self.loaded else 100
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -143,17 +180,22 @@ class DatasetSpec(SpecModel):
     path: str = Field(..., min_length=1)
     verifier: str = Field(
         "exact",
-        description="exact | numeric | contains | a Python 'module:function' taking (response, answer) -> float.",
+        description="exact | numeric | contains | math | a Python 'module:function' taking (response, answer) "
+        "-> a finite number (see docs/models-and-tasks.md).",
         json_schema_extra={"pattern": VERIFIER},
     )
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    invalid_reward: Literal["error", "zero"] = Field(
+        "error", description="A verifier returning NaN, inf or a non-number: 'error' stops the run naming the "
+        "verifier and prompt; 'zero' scores 0 and counts it (reward/invalid).",
+    )
 
     @field_validator("verifier")
     @classmethod
     def _verifier(cls, v: str) -> str:
         if re.fullmatch(VERIFIER, v):
             return v
-        raise ValueError("must be exact, numeric, contains or 'module:function'")
+        raise ValueError("must be exact, numeric, contains, math or 'module:function'")
 
 
 class TaskSpec(SpecModel):
@@ -165,10 +207,20 @@ class TaskSpec(SpecModel):
     dataset: Optional[DatasetSpec] = None
     held_out: int = Field(256, ge=1, le=100_000, description="Held-out prompts for evaluation.")
     max_new_tokens: int = Field(0, ge=0, le=4096, description="0 = derived from the task.")
+    chat_template: Literal["none", "tokenizer"] = Field(
+        "none", description="none: the prompt text as is (after the tokenizer's BOS, if it has one); tokenizer: "
+        "the tokenizer's chat template with the prompt as the user message and the generation prompt added.",
+    )
+    system_prompt: Optional[str] = Field(None, description="System message (chatTemplate: tokenizer only).")
+    overlong_prompts: Literal["drop", "refuse"] = Field(
+        "drop", description="Prompts whose tokens + maxNewTokens exceed the model's context: drop them (counted, "
+        "with a warning naming the first) or refuse the dataset.",
+    )
 
     CEL = (
         CelRule("self.name != 'jsonl' || has(self.dataset)", "task 'jsonl' needs `dataset` (path and verifier)", ".dataset"),
         CelRule("self.name == 'jsonl' || !has(self.dataset)", "`dataset` is only used with name: jsonl", ".dataset"),
+        CelRule("!has(self.systemPrompt) || self.chatTemplate == 'tokenizer'", "systemPrompt needs chatTemplate: tokenizer", ".systemPrompt"),
     )
 
     @model_validator(mode="after")
@@ -177,6 +229,8 @@ class TaskSpec(SpecModel):
             raise ValueError("task 'jsonl' needs `dataset` (path and verifier)")
         if self.name != "jsonl" and self.dataset is not None:
             raise ValueError(f"`dataset` is only used with name: jsonl (name is {self.name!r})")
+        if self.system_prompt is not None and self.chat_template != "tokenizer":
+            raise ValueError("systemPrompt needs chatTemplate: tokenizer")
         return self
 
 
@@ -347,8 +401,130 @@ class AlgorithmSpec(SpecModel):
         return [self.name] if self.name in ("tis", "mis", "icepop") else list(self.corrections)
 
 
+# --------------------------------------------------------------------------- pod templates
+def _refused(escalation: str, field: str, what: str, rule: str) -> CelRule:
+    return CelRule(rule, podsecurity.refusal(escalation, what), f".{field}", escalation)
+
+
+def _not_true(field: str) -> str:
+    return f"!has(self.{field}) || !self.{field}"
+
+
+class OpenModel(SpecModel):
+    """A Kubernetes object the operator passes on: the fields declared here are typed and checked
+    (pod security); any other field is kept as written (``x-kubernetes-preserve-unknown-fields``)."""
+
+    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+
+
+class SeccompProfile(OpenModel):
+    type: Optional[str] = Field(None, max_length=64)
+
+
+class PodSecurityContext(OpenModel):
+    run_as_user: Optional[int] = None
+    run_as_non_root: Optional[bool] = None
+    seccomp_profile: Optional[SeccompProfile] = None
+
+    CEL = (
+        _refused("runAsRoot", "runAsUser", "runAsUser 0", "!has(self.runAsUser) || self.runAsUser != 0"),
+        _refused("runAsRoot", "runAsNonRoot", "runAsNonRoot false", "!has(self.runAsNonRoot) || self.runAsNonRoot"),
+        _refused(
+            "privileged", "seccompProfile.type", "seccompProfile Unconfined",
+            "!has(self.seccompProfile) || !has(self.seccompProfile.type) || self.seccompProfile.type != 'Unconfined'",
+        ),
+    )
+
+
+class Capabilities(OpenModel):
+    add: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=64)
+
+
+class ContainerSecurityContext(PodSecurityContext):
+    privileged: Optional[bool] = None
+    allow_privilege_escalation: Optional[bool] = None
+    capabilities: Optional[Capabilities] = None
+
+    CEL = PodSecurityContext.CEL + (
+        _refused("privileged", "privileged", "privileged", _not_true("privileged")),
+        _refused(
+            "privileged", "allowPrivilegeEscalation", "allowPrivilegeEscalation true",
+            _not_true("allowPrivilegeEscalation"),
+        ),
+        _refused(
+            "capabilities", "capabilities.add", "adding a capability other than NET_BIND_SERVICE",
+            "!has(self.capabilities) || !has(self.capabilities.add) || "
+            "self.capabilities.add.all(c, c == 'NET_BIND_SERVICE')",
+        ),
+    )
+
+
+class ContainerPort(OpenModel):
+    host_port: Optional[int] = None
+
+    CEL = (_refused("hostNamespaces", "hostPort", "hostPort", "!has(self.hostPort) || self.hostPort == 0"),)
+
+
+class Container(OpenModel):
+    security_context: Optional[ContainerSecurityContext] = None
+    ports: Optional[list[ContainerPort]] = Field(None, max_length=64)
+
+
+class Volume(OpenModel):
+    host_path: Optional[dict[str, Any]] = None
+
+    CEL = (_refused("hostPath", "hostPath", "a hostPath volume", "!has(self.hostPath)"),)
+
+
+class PodFields(OpenModel):
+    """The pod fields of a template that pod security looks at (everything else passes through)."""
+
+    host_network: Optional[bool] = None
+    host_pid: Optional[bool] = Field(None, alias="hostPID")
+    host_ipc: Optional[bool] = Field(None, alias="hostIPC")
+    service_account_name: Optional[str] = None
+    service_account: Optional[str] = None
+    automount_service_account_token: Optional[bool] = None
+    security_context: Optional[PodSecurityContext] = None
+    volumes: Optional[list[Volume]] = Field(None, max_length=256)
+    containers: Optional[list[Container]] = Field(None, max_length=64)
+    init_containers: Optional[list[Container]] = Field(None, max_length=64)
+    ephemeral_containers: Optional[list[Container]] = Field(None, max_length=64)
+
+    CEL = (
+        _refused("hostNamespaces", "hostNetwork", "hostNetwork", _not_true("hostNetwork")),
+        _refused("hostNamespaces", "hostPID", "hostPID", _not_true("hostPID")),
+        _refused("hostNamespaces", "hostIPC", "hostIPC", _not_true("hostIPC")),
+        _refused("serviceAccount", "serviceAccountName", "serviceAccountName", "!has(self.serviceAccountName)"),
+        _refused("serviceAccount", "serviceAccount", "serviceAccount", "!has(self.serviceAccount)"),
+        _refused(
+            "serviceAccount", "automountServiceAccountToken", "automountServiceAccountToken true",
+            _not_true("automountServiceAccountToken"),
+        ),
+    )
+
+
+class PodTemplate(PodFields):
+    """A pod template overlay, short form (pod fields at the top) or full form ``{metadata, spec}``
+    (see ``operator/dcmdp_operator/podtemplate.py``). Escalations (:mod:`dcmdp.podsecurity`) are
+    refused unless the validation context's ``allow_escalations`` names them."""
+
+    spec: Optional[PodFields] = None
+
+    @model_validator(mode="after")
+    def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
+        allow = (info.context or {}).get("allow_escalations", ())
+        found = podsecurity.violations(self.overlay(), "", allow)
+        if found:
+            raise ValueError("; ".join(f"{p.lstrip('.')}: {m}" for p, m in found))
+        return self
+
+    def overlay(self) -> dict[str, Any]:
+        """The template as written (JSON-compatible, camelCase), for the operator to merge."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 # --------------------------------------------------------------------------- trainer / rollout
-PodTemplate = dict[str, Any]
 
 
 class DeepSpeedSpec(SpecModel):
@@ -363,9 +539,22 @@ class TrainerSpec(SpecModel):
     replicas: int = Field(1, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    device: Device = Field(
+        "auto", description="Where the model, batches, optimizer state and autocast live: cpu, cuda, or auto "
+        "(cuda when present). cuda where none is present fails at start."
+    )
+    micro_batch_tokens: int = Field(
+        0, ge=0, le=1 << 40,
+        description="Token budget (rows × padded length) of every forward and backward: the π_old, reference and "
+        "sampled-version passes and each mini-batch (gradients accumulated over its micro-batches; the update "
+        "is the mini-batch's). 0 = one micro-batch per pass. A sequence longer than the budget runs alone.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them."
+    )
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
-        default_factory=dict, description="Pod template overlay: nodeSelector, tolerations, resources…"
+        default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"
     )
 
 
@@ -382,7 +571,7 @@ class PoolSpec(SpecModel):
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
     image: Optional[str] = None
-    template: PodTemplate = Field(default_factory=dict)
+    template: PodTemplate = Field(default_factory=PodTemplate)
 
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
@@ -395,6 +584,11 @@ class RolloutSpec(SpecModel):
     )
     batch_prompts: int = Field(0, ge=0, le=65_536, description="Prompts per lease (0 = miniBatchSize).")
     lease_timeout_seconds: float = Field(60.0, gt=0, le=86_400)
+    stall_timeout_seconds: float = Field(
+        600.0, ge=0, le=604_800,
+        description="Fail the run when no rollout has been accepted for this long while workers submit or "
+        "none are connected (0 = wait forever).",
+    )
 
     CEL = (
         CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique", ".pools"),
@@ -488,10 +682,59 @@ class RunSpec(SpecModel):
         return pool.tolerance if pool.tolerance is not None else self.algorithm.constraint.tolerance
 
 
-class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = Field("run", min_length=1, max_length=63, pattern=DNS_LABEL)
+class Metadata(SpecModel):
+    """``metadata`` as Kubernetes validates it (rules in :mod:`dcmdp.names`, shared with the
+    operator): the run name a DNS-1035 label short enough for its children's names, the namespace
+    a DNS-1123 label, label and annotation keys/values as the API server checks them. The fields
+    the API server sets (uid, resourceVersion, …) are accepted and kept; any other is an error."""
+
+    name: str = Field("run", description=f"A DNS-1035 label of at most {names.MAX_RUN_NAME} characters.")
     namespace: Optional[str] = None
+    labels: Optional[dict[str, str]] = None
+    annotations: Optional[dict[str, str]] = None
+    generate_name: Optional[str] = None
+    uid: Optional[str] = None
+    resource_version: Optional[str] = None
+    generation: Optional[int] = None
+    creation_timestamp: Optional[str] = None
+    deletion_timestamp: Optional[str] = None
+    deletion_grace_period_seconds: Optional[int] = None
+    finalizers: Optional[list[str]] = None
+    owner_references: Optional[list[dict[str, Any]]] = None
+    managed_fields: Optional[list[dict[str, Any]]] = None
+    self_link: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        err = names.run_name_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: Optional[str]) -> Optional[str]:
+        err = v is not None and names.dns_1123_label_error(v)
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.labels_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        errs = list(names.annotations_errors(v or {}))
+        if errs:
+            raise ValueError("; ".join(errs))
+        return v
 
 
 class DCMDPRun(SpecModel):
@@ -500,6 +743,16 @@ class DCMDPRun(SpecModel):
     metadata: Metadata = Field(default_factory=Metadata)
     spec: RunSpec = Field(default_factory=RunSpec)
     status: Optional[dict[str, Any]] = Field(None, description="Written by the operator; ignored here.")
+
+    @model_validator(mode="after")
+    def _child_names(self) -> "DCMDPRun":
+        for i, pool in enumerate(self.spec.rollout.pools):
+            if len(self.metadata.name) + len(pool.name) > names.MAX_RUN_AND_POOL:
+                raise ValueError(
+                    f"spec.rollout.pools[{i}].name: run name {self.metadata.name!r} and pool name {pool.name!r} "
+                    f"together exceed {names.MAX_RUN_AND_POOL} characters (the pool's Deployment is named "
+                    f"<run>{names.POOL_INFIX}<pool>, at most {names.MAX_LABEL})")
+        return self
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -537,43 +790,34 @@ def _messages(exc: ValidationError) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def parse_run(data: Any, source: str = "manifest") -> DCMDPRun:
-    """Validate a manifest already parsed into Python objects."""
+def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozenset[str] = frozenset()) -> DCMDPRun:
+    """Validate a manifest already parsed into Python objects. ``allow_escalations``: the pod
+    template escalations the cluster admin allows (:mod:`dcmdp.podsecurity`; none by default)."""
     if not isinstance(data, dict):
         raise SpecError([("(root)", "a DCMDPRun manifest must be a mapping")], source)
     try:
         # Manifests use the camelCase names only (the API server knows no others); Python code
         # may still construct models with snake_case keywords.
-        return DCMDPRun.model_validate(data, by_name=False)
+        return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
         raise SpecError(_messages(exc), source) from None
 
 
-class YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-6`` as a float like Kubernetes does.
-
-    PyYAML implements YAML 1.1, where an exponent without a dot (``1e-6``) is a string; kubectl
-    (YAML 1.2 rules) reads a number. Without this, a manifest the cluster accepts would fail here.
-    """
-
-
-YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
 def load_run(path: Union[str, Path]) -> DCMDPRun:
-    """Read and validate a YAML manifest (the first DCMDPRun document in the file)."""
+    """Read and validate a YAML manifest, read with the limits of :mod:`dcmdp.yamlfile` (UTF-8,
+    no duplicate keys, bounded depth and alias expansion). Of a multi-document file, the one
+    document of kind DCMDPRun (two or more are an error)."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=YAMLLoader) if d is not None]
+        docs = read_documents(path)
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
+    except YAMLFileError as exc:
+        raise SpecError([(exc.where, str(exc))], str(path)) from None
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) > 1:
+        raise SpecError([("kind", f"{len(runs)} documents of kind {KIND} in the file: one manifest per file")],
+                        str(path))
     if not runs:
         if len(docs) == 1:
             return parse_run(docs[0], str(path))

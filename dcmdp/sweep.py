@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from dcmdp.spec import DNS_LABEL, KIND, SpecError, YAMLLoader, _messages, parse_run
+from dcmdp import yamlfile
+from dcmdp.spec import DNS_LABEL, KIND, SpecError, _messages, parse_run
 
 SWEEP_KIND = "DCMDPSweep"
 NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a cell folder name: lowercase, digits, '-', '.'
@@ -249,12 +249,15 @@ PLACEHOLDER_TOLERANCE = 1.0  # validated stand-in for a relative c (replaced bef
 def load_sweep(path: Union[str, Path]) -> DCMDPSweep:
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=YAMLLoader)
+        docs = yamlfile.read_documents(path)
     except FileNotFoundError:
         raise SpecError([("(file)", f"no such file: {path}")], str(path)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
-    return parse_sweep(data, str(path))
+    except yamlfile.YAMLFileError as exc:
+        raise SpecError([(exc.where, str(exc))], str(path)) from None
+    if len(docs) != 1:
+        raise SpecError([("(file)", f"the file holds {len(docs)} YAML documents: a sweep file holds exactly one")],
+                        str(path))
+    return parse_sweep(docs[0], str(path))
 
 
 def parse_sweep(data: Any, source: str = "sweep") -> DCMDPSweep:
@@ -508,7 +511,7 @@ class Runner:
             d = cell_dir(out, cell)
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-            (d / "run.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+            (d / "run.yaml").write_text(yamlfile.dumps(manifest))
             fut = pool.submit(_worker_run, manifest, str(d), self.threads, self.queue, cell.id)
             self.running[fut] = (cell.id, cell)
             self.bars[cell.id] = self.progress.add_task(f"  {cell.id}", total=p.steps, info="")

@@ -24,6 +24,7 @@ CHART = REPO / "helm" / "dcmdp"
 sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
 from dcmdp import crd as C  # noqa: E402
+from dcmdp import podsecurity  # noqa: E402
 from dcmdp.admission import _to_json_schema  # noqa: E402
 from dcmdp.spec import DNS_LABEL  # noqa: E402
 
@@ -89,6 +90,15 @@ def values_schema() -> dict[str, Any]:
                     "items": {"type": "string", "maxLength": 63, "pattern": DNS_LABEL},
                 },
                 "pollSeconds": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+                "podSecurity": _obj(
+                    {
+                        "allow": {
+                            "type": "array",
+                            "uniqueItems": True,
+                            "items": {"type": "string", "enum": list(podsecurity.ESCALATIONS)},
+                        }
+                    }
+                ),
                 "nameOverride": {"type": "string"},
                 "fullnameOverride": {"type": "string"},
                 "serviceAccount": _obj(

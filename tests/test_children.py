@@ -135,7 +135,7 @@ def test_trainer_job_and_service():
     assert env["MASTER_ADDR"]["value"] == "demo-trainer-0.demo-trainer"
     assert "job-completion-index" in env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
-    assert mounts == {"/var/run/dcmdp": "dcmdp-token", "/etc/dcmdp": "dcmdp-config", "/checkpoints": "checkpoints"}
+    assert mounts == {"/var/run/dcmdp": "dcmdp-token", "/etc/dcmdp": "dcmdp-config", "/checkpoints": "checkpoints", "/tmp": "tmp"}
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "demo-checkpoints"
     assert vols["dcmdp-config"]["configMap"]["name"] == "demo-config"
@@ -253,7 +253,8 @@ def test_user_overlay_cannot_break_what_the_run_needs():
     main, sidecar = pod["spec"]["containers"]
     assert main["command"][0] == "dcmdp-trainer" and main["image"] == "reg/trainer:1"
     assert {e["name"]: e.get("value") for e in main["env"]}["DCMDP_TOKEN_FILE"] == "/var/run/dcmdp/token"
-    assert sidecar == {"name": "sidecar", "image": "busybox"}
+    # a sidecar is kept, under the same restricted security context as the run's own containers
+    assert sidecar == {"name": "sidecar", "image": "busybox", "securityContext": children.CONTAINER_SECURITY_CONTEXT}
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["metadata"]["labels"]["dcmdp.io/run"] == "demo" and pod["metadata"]["labels"]["extra"] == "yes"
 

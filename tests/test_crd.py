@@ -18,6 +18,7 @@ import yaml
 from dcmdp import crd as C
 from dcmdp import spec as S
 from dcmdp.admission import _to_json_schema, admit
+from dcmdp.names import MAX_RUN_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -173,7 +174,7 @@ def _self_refs(rule: str) -> list[list[str]]:
 
 def test_cel_rules_compile_and_name_real_fields() -> None:
     env = celpy.Environment()
-    rules = 0
+    rules: set[str] = set()
     for path, node in _walk(SCHEMA):
         for r in node.get("x-kubernetes-validations", []):
             env.program(env.compile(r["rule"]))  # raises on a syntax error
@@ -185,9 +186,10 @@ def test_cel_rules_compile_and_name_real_fields() -> None:
                     if sub.get("type") == "array":
                         break
             assert r.get("fieldPath") is None or _node_at(r["fieldPath"], node) is not None, r
-            rules += 1
-    model_rules = sum(len(m.CEL) for m in C._model_classes(S.DCMDPRun).values() if hasattr(m, "CEL"))
-    assert rules == model_rules >= 12
+            rules.add(r["rule"])
+    # A model used in several places (pod templates, containers) carries its rules to each.
+    model_rules = {r.rule for m in C._model_classes(S.DCMDPRun).values() for r in getattr(m, "CEL", ())}
+    assert rules == model_rules and len(rules) >= 12
 
 
 def test_tolerance_is_typeless_with_value_only_branches() -> None:
@@ -305,7 +307,7 @@ def _leaf_mutations(schema: dict[str, Any], value: Any) -> Iterator[tuple[Any, b
             yield [copy.deepcopy(value[0]) for _ in range(schema["maxItems"] + 1)], False
     elif kind == "object":
         yield from (("x", False), (5, False), ([1], False))
-        if "properties" in schema and isinstance(value, dict):
+        if "properties" in schema and isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
             yield {**value, "bogusField": 1}, False
             camel = next((k for k in value if k != k.lower()), None)
             if camel:  # the Python name of a field is not a manifest name
@@ -332,11 +334,11 @@ def _mutations(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bo
 
     yield from walk(SCHEMA["properties"]["spec"], stored["spec"], ("spec",))
     meta = SCHEMA["properties"]["metadata"]["properties"]["name"]
-    for new in ("Bad_Name", "a" * 64, "-a", "a."):
+    for new in ("Bad_Name", "a" * 64, "a" * (MAX_RUN_NAME + 1), "-a", "a.", "1abc"):
         yield f"metadata.name={new!r}", _set(stored, ("metadata", "name"), new), False, "metadata.name"
     yield "apiVersion", _set(stored, ("apiVersion",), "dcmdp.io/v1"), False, "apiVersion"
     yield "kind", _set(stored, ("kind",), "DCMDPJob"), False, "kind"
-    assert meta["maxLength"] == 63
+    assert meta["maxLength"] == MAX_RUN_NAME
 
 
 def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool, str]]:
@@ -372,11 +374,47 @@ def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
         ("lag = maxStaleness", [(alg + ("maxStaleness",), 2), (s + ("rollout", "pools", 0, "lag"), 2)], True, ""),
         ("lag, no staleness limit", [(alg + ("maxStaleness",), 0), (s + ("rollout", "pools", 0, "lag"), 9)], True, ""),
     ]
+    cases += _escalations(s)
     for label, edits, ok, field in cases:
         out = stored
         for path, value in edits:
             out = _set(out, path, value) if value is not None else _drop(out, path)
         yield label, out, ok, field
+
+
+ESCALATING_TEMPLATES: list[tuple[str, dict[str, Any], str]] = [
+    # (label, template, the field the error must name)
+    ("hostNetwork", {"hostNetwork": True}, "hostNetwork"),
+    ("hostPID", {"hostPID": True}, "hostPID"),
+    ("hostIPC full form", {"spec": {"hostIPC": True}}, "hostIPC"),
+    ("privileged sidecar", {"spec": {"containers": [{"name": "x", "image": "busybox", "securityContext": {"privileged": True}}]}}, "privileged"),
+    ("privilege escalation", {"initContainers": [{"name": "i", "securityContext": {"allowPrivilegeEscalation": True}}]}, "allowPrivilegeEscalation"),
+    ("capability", {"spec": {"containers": [{"name": "trainer", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]}}, "capabilities"),
+    ("hostPath /", {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}, "hostPath"),
+    ("runAsUser 0", {"securityContext": {"runAsUser": 0}}, "runAsUser"),
+    ("runAsNonRoot false", {"spec": {"securityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+    ("container root", {"spec": {"containers": [{"name": "trainer", "securityContext": {"runAsUser": 0}}]}}, "runAsUser"),
+    ("unconfined seccomp", {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}, "seccompProfile"),
+    ("hostPort", {"spec": {"containers": [{"name": "trainer", "ports": [{"containerPort": 80, "hostPort": 80}]}]}}, "hostPort"),
+    ("serviceAccountName", {"serviceAccountName": "dcmdp-operator"}, "serviceAccountName"),
+    ("serviceAccount", {"spec": {"serviceAccount": "default"}}, "serviceAccount"),
+    ("token", {"automountServiceAccountToken": True}, "automountServiceAccountToken"),
+]
+SAFE_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
+    ("scheduling", {"nodeSelector": {"a": "b"}, "tolerations": [{"key": "k", "operator": "Exists"}], "priorityClassName": "high"}),
+    ("resources, env, volumes", {"resources": {"limits": {"cpu": "2"}}, "env": [{"name": "A", "value": "1"}], "volumes": [{"name": "c", "emptyDir": {}}]}),
+    ("tightened", {"securityContext": {"runAsUser": 2000, "runAsNonRoot": True}, "hostNetwork": False, "automountServiceAccountToken": False}),
+    ("NET_BIND_SERVICE", {"spec": {"containers": [{"name": "trainer", "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}}]}}),
+]
+
+
+def _escalations(s: tuple[Any, ...]) -> list[tuple[str, list[tuple[tuple[Any, ...], Any]], bool, str]]:
+    """Every escalation refused, in the trainer's and a pool's template; harmless templates kept."""
+    out: list[tuple[str, list[tuple[tuple[Any, ...], Any]], bool, str]] = []
+    for where in (s + ("trainer", "template"), s + ("rollout", "pools", 0, "template")):
+        out += [(f"{where[-2]}: {label}", [(where, t)], False, field) for label, t, field in ESCALATING_TEMPLATES]
+        out += [(f"{where[-2]}: {label}", [(where, t)], True, "") for label, t in SAFE_TEMPLATES]
+    return out
 
 
 def _drop(obj: Any, path: tuple[Any, ...]) -> Any:

@@ -176,6 +176,7 @@ def test_env_is_what_the_operator_reads(helm_env: dict[str, str]) -> None:
         os.environ.clear()
         os.environ.update(os_env)
     assert cfg.trainer_image == "reg.example/t:1" and cfg.poll_seconds == 3.0
+    assert cfg.allow_escalations == frozenset()  # the chart's default: restricted pods only
     assert cfg.rollout_image == "ghcr.io/dcmdp/rollout:0.1.0"
 
 
@@ -272,6 +273,7 @@ def test_run_defaults_merge_under_each_run(helm_env: dict[str, str], tmp_path: P
         (["image.pullPolicy=Sometimes"], "pullPolicy"),
         (["watchNamespaces={Team_A}"], "watchNamespaces"),
         (["pollSeconds=0"], "pollSeconds"),
+        (["podSecurity.allow={root}"], "podSecurity"),
         (["metrics.port=70000"], "port"),
         (["runDefaults.algorithm.steps=0"], "steps"),
         (["runDefaults.algorithm.stepz=5"], "stepz"),

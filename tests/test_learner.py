@@ -110,6 +110,77 @@ def test_state_dict_round_trip_restores_lambda_and_optimizer():
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
 
 
+def varied_rollouts(tok, pools=("a", "b"), n_prompts=8, group=4, seed=0):
+    """Rollouts of very different lengths (prompts 1–12 digits, responses 1–9 tokens), random p_inf and rewards."""
+    g = torch.Generator().manual_seed(seed)
+    digits = [str(d) for d in range(10)]
+    rolls = []
+    for i in range(n_prompts):
+        text = "".join(digits[(i * 7 + j) % 10] for j in range(1 + (i * 5) % 12)) + "="
+        prompt = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+        for _ in range(group):
+            k = int(torch.randint(1, 10, (), generator=g))
+            resp = torch.randint(3, len(tok), (k,), generator=g).tolist()
+            lp = (-3 * torch.rand(k, generator=g)).tolist()
+            rolls.append(Rollout(i, prompt, resp, lp, float(torch.rand((), generator=g) < 0.5), pools[i % len(pools)], 0))
+    return rolls
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "dc-grpo", "klCoef": 0.1, "corrections": ["tis"]},
+    {"name": "dc-grpo", "constraint": {"mode": "advantage-shaping"}},
+    {"name": "dc-grpo", "corrections": ["icepop"], "lossAggregation": "seq-mean-token-mean", "lossDenominator": "kept"},
+])
+def test_micro_batched_step_equals_the_full_batch_step(algorithm):
+    """fp32: the same update (relative weight difference ≤ 1e-6) whatever the micro-batch budget."""
+    pools = [{"name": "a", "precision": "fp32", "tolerance": 0.01}, {"name": "b", "precision": "fp32"}]
+    results = []
+    for budget in (0, 40, 1):  # one pass; several rows per micro-batch; one row per micro-batch
+        run = tiny_run(algorithm=algorithm, rollout={"pools": pools}, trainer={"microBatchTokens": budget})
+        model, tok = build_model(run.spec.model, seed=4)
+        w0 = {k: v.clone() for k, v in model.state_dict().items()}
+        learner = Learner(run, model, tok.pad_token_id)
+        rows = [learner.train_step(varied_rollouts(tok)) for _ in range(2)]
+        results.append((rows, {k: v.clone() for k, v in model.state_dict().items()}))
+    (ref_rows, ref), others = results[0], results[1:]
+    moved = torch.sqrt(sum(((ref[k] - w0[k]) ** 2).sum() for k in ref))
+    norm = torch.sqrt(sum((v ** 2).sum() for v in ref.values()))
+    assert moved > 1e-3
+    for rows, got in others:
+        diff = torch.sqrt(sum(((got[k] - ref[k]) ** 2).sum() for k in ref))
+        assert diff / norm <= 1e-6, float(diff / norm)
+        assert diff / moved <= 1e-4, float(diff / moved)
+        for a, b in zip(ref_rows, rows):
+            for key in ("loss/total", "loss/policy", "loss/kl", "loss/constraint", "optim/grad_norm",
+                        "optim/clip_frac", "discrepancy/prob_diff_mean", "constraint/lambda_next"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_gradient_checkpointing_takes_the_same_step():
+    rolls = None
+    params = []
+    for ckpt in (False, True):
+        run = tiny_run(trainer={"gradientCheckpointing": ckpt, "microBatchTokens": 64})
+        model, tok = build_model(run.spec.model, seed=4)
+        rolls = rolls or varied_rollouts(tok, pools=("bf16",))
+        Learner(run, model, tok.pad_token_id).train_step(rolls)
+        assert model.is_activation_checkpointing == ckpt
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-7, rtol=1e-6)
+
+
+def test_cuda_where_there_is_none_fails_naming_the_field():
+    from dcmdp.device import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    run = tiny_run(trainer={"device": "cuda"})
+    model, tok = build_model(run.spec.model)
+    with pytest.raises(DeviceError, match="spec.trainer.device"):
+        Learner(run, model, tok.pad_token_id)
+    assert Learner(tiny_run(trainer={"device": "auto"}), model, tok.pad_token_id).device.type == "cpu"
+
+
 @pytest.mark.parametrize("algorithm", [
     {"name": "dc-grpo", "corrections": ["icepop", "mis"], "constraint": {"mode": "k3-penalty"}},
     {"name": "dc-grpo", "corrections": ["tis"], "constraint": {"mode": "penalty"}},

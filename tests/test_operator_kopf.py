@@ -157,7 +157,7 @@ def test_a_run_gets_exactly_its_children_owned_labelled_and_placed(env):
         assert any(v.get("secret", {}).get("secretName") == "alpha-token" for v in p["volumes"])
     st = wait_for(lambda: run_status(env, "alpha").get("phase") == "Pending" and run_status(env, "alpha"), what="status")
     assert st["observedGeneration"] == 1 and cond(st, "Progressing")["status"] == "True"
-    assert ("Normal", "Pending") in wait_for(lambda: events_of(env, "alpha"), what="an event")
+    assert wait_for(lambda: ("Normal", "Pending") in events_of(env, "alpha"), what="Pending")
 
 
 def test_resyncs_create_nothing_new_and_keep_the_token(env):
@@ -251,7 +251,7 @@ def test_an_unsafe_change_is_refused_and_a_safe_one_applied(env):
     assert st["refusedChanges"] == ["spec.model.hiddenSize"] and "spec.model.hiddenSize" in cond(st, "Ready")["message"]
     assert wait_for(lambda: env.kube.get("Deployment", NS, "eps-rollout-bf16")["spec"]["replicas"] == 4, what="replicas 4")
     assert "hiddenSize: 128" in env.kube.get("ConfigMap", NS, "eps-config")["data"]["run.yaml"]
-    assert ("Warning", "SpecChangeRefused") in wait_for(lambda: events_of(env, "eps"), what="events")
+    assert wait_for(lambda: ("Warning", "SpecChangeRefused") in events_of(env, "eps"), what="SpecChangeRefused")
     assert env.kube.get("DCMDPRun", NS, "eps")["spec"]["model"]["hiddenSize"] == 256  # spec never written back
     env.kube.patch("DCMDPRun", NS, "eps", {"spec": {"model": {"hiddenSize": 128}}})
     st = wait_for(lambda: (s := run_status(env, "eps")) and cond(s, "Ready")["reason"] != "SpecChangeRefused" and s,
@@ -267,7 +267,7 @@ def test_too_many_restarts_fail_the_run(env):
     env.kube.patch("Job", NS, "zeta-trainer", {"status": {"active": 0, "failed": 2}}, sub="status")
     st = wait_for(lambda: (s := run_status(env, "zeta")).get("phase") == "Failed" and s, what="Failed")
     assert st["reason"] == "TooManyRestarts" and cond(st, "Failed")["status"] == "True"
-    assert ("Warning", "Failed") in wait_for(lambda: events_of(env, "zeta"), what="events")
+    assert wait_for(lambda: ("Warning", "Failed") in events_of(env, "zeta"), what="Failed")
     assert wait_for(lambda: env.kube.get("Deployment", NS, "zeta-rollout-bf16")["spec"]["replicas"] == 0, what="pools stop")
 
 

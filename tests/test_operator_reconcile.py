@@ -57,9 +57,12 @@ def test_an_invalid_spec_fails_with_the_field_named_then_recovers_when_fixed(emu
 
 def test_names_too_long_for_kubernetes_are_an_invalid_spec(emu):
     k = Kube(emu.url)
-    make(k, "n" * 58, {})
+    make(k, "n" * 58, {})  # longer than the shared run-name rule allows (dcmdp.names)
     st = reconcile_once(emu, "n" * 58).status
-    assert st["phase"] == "Failed" and "shorter run" in st["message"]
+    assert st["phase"] == "Failed" and st["reason"] == "InvalidSpec" and "at most 51" in st["message"]
+    make(k, "m" * 50, {"rollout": {"pools": [{"name": "p" * 10}]}})  # <run>-rollout-<pool> too long
+    st = reconcile_once(emu, "m" * 50).status
+    assert st["phase"] == "Failed" and "spec.rollout.pools[0].name" in st["message"]
 
 
 def test_a_foreign_object_in_the_way_is_reported_and_left_alone(emu):

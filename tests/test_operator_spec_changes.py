@@ -46,7 +46,7 @@ def test_safe_changes_apply_live():
     assert eff.spec.suspend is True and eff.spec.ttl_seconds_after_finished == 60
     assert [p.replicas for p in eff.spec.rollout.pools] == [5, 0]
     assert eff.spec.rollout.pools[0].image == "img:2"
-    assert eff.spec.rollout.pools[1].template == {"nodeSelector": {"x": "2"}}
+    assert eff.spec.rollout.pools[1].template.overlay() == {"nodeSelector": {"x": "2"}}
 
 
 def test_unsafe_changes_are_refused_and_the_safe_part_still_applies():

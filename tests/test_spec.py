@@ -37,12 +37,12 @@ def test_examples_load(path: Path) -> None:
 def test_gpu_example_puts_trainer_and_pools_on_their_own_nodes() -> None:
     r = S.load_run(REPO / "examples" / "gpu-cluster.yaml")
     assert r.spec.trainer.precision == "bf16"
-    assert r.spec.trainer.template["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
+    assert r.spec.trainer.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
     assert [(p.engine, p.precision) for p in r.spec.rollout.pools] == [("vllm", "fp8"), ("vllm", "bf16")]
     for p in r.spec.rollout.pools:
-        assert p.template["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
-        assert p.template["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert any(t["key"] == "nvidia.com/gpu" for t in p.template["tolerations"])
+        assert p.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+        assert p.template.overlay()["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert any(t["key"] == "nvidia.com/gpu" for t in p.template.overlay()["tolerations"])
 
 
 def test_kind_example_is_cpu_only_and_small() -> None:
@@ -101,7 +101,7 @@ def test_algorithm_helpers() -> None:
 
 def test_null_means_not_set() -> None:
     r = S.parse_run(run({"algorithm": {"steps": None}, "trainer": {"template": None}, "task": {"dataset": None}}))
-    assert r.spec.algorithm.steps == 100 and r.spec.trainer.template == {} and r.spec.task.dataset is None
+    assert r.spec.algorithm.steps == 100 and r.spec.trainer.template.overlay() == {} and r.spec.task.dataset is None
     assert S.parse_run(run({"model": {"builtin": None}})).spec.model.builtin is None  # null is a value here
     assert S.ModelSpec.null_keeping_fields() == {"builtin"}
 
@@ -159,7 +159,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("spec not a map", run("everything"), "spec", "dictionary"),
     ("wrong kind", run(kind="RayJob"), "kind", "DCMDPRun"),
     ("wrong version", run(apiVersion="dcmdp.io/v1"), "apiVersion", "v1alpha1"),
-    ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "pattern"),
+    ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "DNS-1035 label"),
     ("negative ttl", run({"ttlSecondsAfterFinished": -1}), "spec.ttlSecondsAfterFinished", "greater than or equal to 0"),
 ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dcmdp.models.source import resolve_model_folder
 from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
 from dcmdp.spec import ModelSpec
 
@@ -34,17 +35,20 @@ def build_config(spec: ModelSpec, tokenizer: Any):
     return Qwen3Config(**common)
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
 def build_model(spec: ModelSpec, seed: int = 0):
-    """(model, tokenizer): a local folder when ``spec.path`` is set, else a built-in tiny model."""
+    """(model, tokenizer): a loaded model (``spec.path`` / ``spec.name``) in ``spec.dtype``, else a
+    built-in tiny model (fp32). Raises :class:`~dcmdp.models.source.ModelSourceError` naming the field
+    when a loaded model's folder cannot be had."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if spec.path:
-        folder = Path(spec.path)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"spec.model.path: {folder} has no config.json (a local Hugging Face folder is needed)")
+    if spec.loaded:
+        folder = resolve_model_folder(spec)
         tokenizer = load_tokenizer(folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, DTYPES[spec.dtype]))
         return model, tokenizer
     tokenizer = build_tokenizer()
     config = build_config(spec, tokenizer)
@@ -60,6 +64,19 @@ def save_model(model, tokenizer, folder: Path) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def vocab_limit(model) -> int:
+    """Rows of the input embedding: the token ids a model accepts are ``0 .. vocab_limit - 1``.
+
+    Real checkpoints pad the embedding beyond the tokenizer (Qwen: 151,936 rows, ~151,665 tokens),
+    so ``len(tokenizer)`` is the wrong bound for ids an engine may sample."""
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def context_length(model) -> int:
+    """Positions the model supports (``config.max_position_embeddings``; 0 when it names none)."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
 def num_parameters(model) -> int:

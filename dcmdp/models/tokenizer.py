@@ -36,10 +36,15 @@ def build_tokenizer(chars: str = CHARS):
 
 
 def load_tokenizer(folder: Union[str, Path]):
+    """A folder's tokenizer, left-padding. With no pad token (Llama-style) EOS pads (padding is
+    masked, so which id pads does not matter); with no BOS (Qwen-style) prompts start without one.
+    Raises ``ValueError`` when the tokenizer has no EOS token (a response could never end)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.padding_side = "left"
+    if tok.eos_token_id is None:
+        raise ValueError(f"spec.model: the tokenizer in {folder} has no eos_token (responses could never end)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 Verifier = Callable[[str, str], float]
 
@@ -32,24 +34,66 @@ def exact_match(response: str, answer: str) -> float:
     return 1.0 if response.strip() == answer.strip() else 0.0
 
 
+# A decimal number as written in text: sign, thousands separators, decimals, exponent ("-1,234.5e3").
+NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (thousands commas dropped), or None when there is none."""
+    found = NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
 def numeric_match(response: str, answer: str) -> float:
-    try:
-        return 1.0 if abs(float(response.strip()) - float(answer.strip())) < 1e-9 else 0.0
-    except ValueError:
-        return 0.0
+    """1.0 when the *last* number of the response equals the last number of the answer (|Δ| < 1e-9),
+    so chain-of-thought answers ("… so 6 × 7 = 42") score on their final number."""
+    got, want = last_number(response), last_number(answer)
+    return 1.0 if got is not None and want is not None and abs(got - want) < 1e-9 else 0.0
 
 
 def contains_match(response: str, answer: str) -> float:
     return 1.0 if answer.strip() and answer.strip() in response else 0.0
 
 
+def math_match(response: str, answer: str) -> float:
+    """The ``math`` verifier: :func:`dcmdp.tasks.math_answer.math_match` (imported on first use)."""
+    from dcmdp.tasks.math_answer import math_match as match
+
+    return match(response, answer)
+
+
 BUILTIN_VERIFIERS: dict[str, Verifier] = {
-    "exact": exact_match, "numeric": numeric_match, "contains": contains_match,
+    "exact": exact_match, "numeric": numeric_match, "contains": contains_match, "math": math_match,
 }
 
 
+class RewardError(ValueError):
+    """A verifier returned something that is not a finite number (NaN, inf, None, a string…)."""
+
+
+def check_reward(value: Any, verifier: str, prompt: str) -> float:
+    """``value`` as a float, or :class:`RewardError` naming the verifier and the prompt.
+
+    Accepted: bool, int and float (and numpy scalars) that are finite. Anything else would train on
+    a NaN loss or crash later with an unrelated message."""
+    try:
+        ok = not isinstance(value, (str, bytes)) and math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise RewardError(f"verifier {verifier!r} returned {value!r} (a finite number is required) "
+                          f"for prompt {short!r}")
+    return float(value)
+
+
 def resolve_verifier(name: str) -> Verifier:
-    """A built-in verifier by name, or a Python 'module:function' taking (response, answer)."""
+    """A built-in verifier by name, or a Python 'module:function' taking (response, answer).
+
+    The contract of a user verifier: ``fn(response: str, answer: str) -> float``, where ``response``
+    is the decoded response (EOS and special tokens stripped) and ``answer`` the dataset's reference;
+    it returns a finite number (1.0 / 0.0 for right / wrong is usual) and is deterministic and
+    thread-safe (the trainer may call it from several threads)."""
     if name in BUILTIN_VERIFIERS:
         return BUILTIN_VERIFIERS[name]
     import importlib

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any, Callable
 
 from dcmdp.tasks.base import Problem, Verifier
 
@@ -47,5 +48,22 @@ class JsonlTask:
     def held_out(self) -> list[Problem]:
         return list(self._held)
 
-    def reward(self, response: str, answer: str) -> float:
-        return float(self._verifier(response, answer))
+    def problems(self) -> list[Problem]:
+        """Every problem, training ones first (for checks such as lengths)."""
+        return self._train + self._held
+
+    def drop(self, unwanted: Callable[[Problem], bool]) -> list[Problem]:
+        """Remove the problems ``unwanted`` selects from both splits; returns them. ``ValueError``
+        when either split would be left empty."""
+        gone = [p for p in self.problems() if unwanted(p)]
+        train = [p for p in self._train if not unwanted(p)]
+        held = [p for p in self._held if not unwanted(p)]
+        if not train or not held:
+            raise ValueError(f"spec.task.dataset.path: {len(gone)} of {len(self.problems())} problems are "
+                             f"too long; none would be left to {'train on' if not train else 'evaluate'}")
+        self._train, self._held = train, held
+        return gone
+
+    def reward(self, response: str, answer: str) -> Any:
+        """The verifier's value as returned (the trainer checks it is a finite number)."""
+        return self._verifier(response, answer)

@@ -23,12 +23,11 @@ replicas. The trainer always runs with ``--resume``: it continues from the newes
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 from typing import Any, Optional
 
-import yaml
 
+from dcmdp import names, podsecurity, yamlfile
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
 
 from . import podtemplate
@@ -49,7 +48,25 @@ POOL_LABEL = "dcmdp.io/pool"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 
-DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# The images' user (trainer_image/Dockerfile, inference_image/Dockerfile: `USER 10001:10001`).
+RUN_AS_USER = 10001
+TMP_DIR = "/tmp"
+# Pods that meet the `restricted` Pod Security Standard. The user's template may tighten these
+# but not loosen them (dcmdp.podsecurity): the overlay is merged over them, then checked.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    # Volumes (the checkpoint PVC) are group-writable by the pod's user.
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
 
 
 class BuildError(ValueError):
@@ -117,9 +134,10 @@ def read_accepted(configmap: Optional[dict[str, Any]]) -> Optional[dict[str, Any
     if not text:
         return None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        docs = yamlfile.loads(text)
+    except yamlfile.YAMLFileError:
         return None
+    data = docs[0] if len(docs) == 1 else None
     return data if isinstance(data, dict) else None
 
 
@@ -160,12 +178,9 @@ def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _metadata(name: str, meta: dict[str, Any], lbls: dict[str, str]) -> dict[str, Any]:
-    if len(name) > 63 or not DNS_1035.match(name):
-        raise BuildError(
-            "metadata.name",
-            f"child name {name!r} is not a valid DNS label of at most 63 characters starting with a "
-            "letter: use a shorter run (or pool) name",
-        )
+    err = names.child_name_error(name)
+    if err:
+        raise BuildError("metadata.name", f"child name: {err}: use a shorter run (or pool) name")
     return {
         "name": name,
         "namespace": meta["namespace"],
@@ -206,7 +221,7 @@ def build(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": _metadata(configmap_name(name), meta, labels(name, "config")),
-            "data": {CONFIG_KEY: yaml.safe_dump(run_config(run, meta), sort_keys=True)},
+            "data": {CONFIG_KEY: yamlfile.dumps(run_config(run, meta), sort_keys=True)},
         },
     ]
     if spec.checkpoint.pvc.enabled:
@@ -295,6 +310,11 @@ def _scheduling(run: DCMDPRun, name: str, pod: dict[str, Any]) -> None:
         pod["metadata"]["labels"][KUEUE_QUEUE_LABEL] = sched.queue_name
 
 
+TMP_VOLUME: dict[str, Any] = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT: dict[str, Any] = {"name": "tmp", "mountPath": TMP_DIR}
+HOME_ENV: dict[str, Any] = {"name": "HOME", "value": TMP_DIR}
+
+
 def _token_volume(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     volume = {
         "name": "dcmdp-token",
@@ -302,6 +322,47 @@ def _token_volume(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     mount = {"name": "dcmdp-token", "mountPath": TOKEN_DIR, "readOnly": True}
     return volume, mount
+
+
+def _base_pod(lbls: dict[str, str], container: str, image: str, config: OperatorConfig) -> dict[str, Any]:
+    """The pod before the user's overlay: restricted security, no service-account token, a
+    writable ``/tmp`` (emptyDir; the root filesystem is read-only; ``HOME`` points there)."""
+    return {
+        "metadata": {"labels": dict(lbls)},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": dict(POD_SECURITY_CONTEXT),
+            "containers": [{"name": container, "image": image, "imagePullPolicy": config.image_pull_policy}],
+        },
+    }
+
+
+def _secure(pod: dict[str, Any], path: str, config: OperatorConfig) -> None:
+    """After the overlay: every container (the user's sidecars too) gets the restricted security
+    context under its own, and the merged pod is checked for escalations (in place)."""
+    for key in podsecurity.CONTAINER_LISTS:
+        for c in pod["spec"].get(key) or []:
+            own = c.get("securityContext") or {}
+            sc = c["securityContext"] = podtemplate.merge(CONTAINER_SECURITY_CONTEXT, own)
+            if "capabilities" not in config.allow_escalations:
+                drop = sc["capabilities"].get("drop") or []
+                sc["capabilities"]["drop"] = drop if "ALL" in drop else [*drop, "ALL"]
+            # What the admin allowed must still make a valid pod: the API server refuses
+            # privileged with allowPrivilegeEscalation false, the kubelet uid 0 with runAsNonRoot.
+            if own.get("privileged") is True and "allowPrivilegeEscalation" not in own:
+                del sc["allowPrivilegeEscalation"]
+            if own.get("runAsUser") == 0 and "runAsNonRoot" not in own:
+                del sc["runAsNonRoot"]
+    pod_sc = pod["spec"]["securityContext"]
+    if pod_sc.get("runAsUser") == 0 and pod_sc.get("runAsNonRoot") is True:
+        pod_sc.pop("runAsNonRoot")
+        for key in podsecurity.CONTAINER_LISTS:
+            for c in pod["spec"].get(key) or []:
+                if "runAsUser" not in c["securityContext"]:
+                    c["securityContext"].pop("runAsNonRoot", None)
+    found = podsecurity.violations(pod["spec"], path, config.allow_escalations)
+    if found:
+        raise BuildError(*found[0])
 
 
 def _enforce(pod: dict[str, Any], container_name: str, required: dict[str, Any], lbls: dict[str, str]) -> None:
@@ -355,14 +416,17 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
             },
             {"name": "MASTER_ADDR", "value": trainer_host(name)},
             {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            HOME_ENV,
         ],
         "volumeMounts": [
             token_mount,
+            TMP_MOUNT,
             {"name": "dcmdp-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
         ],
         "volumes": [
             token_volume,
+            TMP_VOLUME,
             {
                 "name": "dcmdp-config",
                 "configMap": {"name": configmap_name(name), "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
@@ -372,14 +436,10 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
         # The pod's hostname `<job>-<index>` becomes resolvable through the headless Service.
         "pod": {"restartPolicy": "Never", "subdomain": trainer_name(name)},
     }
-    pod = {
-        "metadata": {"labels": dict(lbls)},
-        "spec": {
-            "containers": [{"name": "trainer", "image": image, "imagePullPolicy": config.image_pull_policy}],
-        },
-    }
-    pod = podtemplate.apply_overlay(pod, trainer.template, "trainer", "spec.trainer.template")
+    pod = _base_pod(lbls, "trainer", image, config)
+    pod = podtemplate.apply_overlay(pod, trainer.template.overlay(), "trainer", "spec.trainer.template")
     _enforce(pod, "trainer", required, lbls)
+    _secure(pod, "spec.trainer.template", config)
     _scheduling(run, name, pod)
 
     job_spec: dict[str, Any] = {
@@ -435,16 +495,16 @@ def _pool_deployment(
             {"name": "DCMDP_ROLE", "value": "rollout"},
             {"name": "DCMDP_POOL", "value": pool.name},
             {"name": "DCMDP_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            HOME_ENV,
         ],
-        "volumeMounts": [token_mount],
-        "volumes": [token_volume],
+        "volumeMounts": [token_mount, TMP_MOUNT],
+        "volumes": [token_volume, TMP_VOLUME],
     }
-    pod = {
-        "metadata": {"labels": dict(lbls)},
-        "spec": {"containers": [{"name": "rollout", "image": image, "imagePullPolicy": config.image_pull_policy}]},
-    }
-    pod = podtemplate.apply_overlay(pod, pool.template, "rollout", f"spec.rollout.pools[{index}].template")
+    pod = _base_pod(lbls, "rollout", image, config)
+    path = f"spec.rollout.pools[{index}].template"
+    pod = podtemplate.apply_overlay(pod, pool.template.overlay(), "rollout", path)
     _enforce(pod, "rollout", required, lbls)
+    _secure(pod, path, config)
     _scheduling(run, name, pod)
     dep_meta = _metadata(pool_name(name, pool.name), meta, lbls)
     if run.spec.scheduling.gang == "kueue":

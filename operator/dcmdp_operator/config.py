@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from dcmdp import __version__ as _version
+from dcmdp import podsecurity
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090
@@ -44,6 +45,9 @@ class OperatorConfig:
     # Python format string with {run}, {namespace}, {port}: where the operator reaches a trainer.
     # Point it at 127.0.0.1:<port> to run the operator outside the cluster (or in tests).
     trainer_address: str = DEFAULT_TRAINER_ADDRESS
+    # Pod-template escalations the cluster admin allows (dcmdp.podsecurity.ESCALATIONS; Helm value
+    # podSecurity.allow, environment DCMDP_POD_SECURITY_ALLOW, comma-separated). None by default.
+    allow_escalations: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -55,6 +59,10 @@ class OperatorConfig:
             poll_seconds=_float("DCMDP_POLL_SECONDS", d.poll_seconds),
             grpc_timeout_seconds=_float("DCMDP_GRPC_TIMEOUT_SECONDS", d.grpc_timeout_seconds),
             trainer_address=os.environ.get("DCMDP_TRAINER_ADDRESS") or d.trainer_address,
+            allow_escalations=podsecurity.check_allow(
+                (a.strip() for a in os.environ.get("DCMDP_POD_SECURITY_ALLOW", "").split(",") if a.strip()),
+                "DCMDP_POD_SECURITY_ALLOW",
+            ),
         )
 
     def trainer_target(self, run: str, namespace: str) -> str:

@@ -29,7 +29,7 @@ class Result:
     writes: list[tuple[str, str, str]]  # (kind, name, action) of the children created or patched
 
 
-def _parse(body: dict[str, Any]) -> DCMDPRun:
+def _parse(body: dict[str, Any], config: OperatorConfig) -> DCMDPRun:
     meta = body.get("metadata") or {}
     return parse_run(
         {
@@ -39,6 +39,7 @@ def _parse(body: dict[str, Any]) -> DCMDPRun:
             "spec": copy.deepcopy(body.get("spec") or {}),
         },
         source=f"DCMDPRun {meta.get('namespace')}/{meta.get('name')}",
+        allow_escalations=config.allow_escalations,
     )
 
 
@@ -84,7 +85,7 @@ async def reconcile(
 
     try:
         try:
-            run = _parse(body)
+            run = _parse(body, config)
         except SpecError as exc:
             obs.error = ("InvalidSpec", "; ".join(f"{p}: {m}" for p, m in exc.errors))
             result = finish(None)
@@ -96,7 +97,9 @@ async def reconcile(
             client.get(kube.RESOURCES["Secret"], ns, children.secret_name(name)),
             client.get(kube.RESOURCES["ConfigMap"], ns, children.configmap_name(name)),
         )
-        effective, obs.refused = spec_changes.reconcile_spec(children.read_accepted(configmap), run)
+        effective, obs.refused = spec_changes.reconcile_spec(
+            children.read_accepted(configmap), run, config.allow_escalations
+        )
         token = children.read_token(secret) or children.new_token()
 
         # 2. build the desired children (pure)

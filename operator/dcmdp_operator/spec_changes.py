@@ -14,6 +14,7 @@ the refused fields until the spec is reverted.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any, Optional
 
@@ -54,14 +55,18 @@ def is_safe(path: str, same_pools: bool) -> bool:
     return bool(m and same_pools and m.group(2) in SAFE_POOL)
 
 
-def reconcile_spec(accepted: Optional[dict[str, Any]], new: DCMDPRun) -> tuple[DCMDPRun, list[str]]:
+def reconcile_spec(
+    accepted: Optional[dict[str, Any]], new: DCMDPRun, allow_escalations: frozenset[str] = frozenset()
+) -> tuple[DCMDPRun, list[str]]:
     """(the spec to run, the refused field paths). ``accepted``: the manifest the children were
-    built from (None for a new run: everything is accepted)."""
+    built from (None for a new run: everything is accepted). ``allow_escalations``: the pod
+    escalations the operator allows (as in :func:`dcmdp.spec.parse_run`)."""
+    parse = functools.partial(parse_run, allow_escalations=allow_escalations)
     if not accepted or not isinstance(accepted.get("spec"), dict):
         return new, []
     try:
         # Normalised like `new` (defaults filled in), so only real changes show up.
-        old_spec = dump_run(parse_run({"apiVersion": new.api_version, "kind": new.kind, "spec": accepted["spec"]}))["spec"]
+        old_spec = dump_run(parse({"apiVersion": new.api_version, "kind": new.kind, "spec": accepted["spec"]}))["spec"]
     except SpecError:
         return new, []  # an unreadable record (e.g. an older operator's): take the new spec
     new_spec = dump_run(new)["spec"]
@@ -87,7 +92,7 @@ def reconcile_spec(accepted: Optional[dict[str, Any]], new: DCMDPRun) -> tuple[D
     data = dump_run(new)
     data["spec"] = effective
     try:
-        return parse_run(data), refused
+        return parse(data), refused
     except SpecError:  # the safe part alone is not a valid run: keep the accepted spec as it was
         data["spec"] = old_spec
-        return parse_run(data), refused
+        return parse(data), refused

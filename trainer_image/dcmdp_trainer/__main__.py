@@ -83,6 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) -> int:
+    from dcmdp_trainer.checkpoint import CheckpointError
     from dcmdp_trainer.coordinator import Coordinator, Stopped
     from dcmdp_trainer.observability import TrainerMetrics
     from dcmdp_trainer.server import start_server
@@ -107,6 +108,11 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     try:
         session = Session(run, out, resume=resume, steps=args.steps, prometheus=runtime.sink, threads=threads,
                           **_distributed_kwargs(run))
+    except (CheckpointError, OSError) as exc:  # no intact checkpoint, an unwritable --out: say which
+        log.error(f"cannot start the run: {exc}")
+        server.stop(grace=None)
+        runtime.close()
+        return 1
     except BaseException:
         server.stop(grace=None)
         runtime.close()

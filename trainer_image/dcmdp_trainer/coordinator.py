@@ -23,13 +23,13 @@ evaluation item with the held-out prompts and records the same keys as the in-pr
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from dcmdp.engine import Rollout, Sample
+from dcmdp.sample_check import Problem, check_response, check_timing
 from dcmdp_trainer.leases import LeaseBook, LeaseRecord, WorkItem
 from dcmdp_trainer.local import split_prompts
 from dcmdp_trainer.session import Session, StepPrompt
@@ -73,6 +73,11 @@ class Rejected(Exception):
         self.reason = reason
 
 
+class RunFailed(RuntimeError):
+    """The run cannot make progress (every submission rejected for one cause, or none accepted for
+    ``rollout.stallTimeoutSeconds``): the message names the cause."""
+
+
 class Coordinator:
     def __init__(self, session: Session, publisher: WeightPublisher, *, log=None, runtime=None,
                  on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None,
@@ -101,6 +106,10 @@ class Coordinator:
         self.dropped_by_pool: dict[str, int] = {p: 0 for p in self.pools}
         self.dropped_since_step = 0
         self.rejected: dict[str, int] = {}
+        # malformed submissions since the last accepted one: cause -> (work item keys, submissions)
+        self.failing: dict[str, tuple[set[str], int]] = {}
+        self.last_accept = clock()
+        self.last_rejection = ""
         self.phase = "Initializing"
         self.finished = False
         self.stop_requested = False
@@ -213,11 +222,12 @@ class Coordinator:
                 raise Rejected(verdict.reason)
             rec = verdict.lease
             item = rec.item
-            problem = self._malformed(item, pool, version, samples)
+            problem = self._malformed(item, pool, version, samples) or check_timing(sampling_s, tokens)
             if problem:
                 self.book.release(lease_id, "malformed")
                 self._reject("malformed")
-                raise Rejected("malformed", problem)
+                self._failing(item, problem if isinstance(problem, Problem) else Problem("malformed", problem))
+                raise Rejected("malformed", str(problem))
             if not item.is_eval and item.step - version > self.bound[pool]:
                 self.book.release(lease_id, "stale")
                 self._reject("stale")
@@ -229,6 +239,8 @@ class Coordinator:
                 raise Rejected("stale", f"sampled with version {version}, step {item.step} allows "
                                         f"at most {self.bound[pool]} versions of lag")
             self.book.complete(lease_id, worker_id)
+            self.failing.clear()
+            self.last_accept = self.clock()
             if item.is_eval:
                 self.eval_results[item.key] = samples
             else:
@@ -252,23 +264,50 @@ class Coordinator:
         if self.runtime:
             self.runtime.rejected(reason)
 
-    def _malformed(self, item: WorkItem, pool: str, version: int, samples: list[Sample]) -> str:
+    def _failing(self, item: WorkItem, problem: Problem) -> None:
+        """Remember a malformed submission (under cond); once every work item of the oldest pending
+        step was rejected for the same cause with nothing accepted in between, the run fails."""
+        keys, count = self.failing.get(problem.cause, (set(), 0))
+        keys.add(item.key)
+        self.failing[problem.cause] = (keys, count + 1)
+        self.last_rejection = f"{problem.cause}: {problem.detail}"
+        pending = [b for st, b in sorted(self.buffers.items()) if not b.complete]
+        need = max(1, pending[0].items - pending[0].done if pending and not item.is_eval else 1)
+        # every outstanding item rejected, or as many rejections as that twice over (a worker that
+        # gets the same released item back each time)
+        if len(keys) >= need or count + 1 >= 2 * need:
+            self._fail(f"every submission of a step was rejected as malformed ({problem.cause}): {problem.detail}")
+
+    def _fail(self, message: str) -> None:
+        """Stop the run as Failed with ``message`` (under cond): the main loop raises RunFailed."""
+        self.phase, self.message = "Failed", message
+        self.cond.notify_all()
+
+    def _check_progress(self) -> None:
+        """Raise :class:`RunFailed` when the run failed or stalled (under cond, main thread)."""
+        if self.phase == "Failed":
+            raise RunFailed(self.message)
+        stall = self.spec.rollout.stall_timeout_seconds
+        idle = self.clock() - self.last_accept
+        if stall and idle > stall:
+            seen = len(self.workers)
+            why = (f"last rejection: {self.last_rejection}" if self.last_rejection else
+                   f"{seen} worker(s) registered" + ("" if seen else ": is any rollout worker running?"))
+            self._fail(f"no rollout accepted for {idle:.0f} s (rollout.stallTimeoutSeconds {stall:g}); {why}")
+            raise RunFailed(self.message)
+
+    def _malformed(self, item: WorkItem, pool: str, version: int, samples: list[Sample]) -> "str | Problem":
         if pool != item.pool:
             return f"lease belongs to pool {item.pool!r}, submitted as {pool!r}"
         if version < 0 or version > self.version:
             return f"weight version {version} was never published (newest {self.version})"
         counts: dict[int, int] = {}
-        vocab = len(self.session.tokenizer)
         for s in samples:
             counts[s.prompt_index] = counts.get(s.prompt_index, 0) + 1
-            if len(s.logprobs) != len(s.response_ids):
-                return f"prompt {s.prompt_index}: {len(s.logprobs)} logprobs for {len(s.response_ids)} tokens"
-            if len(s.response_ids) > item.max_new_tokens:
-                return f"prompt {s.prompt_index}: {len(s.response_ids)} tokens > max_new_tokens {item.max_new_tokens}"
-            if any(t < 0 or t >= vocab for t in s.response_ids):
-                return f"prompt {s.prompt_index}: token id outside the vocabulary (0..{vocab - 1})"
-            if any(not math.isfinite(lp) or lp > 1e-3 for lp in s.logprobs):
-                return f"prompt {s.prompt_index}: logprobs must be finite and <= 0"
+            problem = check_response(s.response_ids, s.logprobs, vocab_size=self.session.vocab_size,
+                                     max_new_tokens=item.max_new_tokens)
+            if problem:
+                return Problem(problem.cause, f"prompt {s.prompt_index}: {problem.detail}")
         want = {i: item.n for i in item.indices}
         if counts != want:
             return f"expected {item.n} samples for each of prompts {sorted(want)}, got {dict(sorted(counts.items()))}"
@@ -287,6 +326,7 @@ class Coordinator:
             while not done():
                 if self.stop_requested:
                     raise Stopped()
+                self._check_progress()
                 for rec in self.book.expire():
                     self._log("lease expired", lease=rec.lease_id, worker=rec.worker, item=rec.item.key)
                 self.cond.wait(timeout=0.25)
@@ -296,6 +336,7 @@ class Coordinator:
         s = self.session
         with self.cond:
             self.phase = "Running"
+            self.last_accept = self.clock()
             self._fill()
             self.cond.notify_all()
         if s.step == 0:
@@ -320,6 +361,7 @@ class Coordinator:
             with self.cond:
                 self.version = s.version
                 self.lag_by_pool = self._lags(rollouts)
+                self.last_accept = self.clock()  # training time is not a stall
                 self._fill()
                 self.cond.notify_all()
             now = time.perf_counter()

@@ -3,12 +3,13 @@
 Rank 0 is the trainer process of the runtime (gRPC server, coordinator, checkpoints); ranks
 1..N-1 follow it. Each step rank 0 broadcasts the step's rollouts; every rank computes π_old, δ
 and the advantages on the whole batch (so every rank makes the same dual update and holds the same
-λ), then takes its contiguous share of each mini-batch. A rank's token-mean loss is scaled by
-``world · tokens_rank / tokens_minibatch`` before DeepSpeed averages the gradients, so the
-averaged gradient is exactly the gradient of the token mean over the whole mini-batch: N ranks
-take the same step as one (``tests/test_deepspeed.py``). Gradient clipping is DeepSpeed's, on the
-global norm. ``loss/total`` in the metrics is the mini-batch loss over all ranks; the other loss
-keys are token-weighted means of the ranks' own.
+λ), then takes its contiguous share of each mini-batch, as micro-batches under
+``spec.trainer.microBatchTokens`` (gradients accumulated, DeepSpeed's boundary set on the last).
+A rank's loss is its tokens' sum over the whole mini-batch's token count, scaled by ``world``
+before DeepSpeed averages the gradients, so the averaged gradient is exactly the gradient of the
+token mean over the whole mini-batch: N ranks take the same step as one
+(``tests/test_deepspeed.py``). Gradient clipping is DeepSpeed's, on the global norm. The loss keys
+in the metrics are summed over ranks: the mini-batch's.
 
 ZeRO stages 0, 1 and 2 are supported (stage 3 partitions the parameters themselves, and the
 runtime publishes full weights every step, which would need a gather per step: refused with a
@@ -31,7 +32,7 @@ import torch
 from dcmdp.spec import DCMDPRun
 from dcmdp_trainer.learner import Learner
 
-LOSS_KEYS = ("loss/policy", "loss/constraint", "constraint/penalty", "loss/kl", "optim/clip_frac")
+LOSS_KEYS = ("loss/policy", "loss/constraint", "constraint/penalty", "loss/kl", "loss/total", "optim/clip_frac")
 
 
 class DistributedError(RuntimeError):
@@ -88,9 +89,6 @@ class DeepSpeedLearner(Learner):
         self.model = engine  # forward, eval() and train() go through the engine
         self.optimizer = optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self._scales: list[float] = []
-        self._shares: list[float] = []
-        self._global_losses: list[torch.Tensor] = []
 
     # -- rank 0 drives, the others follow ----------------------------------------------------------
     def _broadcast(self, obj: Any = None) -> Any:
@@ -108,14 +106,9 @@ class DeepSpeedLearner(Learner):
     def _train_local(self, rollouts) -> dict[str, Any]:
         import torch.distributed as dist
 
-        self._global_losses, self._shares = [], []
         row = super().train_step(rollouts)
-        if self.world > 1:
-            losses = torch.stack(self._global_losses)
-            dist.all_reduce(losses)
-            row["loss/total"] = float(losses.mean())
-            share = sum(self._shares) / max(1, len(self._shares))
-            local = torch.tensor([row[k] * share for k in LOSS_KEYS], dtype=torch.float64)
+        if self.world > 1:  # each rank's share of every mini-batch mean: their sum is the mean
+            local = torch.tensor([row[k] for k in LOSS_KEYS], dtype=torch.float64, device=self.device)
             dist.all_reduce(local)
             row.update({k: float(v) for k, v in zip(LOSS_KEYS, local)})
         return row
@@ -142,28 +135,23 @@ class DeepSpeedLearner(Learner):
             self._broadcast(("stop", None))
 
     # -- the hooks of Learner -----------------------------------------------------------------------
-    def _minibatches(self, batch) -> list[slice]:
-        """This rank's contiguous share of each mini-batch, and the loss scale that makes the
-        DeepSpeed-averaged gradient the gradient of the whole mini-batch's token mean."""
-        out, self._scales = [], []
-        for sl in super()._minibatches(batch):
-            n = sl.stop - sl.start
-            if n < self.world:
-                raise DistributedError(f"a mini-batch of {n} sequences cannot be split over {self.world} ranks "
-                                       "(raise miniBatchSize or groupSize, or lower trainer.replicas)")
-            a = sl.start + n * self.rank // self.world
-            b = sl.start + n * (self.rank + 1) // self.world
-            mine, total = float(batch.mask[a:b].sum()), float(batch.mask[sl].sum())
-            share = mine / total if total > 0 else 1.0 / self.world
-            out.append(slice(a, b))
-            self._scales.append(self.world * share)
-            self._shares.append(share)
-        return out
+    def local_rows(self, batch, minibatch: slice) -> torch.Tensor:
+        """This rank's contiguous share of a mini-batch."""
+        n = minibatch.stop - minibatch.start
+        if n < self.world:
+            raise DistributedError(f"a mini-batch of {n} sequences cannot be split over {self.world} ranks "
+                                   "(raise miniBatchSize or groupSize, or lower trainer.replicas)")
+        return torch.arange(minibatch.start + n * self.rank // self.world,
+                            minibatch.start + n * (self.rank + 1) // self.world)
 
-    def backward_and_step(self, loss: torch.Tensor) -> float:
-        scale = self._scales.pop(0)
-        self._global_losses.append(loss.detach().float() * scale / self.world)
-        self.engine.backward(loss * scale)
+    def backward(self, loss: torch.Tensor, last: bool) -> bool:
+        """× world: DeepSpeed averages the ranks' gradients, the mini-batch mean is their sum. Every
+        rank takes part in every backward (a rank skipping alone would leave the others waiting)."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.world)
+        return True
+
+    def optimizer_step(self) -> float:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

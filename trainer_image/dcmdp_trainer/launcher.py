@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 
+from dcmdp import yamlfile
 from dcmdp.spec import DCMDPRun, dump_run
 
 Callback = Callable[[dict[str, Any]], None]
@@ -175,7 +175,7 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     config = out / "run.yaml"
-    config.write_text(yaml.safe_dump(dump_run(run), sort_keys=False))
+    config.write_text(yamlfile.dumps(dump_run(run)))
     token_file = out / ".token"
     token_file.touch(mode=0o600)
     os.chmod(token_file, 0o600)

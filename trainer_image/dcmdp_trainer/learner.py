@@ -7,6 +7,12 @@
        (+ the λ-weighted penalty, + the passive corrections' weights, + optional reference KL)
     5. the dual step on every multiplier with the step's δ̄ (dcmdp.constraint)
 
+Every forward runs as micro-batches under ``spec.trainer.microBatchTokens`` (dcmdp_trainer.microbatch);
+a mini-batch's micro-batches accumulate gradients with the mini-batch's token count as the loss
+denominator, so the update is the mini-batch's whatever the budget. Log-probs come from the
+selective log-softmax of dcmdp_trainer.logprobs. Model, batch and optimizer state live on
+``spec.trainer.device``.
+
 All formulas live in ``dcmdp.constraint`` and ``dcmdp.losses``; this module only arranges them.
 """
 
@@ -22,8 +28,11 @@ import torch
 
 from dcmdp import losses
 from dcmdp.constraint import ConstraintSet, discrepancy_stats, token_discrepancy
+from dcmdp.device import resolve_device
 from dcmdp.engine import Rollout
 from dcmdp.spec import DCMDPRun
+from dcmdp_trainer import microbatch
+from dcmdp_trainer.logprobs import sequence_logprobs
 
 
 @dataclass
@@ -43,6 +52,15 @@ class Batch:
     @property
     def size(self) -> int:
         return self.ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def to(self, device: torch.device) -> "Batch":
+        move = {k: getattr(self, k).to(device) for k in ("ids", "attn", "pos", "mask", "logp_inf", "rewards", "pool",
+                                                          "version")}
+        return Batch(**move, groups=self.groups)
 
 
 def collate(rollouts: list[Rollout], pools: list[str], pad_id: int) -> Batch:
@@ -77,12 +95,15 @@ def collate(rollouts: list[Rollout], pools: list[str], pad_id: int) -> Batch:
 
 
 def token_logprobs(model, batch: Batch, rows: slice | torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(y_t) of every target token of ``rows`` under ``model`` (teacher-forced)."""
-    out = model(input_ids=batch.ids[rows], attention_mask=batch.attn[rows], position_ids=batch.pos[rows], use_cache=False)
-    logits = out.logits[:, :-1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, batch.ids[rows, 1:, None]).squeeze(-1)
+    """log π(y_t) of every target token of ``rows`` under ``model`` (teacher-forced), [n, L−1] fp32."""
+    return sequence_logprobs(model, batch.ids[rows], batch.attn[rows], batch.pos[rows], temperature)
+
+
+def micro_logprobs(model, batch: Batch, mb: microbatch.MicroBatch, temperature: float) -> torch.Tensor:
+    """log π of the targets of a micro-batch: [n, mb.width − 1], the last columns of the batch's [N, L−1]."""
+    cols = slice(batch.width - mb.width, None)
+    return sequence_logprobs(model, batch.ids[mb.rows][:, cols], batch.attn[mb.rows][:, cols],
+                             batch.pos[mb.rows][:, cols], temperature)
 
 
 class Learner:
@@ -94,6 +115,11 @@ class Learner:
         self.model = model
         self.pad_id = pad_id
         self.pools = pools or [p.name for p in spec.rollout.pools]
+        self.device = resolve_device(spec.trainer.device, "spec.trainer.device", self.local_rank())
+        self.micro_batch_tokens = spec.trainer.micro_batch_tokens
+        model.to(self.device)
+        if spec.trainer.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         tolerances = {p.name: spec.pool_tolerance(p) for p in spec.rollout.pools if p.name in self.pools}
         self.constraints = ConstraintSet(self.algo.constraint, tolerances)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.algo.learning_rate,
@@ -110,28 +136,64 @@ class Learner:
                 p.requires_grad_(False)
 
     # -- hooks a distributed wrapper (DeepSpeed) overrides ---------------------------------
-    def forward_context(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+    @staticmethod
+    def local_rank() -> int:
+        """This process's GPU among its pod's (torchrun's LOCAL_RANK; 0 alone)."""
+        import os
 
-    def backward_and_step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    def forward_context(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def local_rows(self, batch: Batch, minibatch: slice) -> torch.Tensor:
+        """The rows of ``minibatch`` this process computes (all of them alone)."""
+        return torch.arange(minibatch.start, minibatch.stop)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> bool:
+        """Accumulate the gradient of one micro-batch's share of the mini-batch loss; False (nothing
+        accumulated) for a non-finite loss: the caller drops the mini-batch's update."""
+        if not bool(torch.isfinite(loss)):
+            return False
         loss.backward()
+        return True
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> float:
+        """Clip, step and clear the accumulated gradients; returns the global grad norm. A non-finite
+        norm is not applied (the gradients are dropped) and returned for the caller to count."""
         clip = self.algo.grad_clip if self.algo.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        if bool(torch.isfinite(norm)):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    # -- memory-bounded passes -----------------------------------------------------------------
+    def micro_batches(self, batch: Batch, rows: torch.Tensor) -> list[microbatch.MicroBatch]:
+        return microbatch.plan(batch.attn.sum(-1).cpu(), rows.cpu(), self.micro_batch_tokens, batch.width)
+
+    def logprobs(self, model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """[N, L−1] log π of ``rows``' targets (other rows and padding 0), micro-batch by micro-batch, no grad."""
+        out = torch.zeros_like(batch.logp_inf)
+        with torch.no_grad(), self.forward_context():
+            for mb in self.micro_batches(batch, rows):
+                out[mb.rows.to(out.device), batch.width - mb.width:] = micro_logprobs(model, batch, mb,
+                                                                                     self.algo.temperature)
+        return out
 
     # -- the step ------------------------------------------------------------------------------
     def train_step(self, rollouts: list[Rollout]) -> dict[str, Any]:
         algo, cons = self.algo, self.algo.constraint
-        batch = collate(rollouts, self.pools, self.pad_id)
-        everything = slice(0, batch.size)
+        batch = collate(rollouts, self.pools, self.pad_id).to(self.device)
+        everything = torch.arange(batch.size)
 
         # 1. π_old: the trainer's probabilities before the update (detached)
         self.model.eval()
-        with torch.no_grad(), self.forward_context():
-            logp_old = token_logprobs(self.model, batch, everything, algo.temperature)
-            logp_ref = token_logprobs(self.reference, batch, everything, algo.temperature) if self.reference else None
+        logp_old = self.logprobs(self.model, batch, everything)
+        logp_ref = self.logprobs(self.reference, batch, everything) if self.reference else None
 
         # 2. discrepancy (p_train = π_old, or the sampled version's) and each token's pool multiplier
         logp_train = logp_old
@@ -146,11 +208,13 @@ class Learner:
                 pool_stats[name] = discrepancy_stats(logp_train[rows], batch.logp_inf[rows], batch.mask[rows])
                 pool_stats[name]["reward_mean"] = float(batch.rewards[rows].mean())
         use_constraint = algo.uses_constraint
-        lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32)
+        lam_by_pool = torch.tensor([self.constraints.pools[p].value for p in self.pools], dtype=torch.float32,
+                                   device=self.device)
         lam_tok = (losses.masked(lam_by_pool[batch.pool][:, None].expand_as(batch.mask), batch.mask) if use_constraint
                    else torch.zeros_like(batch.mask))
         # c of each token's pool (0 while `tolerance: auto` calibrates), for the per-token hinge form
-        tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32)
+        tol_by_pool = torch.tensor([self.constraints.pools[p].tolerance or 0.0 for p in self.pools], dtype=torch.float32,
+                                   device=self.device)
         tol_tok = tol_by_pool[batch.pool][:, None].expand_as(batch.mask)
 
         # 3. advantages (and shaping)
@@ -167,38 +231,64 @@ class Learner:
         # the tokens the policy loss counts (lossDenominator); its denominator spans a whole mini-batch
         counted = keep if keep is not None and algo.loss_denominator == "kept" else batch.mask
 
-        # 4. mini-batch updates, split at group boundaries
+        # 4. mini-batch updates, split at group boundaries; each accumulates its micro-batches' gradients
+        #    with the whole mini-batch's token count as the denominator (the mini-batch's token mean)
         self.model.train()
         sums: dict[str, float] = {"loss/policy": 0.0, "loss/constraint": 0.0, "constraint/penalty": 0.0,
                                   "loss/kl": 0.0, "loss/total": 0.0, "optim/grad_norm": 0.0, "optim/clip_frac": 0.0}
+        skipped = 0  # updates not applied: non-finite loss or gradient norm
         chunks = self._minibatches(batch)
-        for rows in chunks:
-            with self.forward_context():
-                logp = token_logprobs(self.model, batch, rows, algo.temperature)
-            m = batch.mask[rows]
-            pg, info = losses.clipped_surrogate(
-                logp, logp_old[rows], adv[rows], counted[rows], algo.clip_low, algo.clip_high,
-                None if weights is None else weights[rows], dual_clip=algo.dual_clip,
-                log_ratio_clamp=algo.log_ratio_clamp, aggregation=algo.loss_aggregation,
-                denominator=losses.aggregation_denominator(counted[rows], algo.loss_aggregation),
-                constant=algo.loss_aggregation_constant)
-            loss = pg
-            c_loss = torch.zeros(())
-            penalty = torch.zeros(())
-            if use_constraint and cons.mode != "advantage-shaping":
-                c_loss, penalty = losses.constraint_penalty(logp, batch.logp_inf[rows], lam_tok[rows], m, cons.mode,
-                                                            tol_tok[rows], log_ratio_clamp=algo.log_ratio_clamp)
-                loss = loss + c_loss
-            kl = torch.zeros(())
-            if logp_ref is not None:
-                kl = losses.reference_kl(logp, logp_ref[rows], m, log_ratio_clamp=algo.log_ratio_clamp)
-                loss = loss + algo.kl_coef * kl
-            norm = self.backward_and_step(loss)
-            for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
-                             ("loss/kl", kl), ("loss/total", loss)):
-                sums[key] += float(val.detach())
-            sums["optim/grad_norm"] += norm
-            sums["optim/clip_frac"] += info["clip_frac"]
+        for chunk in chunks:
+            # computed once over the whole mini-batch (every rank's rows): each micro-batch's loss is its share
+            denominator = losses.aggregation_denominator(counted[chunk], algo.loss_aggregation)
+            tokens = losses.aggregation_denominator(batch.mask[chunk])
+            counted_tokens = losses.aggregation_denominator(counted[chunk])
+            micro = self.micro_batches(batch, self.local_rows(batch, chunk))
+            part_sums = dict.fromkeys(sums, 0.0)
+            finite = True
+            for k, mb in enumerate(micro):
+                cols = slice(batch.width - mb.width, None)
+
+                def part(x: torch.Tensor) -> torch.Tensor:
+                    return x[mb.rows.to(x.device)][:, cols]
+
+                with self.forward_context():
+                    logp = micro_logprobs(self.model, batch, mb, algo.temperature)
+                m = part(batch.mask)
+                pg, info = losses.clipped_surrogate(
+                    logp, part(logp_old), part(adv), part(counted), algo.clip_low, algo.clip_high,
+                    None if weights is None else part(weights), dual_clip=algo.dual_clip,
+                    log_ratio_clamp=algo.log_ratio_clamp, aggregation=algo.loss_aggregation,
+                    denominator=denominator, constant=algo.loss_aggregation_constant)
+                loss = pg
+                c_loss = penalty = kl = torch.zeros((), device=self.device)
+                if use_constraint and cons.mode != "advantage-shaping":
+                    c_loss, penalty = losses.constraint_penalty(logp, part(batch.logp_inf), part(lam_tok), m, cons.mode,
+                                                                part(tol_tok), log_ratio_clamp=algo.log_ratio_clamp,
+                                                                denominator=tokens)
+                    loss = loss + c_loss
+                if logp_ref is not None:
+                    kl = losses.reference_kl(logp, part(logp_ref), m, log_ratio_clamp=algo.log_ratio_clamp,
+                                             denominator=tokens)
+                    loss = loss + algo.kl_coef * kl
+                if not self.backward(loss, last=k == len(micro) - 1):
+                    finite = False
+                    break
+                for key, val in (("loss/policy", pg), ("loss/constraint", c_loss), ("constraint/penalty", penalty),
+                                 ("loss/kl", kl), ("loss/total", loss)):
+                    part_sums[key] += float(val.detach())
+                part_sums["optim/clip_frac"] += info["clip_frac"] * float(part(counted).bool().sum()) / counted_tokens
+            if not finite:  # a non-finite loss: this mini-batch's update is not applied
+                self.discard_gradients()
+                skipped += 1
+                continue
+            norm = self.optimizer_step()
+            if not math.isfinite(norm):
+                skipped += 1
+                continue
+            part_sums["optim/grad_norm"] = norm
+            for key, val in part_sums.items():
+                sums[key] += val
 
         # 5. the dual step (the λ logged below is the one applied in this step)
         applied = {p: self.constraints.pools[p].value for p in self.pools}
@@ -208,7 +298,8 @@ class Learner:
         if use_constraint:
             self.constraints.update(run_stats["prob_diff_mean"], {p: s["prob_diff_mean"] for p, s in pool_stats.items()})
 
-        row: dict[str, Any] = {k: v / len(chunks) for k, v in sums.items()}
+        row: dict[str, Any] = {k: v / max(1, len(chunks) - skipped) for k, v in sums.items()}
+        row["optim/skipped_updates"] = skipped
         row.update({
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std(unbiased=False)),
@@ -246,8 +337,7 @@ class Learner:
                 self._scratch = copy.deepcopy(self.model).eval()
             self._scratch.load_state_dict(weights)
             rows = (batch.version == version).nonzero().squeeze(-1)
-            with torch.no_grad(), self.forward_context():
-                out[rows] = token_logprobs(self._scratch, batch, rows, self.algo.temperature)
+            out[rows] = self.logprobs(self._scratch, batch, rows)[rows]
         return out
 
     def _minibatches(self, batch: Batch) -> list[slice]:

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dcmdp.engine import RolloutEngine, SamplingParams, make_engine
+from dcmdp.engine import RolloutEngine, Sample, SamplingParams, make_engine
+from dcmdp.sample_check import check_response
 from dcmdp.spec import DCMDPRun
 from dcmdp.transport.tensors import wire_cast, wire_dtype
 from dcmdp_trainer.session import Session, StepPrompt
@@ -59,6 +60,18 @@ class LocalPools:
             e.close()
 
 
+def checked(samples: list[Sample], session: Session, pool: str, max_new_tokens: int) -> list[Sample]:
+    """The engine's samples, or ``RuntimeError`` naming the pool and the first implausible one (an
+    in-process engine has no one to retry: its output is never trained on)."""
+    for s in samples:
+        problem = check_response(s.response_ids, s.logprobs, vocab_size=session.vocab_size,
+                                 max_new_tokens=max_new_tokens)
+        if problem:
+            raise RuntimeError(f"rollout pool {pool!r}: implausible sample for prompt {s.prompt_index} "
+                               f"({problem.cause}): {problem.detail}")
+    return samples
+
+
 def evaluate(session: Session, pools: LocalPools) -> dict[str, float]:
     """Held-out accuracy: greedy from the trainer, and sampled from each pool's engine as deployed."""
     values = {"eval/accuracy_greedy": session.evaluate_greedy()}
@@ -102,10 +115,11 @@ def run_inprocess(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
                 version = pools.sync(pool.name, pool.lag)
                 ts = time.perf_counter()
                 mine = shares[pool.name]
-                samples = pools.engines[pool.name].generate(
+                samples = checked(pools.engines[pool.name].generate(
                     [p.ids for p in mine], [p.index for p in mine],
                     SamplingParams(n=algo.group_size, max_new_tokens=session.task.max_new_tokens,
-                                   temperature=algo.temperature, seed=session.sampling_seed(step, pool.name)))
+                                   temperature=algo.temperature, seed=session.sampling_seed(step, pool.name))),
+                    session, pool.name, session.task.max_new_tokens)
                 t_sample += time.perf_counter() - ts
                 rollouts += session.rollouts(samples, {p.index: p for p in mine}, pool.name, version)
             row = session.train_step(rollouts, {"time/sample_s": t_sample})

@@ -12,28 +12,28 @@ import torch
 
 from dcmdp.spec import WarmStartSpec
 from dcmdp.tasks import Task
+from dcmdp.tasks.prompt import PromptFormat, encode
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, prompt: str, fmt: PromptFormat = PromptFormat()) -> list[int]:
+    """The prompt's token ids as every engine sees them (see :mod:`dcmdp.tasks.prompt`)."""
+    return fmt.ids(tokenizer, prompt)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return [tokenizer.bos_token_id] + encode(tokenizer, prompt)
-
-
-def warm_start(model, tokenizer, task: Task, spec: WarmStartSpec, seed: int = 0) -> dict[str, float]:
-    if spec.steps == 0:
+def warm_start(model, tokenizer, task: Task, spec: WarmStartSpec, seed: int = 0, *, steps: int,
+               fmt: PromptFormat = PromptFormat()) -> dict[str, float]:
+    """``steps`` supervised steps (the resolved ``warmStart.steps``; 0 = none)."""
+    if steps == 0:
         return {"warmstart/steps": 0}
     rng = random.Random(seed ^ 0x5EED)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
     model.train()
     loss_val = float("nan")
-    for _ in range(spec.steps):
+    for _ in range(steps):
         problems = task.sample(rng, spec.batch_size)
         seqs, starts = [], []
         for p in problems:
-            pi = prompt_ids(tokenizer, p.prompt)
+            pi = prompt_ids(tokenizer, p.prompt, fmt)
             seqs.append(pi + encode(tokenizer, p.answer) + [tokenizer.eos_token_id])
             starts.append(len(pi))
         width = max(len(s) for s in seqs)
@@ -54,4 +54,4 @@ def warm_start(model, tokenizer, task: Task, spec: WarmStartSpec, seed: int = 0)
         opt.step()
         loss_val = float(loss.detach())
     model.eval()
-    return {"warmstart/steps": spec.steps, "warmstart/loss": loss_val}
+    return {"warmstart/steps": steps, "warmstart/loss": loss_val}
