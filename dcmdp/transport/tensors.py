@@ -37,6 +37,7 @@ class WeightFormatError(ValueError):
 
 
 def _torch_dtypes() -> dict[str, "torch.dtype"]:
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +48,7 @@ def dtype_name(dtype: "torch.dtype") -> str:
 
 
 def dtype_from_name(name: str) -> "torch.dtype":
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     dt = getattr(torch, name, None)
