@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 from dcmdp.transport.tensors import ALIGN, WIRE_DTYPES, WeightFormatError, TensorEntry, dtype_from_name, dtype_name
 
 if TYPE_CHECKING:
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
 DEFAULT_BUCKET_BYTES = 4 << 20  # the one chunk size of the gRPC stream, and the broadcast bucket
@@ -36,6 +37,7 @@ class WeightCastError(ValueError):
 
 
 def _wire_torch_dtype(dtype: str) -> "torch.dtype":
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     if dtype not in WIRE_DTYPES:
@@ -114,6 +116,7 @@ def check_cast(state: Mapping[str, "torch.Tensor"], layout: Layout) -> None:
 
     Exact and copy-free: casts are monotone, so the cast of ``max |x|`` (from ``aminmax``) is
     finite iff every element's is."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     for e in layout.entries:
@@ -132,6 +135,7 @@ def fill(state: Mapping[str, "torch.Tensor"], layout: Layout, i: int, out: "torc
 
     Each piece is cast and copied in one ``copy_`` from the model tensor (on its device) into the
     buffer; alignment gaps are zeroed so the bytes (and their crc) are deterministic."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     lo, hi = layout.span(i)
@@ -163,6 +167,7 @@ class Assembler:
         self.done: set[int] = set()
 
     def add(self, i: int, data: "torch.Tensor") -> list[tuple[str, "torch.Tensor"]]:
+        # optional and heavy (the ml extra): the core imports without it
         import torch
 
         lo, hi = self.layout.span(i)
@@ -198,6 +203,7 @@ class Assembler:
 def iter_buckets(state: Mapping[str, "torch.Tensor"], layout: Layout, first: int = 0,
                  buffers: int = 1) -> Iterator[tuple[int, "torch.Tensor"]]:
     """(i, filled bucket) from bucket ``first`` on, cycling through ``buffers`` reusable buffers."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     if layout.buckets == 0:

@@ -18,6 +18,7 @@ import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    # optional and heavy (the ml extra): the core imports without it
     import torch.distributed as dist
 
 
@@ -33,6 +34,7 @@ def local_address_towards(host: str) -> str:
 
 def master_store(host: str, timeout_s: float) -> "dist.TCPStore":
     """The trainer's store, listening on ``host`` at a free port (``store.port``)."""
+    # optional and heavy (the ml extra): the core imports without it
     from torch.distributed import TCPStore
 
     return TCPStore(host, 0, is_master=True, wait_for_workers=False,
@@ -40,6 +42,7 @@ def master_store(host: str, timeout_s: float) -> "dist.TCPStore":
 
 
 def client_store(host: str, port: int, timeout_s: float) -> "dist.TCPStore":
+    # optional and heavy (the ml extra): the core imports without it
     from torch.distributed import TCPStore
 
     return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
@@ -52,6 +55,7 @@ def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, t
     ``backend`` is ``gloo`` (tensors on the CPU) or ``nccl`` (tensors on this process's CUDA
     device); gloo binds to the interface that reaches ``peer_host``. Blocks until every rank
     has joined or ``timeout_s`` passes (then raises)."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch.distributed as dist
 
     prefixed = dist.PrefixStore(group + "/", store)

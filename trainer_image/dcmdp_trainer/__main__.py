@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dcmdp.transport.tensors import wire_dtype
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
@@ -88,8 +90,6 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     from dcmdp_trainer.observability import TrainerMetrics
     from dcmdp_trainer.server import start_server
     from dcmdp_trainer.session import Session
-    from dcmdp.transport.tensors import wire_dtype
-    from dcmdp_trainer.broadcast import BroadcastHub
     from dcmdp_trainer.weights import WeightPublisher
 
     runtime = TrainerMetrics()
@@ -122,11 +122,9 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
                                 dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
     publisher.publish(session.version, session.weights(session.version))
     coord = Coordinator(session, publisher, log=log, runtime=runtime)
-    hub = None
-    if args.data_plane == "collective" and not args.tls_cert:  # gloo has no TLS: weights stay on gRPC
-        hub = BroadcastHub(publisher, args.host, expected=coord.workers_receiving,
-                           on_round=lambda r: log.info("weights broadcast", extra={"fields": vars(r)}))
-    server.dcmdp_service.attach(coord, publisher, hub)
+    # gloo has no TLS: under TLS the weights stay on the gRPC stream
+    collective = args.data_plane == "collective" and not args.tls_cert
+    server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
     log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                           "version": session.version, "resumed": resume,
                                           "tls": bool(args.tls_cert), "out": str(out)}})

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dcmdp.transport.buckets import fill
 from dcmdp.transport.collective import close_group, master_store, open_group
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -48,6 +49,7 @@ class Round:
     group: str
     prepared: Prepared
     joined: int = 0
+    pools: list[str] = field(default_factory=list)  # the pool of each joiner, by rank - 1
     closed: bool = False
     opened: float = field(default_factory=time.monotonic)
 
@@ -60,6 +62,7 @@ class RoundResult:
     bytes: int
     seconds: float
     error: str = ""
+    pools: tuple[str, ...] = ()  # the pool of each receiving worker
 
 
 class BroadcastHub:
@@ -83,7 +86,7 @@ class BroadcastHub:
         """nccl when the snapshot lives on a CUDA device, else gloo."""
         return "nccl" if any(t.is_cuda for t in prep.state.values()) else "gloo"
 
-    def join(self, version: int, dtype: str) -> Optional[Ticket]:
+    def join(self, version: int, dtype: str, pool: str = "") -> Optional[Ticket]:
         """A ticket for the round of (version, dtype), after the round's gathering closes; None
         when a broadcast of it is already under way (stream it instead). Raises what
         :meth:`WeightPublisher.prepared` raises."""
@@ -97,6 +100,7 @@ class BroadcastHub:
                 r = self._rounds[key] = Round(key, secrets.token_hex(16), prep)
                 threading.Thread(target=self._run, args=(r,), name=f"broadcast-v{key[0]}-{dtype}", daemon=True).start()
             r.joined += 1
+            r.pools.append(pool)
             rank = r.joined
             self._cond.notify_all()
             while not r.closed:
@@ -123,7 +127,7 @@ class BroadcastHub:
         finally:
             with self._cond:
                 self._rounds.pop(r.key, None)
-        result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error)
+        result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
         self.results.append(result)
         if self.on_round:
             self.on_round(result)
@@ -165,8 +169,6 @@ class BroadcastHub:
             close_group(pg)
 
     def _fill(self, prep: Prepared, i: int, out: torch.Tensor) -> torch.Tensor:
-        from dcmdp.transport.buckets import fill
-
         return fill(prep.state, prep.layout, i, out)
 
     def close(self) -> None:

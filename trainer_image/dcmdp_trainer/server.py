@@ -66,7 +66,12 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         if coord is not None:
             self.attach(coord, publisher)
 
-    def attach(self, coord: Coordinator, publisher: WeightPublisher, hub: Optional[BroadcastHub] = None) -> None:
+    def attach(self, coord: Coordinator, publisher: WeightPublisher, hub: Optional[BroadcastHub] = None,
+               broadcast_host: Optional[str] = None) -> None:
+        """Start serving ``coord``; weights over ``hub`` (or a hub on ``broadcast_host``) when given,
+        else over the gRPC stream only."""
+        if hub is None and broadcast_host is not None:
+            hub = BroadcastHub(publisher, broadcast_host, expected=coord.workers_receiving, on_round=self._round)
         session = coord.session
         manifest = dump_run(session.run)
         manifest["spec"]["algorithm"]["steps"] = session.total_steps
@@ -75,6 +80,13 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self.publisher = publisher
         self.hub = hub or self.hub
         self.coord = coord
+
+    def _round(self, r) -> None:
+        if self.runtime:
+            for pool in r.pools:  # the bytes each receiving worker was sent
+                self.runtime.weights_served(pool, r.dtype, r.bytes, r.seconds)
+        if self.log:
+            self.log.info("weights broadcast", extra={"fields": {**vars(r), "pools": list(r.pools)}})
 
     def _stalled(self, what: str) -> None:
         if self.log:
@@ -171,7 +183,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         """A ticket to the broadcast of (version, dtype); an empty group says: stream it."""
         self._ready(context)
         prep = self._prepared(request, context)
-        ticket = self.hub.join(prep.version, prep.layout.dtype) if self.hub is not None else None
+        ticket = (self.hub.join(prep.version, prep.layout.dtype, request.header.pool or "?")
+                  if self.hub is not None else None)
         reply = pb.BroadcastTicket(header=self._header(request.header, prep.version),
                                    manifest=self._manifest(request.header, prep))
         if ticket is not None:
