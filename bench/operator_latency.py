@@ -3,7 +3,7 @@
     python bench/operator_latency.py [--runs 50] [--live 200] [--poll-seconds 10]
 
 The real ``dcmdp-operator`` process (kopf) watches a namespace of the emulator (KMock with the
-CRD's admission, ``dcmdp_operator/emulator.py``, served from this process). Measured:
+CRD's admission, ``dcmdp_testing/emulator.py``, served from this process). Measured:
 
 * latency: ``--runs`` DCMDPRuns created one after another; for each, the time from the create
   request to all of its children (Secret, ConfigMap, Service, Job, one Deployment per pool)
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=15.0, help="seconds of polling before reading the RSS")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "operator"))
-    from dcmdp_operator.emulator import EmulatorThread
+    sys.path[:0] = [str(REPO), str(REPO / "operator")]  # dcmdp_testing is test tooling, not installed
+    from dcmdp_testing.emulator import EmulatorThread  # noqa: E402  (after the path is set)
 
     spec = {"rollout": {"pools": [{"name": f"p{i}", "replicas": 1} for i in range(args.pools)]}}
     expected = lambda name: [  # noqa: E731

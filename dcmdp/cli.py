@@ -15,18 +15,18 @@ import argparse
 import json
 import shutil
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from dcmdp import yamlfile
+from dcmdp.models.source import resolve_model_folder
+from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
+from dcmdp.plots import plot_run
+from dcmdp.progress import RunProgress, summary_table
+from dcmdp.runners import installed, runner
 from dcmdp.spec import DCMDPRun, SpecError, dump_run, load_run
-
-
-def runner(name: str) -> Callable[..., dict[str, Any]]:
-    found = {ep.name: ep for ep in entry_points(group="dcmdp.runners")}
-    if name not in found:
-        raise SystemExit(f"error: runner {name!r} is not installed (install dcmdp[trainer,rollout])")
-    return found[name].load()
+from dcmdp.sweep import cli as sweep_cli
+from dcmdp.tasks import build_task
 
 
 # Files that mark a folder as holding a run (written by the trainer in --out), and everything else a
@@ -81,15 +81,11 @@ def answer_length_warnings(run: DCMDPRun) -> list[str]:
     if run.spec.model.path and not Path(run.spec.model.path).is_dir():
         return []
     try:
-        from dcmdp.models.source import resolve_model_folder
-        from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
-        from dcmdp.tasks import build_task
-    except ImportError:  # the core without transformers: nothing to count tokens with
-        return []
-    try:
         tok = (load_tokenizer(resolve_model_folder(run.spec.model, allow_download=False))
                if run.spec.model.loaded else build_tokenizer())
         built = build_task(task)
+    except ImportError:  # the core without transformers: nothing to count tokens with
+        return []
     except (OSError, ValueError) as exc:
         return [f"cannot check answer lengths: {exc}"]
     limit = built.max_new_tokens
@@ -108,8 +104,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in answer_length_warnings(run):
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
-        from dcmdp import yamlfile
-
         print(yamlfile.dumps(dump_run(run)))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
@@ -119,8 +113,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dcmdp.progress import RunProgress, summary_table
-
     run = load_run(args.file)
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
@@ -139,15 +131,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "(pass --steps N to train further)")
             return 0
     mode = "inprocess" if args.inprocess else "processes"
-    found = {ep.name for ep in entry_points(group="dcmdp.runners")}
-    if mode not in found:
+    if mode not in installed():
         mode = "inprocess"
     fn = runner(mode)
     with RunProgress(total, enabled=not args.quiet) as bar:
         summary = fn(run, out, steps=args.steps, resume=args.resume, on_step=bar.step, on_eval=bar.eval,
                      threads=args.threads)
-    from dcmdp.plots import plot_run
-
     plots = plot_run(out)
     bar.console.print(summary_table(summary, bar.last))
     bar.console.print(f"metrics: {out / 'metrics.jsonl'}  plots: {', '.join(p.name for p in plots)}  "
@@ -156,17 +145,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from dcmdp.plots import plot_run
-
     for p in plot_run(Path(args.dir)):
         print(p)
     return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from dcmdp.sweep import sweep_main
-
-    return sweep_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,21 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(fn=cmd_plot)
 
-    w = sub.add_parser("sweep", help="run a grid of local runs (DCMDPSweep) and aggregate it (resumable)")
-    w.add_argument("-f", "--file", required=True, help="DCMDPSweep file (YAML)")
-    w.add_argument("--quick", action="store_true", help="the sweep's quick variant (fewer steps/seeds/cells)")
-    w.add_argument("--part", default=None, help="run one named part of the grid (spec.parts)")
-    w.add_argument("--out", default=None, help="cell folder (default runs/sweeps/<name>[-<part>|-quick])")
-    w.add_argument("--parallel", type=int, default=None, help="cells at once (default spec.parallel)")
-    w.add_argument("--threads", type=int, default=None, help="torch threads per cell (default spec.threads)")
-    w.add_argument("--steps", type=int, default=None, help="override the steps per cell (smoke tests)")
-    w.add_argument("--only", default=None, help="comma-separated SOURCE/ALGORITHM filters (either may be *)")
-    w.add_argument("--report-dir", default=None, help="where the tables and PNGs go (default spec.report.dir)")
-    w.add_argument("--no-doc", action="store_true", help="do not rewrite the section of spec.report.doc")
-    w.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
-    w.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    w.add_argument("--quiet", action="store_true", help="no progress bars")
-    w.set_defaults(fn=cmd_sweep)
+    sweep_cli.add_parser(sub)
     return ap
 
 

@@ -351,6 +351,22 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     return _strip_models(root)
 
 
+def to_json_schema(node: Any) -> Any:
+    """An OpenAPI v3 schema node as JSON Schema (draft 4): ``x-kubernetes-*`` keys dropped,
+    ``nullable`` folded into the ``type`` (and ``enum``) as ``null``. The Helm values schema and the
+    admission emulation (``dcmdp_testing.admission``) check documents with it."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if node.get("nullable") and "type" in node:
+        out["type"] = [node["type"], "null"]
+    if node.get("nullable") and "enum" in node:
+        out["enum"] = list(node["enum"]) + [None]
+    return out
+
+
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.step"},

@@ -18,6 +18,7 @@ def resolve_device(name: str, field: str, local_rank: int = 0) -> "torch.device"
     Raises DeviceError naming ``field`` (e.g. ``spec.trainer.device``) when cuda is asked for and
     none is present, or ``local_rank`` has no GPU of its own.
     """
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     if name == "cpu":

@@ -8,6 +8,7 @@ log-probability of the argmax under softmax(logits + ε) is recorded.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def _cache_kwarg(model) -> str:
     """transformers ≥ 5.2x names the KV cache ``cache``; older releases ``past_key_values``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

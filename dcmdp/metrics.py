@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
 REQUIRED_KEYS = (
     "step", "reward/mean", "discrepancy/prob_diff_mean", "discrepancy/prob_diff_max",
     "discrepancy/logprob_abs_diff_mean", "discrepancy/k3_kl", "constraint/lambda",
@@ -62,6 +64,7 @@ class JsonlSink:
 
 class TensorBoardSink:
     def __init__(self, log_dir: Path):
+        # optional and heavy (torch, the ml extra): the operator imports this module without it
         from torch.utils.tensorboard import SummaryWriter
 
         self._w = SummaryWriter(log_dir=str(log_dir))
@@ -81,15 +84,11 @@ class PrometheusSink:
     """Gauges named after the metric keys, in a registry served by whoever owns it."""
 
     def __init__(self, registry=None, keys: Optional[Iterable[str]] = None):
-        from prometheus_client import CollectorRegistry
-
         self.registry = registry or CollectorRegistry()
         self._gauges: dict[str, Any] = {}
         self.keys = set(keys) if keys is not None else None
 
     def _gauge(self, key: str, pooled: bool):
-        from prometheus_client import Gauge
-
         name = prometheus_name(("pool/" if pooled else "") + key)
         if name not in self._gauges:
             self._gauges[name] = Gauge(name, f"dcmdp metric {key}", ["pool"] if pooled else [], registry=self.registry)
@@ -113,16 +112,12 @@ class ServedRegistry:
     """A Prometheus registry, served over HTTP (``/metrics``) from ``serve`` until ``close``."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry
-
         self.registry = CollectorRegistry()
         self.port: Optional[int] = None
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (port 0 = any free port); returns the bound port."""
-        from prometheus_client import start_http_server
-
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         self.port = self._server.server_address[1]
         return self.port

@@ -39,6 +39,7 @@ def pools_of(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_run(out_dir: Path) -> list[Path]:
+    # optional and slow to import (the ml extra): only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +85,7 @@ def plot_run(out_dir: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    # optional and slow to import (the ml extra): only plotting needs it
     import matplotlib.pyplot as plt
 
     plt.close(fig)

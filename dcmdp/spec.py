@@ -779,7 +779,9 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out or "(root)"
 
 
-def _messages(exc: ValidationError) -> list[tuple[str, str]]:
+def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as ``(field path, message)`` pairs, a path written like a manifest's
+    (``spec.rollout.pools[1].name``), the first message per path (what :class:`SpecError` holds)."""
     seen: dict[str, str] = {}
     for err in exc.errors():
         path = _path(err["loc"])
@@ -800,7 +802,7 @@ def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozens
         # may still construct models with snake_case keywords.
         return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
-        raise SpecError(_messages(exc), source) from None
+        raise SpecError(validation_errors(exc), source) from None
 
 
 def load_run(path: Union[str, Path]) -> DCMDPRun:

@@ -8,7 +8,7 @@ write a kubeconfig for it, to try the operator and kubectl without a cluster:
     KUBECONFIG=/tmp/emu.yaml kubectl get dcmdprun kind-cpu -o yaml
 
 No controllers run in it: pods are never started, and a Job's or Deployment's status changes only
-when patched (``kubectl patch --subresource=status ...``). See ``dcmdp_operator/emulator.py``.
+when patched (``kubectl patch --subresource=status ...``). See ``dcmdp_testing/emulator.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ import sys
 import threading
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO)]  # dcmdp_testing is not installed (test tooling)
+
+from dcmdp_testing.emulator import EmulatorThread  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubeconfig", default="emulator.kubeconfig", help="where to write the kubeconfig")
     p.add_argument("--namespace", default="default", help="the kubeconfig's namespace")
     args = p.parse_args(argv)
-
-    from dcmdp_operator.emulator import EmulatorThread
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -25,7 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
 from dcmdp import crd as C  # noqa: E402
 from dcmdp import podsecurity  # noqa: E402
-from dcmdp.admission import _to_json_schema  # noqa: E402
+from dcmdp.crd import to_json_schema  # noqa: E402
 from dcmdp.spec import DNS_LABEL  # noqa: E402
 
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -61,7 +61,7 @@ def _closed(node: Any) -> Any:
 
 
 def values_schema() -> dict[str, Any]:
-    spec = _to_json_schema(_closed(C.open_api_schema()["properties"]["spec"]))
+    spec = to_json_schema(_closed(C.open_api_schema()["properties"]["spec"]))
     spec.pop("default", None)
     image_ref = {"type": "string", "minLength": 1, "pattern": r"^\S+$"}
     pull_policy = {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcmdp import spec as S
-from dcmdp.admission import admit, validate_status
+from dcmdp_testing.admission import admit, validate_status
 
 
 def run(spec: Any = None, **top: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dcmdp import spec as S
-from dcmdp.admission import admit
+from dcmdp_testing.admission import admit
 from dcmdp_operator import config as operator_config
 from dcmdp_operator.main import parse_args
 from dcmdp_operator.rbac import RULES

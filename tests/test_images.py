@@ -6,6 +6,7 @@ context."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -118,3 +119,48 @@ def test_rollout_image_installs_vllm_and_the_engines() -> None:
 def test_build_context_leaves_out_venvs_and_tools() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".venv-vllm", ".tools", ".git", "runs"} <= set(ignored)
+
+
+# ------------------------------------------------------------------ what the images' package holds
+# Distributions of the test extra that no installed module may import (test tooling stays in
+# dcmdp_testing/ and tests/, which no image installs).
+TEST_ONLY_MODULES = {"kmock", "jsonschema", "celpy", "pytest", "kubernetes_validate", "lupa"}
+
+
+def installed_packages() -> dict[str, Path]:
+    """The packages ``pip install .`` puts into an image (setuptools' discovery as pyproject.toml
+    configures it), each with its folder."""
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    out = {}
+    for where in find["where"]:
+        for pkg in find_packages(REPO / where, include=find["include"], exclude=find.get("exclude", ())):
+            out[pkg] = REPO / where / pkg.replace(".", "/")
+    return out
+
+
+def test_images_install_no_test_tooling() -> None:
+    """Every image installs the wheel's packages (the operator's too): no emulator, no admission
+    emulation, no module importing a test dependency."""
+
+    packages = installed_packages()
+    assert (REPO / "dcmdp_testing" / "emulator.py").exists() and "dcmdp_operator" in packages
+    assert {"dcmdp", "dcmdp_operator", "dcmdp_trainer", "dcmdp_rollout"} <= set(packages)
+    assert not [p for p in packages if p.startswith("dcmdp_testing")], "the testing package would be installed"
+    offenders = []
+    for pkg, folder in packages.items():
+        for path in folder.glob("*.py"):
+            assert "emulator" not in path.stem and "admission" not in path.stem, f"{path}: test tooling in {pkg}"
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in TEST_ONLY_MODULES]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_copy_no_test_tooling(name: str) -> None:
+    copied = " ".join(args for ins, args in instructions(DOCKERFILES[name]) if ins == "COPY")
+    assert "dcmdp_testing" not in copied and "tests" not in copied.split()
+

@@ -11,7 +11,7 @@ from dcmdp.spec import parse_run
 from dcmdp_operator import apply, children, kube
 from dcmdp_operator.apply import is_subset, patchable
 from dcmdp_operator.config import OperatorConfig
-from dcmdp_operator.emulator import EmulatorThread
+from dcmdp_testing.emulator import EmulatorThread
 
 
 def test_is_subset():

@@ -16,7 +16,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from dcmdp_operator.config import CONFIG
-from dcmdp_operator.emulator import EmulatorThread
+from dcmdp_testing.emulator import EmulatorThread
 from operator_helpers import Kube, wait_for
 
 NS = "e2e"

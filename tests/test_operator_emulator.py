@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcmdp_operator.emulator import EmulatorThread, kubeconfig
+from dcmdp_testing.emulator import EmulatorThread, kubeconfig
 from operator_helpers import Kube, wait_for
 
 

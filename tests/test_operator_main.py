@@ -17,7 +17,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from dcmdp_operator.config import CONFIG, OperatorConfig
-from dcmdp_operator.emulator import EmulatorThread
+from dcmdp_testing.emulator import EmulatorThread
 from dcmdp_operator.main import parse_args
 from operator_helpers import Kube, api_requests, wait_for
 

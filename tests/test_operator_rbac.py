@@ -10,7 +10,7 @@ from kopf.testing import KopfRunner
 from dcmdp.spec import parse_run
 from dcmdp_operator import children, kube, rbac
 from dcmdp_operator.config import CONFIG, OperatorConfig
-from dcmdp_operator.emulator import EmulatorThread
+from dcmdp_testing.emulator import EmulatorThread
 from operator_helpers import Kube, api_requests, wait_for
 
 VARIANTS = [

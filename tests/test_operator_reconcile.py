@@ -10,7 +10,7 @@ import pytest
 
 from dcmdp_operator import kube, reconcile
 from dcmdp_operator.config import OperatorConfig
-from dcmdp_operator.emulator import EmulatorThread
+from dcmdp_testing.emulator import EmulatorThread
 from operator_helpers import Kube
 
 NS = "rc"

@@ -12,7 +12,7 @@ import pytest
 
 from dcmdp import crd as C
 from dcmdp import podsecurity
-from dcmdp.admission import admit
+from dcmdp_testing.admission import admit
 from dcmdp.spec import SpecError, load_run, parse_run
 from dcmdp_operator import children
 from dcmdp_operator.config import OperatorConfig

@@ -1,4 +1,5 @@
-"""``dcmdp sweep``: the sweep model, the grid expansion, aggregation, and a real 2-cell grid."""
+"""``dcmdp sweep`` (:mod:`dcmdp.sweep`): the sweep model, the grid expansion, aggregation, and a real
+2-cell grid."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dcmdp import sweep as W
-from dcmdp import sweep_report as R
+from dcmdp.sweep import cells as C
+from dcmdp.sweep import plan as W
+from dcmdp.sweep import report as R
 from dcmdp.cli import main
 from dcmdp.metrics import read_metrics
 from dcmdp.spec import SpecError
@@ -92,21 +94,21 @@ def test_an_invalid_cell_names_the_cell_and_the_run_field() -> None:
 
 
 def test_only_filter_keeps_the_reference_cells() -> None:
-    p = W._filter(W.plan(W.load_sweep(MISMATCH), part="staleness"), "lag16/dc-tis")
+    p = W.filter_cells(W.plan(W.load_sweep(MISMATCH), part="staleness"), "lag16/dc-tis")
     assert sorted(c.id for c in p.cells) == sorted([f"lag16/grpo/seed{k}" for k in (0, 1, 2)]
                                                    + [f"lag16/dc-tis/seed{k}" for k in (0, 1, 2)])
     with pytest.raises(SpecError):
-        W._filter(p, "lag99/*")
+        W.filter_cells(p, "lag99/*")
 
 
 # ------------------------------------------------------------------------------- aggregation
 def test_collapse_is_a_fall_below_half_the_peak_after_the_peak() -> None:
-    assert not R.collapsed([0.2] * 5 + [0.5] * 20 + [0.9] * 20, window=5)  # learns
-    assert R.collapsed([0.3] * 10 + [0.6] * 20 + [0.1] * 20, window=5)     # rises, then falls
-    assert R.collapsed([0.25] * 10 + [0.05] * 30, window=5)               # falls from the start
-    assert not R.collapsed([0.3] * 10 + [0.1] * 3 + [0.8] * 30, window=5)  # dip, then the peak
-    assert not R.collapsed([0.6, 0.62, 0.58, 0.55, 0.6] * 8, window=5)       # noise around a level
-    assert not R.collapsed([], window=5) and not R.collapsed([0.0] * 10, window=5)
+    assert not C.collapsed([0.2] * 5 + [0.5] * 20 + [0.9] * 20, window=5)  # learns
+    assert C.collapsed([0.3] * 10 + [0.6] * 20 + [0.1] * 20, window=5)     # rises, then falls
+    assert C.collapsed([0.25] * 10 + [0.05] * 30, window=5)               # falls from the start
+    assert not C.collapsed([0.3] * 10 + [0.1] * 3 + [0.8] * 30, window=5)  # dip, then the peak
+    assert not C.collapsed([0.6, 0.62, 0.58, 0.55, 0.6] * 8, window=5)       # noise around a level
+    assert not C.collapsed([], window=5) and not C.collapsed([0.0] * 10, window=5)
 
 
 def test_update_doc_rewrites_only_its_section(tmp_path: Path) -> None:
@@ -165,7 +167,7 @@ def test_a_two_cell_grid_runs_calibrates_c_resumes_and_reports(tmp_path: Path, c
 
 def test_rows_are_classified_for_the_headline() -> None:
     p = W.plan(W.load_sweep(MISMATCH), part="staleness-tight")
-    kinds = {a.name: R.kind_of(p, a) for a in p.algorithms}
+    kinds = {a.name: W.kind_of(p, a) for a in p.algorithms}
     assert kinds["grpo"] == "grpo" and kinds["tis"] == "passive"
     assert kinds["dc-auto"] == "dc" and kinds["dc-tis-tight"] == "dc+passive"
     agg = [{"source": "lag4", "algorithm": n, "seeds": 3, "planned": 3, "collapses": 0, "greedy": g,

@@ -33,6 +33,7 @@ def resolve_model_folder(spec: ModelSpec, *, allow_download: bool = True) -> Pat
         return folder
     if not spec.name:
         raise ValueError("resolve_model_folder: spec.model has neither path nor name")
+    # optional (the ml extra): only a model named by its Hub id needs it
     from huggingface_hub import snapshot_download
 
     where = f"{spec.name}" + (f"@{spec.revision}" if spec.revision else "")

@@ -23,6 +23,7 @@ def build_config(spec: ModelSpec, tokenizer: Any):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     if spec.builtin == "tiny-qwen3-moe":
+        # optional and heavy (the ml extra): the core imports without it
         from transformers import Qwen3MoeConfig
 
         return Qwen3MoeConfig(
@@ -30,6 +31,7 @@ def build_config(spec: ModelSpec, tokenizer: Any):
             num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
             decoder_sparse_step=1, mlp_only_layers=[],
         )
+    # optional and heavy (the ml extra): the core imports without it
     from transformers import Qwen3Config
 
     return Qwen3Config(**common)
@@ -42,6 +44,7 @@ def build_model(spec: ModelSpec, seed: int = 0):
     """(model, tokenizer): a loaded model (``spec.path`` / ``spec.name``) in ``spec.dtype``, else a
     built-in tiny model (fp32). Raises :class:`~dcmdp.models.source.ModelSourceError` naming the field
     when a loaded model's folder cannot be had."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -18,6 +18,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 def build_tokenizer(chars: str = CHARS):
     """A character-level ``PreTrainedTokenizerFast`` (each character one token)."""
+    # optional and heavy (the ml extra): the core imports without it
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,6 +40,7 @@ def load_tokenizer(folder: Union[str, Path]):
     """A folder's tokenizer, left-padding. With no pad token (Llama-style) EOS pads (padding is
     masked, so which id pads does not matter); with no BOS (Qwen-style) prompts start without one.
     Raises ``ValueError`` when the tokenizer has no EOS token (a response could never end)."""
+    # optional and heavy (the ml extra): the core imports without it
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))

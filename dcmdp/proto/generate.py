@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def generate(out_dir: Path = HERE) -> list[Path]:
+    # a build tool (the test extra), only to regenerate the stubs
     from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
+
+from dcmdp.tasks import math_answer
 
 Verifier = Callable[[str, str], float]
 
@@ -56,10 +59,8 @@ def contains_match(response: str, answer: str) -> float:
 
 
 def math_match(response: str, answer: str) -> float:
-    """The ``math`` verifier: :func:`dcmdp.tasks.math_answer.math_match` (imported on first use)."""
-    from dcmdp.tasks.math_answer import math_match as match
-
-    return match(response, answer)
+    """The ``math`` verifier: :func:`dcmdp.tasks.math_answer.math_match`."""
+    return math_answer.math_match(response, answer)
 
 
 BUILTIN_VERIFIERS: dict[str, Verifier] = {
@@ -96,8 +97,6 @@ def resolve_verifier(name: str) -> Verifier:
     thread-safe (the trainer may call it from several threads)."""
     if name in BUILTIN_VERIFIERS:
         return BUILTIN_VERIFIERS[name]
-    import importlib
-
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)

@@ -30,6 +30,7 @@ def final_answer_text(text: str) -> str:
 
 
 def _parse(text: str, timeout):
+    # optional and slow to import (sympy; the ml extra): only the `math` verifier needs it
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
@@ -41,6 +42,7 @@ def math_match(response: str, answer: str) -> float:
 
     A reference whose final answer math-verify cannot parse raises ``ValueError`` naming it (the
     dataset is wrong, not the response)."""
+    # optional and slow to import (sympy; the ml extra): only the `math` verifier needs it
     from math_verify import verify
 
     timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None

@@ -27,6 +27,7 @@ class WeightFormatError(ValueError):
 
 
 def _torch_dtypes() -> dict[str, "torch.dtype"]:
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,7 @@ def dtype_name(dtype: "torch.dtype") -> str:
 
 
 def dtype_from_name(name: str) -> "torch.dtype":
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     dt = getattr(torch, name, None)
@@ -76,6 +78,7 @@ def sha256(data) -> str:
 
 def pack(state: Mapping[str, "torch.Tensor"], dtype: str, skip: Iterable[str] = ()) -> Packed:
     """The state dict as one byte stream; floating-point tensors cast to ``dtype`` (fp32|bf16|fp16)."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     if dtype not in WIRE_DTYPES:
@@ -106,6 +109,7 @@ def pack(state: Mapping[str, "torch.Tensor"], dtype: str, skip: Iterable[str] = 
 
 def unpack(data, entries: list[TensorEntry]) -> dict[str, "torch.Tensor"]:
     """Tensors (views of one writable buffer) from the bytes of a packed stream and its manifest."""
+    # optional and heavy (the ml extra): the core imports without it
     import torch
 
     buf = data if isinstance(data, bytearray) else bytearray(data)

@@ -51,6 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # the operator extra: `dcmdp-operator --help` works without it
     import kopf
 
     if args.poll_seconds is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -139,8 +140,6 @@ class Learner:
     @staticmethod
     def local_rank() -> int:
         """This process's GPU among its pod's (torchrun's LOCAL_RANK; 0 alone)."""
-        import os
-
         return int(os.environ.get("LOCAL_RANK", "0"))
 
     def forward_context(self):

@@ -9,7 +9,7 @@ the operator uses and adds what the operator relies on from a real API server an
 * the status subresource: ``/status`` writes change only ``status``, main-resource writes never do;
 * garbage collection: deleting an object deletes the objects it owns (background propagation);
 * lists carry ``kind``/``apiVersion`` (so ``kubectl get`` can list);
-* the CRD's admission for ``DCMDPRun`` (``dcmdp.admission``, generated from the spec model):
+* the CRD's admission for ``DCMDPRun`` (``dcmdp_testing.admission``, generated from the spec model):
   unknown fields and schema or CEL violations are rejected (HTTP 422, the field named), defaults
   are filled in on create and update, and ``/status`` writes must match the CRD's status schema;
 * ``kubectl get dcmdprun`` tables with the CRD's printer columns; kubectl singular and short names;
@@ -36,7 +36,9 @@ import kmock
 from kmock._internal import dicts as _kdicts  # KMock's own merge-patch (what its PATCH does)
 from kmock._internal.k8s import KubernetesError
 
+from dcmdp.crd import PRINTER_COLUMNS
 from dcmdp.spec import API_GROUP, PLURAL
+from dcmdp_testing.admission import admit, validate_status
 
 RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", shortnames={"ns"}, namespaced=False, verbs={"get", "list", "watch", "create", "delete"}),
@@ -136,8 +138,6 @@ class Emulator(kmock.KubernetesEmulator):
         """The CRD's admission for a DCMDPRun: the object as stored, or a 422."""
         if not self.admission:
             return obj
-        from dcmdp.admission import admit
-
         admitted, errors = admit({k: v for k, v in obj.items() if k != "status"})
         if errors:
             raise _invalid("DCMDPRun", name, errors)
@@ -150,8 +150,6 @@ class Emulator(kmock.KubernetesEmulator):
     def _check_status(self, status: Any, name: Any) -> None:
         if not self.admission:
             return
-        from dcmdp.admission import validate_status
-
         errors = validate_status(status)
         if errors:
             raise _invalid("DCMDPRun", name, errors)
@@ -325,8 +323,6 @@ def _human_age(seconds: float) -> str:
 
 def _table(items: list[dict[str, Any]]) -> dict[str, Any]:
     """A ``meta.k8s.io/v1`` Table with the CRD's printer columns (what ``kubectl get`` shows)."""
-    from dcmdp.crd import PRINTER_COLUMNS
-
     columns = [{"name": "Name", "type": "string", "format": "name", "description": "name", "priority": 0}]
     columns += [
         {"name": c["name"], "type": c["type"], "format": "", "description": c.get("description", ""),

@@ -19,7 +19,7 @@ No API server can run here, so this replays its steps, in its order, on the gene
 
 Errors come back as ``(field path, message)`` pairs, paths written like the spec model's
 (``spec.rollout.pools[1].name``), so the two can be compared. ``jsonschema`` and ``celpy`` are
-test/tooling dependencies, imported here only.
+test dependencies: this package is not installed into any image.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ import copy
 import re
 from functools import lru_cache
 from typing import Any, Iterator, Optional
+
+import celpy
+import jsonschema
+from celpy import celtypes, json_to_cel
 
 from dcmdp import crd as C
 
@@ -80,7 +84,7 @@ def _prune_nulls(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
-def _default(value: Any, schema: dict[str, Any]) -> None:
+def apply_defaults(value: Any, schema: dict[str, Any]) -> None:
     """In place, as apiextensions-apiserver's structural defaulting does."""
     if isinstance(value, dict) and "properties" in schema:
         for key, prop in schema["properties"].items():
@@ -88,30 +92,15 @@ def _default(value: Any, schema: dict[str, Any]) -> None:
                 value[key] = copy.deepcopy(prop["default"])
         for key, sub in value.items():
             if key in schema["properties"]:
-                _default(sub, schema["properties"][key])
+                apply_defaults(sub, schema["properties"][key])
     elif isinstance(value, list) and "items" in schema:
         for item in value:
-            _default(item, schema["items"])
+            apply_defaults(item, schema["items"])
 
 
 # ------------------------------------------------------------------------------ OpenAPI schema
-def _to_json_schema(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
-    if node.get("nullable") and "type" in node:
-        out["type"] = [node["type"], "null"]
-    if node.get("nullable") and "enum" in node:
-        out["enum"] = list(node["enum"]) + [None]
-    return out
-
-
 @lru_cache(maxsize=1)
 def _validator() -> Any:
-    import jsonschema
-
     def go_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
         # RE2's `$` (no multi-line flag) is the end of the text; Python's also matches before a
         # final newline. `\Z` is Python's end of text.
@@ -119,7 +108,7 @@ def _validator() -> Any:
             yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
 
     cls = jsonschema.validators.extend(jsonschema.Draft4Validator, {"pattern": go_pattern})
-    return cls(_to_json_schema(_root_schema()))
+    return cls(C.to_json_schema(_root_schema()))
 
 
 def _schema_errors(obj: dict[str, Any]) -> Errors:
@@ -155,16 +144,12 @@ def _list_map_errors(value: Any, schema: dict[str, Any], path: list[Any]) -> Ite
 # ------------------------------------------------------------------------------------------ CEL
 @lru_cache(maxsize=None)
 def _program(rule: str) -> Any:
-    import celpy
-
     env = celpy.Environment()
     return env.program(env.compile(rule))
 
 
 def _cel_value(value: Any, schema: dict[str, Any]) -> Any:
     """A JSON value as the API server hands it to CEL: typed by the schema, not by the JSON."""
-    from celpy import celtypes, json_to_cel
-
     kind = schema.get("type")
     if value is None:
         return None
@@ -233,7 +218,7 @@ def admit(manifest: Any) -> tuple[Optional[dict[str, Any]], Errors]:
     if errors:
         return None, errors
     obj = _prune_nulls(obj, schema)
-    _default(obj, schema)
+    apply_defaults(obj, schema)
     errors = _schema_errors(obj) + list(_list_map_errors(obj, schema, []))
     if errors:
         return None, errors
@@ -245,9 +230,7 @@ def admit(manifest: Any) -> tuple[Optional[dict[str, Any]], Errors]:
 
 def validate_status(status: Any) -> Errors:
     """Errors of a ``.status`` the operator is about to write (schema only; unknown fields kept)."""
-    import jsonschema
-
-    status_schema = _to_json_schema(_root_schema()["properties"]["status"])
+    status_schema = C.to_json_schema(_root_schema()["properties"]["status"])
     v = jsonschema.Draft4Validator(status_schema)
     return [(_fmt(["status", *e.absolute_path]), e.message) for e in v.iter_errors(status)] + list(
         _list_map_errors(status, _root_schema()["properties"]["status"], ["status"])
