@@ -28,6 +28,9 @@ from typing import Any, Callable, Optional
 
 
 from dcmdp import yamlfile
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.transport.channel import open_channel
 from dcmdp.spec import DCMDPRun, dump_run
 
 Callback = Callable[[dict[str, Any]], None]
@@ -141,10 +144,6 @@ class TrainerWatch:
     blocking the caller); :meth:`silent_for` is how long it has answered none."""
 
     def __init__(self, target: str, token: str, every_s: float = 5.0, timeout_s: float = 10.0):
-        from dcmdp.proto import dcmdp_pb2 as pb
-        from dcmdp.proto import dcmdp_pb2_grpc
-        from dcmdp.transport.channel import open_channel
-
         self._channel = open_channel(target, token)
         self._call = dcmdp_pb2_grpc.TrainerStub(self._channel).GetStatus
         self._request = pb.StatusRequest()
