@@ -609,6 +609,10 @@ class PoolSpec(SpecModel):
     precision: PoolPrecision = "bf16"
     noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
     lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    device: Device = Field(
+        "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
+        "places itself."
+    )
     tolerance: Union[float, Literal["auto"], None] = Field(
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )

@@ -8,6 +8,7 @@ and the server goes on. The run token is checked before any handler runs (``dcmd
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,8 +19,8 @@ from dcmdp.engine import Sample
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
-from dcmdp.transport.channel import bind, make_server
 from dcmdp.transport.buckets import WeightCastError
+from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.stream_guard import Slots, StallWatchdog
@@ -29,9 +30,21 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LONG_POLL_S = 2.0
 MAX_WORKERS = 32  # server threads
 MAX_STREAMS = 8  # concurrent weight streams (each holds a thread and one bucket buffer)
-MAX_LONG_POLLS = 16  # concurrent long-polling AcquireLease calls; the rest are answered at once
 STALL_S = 30.0  # a weight stream that hands gRPC no chunk for this long is cancelled
-SHED_RETRY_MS = 1000  # retry_after_ms told to a worker whose long poll found no free slot
+MAX_TOKENS_PER_SAMPLE = 4096  # the spec's bound on task.maxNewTokens
+BYTES_PER_TOKEN = 16  # a token id (varint, ≤ 5 bytes) and its log p (4 bytes), with room to spare
+
+
+def submission_bytes(run) -> int:
+    """The largest SubmitRollouts a worker of ``run`` can legitimately send (bytes): the largest
+    work item (a training lease of ``batchPrompts`` × ``groupSize`` samples, or an evaluation lease
+    of ``heldOut`` samples) × the longest response, plus per-sample framing. The trainer's receive
+    limit is the larger of this and :data:`SERVER_RECEIVE_BYTES`."""
+    spec = run.spec
+    per_lease = max((spec.rollout.batch_prompts or spec.algorithm.mini_batch_size) * spec.algorithm.group_size,
+                    spec.task.held_out)
+    tokens = spec.task.max_new_tokens or MAX_TOKENS_PER_SAMPLE
+    return per_lease * (tokens * BYTES_PER_TOKEN + 64) + (64 << 10)
 
 
 def model_files(folder: Path) -> list[pb.ModelFile]:
@@ -51,15 +64,17 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
 
     def __init__(self, coord: Optional[Coordinator] = None, publisher: Optional[WeightPublisher] = None, *,
                  run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S,
-                 max_streams: int = MAX_STREAMS, max_long_polls: int = MAX_LONG_POLLS, stall_s: float = STALL_S,
+                 long_poll_slots: int = 16, max_streams: int = MAX_STREAMS, stall_s: float = STALL_S,
                  hub: Optional[BroadcastHub] = None):
         self.runtime = runtime
         self.hub = hub
         self.streams = Slots(max_streams)
-        self.long_polls = Slots(max_long_polls)
         self.watchdog = StallWatchdog(stall_s, tick_s=min(0.5, stall_s / 4), on_stall=self._stalled)
         self.log = log
         self.long_poll_s = long_poll_s
+        # Long polls hold a server thread for up to long_poll_s: beyond this many at once, a lease
+        # request is answered at once (retry_after_ms), so GetStatus and submissions always find a thread.
+        self.long_polls = threading.BoundedSemaphore(long_poll_slots)
         self.run, self.total_steps = run, total_steps
         self.started = time.time()
         self.coord: Optional[Coordinator] = None
@@ -118,19 +133,20 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def AcquireLease(self, request, context):
         self._ready(context)
         h = request.header
-        polling = self.long_polls.take()  # no free long-poll slot: answer at once, retry later
         try:
-            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version,
-                                               wait=self.long_poll_s if polling else 0.0)
+            polling = self.long_polls.acquire(blocking=False)
+            try:
+                rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version,
+                                                   wait=self.long_poll_s if polling else 0.0)
+            finally:
+                if polling:
+                    self.long_polls.release()
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
-        finally:
-            if polling:
-                self.long_polls.give()
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
-        if rec is None:
-            return pb.Lease(header=self._header(h), retry_after_ms=50 if polling else SHED_RETRY_MS)
+        if rec is None:  # no work: ask again soon (later when the long-poll budget is spent)
+            return pb.Lease(header=self._header(h), retry_after_ms=50 if polling else 500)
         item = rec.item
         ttl = max(0.0, rec.expires - self.coord.clock())
         return pb.Lease(
@@ -156,6 +172,10 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
 
     def _prepared(self, request, context):
+        if request.version < -1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, or -1 for the latest (got {request.version})")
+        if request.offset < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offset must be >= 0 (got {request.offset})")
         try:
             return self.publisher.prepared(request.version, request.dtype or "fp32")
         except WeightsUnavailable as exc:
@@ -241,9 +261,11 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
                  tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = MAX_WORKERS, run=None,
                  total_steps: int = 0, **limits) -> tuple[grpc.Server, int]:
     """A started server; returns (server, bound port). With ``coord`` None it serves as starting
-    until ``server.dcmdp_service.attach(coord, publisher)``. ``limits``: ``max_streams``,
-    ``max_long_polls``, ``stall_s``, ``long_poll_s``, ``hub`` (the broadcast data plane) of
-    :class:`TrainerService`."""
+    until ``server.dcmdp_service.attach(coord, publisher)``. Its receive limit is
+    :func:`submission_bytes` of ``run`` (at least 4 MiB); at most ``max_workers // 2`` lease
+    requests long-poll at once (the rest are answered at once); ``dcmdp.transport.channel`` sets
+    the other limits. ``limits``: ``max_streams``, ``stall_s``, ``long_poll_s``, ``hub`` (the
+    broadcast data plane) of :class:`TrainerService`."""
 
     def rejected(method: str, reason: str) -> None:
         if runtime:
@@ -251,8 +273,14 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
         if log:
             log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
 
-    server = make_server(token, max_workers=max_workers, on_reject=rejected)
-    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log, **limits)
+    receive = SERVER_RECEIVE_BYTES
+    if run is not None:
+        receive = min(max(receive, submission_bytes(run)), MAX_MESSAGE_BYTES)
+    workers = sum(p.replicas for p in run.spec.rollout.pools) if run is not None else 0
+    server = make_server(token, max_workers=max_workers, on_reject=rejected, max_receive=receive,
+                         max_concurrent_rpcs=4 * (max_workers + workers))
+    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log,
+                             long_poll_slots=max(1, max_workers // 2), **limits)
     dcmdp_pb2_grpc.add_TrainerServicer_to_server(service, server)
     bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
     server.start()
