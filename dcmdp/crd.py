@@ -168,6 +168,12 @@ class _Builder:
         if kind == "object" and "properties" in node:
             out["type"] = "object"
             out.update(self.convert_object(node, path))
+        elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+            out["type"] = "object"  # a map (labels): CEL can iterate over its keys
+            out["additionalProperties"] = self.convert(node["additionalProperties"], path + "{}")
+            for k in ("minProperties", "maxProperties"):
+                if k in node:
+                    out[k] = node[k]
         elif kind == "object":
             out["type"] = "object"
             out["x-kubernetes-preserve-unknown-fields"] = True
@@ -279,6 +285,10 @@ def open_api_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     root = {
         "type": "object",
         "description": "A DC-GRPO training run: a trainer and rollout pools that exchange rollouts and weights.",
+        "x-kubernetes-validations": [
+            {"rule": r.rule, "message": r.message, **({"fieldPath": r.field_path} if r.field_path else {})}
+            for r in S.DCMDPRun.CEL
+        ],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

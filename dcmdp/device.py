@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 class DeviceError(RuntimeError):
     """A device the spec asks for is not present here."""
 
 
-def resolve_device(name: str, field: str, local_rank: int = 0) -> "torch.device":
+def resolve_device(name: str, field: str, local_rank: int = 0) -> torch.device:
     """``auto`` → cuda:<local_rank> when CUDA is present, else cpu; ``cuda`` → cuda:<local_rank>.
 
     Raises DeviceError naming ``field`` (e.g. ``spec.trainer.device``) when cuda is asked for and
     none is present, or ``local_rank`` has no GPU of its own.
     """
     # optional and heavy (the ml extra): the core imports without it
-    import torch
-
     if name == "cpu":
         return torch.device("cpu")
     present = torch.cuda.is_available()

@@ -47,20 +47,22 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_
            temperature: float = 1.0, noise: float = 0.0, generator: torch.Generator | None = None) -> Generated:
     """``n`` samples per prompt (prompt-major order) with a KV cache and left padding."""
     seqs = [p for p in prompts for _ in range(n)]
+    device = next(model.parameters()).device  # sampling runs where the model is
     ids, mask = left_pad(seqs, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     past, logits = _cache_of(out), out.logits[:, -1, :].float()
     cache_kw = _cache_kwarg(model)
     next_pos = positions[:, -1:] + 1
-    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
-    logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32)
-    done = torch.zeros(batch, dtype=torch.bool)
-    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         if noise > 0:
-            logits = logits + noise * torch.randn(logits.shape, generator=generator)
+            logits = logits + noise * torch.randn(logits.shape, generator=generator, device=device)
         if temperature > 0:
             logp_all = torch.log_softmax(logits / temperature, dim=-1)
             tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
@@ -75,7 +77,7 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, eos_
         done |= newly
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_kw: past})
         past, logits = _cache_of(out), out.logits[:, -1, :].float()
         next_pos = next_pos + 1

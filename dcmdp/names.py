@@ -11,7 +11,11 @@ Kubernetes rules (``k8s.io/apimachinery/pkg/util/validation``):
 A run's children are named ``<run>-token``, ``-config``, ``-trainer``, ``-checkpoints`` and
 ``<run>-rollout-<pool>``, each a DNS-1035 label of at most 63 characters. So the run name is a
 DNS-1035 label of at most :data:`MAX_RUN_NAME` (51) characters, and ``run`` + ``pool`` at most
-:data:`MAX_RUN_AND_POOL` (54) characters together.
+:data:`MAX_RUN_AND_POOL` (54) characters together. The trainer's indexed Job names its pods'
+hostnames ``<run>-trainer-<index>`` (a DNS-1123 label): :func:`trainer_hostname_error`.
+
+The same rules as patterns the CRD's CEL rules use (``LABEL_KEY``, ``LABEL_VALUE``,
+``SUBDOMAIN``): RE2 and CEL string literals read them as Python does (``[.]``, no backslash).
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ CHILD_SUFFIXES = ("-token", "-config", "-trainer", "-checkpoints")
 POOL_INFIX = "-rollout-"
 MAX_RUN_NAME = MAX_LABEL - max(len(s) for s in CHILD_SUFFIXES)
 MAX_RUN_AND_POOL = MAX_LABEL - len(POOL_INFIX)
+
+# For CEL string literals (no backslash escapes) and Go's RE2: the same rules as above.
+SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MAX_SUBDOMAIN = 253
+MAX_LABEL_KEY = MAX_SUBDOMAIN + 1 + MAX_LABEL
+TRAINER_SUFFIX = "-trainer"
 
 _1123 = re.compile(DNS_1123_LABEL)
 _1035 = re.compile(DNS_1035_LABEL)
@@ -108,3 +123,27 @@ def annotations_errors(annotations: Mapping[str, Any]) -> Iterator[str]:
             total += len(str(key).encode()) + len(value.encode())
     if total > MAX_ANNOTATIONS_BYTES:
         yield f"annotations total {total} bytes: at most {MAX_ANNOTATIONS_BYTES}"
+
+
+def trainer_name(run: str) -> str:
+    """The trainer's indexed Job and headless Service."""
+    return f"{run}{TRAINER_SUFFIX}"
+
+
+def pool_name(run: str, pool: str) -> str:
+    """A rollout pool's Deployment."""
+    return f"{run}{POOL_INFIX}{pool}"
+
+
+def trainer_hostname(run: str, index: int) -> str:
+    """The hostname of trainer pod ``index`` of the indexed Job (``<job>-<index>``)."""
+    return f"{trainer_name(run)}-{index}"
+
+
+def trainer_hostname_error(run: str, replicas: int) -> str | None:
+    """Why the last trainer pod's hostname would be refused (longer than 63), or None."""
+    host = trainer_hostname(run, replicas - 1)
+    if len(host) <= MAX_LABEL:
+        return None
+    return (f"the trainer pod hostname {host!r} would be {len(host)} characters (at most {MAX_LABEL}): "
+            f"use a run name of at most {MAX_LABEL - len(host) + len(run)} characters or fewer trainer replicas")

@@ -504,19 +504,61 @@ class PodFields(OpenModel):
     )
 
 
+def _label_rules(field: str, values: bool) -> CelRule:
+    key = f"size(k) <= {names.MAX_LABEL_KEY} && k.matches('{names.LABEL_KEY}')"
+    value = f" && size(self.{field}[k]) <= {names.MAX_LABEL} && self.{field}[k].matches('{names.LABEL_VALUE}')"
+    return CelRule(
+        f"!has(self.{field}) || self.{field}.all(k, {key}{value if values else ''})",
+        f"{field}: keys must be qualified names ([prefix/]name, name at most 63 characters)"
+        + (", values at most 63 characters of [A-Za-z0-9-_.] starting and ending alphanumeric" if values else ""),
+        f".{field}",
+    )
+
+
+def _label_errors(mapping: Optional[dict[str, str]], field: str, values: bool) -> list[tuple[str, str]]:
+    found = names.labels_errors(mapping or {}) if values else names.annotations_errors(mapping or {})
+    return [(field, err) for err in found]
+
+
+Labels = Optional[dict[str, str]]
+
+
+class TemplateMetadata(OpenModel):
+    """The full form's ``metadata``: the pod's labels and annotations (checked like the API server)."""
+
+    labels: Labels = Field(None, max_length=64)
+    annotations: Labels = Field(None, max_length=64)
+
+    CEL = (_label_rules("labels", True), _label_rules("annotations", False))
+
+    @model_validator(mode="after")
+    def _keys(self) -> "TemplateMetadata":
+        found = _label_errors(self.labels, "labels", True) + _label_errors(self.annotations, "annotations", False)
+        if found:
+            raise _field_errors(found)
+        return self
+
+
 class PodTemplate(PodFields):
     """A pod template overlay, short form (pod fields at the top) or full form ``{metadata, spec}``
     (see ``operator/dcmdp_operator/podtemplate.py``). Escalations (:mod:`dcmdp.podsecurity`) are
-    refused unless the validation context's ``allow_escalations`` names them."""
+    refused unless the validation context's ``allow_escalations`` names them; label keys and
+    values are checked as the API server checks them on the pods (a 422 otherwise)."""
 
     spec: Optional[PodFields] = None
+    metadata: Optional[TemplateMetadata] = None
+    labels: Labels = Field(None, max_length=64)
+    annotations: Labels = Field(None, max_length=64)
+
+    CEL = PodFields.CEL + TemplateMetadata.CEL
 
     @model_validator(mode="after")
     def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
         allow = (info.context or {}).get("allow_escalations", ())
-        found = podsecurity.violations(self.overlay(), "", allow)
+        found = [(p.lstrip("."), m) for p, m in podsecurity.violations(self.overlay(), "", allow)]
+        found += _label_errors(self.labels, "labels", True) + _label_errors(self.annotations, "annotations", False)
         if found:
-            raise ValueError("; ".join(f"{p.lstrip('.')}: {m}" for p, m in found))
+            raise _field_errors(found)
         return self
 
     def overlay(self) -> dict[str, Any]:
@@ -567,6 +609,10 @@ class PoolSpec(SpecModel):
     precision: PoolPrecision = "bf16"
     noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
     lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    device: Device = Field(
+        "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
+        "places itself."
+    )
     tolerance: Union[float, Literal["auto"], None] = Field(
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
@@ -610,7 +656,7 @@ class RolloutSpec(SpecModel):
 class PVCSpec(SpecModel):
     enabled: bool = False
     size: str = Field("10Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
-    storage_class_name: Optional[str] = None
+    storage_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.SUBDOMAIN)
 
 
 class CheckpointSpec(SpecModel):
@@ -629,8 +675,13 @@ class FailurePolicySpec(SpecModel):
 
 class SchedulingSpec(SpecModel):
     gang: Literal["none", "kueue", "volcano"] = "none"
-    queue_name: Optional[str] = None
-    priority_class_name: Optional[str] = None
+    queue_name: Optional[str] = Field(
+        None,
+        max_length=names.MAX_LABEL,
+        pattern=names.SUBDOMAIN,
+        description="Kueue LocalQueue or Volcano queue (a label value on the children: at most 63 characters).",
+    )
+    priority_class_name: Optional[str] = Field(None, max_length=names.MAX_SUBDOMAIN, pattern=names.SUBDOMAIN)
 
     CEL = (
         CelRule(
@@ -744,6 +795,29 @@ class DCMDPRun(SpecModel):
     spec: RunSpec = Field(default_factory=RunSpec)
     status: Optional[dict[str, Any]] = Field(None, description="Written by the operator; ignored here.")
 
+    # The trainer's indexed-Job pod hostnames <run>-trainer-<index> must fit a 63-character label;
+    # the pools' Deployments <run>-rollout-<pool> too (the API server sees metadata.name at the root).
+    CEL = (
+        CelRule(
+            f"size(self.metadata.name) + {len(names.TRAINER_SUFFIX) + 1} + "
+            f"size(string(self.spec.trainer.replicas - 1)) <= {names.MAX_LABEL}",
+            "metadata.name: the trainer pod hostname <name>-trainer-<index> must be at most 63 characters",
+            ".metadata.name",
+        ),
+        CelRule(
+            f"self.spec.rollout.pools.all(p, size(self.metadata.name) + size(p.name) <= {names.MAX_RUN_AND_POOL})",
+            "spec.rollout.pools: the Deployment name <name>-rollout-<pool> must be at most 63 characters",
+            ".spec.rollout.pools",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _hostnames(self) -> "DCMDPRun":
+        err = names.trainer_hostname_error(self.metadata.name, self.spec.trainer.replicas)
+        if err:
+            raise _field_errors([("metadata.name", err)])
+        return self
+
     @model_validator(mode="after")
     def _child_names(self) -> "DCMDPRun":
         for i, pool in enumerate(self.spec.rollout.pools):
@@ -779,6 +853,15 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out or "(root)"
 
 
+FIELD_ERRORS = "\n"  # joins "field: message" parts of one validator's error (see validation_errors)
+_FIELD_ERROR = re.compile(r"^([A-Za-z0-9_.\[\]]+): (.*)$", re.S)
+
+
+def _field_errors(found: list[tuple[str, str]]) -> ValueError:
+    """One validator's errors about several fields below its own (paths relative to it)."""
+    return ValueError(FIELD_ERRORS.join(f"{path}: {msg}" for path, msg in found))
+
+
 def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
     """pydantic's errors as ``(field path, message)`` pairs, a path written like a manifest's
     (``spec.rollout.pools[1].name``), the first message per path (what :class:`SpecError` holds)."""
@@ -788,7 +871,13 @@ def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; fields are camelCase)"
-        seen.setdefault(path, msg)
+        for part in msg.split(FIELD_ERRORS):
+            m = _FIELD_ERROR.match(part) if FIELD_ERRORS in msg or path == "(root)" else None
+            if m:  # a validator named fields below its own: report each at its path
+                sub = m.group(1)
+                seen.setdefault(sub if path == "(root)" else f"{path}.{sub}".replace(".[", "["), m.group(2))
+            else:
+                seen.setdefault(path, part)
     return list(seen.items())
 
 

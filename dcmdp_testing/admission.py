@@ -176,7 +176,7 @@ def _cel_errors(value: Any, schema: dict[str, Any], path: list[Any]) -> Iterator
         if rules:
             this = _cel_value(value, schema)
             for r in rules:
-                where = _fmt(path) + r.get("fieldPath", "")
+                where = ((_fmt(path) if path else "") + r.get("fieldPath", "")).lstrip(".") or "(root)"
                 try:
                     ok = _program(r["rule"]).evaluate({"self": this})
                 except Exception as exc:  # a rule that cannot run is an error, as in the API server
@@ -222,7 +222,8 @@ def admit(manifest: Any) -> tuple[Optional[dict[str, Any]], Errors]:
     errors = _schema_errors(obj) + list(_list_map_errors(obj, schema, []))
     if errors:
         return None, errors
-    errors = list(_cel_errors(obj.get("spec"), schema["properties"]["spec"], ["spec"]))
+    # From the root: its rules see metadata.name (the names Kubernetes derives from it).
+    errors = list(_cel_errors(obj, schema, []))
     if errors:
         return None, errors
     return obj, []

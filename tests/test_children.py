@@ -263,8 +263,14 @@ def test_build_errors_name_the_field():
     with pytest.raises(children.BuildError, match="metadata.uid"):
         children.build(run_of({}), {"name": "demo", "namespace": "ml"}, token="t", config=CONFIG)
     long = {"name": "a" * 60, "namespace": "ml", "uid": "u"}
-    with pytest.raises(children.BuildError, match="shorter run"):
+    with pytest.raises(children.BuildError, match="use a run name of at most 53 characters"):
         children.build(run_of({}), long, token="t", config=CONFIG)
+    # the indexed Job's pod hostnames: <run>-trainer-<index>, the longest index counts
+    edge = {"name": "a" * 52, "namespace": "ml", "uid": "u"}
+    children.build(run_of({"trainer": {"replicas": 100}, "rollout": {"pools": [{"name": "p"}]}}), edge, token="t", config=CONFIG)
+    with pytest.raises(children.BuildError, match="trainer-100' would be 64 characters") as err:
+        children.build(run_of({"trainer": {"replicas": 101}, "rollout": {"pools": [{"name": "p"}]}}), edge, token="t", config=CONFIG)
+    assert err.value.path == "metadata.name"
     digit = {"name": "7run", "namespace": "ml", "uid": "u"}
     with pytest.raises(children.BuildError, match="starting with a letter"):
         children.build(run_of({}), digit, token="t", config=CONFIG)

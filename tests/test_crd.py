@@ -117,8 +117,13 @@ def structural_problems(node: dict[str, Any], path: str = "", in_junctor: bool =
             elif key not in items.get("required", []) and "default" not in prop:
                 yield f"{path}: map key {key} must be required or defaulted"
     for key, sub in node.get("properties", {}).items():
-        if path and key == "metadata":
-            yield f"{path}.metadata: metadata is only allowed at the root"
+        # apiextensions' validateStructuralMetadataInvariants: at the root and in embedded
+        # resources, `metadata` may only restrict name and generateName. Elsewhere (a pod
+        # template's metadata, as in Deployment-like CRDs) it is an ordinary field.
+        if key == "metadata" and (not path or node.get("x-kubernetes-embedded-resource")):
+            extra = set(sub.get("properties", {})) - {"name", "generateName"}
+            if extra or set(sub) - {"type", "properties"}:
+                yield f"{path}.metadata: only name and generateName may be restricted here"
         yield from structural_problems(sub, f"{path}.{key}", in_junctor)
     if "items" in node:
         yield from structural_problems(node["items"], f"{path}[]", in_junctor)
@@ -181,8 +186,8 @@ def test_cel_rules_compile_and_name_real_fields() -> None:
                 for part in ref:
                     sub = sub.get("properties", {}).get(part)
                     assert sub is not None, f"{path}: rule {r['rule']!r} names a missing field {'.'.join(ref)}"
-                    if sub.get("type") == "array":
-                        break
+                    if sub.get("type") == "array" or "additionalProperties" in sub:
+                        break  # a list or a map: what follows is a macro (all, exists) or a key
             assert r.get("fieldPath") is None or _node_at(r["fieldPath"], node) is not None, r
             rules.add(r["rule"])
     # A model used in several places (pod templates, containers) carries its rules to each.
@@ -373,6 +378,26 @@ def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
         ("lag, no staleness limit", [(alg + ("maxStaleness",), 0), (s + ("rollout", "pools", 0, "lag"), 9)], True, ""),
     ]
     cases += _escalations(s)
+    one_pool = lambda name: [(s + ("rollout", "pools"), [{"name": name, "replicas": 1}])]  # noqa: E731
+    tt = s + ("trainer", "template")
+    cases += [
+        # names Kubernetes derives: <run>-trainer-<index> (pod hostname), <run>-rollout-<pool>
+        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p"), True, ""),
+        ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p"), False, "metadata.name"),
+        ("deployment 64", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 15), False, "pools"),
+        ("deployment 63", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 14), True, ""),
+        ("name starts with a digit", [(("metadata", "name"), "1run")], False, "metadata.name"),
+        # label keys and values, as the API server checks them on the pods
+        ("label key a/b/c", [(tt, {"labels": {"a/b/c": "x"}})], False, "labels"),
+        ("label value with /", [(tt, {"labels": {"team": "a/b"}})], False, "labels"),
+        ("label value 64", [(tt, {"labels": {"team": "x" * 64}})], False, "labels"),
+        ("full-form label value", [(tt, {"metadata": {"labels": {"k": "v/1"}}})], False, "labels"),
+        ("annotation key", [(tt, {"annotations": {"bad key!": "v"}})], False, "annotations"),
+        ("good labels", [(tt, {"labels": {"example.com/team": "rl-1", "empty": ""}, "annotations": {"a": "any / value"}})], True, ""),
+        ("kueue queue with /", [(s + ("scheduling",), {"gang": "kueue", "queueName": "team/q"})], False, "queueName"),
+        ("queue 64", [(s + ("scheduling",), {"gang": "kueue", "queueName": "q" * 64})], False, "queueName"),
+        ("priority class", [(s + ("scheduling",), {"priorityClassName": "High_Priority"})], False, "priorityClassName"),
+    ]
     for label, edits, ok, field in cases:
         out = stored
         for path, value in edits:

@@ -94,7 +94,7 @@ def test_each_escalation_is_refused_and_allowed_only_by_its_own_name(label: str,
 
 
 def _admit_with(crd: dict[str, Any], m: dict[str, Any]) -> list[tuple[str, str]]:
-    from dcmdp import admission
+    from dcmdp_testing import admission
 
     admission._root_schema.cache_clear()
     original = admission.C.crd

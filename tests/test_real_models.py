@@ -250,6 +250,18 @@ def test_a_verifier_returning_nan_or_none_is_named_or_scored_zero(folders, tmp_p
         s.metrics.close()
 
 
+def test_dcmdp_run_stops_on_a_nan_reward_naming_verifier_and_prompt(folders, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "nan"}) + "\n" for i in range(4)))
+    doc = manifest({"path": str(folders["qwen"])}, data,
+                   task={"dataset": {"path": str(data), "verifier": "test_real_models:bad_verifier"}})
+    out = tmp_path / "out"
+    assert main(["run", "-f", write(tmp_path, doc), "--out", str(out), "--inprocess", "--quiet", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "RewardError: verifier 'test_real_models:bad_verifier' returned nan" in err and "for prompt 'p" in err
+    assert not (out / "checkpoints").exists()  # nothing trained, nothing checkpointed
+
+
 # -- 5. lengths -----------------------------------------------------------------------------------
 def test_overlong_prompts_are_dropped_with_a_count_or_refused(folders, tmp_path, caplog):
     data = tmp_path / "long.jsonl"
@@ -351,3 +363,26 @@ def test_the_gpu_example_recipe_runs_with_a_qwen_style_folder(folders, tmp_path)
     spec.pop("scheduling")
     summary = run_inprocess(load_run(write(tmp_path, doc)), tmp_path / "out", threads=1)
     assert summary["steps"] == 1 and summary["warmstart"] == {"warmstart/steps": 0}
+
+
+def test_a_cached_hub_id_loads_offline_in_the_asked_dtype(folders, tmp_path, monkeypatch):
+    """``model.name`` resolves through huggingface_hub's cache layout with no network."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from dcmdp.models.tiny import build_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--tiny-qwen"
+    shutil.copytree(folders["qwen"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(name="acme/tiny-qwen")
+    assert resolve_model_folder(spec) == repo / "snapshots" / commit
+    model, tok = build_model(spec)
+    assert next(model.parameters()).dtype == torch.float32 and tok.bos_token_id is None  # bf16 file upcast
+    model, _ = build_model(ModelSpec(name="acme/tiny-qwen", dtype="bf16"))
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -177,6 +177,8 @@ class Worker:
         save_file({k: v.clone() for k, v in tensors.items()}, str(self.model_dir / "model.safetensors"),
                   metadata={"format": "pt"})
         options = dict(self.engine_options)
+        if self.pool_spec.engine == "hf":
+            options.setdefault("device", self.pool_spec.device)
         if self.pool_spec.engine == "hf" and self.threads:
             options.setdefault("threads", self.threads)
         engine = make_engine(self.pool_spec.engine, str(self.model_dir), self.pool_spec.precision,

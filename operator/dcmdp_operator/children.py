@@ -86,12 +86,8 @@ def configmap_name(run: str) -> str:
     return f"{run}-config"
 
 
-def trainer_name(run: str) -> str:
-    return f"{run}-trainer"
-
-
-def pool_name(run: str, pool: str) -> str:
-    return f"{run}-rollout-{pool}"
+trainer_name = names.trainer_name
+pool_name = names.pool_name
 
 
 def pvc_name(run: str) -> str:
@@ -104,7 +100,7 @@ def podgroup_name(run: str) -> str:
 
 def trainer_host(run: str) -> str:
     """Pod 0 of the indexed Job, through the headless Service (same namespace)."""
-    return f"{trainer_name(run)}-0.{trainer_name(run)}"
+    return f"{names.trainer_hostname(run, 0)}.{trainer_name(run)}"
 
 
 def new_token() -> str:
@@ -208,6 +204,10 @@ def build(
         raise BuildError("token", "a run needs a token")
     name = meta["name"]
     spec = run.spec
+    # The model checks these too; `meta` is the object's own (the model saw the same name).
+    host_error = names.trainer_hostname_error(name, spec.trainer.replicas)
+    if host_error:
+        raise BuildError("metadata.name", host_error)
     finished = phase in TERMINAL_PHASES
     out: list[dict[str, Any]] = [
         {

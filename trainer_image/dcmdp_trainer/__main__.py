@@ -112,19 +112,25 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         server.stop(grace=None)
         runtime.close()
         raise
-    tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
-    publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
-    publisher.publish(session.version, session.weights(session.version))
-    coord = Coordinator(session, publisher, log=log, runtime=runtime)
-    server.dcmdp_service.attach(coord, publisher)
-    log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
-                                          "version": session.version, "resumed": resume,
-                                          "tls": bool(args.tls_cert), "out": str(out)}})
-    if args.ready_file:
-        tmp = Path(args.ready_file + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,
-                                   "pid": os.getpid()}))
-        os.replace(tmp, args.ready_file)
+    try:
+        tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
+        publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
+        publisher.publish(session.version, session.weights(session.version))
+        coord = Coordinator(session, publisher, log=log, runtime=runtime)
+        server.dcmdp_service.attach(coord, publisher)
+        log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
+                                              "version": session.version, "resumed": resume,
+                                              "tls": bool(args.tls_cert), "out": str(out)}})
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,
+                                       "pid": os.getpid()}))
+            os.replace(tmp, args.ready_file)
+    except Exception as exc:
+        log.exception(f"cannot start serving: {type(exc).__name__}: {exc}")
+        server.stop(grace=None)
+        runtime.close()
+        return 1
 
     def on_signal(signum, frame):
         log.info("stop requested", extra={"fields": {"signal": signal.Signals(signum).name}})
@@ -143,11 +149,22 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
             coord.phase, coord.message = "Failed", f"{type(exc).__name__}: {exc}"
         code = 1
     finally:
-        if coord.finished:
-            coord.wait_workers_told(args.linger)
-        summary = session.close()
-        coord.checkpoint_step = session.step
-        _distributed_done(session)
+        # every exit path stops the server (its threads would keep the process alive) and a
+        # failure of the final writes (read-only or full disk) is an exit code 1 with its cause
+        summary: dict = {}
+        try:
+            if coord.finished:
+                coord.wait_workers_told(args.linger)
+            summary = session.close()
+            coord.checkpoint_step = session.step
+        except Exception as exc:
+            log.exception(f"the final checkpoint/summary could not be written: {type(exc).__name__}: {exc}")
+            code = 1
+        try:
+            _distributed_done(session)
+        except Exception as exc:
+            log.exception(f"stopping the other ranks failed: {type(exc).__name__}: {exc}")
+            code = 1
         server.stop(grace=1.0).wait()
         runtime.close()
         log.info("trainer exits", extra={"fields": {"code": code, "steps": summary.get("steps"),

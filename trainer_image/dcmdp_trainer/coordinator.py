@@ -415,11 +415,17 @@ class Coordinator:
             self.on_eval(s.eval_rows[-1])
         return values
 
-    def wait_workers_told(self, timeout: float) -> bool:
-        """After the run: give workers up to ``timeout`` s to hear that it finished."""
+    def wait_workers_told(self, timeout: float, silent_s: float = 6.0) -> bool:
+        """After the run: give workers up to ``timeout`` s to hear that it finished. A worker
+        holding no live lease and silent for ``silent_s`` s (an idle worker long-polls every ≤ 2 s)
+        is taken as dead and not waited for."""
         deadline = time.monotonic() + timeout
+
+        def alive(w: WorkerState) -> bool:
+            return time.time() - w.last_seen < silent_s or self.book.outstanding(w.worker_id) > 0
+
         with self.cond:
-            while any(not w.told_finished for w in self.workers.values()):
+            while any(not w.told_finished and alive(w) for w in self.workers.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

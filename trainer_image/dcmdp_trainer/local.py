@@ -41,8 +41,9 @@ class LocalPools:
         for pool in session.spec.rollout.pools:
             if pool.replicas == 0:
                 continue
+            opts = dict(options or {}, device=pool.device) if pool.engine == "hf" else options
             self.engines[pool.name] = make_engine(pool.engine, str(session.model_dir), pool.precision,
-                                                  noise=pool.noise, seed=session.spec.algorithm.seed, options=options)
+                                                  noise=pool.noise, seed=session.spec.algorithm.seed, options=opts)
 
     def sync(self, pool: str, lag: int) -> int:
         version = self.session.version_for(lag)
@@ -90,7 +91,7 @@ def evaluate(session: Session, pools: LocalPools) -> dict[str, float]:
 def run_inprocess(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, resume: bool = False,
                   on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None,
                   threads: int = 0) -> dict[str, Any]:
-    session = Session(run, Path(out_dir), resume=resume, steps=steps, threads=threads)
+    session = Session(run, Path(out_dir), resume=resume, steps=steps, threads=threads, serve_lags=True)
     pools = LocalPools(session)
     spec, algo = session.spec, session.spec.algorithm
     every_eval = spec.eval.every_steps

@@ -8,6 +8,7 @@ and the server goes on. The run token is checked before any handler runs (``dcmd
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,12 +19,26 @@ from dcmdp.engine import Sample
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
-from dcmdp.transport.channel import bind, make_server
+from dcmdp.transport.channel import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LONG_POLL_S = 2.0
+MAX_TOKENS_PER_SAMPLE = 4096  # the spec's bound on task.maxNewTokens
+BYTES_PER_TOKEN = 16  # a token id (varint, ≤ 5 bytes) and its log p (4 bytes), with room to spare
+
+
+def submission_bytes(run) -> int:
+    """The largest SubmitRollouts a worker of ``run`` can legitimately send (bytes): the largest
+    work item (a training lease of ``batchPrompts`` × ``groupSize`` samples, or an evaluation lease
+    of ``heldOut`` samples) × the longest response, plus per-sample framing. The trainer's receive
+    limit is the larger of this and :data:`SERVER_RECEIVE_BYTES`."""
+    spec = run.spec
+    per_lease = max((spec.rollout.batch_prompts or spec.algorithm.mini_batch_size) * spec.algorithm.group_size,
+                    spec.task.held_out)
+    tokens = spec.task.max_new_tokens or MAX_TOKENS_PER_SAMPLE
+    return per_lease * (tokens * BYTES_PER_TOKEN + 64) + (64 << 10)
 
 
 def model_files(folder: Path) -> list[pb.ModelFile]:
@@ -42,10 +57,14 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     count it as the trainer being unreachable)."""
 
     def __init__(self, coord: Optional[Coordinator] = None, publisher: Optional[WeightPublisher] = None, *,
-                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S):
+                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S,
+                 long_poll_slots: int = 16):
         self.runtime = runtime
         self.log = log
         self.long_poll_s = long_poll_s
+        # Long polls hold a server thread for up to long_poll_s: beyond this many at once, a lease
+        # request is answered at once (retry_after_ms), so GetStatus and submissions always find a thread.
+        self.long_polls = threading.BoundedSemaphore(long_poll_slots)
         self.run, self.total_steps = run, total_steps
         self.started = time.time()
         self.coord: Optional[Coordinator] = None
@@ -88,13 +107,19 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self._ready(context)
         h = request.header
         try:
-            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version, wait=self.long_poll_s)
+            polling = self.long_polls.acquire(blocking=False)
+            try:
+                rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version,
+                                                   wait=self.long_poll_s if polling else 0.0)
+            finally:
+                if polling:
+                    self.long_polls.release()
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
-        if rec is None:
-            return pb.Lease(header=self._header(h), retry_after_ms=50)
+        if rec is None:  # no work: ask again soon (later when the long-poll budget is spent)
+            return pb.Lease(header=self._header(h), retry_after_ms=50 if polling else 500)
         item = rec.item
         ttl = max(0.0, rec.expires - self.coord.clock())
         return pb.Lease(
@@ -120,6 +145,13 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
 
     def _packed(self, request, context):
+        if request.version < -1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, or -1 for the latest (got {request.version})")
+        if not 0 <= request.chunk_size <= MAX_CHUNK_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"chunk_size must be 0 (default) or at most {MAX_CHUNK_BYTES} bytes (got {request.chunk_size})")
+        if request.offset < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offset must be >= 0 (got {request.offset})")
         try:
             return self.publisher.packed(request.version, request.dtype or "fp32")
         except WeightsUnavailable as exc:
@@ -173,7 +205,10 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
                  tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = 32, run=None,
                  total_steps: int = 0) -> tuple[grpc.Server, int]:
     """A started server; returns (server, bound port). With ``coord`` None it serves as starting
-    until ``server.dcmdp_service.attach(coord, publisher)``."""
+    until ``server.dcmdp_service.attach(coord, publisher)``. Its receive limit is
+    :func:`submission_bytes` of ``run`` (at least 4 MiB); at most ``max_workers // 2`` lease
+    requests long-poll at once (the rest are answered at once); ``dcmdp.transport.channel`` sets
+    the other limits."""
 
     def rejected(method: str, reason: str) -> None:
         if runtime:
@@ -181,8 +216,14 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
         if log:
             log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
 
-    server = make_server(token, max_workers=max_workers, on_reject=rejected)
-    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log)
+    receive = SERVER_RECEIVE_BYTES
+    if run is not None:
+        receive = min(max(receive, submission_bytes(run)), MAX_MESSAGE_BYTES)
+    workers = sum(p.replicas for p in run.spec.rollout.pools) if run is not None else 0
+    server = make_server(token, max_workers=max_workers, on_reject=rejected, max_receive=receive,
+                         max_concurrent_rpcs=4 * (max_workers + workers))
+    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log,
+                             long_poll_slots=max(1, max_workers // 2))
     dcmdp_pb2_grpc.add_TrainerServicer_to_server(service, server)
     bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
     server.start()

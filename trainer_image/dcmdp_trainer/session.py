@@ -70,7 +70,7 @@ class NonFiniteWeights(RuntimeError):
 class Session:
     def __init__(self, run: DCMDPRun, out_dir: Path, *, resume: bool = False, steps: Optional[int] = None,
                  prometheus: Optional[PrometheusSink] = None, threads: int = 0,
-                 learner_factory: Optional[Callable[..., Learner]] = None):
+                 learner_factory: Optional[Callable[..., Learner]] = None, serve_lags: bool = False):
         quiet_transformers()
         if threads:
             torch.set_num_threads(threads)
@@ -93,6 +93,16 @@ class Session:
         self.dropped_prompts = self._check_lengths()
         self.pools = [p.name for p in self.spec.rollout.pools]
         self.max_lag = max([p.lag for p in self.spec.rollout.pools] + [self.spec.algorithm.max_staleness])
+        # versions kept besides the current one: what a feature needs, nothing more (docs/runtime.md,
+        # "Trainer memory"): δ against the sampled version needs every version a rollout may come from;
+        # the in-process runner (serve_lags) serves its lagged pools from here; the gRPC runtime's
+        # weight publisher keeps what workers may still fetch itself
+        older = 0
+        if self.spec.algorithm.discrepancy_reference == "sampled":
+            older = self.max_lag
+        if serve_lags:
+            older = max(older, max(p.lag for p in self.spec.rollout.pools))
+        self.keep_versions = 1 + older
         self.history: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
         self.step = 0
         self.version = 0
@@ -150,12 +160,12 @@ class Session:
 
     # -- weights -------------------------------------------------------------------------------
     def _publish(self) -> None:
-        """Snapshot the current weights as ``self.version``; keep as many as lags need.
+        """Snapshot the current weights (on the CPU) as ``self.version``; keep ``keep_versions``.
 
         Raises :class:`NonFiniteWeights` (naming a tensor) when any weight is NaN or inf."""
         state = self._finite_weights()
-        self.history[self.version] = {k: v.detach().clone() for k, v in state.items()}
-        while len(self.history) > self.max_lag + 1:
+        self.history[self.version] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        while len(self.history) > self.keep_versions:
             self.history.popitem(last=False)
 
     def _finite_weights(self) -> dict[str, torch.Tensor]:
@@ -168,6 +178,7 @@ class Session:
         return state
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
+        """The CPU snapshot of ``version`` (never changed afterwards), or the oldest kept."""
         if version not in self.history:
             version = min(self.history)  # the oldest we still have
         return self.history[version]

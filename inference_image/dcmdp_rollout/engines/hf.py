@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from dcmdp.device import resolve_device
 from dcmdp.engine import EngineError, Sample, SamplingParams
 from dcmdp.generation import sample
 
@@ -36,7 +37,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, precision: str = "fp32", noise: float = 0.0, seed: int = 0,
-                 threads: int = 0, **_: object):
+                 threads: int = 0, device: str = "cpu", **_: object):
         from transformers import AutoModelForCausalLM
 
         from dcmdp.models.tokenizer import load_tokenizer
@@ -45,9 +46,13 @@ class HFEngine:
             raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8)")
         if threads:
             torch.set_num_threads(threads)
+        self.device = resolve_device(device, "spec.rollout.pools[].device")
+        if precision == "int8" and self.device.type != "cpu":
+            raise EngineError("hf engine: int8 (torch dynamic quantisation) runs on the CPU only: "
+                              "set the pool's device: cpu, or precision fp8/bf16")
         self.precision, self.noise, self.seed = precision, float(noise), seed
         self.tokenizer = load_tokenizer(model_dir)
-        self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(self.device)
         self.version = 0
         self.model = self._serving_model()
 
@@ -77,7 +82,7 @@ class HFEngine:
         self.version = version
 
     def generate(self, prompts: list[list[int]], indices: list[int], params: SamplingParams) -> list[Sample]:
-        gen = torch.Generator().manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
+        gen = torch.Generator(device=self.device).manual_seed(int(params.seed) & 0x7FFFFFFFFFFFFFFF)
         out = sample(self.model, prompts, n=params.n, max_new_tokens=params.max_new_tokens,
                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                      temperature=params.temperature, noise=self.noise, generator=gen)
