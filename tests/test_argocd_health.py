@@ -76,6 +76,8 @@ def test_statuses_from_the_operator() -> None:
         ("Failed", "False", "BackoffLimitExceeded", "Degraded"),
         ("Running", "False", "SpecChangeRefused", "Degraded"),
         ("Pending", "False", "InvalidSpec", "Degraded"),
+        ("Pending", "False", "ChildRejected", "Degraded"),
+        ("Running", "False", "ReconcileError", "Progressing"),
         ("Exploding", "False", "Whatever", "Unknown"),
     ],
 )

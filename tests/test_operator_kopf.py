@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import time
 
 import pytest
 from kopf.testing import KopfRunner
@@ -295,3 +296,44 @@ def test_an_invalid_run_is_refused_by_the_api_with_the_field_named(env):
     with pytest.raises(AssertionError, match=r"HTTP 422.*lambdaInit"):
         env.kube.create("DCMDPRun", NS, manifest("iota", algorithm={"constraint": {"lambdaInit": 5.0, "lambdaMax": 1.0}}))
     assert env.kube.get("DCMDPRun", NS, "iota") is None and env.kube.children(NS, "iota") == {}
+
+
+def test_a_child_the_api_server_refuses_reaches_status_with_a_backoff(env):
+    """A stricter API server (or a webhook) answers 422 for one pool's Deployment: the run says
+    which child and why (condition + Warning Event), the other children exist, and the operator
+    retries with a growing delay instead of a hot loop."""
+
+    def refuse(kind: str, obj: dict) -> list:
+        if kind == "Deployment" and obj["metadata"]["name"] == "kappa-rollout-bad":
+            return [("spec.template.spec.containers[0].resources.limits", "Invalid value: a webhook says no")]
+        return []
+
+    env.emu.emulator.rejections.append(refuse)
+    try:
+        env.kube.create("DCMDPRun", NS, manifest("kappa", rollout={"pools": [{"name": "ok"}, {"name": "bad"}]}))
+        st = wait_for(lambda: (s := run_status(env, "kappa")) and cond(s, "Ready")["reason"] == "ChildRejected" and s,
+                      what="ChildRejected")
+        msg = cond(st, "Ready")["message"]
+        assert "Deployment kappa-rollout-bad" in msg and "HTTP 422" in msg and "resources.limits" in msg
+        assert st["phase"] != "Failed"  # it may still be fixed (by the admin, or a spec change)
+        assert wait_for(lambda: ("Warning", "ChildRejected") in events_of(env, "kappa"), what="the Event")
+        assert ("Deployment", "kappa-rollout-ok") in env.kube.children(NS, "kappa")
+        # back-off: poll period 0.25 s; without it ~12 attempts in 3 s
+        first = post_counts(env, "kappa-rollout-bad").get("deployments", 0)
+        time.sleep(3.0)
+        tries = post_counts(env, "kappa-rollout-bad").get("deployments", 0) - first
+        assert 1 <= tries <= 5, tries
+    finally:
+        env.emu.emulator.rejections.remove(refuse)
+    # the refusal lifted: the child is created and the error clears
+    st = wait_for(lambda: (s := run_status(env, "kappa")) and cond(s, "Ready")["reason"] != "ChildRejected" and s,
+                  timeout=20, what="recovered")
+    assert ("Deployment", "kappa-rollout-bad") in env.kube.children(NS, "kappa")
+
+
+def test_the_api_server_refuses_an_escalating_run_naming_the_field(env):
+    body = manifest("mu", trainer={"template": {"spec": {"hostPID": True, "volumes": [{"name": "r", "hostPath": {"path": "/"}}]}}})
+    with pytest.raises(AssertionError, match="HTTP 422") as err:
+        env.kube.create("DCMDPRun", NS, body)
+    assert "spec.trainer.template.spec.hostPID" in str(err.value)
+    assert env.kube.get("DCMDPRun", NS, "mu") is None and not env.kube.children(NS, "mu")

@@ -63,6 +63,9 @@ def _phase(
     prev = previous.get("phase")
     if prev in TERMINAL_PHASES and previous.get("reason") != "InvalidSpec":  # a fixed spec can still run
         return prev, previous.get("reason") or prev, previous.get("message") or ""
+    if obs.error is not None and obs.error[0] == "ReconcileError":
+        # Nothing was observed: the phase stays what it was; Ready carries the error.
+        return prev or "Pending", previous.get("reason") or "ReconcileError", previous.get("message") or obs.error[1]
     if obs.error is not None and (run is None or obs.error[0] == "InvalidSpec"):
         return "Failed", obs.error[0], obs.error[1]
     assert run is not None
@@ -214,6 +217,14 @@ def transitions(previous: Optional[dict[str, Any]], new: dict[str, Any]) -> list
     if previous.get("phase") != new["phase"]:
         kind = "Warning" if new["phase"] == "Failed" else "Normal"
         out.append((kind, new["phase"], new.get("message") or new["phase"]))
+    # An error the operator cannot get past (a child the API server refuses, a reconcile that
+    # failed): a Warning naming the cause, again whenever the cause changes.
+    ready = next((c for c in new.get("conditions") or [] if c.get("type") == "Ready"), {})
+    old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    if ready.get("reason") in ("ChildRejected", "ReconcileError", "ChildConflict") and (
+        (ready.get("reason"), ready.get("message")) != (old_ready.get("reason"), old_ready.get("message"))
+    ):
+        out.append(("Warning", ready["reason"], ready.get("message") or ready["reason"]))
     old_refused = previous.get("refusedChanges") or []
     if new.get("refusedChanges") and new["refusedChanges"] != old_refused:
         out.append(("Warning", "SpecChangeRefused", f"refused changes to {', '.join(new['refusedChanges'])}"))
