@@ -252,7 +252,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., weight_version: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("header", "run_name", "phase", "step", "total_steps", "weight_version", "reward_mean", "prob_diff_mean", "tolerance", "pools", "queue_depth", "leases_outstanding", "leases_expired", "rollouts_dropped_stale", "workers", "finished", "message", "checkpoint_step", "eval_accuracy", "updated_unix_ms")
+    __slots__ = ("header", "run_name", "phase", "step", "total_steps", "weight_version", "reward_mean", "prob_diff_mean", "run_lambda", "tolerance", "pools", "queue_depth", "leases_outstanding", "leases_expired", "rollouts_dropped_stale", "workers", "finished", "message", "checkpoint_step", "eval_accuracy", "updated_unix_ms")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -261,7 +261,7 @@ class Status(_message.Message):
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
     PROB_DIFF_MEAN_FIELD_NUMBER: _ClassVar[int]
-    LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    RUN_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,7 @@ class Status(_message.Message):
     weight_version: int
     reward_mean: float
     prob_diff_mean: float
+    run_lambda: float
     tolerance: float
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     queue_depth: int
@@ -294,4 +295,4 @@ class Status(_message.Message):
     checkpoint_step: int
     eval_accuracy: float
     updated_unix_ms: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_name: _Optional[str] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., weight_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., prob_diff_mean: _Optional[float] = ..., tolerance: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., finished: _Optional[bool] = ..., message: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., updated_unix_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_name: _Optional[str] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., weight_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., prob_diff_mean: _Optional[float] = ..., run_lambda: _Optional[float] = ..., tolerance: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., finished: _Optional[bool] = ..., message: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...

@@ -250,10 +250,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         snap = self.coord.snapshot()
         pools = [pb.PoolStatus(**p) for p in snap.pop("pools")]
         workers = [pb.WorkerInfo(**w) for w in snap.pop("workers")]
-        lam = snap.pop("lambda")
-        msg = pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
-        setattr(msg, "lambda", lam)
-        return msg
+        # None (not known yet) leaves an optional field unset: absent on the wire
+        return pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
 
 
 def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublisher], token: str, *,
