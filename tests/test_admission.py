@@ -100,7 +100,8 @@ def test_validate_status() -> None:
         "observedGeneration": 3,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Training", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
         "step": 10,
-        "lambda": 0.3,
+        "runLambda": 0.3,
+        "lambdas": "bf16=0.2",
         "pools": [{"name": "bf16", "probDiffMean": 0.001, "lambda": 0.2, "tokens": 100, "workers": 2}],
         "futureField": {"kept": True},
     }

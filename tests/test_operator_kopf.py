@@ -185,16 +185,17 @@ def test_status_and_printer_columns_follow_the_trainer(env):
     token = token_of(env, "gamma")
     env.trainer.statuses[token] = {
         "phase": "Running", "step": 3, "total_steps": 40, "weight_version": 3, "reward_mean": 0.125,
-        "prob_diff_mean": 0.0042, "lambda": 0.3, "tolerance": 0.0037, "checkpoint_step": 0,
+        "prob_diff_mean": 0.0042, "run_lambda": 0.3, "tolerance": 0.0037, "checkpoint_step": 0,
         "pools": [{"name": "bf16", "prob_diff_mean": 0.0042, "lambda": 0.3, "tolerance": 0.0037, "tokens": 512, "workers": 2}],
     }
     start_trainer_pods(env, "gamma")
     st = wait_for(lambda: (s := run_status(env, "gamma")).get("step") == 3 and cond(s, "Ready")["status"] == "True" and s,
                   what="Running and Ready")
     assert st["phase"] == "Running" and st["progress"] == "3/40"
-    assert (st["reward"], st["probDiffMean"], st["lambda"], st["tolerance"], st["weightVersion"]) == (0.125, 0.0042, 0.3, 0.0037, 3)
+    assert (st["reward"], st["probDiffMean"], st["runLambda"], st["tolerance"], st["weightVersion"]) == (0.125, 0.0042, 0.3, 0.0037, 3)
+    assert st["lambdas"] == "bf16=0.3"
     assert st["pools"] == [{"name": "bf16", "replicas": 2, "readyReplicas": 2, "probDiffMean": 0.0042, "lambda": 0.3,
-                            "tolerance": 0.0037, "tokens": 512, "workers": 2, "reward": 0.0}]
+                            "tolerance": 0.0037, "tokens": 512, "workers": 2}]  # reward not reported: absent
     # the CRD's printer columns (if the CRD module is there) read these fields
     try:
         from dcmdp.crd import PRINTER_COLUMNS
@@ -206,9 +207,9 @@ def test_status_and_printer_columns_follow_the_trainer(env):
             assert obj["status"].get(col["jsonPath"].split(".")[2]) is not None, col
     ready_since = cond(st, "Ready")["lastTransitionTime"]
 
-    env.trainer.statuses[token] = {**env.trainer.statuses[token], "step": 9, "lambda": 0.7, "prob_diff_mean": 0.006}
+    env.trainer.statuses[token] = {**env.trainer.statuses[token], "step": 9, "run_lambda": 0.7, "prob_diff_mean": 0.006}
     st = wait_for(lambda: (s := run_status(env, "gamma")).get("step") == 9 and s, what="step 9")
-    assert st["lambda"] == 0.7 and st["probDiffMean"] == 0.006 and st["progress"] == "9/40"
+    assert st["runLambda"] == 0.7 and st["probDiffMean"] == 0.006 and st["progress"] == "9/40"
     assert cond(st, "Ready")["lastTransitionTime"] == ready_since  # still Ready: no transition
 
     del env.trainer.statuses[token]  # the trainer stops answering (UNAUTHENTICATED here)

@@ -31,8 +31,8 @@ local function progress(status)
   if status.probDiffMean ~= nil then
     table.insert(parts, string.format("discrepancy %.3g", status.probDiffMean))
   end
-  if status["lambda"] ~= nil then
-    table.insert(parts, string.format("lambda %.3g", status["lambda"]))
+  if status.lambdas ~= nil then
+    table.insert(parts, "lambda " .. status.lambdas)
   end
   return table.concat(parts, ", ")
 end

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dcmdp.transport.tensors import wire_dtype
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = spec.trainer.threads or default)")
     ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
+    ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
+                    help="how weights reach workers: a torch.distributed broadcast (gloo/NCCL; not under TLS) "
+                         "with the gRPC stream as fallback, or the gRPC stream only")
     ap.add_argument("--linger", type=float, default=10.0, help="seconds to wait for workers to hear the run ended")
     return ap
 
@@ -114,10 +119,13 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         raise
     try:
         tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
-        publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
+        publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
+                                    dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
-        server.dcmdp_service.attach(coord, publisher)
+        # gloo has no TLS: under TLS the weights stay on the gRPC stream
+        collective = args.data_plane == "collective" and not args.tls_cert
+        server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
         log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                               "version": session.version, "resumed": resume,
                                               "tls": bool(args.tls_cert), "out": str(out)}})
