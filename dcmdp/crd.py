@@ -27,7 +27,8 @@ How the pydantic model becomes a *structural* ``openAPIV3Schema`` (what kube-api
 * Each model class's ``CEL`` rules (in ``dcmdp/spec.py``, beside the Python validator that
   enforces the same rule) become ``x-kubernetes-validations`` on that object.
 * ``rollout.pools`` is a ``map`` list keyed by ``name`` (server-side apply merges pools by name,
-  and the API server itself rejects a repeated name).
+  and the API server itself rejects a repeated name). Its items carry no defaults (GitOps: a
+  client-side diff sees a list whole); the spec model fills them in.
 * ``status`` has its own schema, from :class:`dcmdp.status.RunStatus`: what the operator writes.
 """
 
@@ -245,7 +246,19 @@ def _spec_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     pools = spec["properties"]["rollout"]["properties"]["pools"]
     pools["x-kubernetes-list-type"] = "map"
     pools["x-kubernetes-list-map-keys"] = ["name"]
+    # No defaults inside list items: a client-side diff (kubectl, Argo CD's default) replaces a
+    # list whole, so a default the API server added inside a pool would show as drift forever.
+    # The spec model fills them in (the operator and `dcmdp run` read runs through it).
+    pools["items"] = _without_defaults(pools["items"])
     return spec
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
 
 
 def _status_schema() -> dict[str, Any]:
