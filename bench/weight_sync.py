@@ -1,154 +1,240 @@
-"""Weight streaming trainer → worker over loopback: gRPC (the real path) vs a raw TCP socket.
+"""Weight sync trainer → workers over loopback: the collective data plane vs raw TCP, same bytes.
 
-The trainer side is the real gRPC trainer service (``dcmdp_trainer.server``) with a synthetic fp32
-snapshot of ``--mib`` MiB published in its weight publisher; the worker side is a separate process
-running the real fetch (``dcmdp_rollout.weights.fetch_weights``: manifest, 4 MiB chunks, crc32 of
-every chunk, sha256 of the whole, tensors unpacked). The baseline is the same process pair sending
-the same packed bytes over a plain TCP socket (``sendall`` / ``recv_into``, no checks). Both are run
-``--repeats`` times, alternating, and the best of each is compared: goal gRPC / TCP ≥ 0.8.
+For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32) and worker count (1 and 2):
 
-Second figure: bytes on the wire for a bf16 pool of an fp32 trainer, with the trainer's cast
-(the pool asks for bf16) vs without (the pool takes fp32 and would cast itself): goal ≤ 0.5.
+* **data plane**: the real trainer service with its broadcast hub (``dcmdp_trainer.broadcast``):
+  worker processes call ``JoinBroadcast`` and run the real receive
+  (``dcmdp_rollout.weights.receive_broadcast``: gloo broadcast into two bucket buffers, crc32 of
+  every bucket checked, tensors assembled) into a sink that drops them; the trainer fills every
+  bucket straight from the snapshot (no packed copy) while the previous one is on the wire;
+* **raw TCP**: the same number of worker processes each reading the same number of bytes from a
+  plain socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into``, no checks).
 
-    .venv/bin/python bench/weight_sync.py [--mib 256] [--repeats 3] [--chunk-mib 4]
+Time = first byte asked for → last worker done (wall clock of the processes on one machine).
+Runs alternate, best of ``--repeats`` each. Also measured during the data-plane runs: the
+trainer's CPU seconds (user + sys of its process) per GiB delivered, and its extra resident memory
+(peak RSS over the RSS before the sync, sampled every 5 ms) in buckets. The bytes ratios are the
+wire bytes of an int8 and a bf16 pool (wire dtype bf16) over those of an fp32 pool, from the
+manifests the trainer serves.
 
-Last line: one JSON object.
+    .venv/bin/python bench/weight_sync.py [--mib 256 1024] [--workers 1 2] [--repeats 2] [--bucket-mib 4]
+
+Last line: one JSON object (``transfer_over_tcp`` is the worst over sizes and worker counts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-CLIENT = textwrap.dedent('''
+WORKER = textwrap.dedent('''
     import json, socket, sys, time
-    import grpc
-    import torch  # loaded in a worker anyway: not part of the transfer time
+    import torch
     from dcmdp.proto import dcmdp_pb2 as pb, dcmdp_pb2_grpc
     from dcmdp.transport.channel import open_channel
-    from dcmdp_rollout.weights import fetch_weights
-    mode, port, token, version, dtype, chunk = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-    if mode == "grpc":
-        stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", token))
-        stub.GetStatus(pb.StatusRequest(), timeout=30)  # connect first: time the transfer only
-        t0 = time.perf_counter()
-        tensors, st = fetch_weights(stub, pb.Header(pool="bench", worker_id="bench"), version, dtype, chunk_size=chunk)
-        dt = time.perf_counter() - t0
-        print(json.dumps({"seconds": dt, "bytes": st.bytes, "total": st.total_bytes, "tensors": len(tensors)}))
-    else:
-        total = int(sys.argv[7])
+    from dcmdp_rollout.weights import receive_broadcast
+    mode, port, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if mode == "tcp":
+        n = int(arg)
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
         s = socket.create_connection(("127.0.0.1", port))
-        buf = bytearray(total); view = memoryview(buf); got = 0
-        s.sendall(b"go")
-        t0 = time.perf_counter()
-        while got < total:
-            n = s.recv_into(view[got:], min(chunk, total - got))
-            if not n:
+        t0, got = time.time(), 0
+        while got < n:
+            k = s.recv_into(view[:min(len(buf), n - got)])
+            if not k:
                 raise SystemExit("short read")
-            got += n
-        dt = time.perf_counter() - t0
-        print(json.dumps({"seconds": dt, "bytes": got, "total": total}))
+            got += k
+        print(json.dumps({"start": t0, "end": time.time(), "bytes": got}))
+    else:
+        stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", arg))
+        h = pb.Header(pool="bench", worker_id="w")
+        t0 = time.time()
+        ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=1, dtype="fp32"), timeout=120)
+        t1 = time.time()
+        _, st = receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda pairs: None)
+        assert st.crc_errors == 0 and st.refetched == 0 and st.broadcast_bytes == st.total_bytes, st
+        print(json.dumps({"start": t1, "joined_s": t1 - t0, "end": time.time(), "bytes": st.bytes}))
 ''')
 
 
-def tcp_server(data: bytes, chunk: int) -> tuple[socket.socket, threading.Thread]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(2)
-                view = memoryview(data)
-                for start in range(0, len(data), chunk):
-                    conn.sendall(view[start:start + chunk])
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return srv, t
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def client(script: Path, *args) -> dict:
-    out = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise SystemExit(f"client failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class PeakRss:
+    def __init__(self):
+        self.base = rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak - self.base
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def workers(script: Path, args: list[list[str]], env) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, str(script), *a], stdout=subprocess.PIPE, env=env) for a in args]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[dict]:
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=600)
+        if p.returncode:
+            raise SystemExit(f"bench worker failed (exit {p.returncode})")
+        out.append(json.loads(stdout.decode().strip().splitlines()[-1]))
+    return out
+
+
+def run_tcp(script: Path, data: bytes, n_workers: int, env) -> float:
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.listen(n_workers)
+    procs = workers(script, [["tcp", str(srv.getsockname()[1]), str(len(data))]] * n_workers, env)
+
+    def send(conn):
+        with conn:
+            conn.sendall(data)
+
+    threads = []
+    for _ in range(n_workers):
+        conn, _ = srv.accept()
+        threads.append(threading.Thread(target=send, args=(conn,)))
+        threads[-1].start()
+    res = finish(procs)
+    for t in threads:
+        t.join()
+    srv.close()
+    return max(r["end"] for r in res) - min(r["start"] for r in res)
+
+
+def run_dataplane(script: Path, port: int, token: str, n_workers: int, env, hub) -> tuple[float, float, int]:
+    """(seconds, trainer cpu seconds, extra trainer RSS bytes)."""
+    before = len(hub.results)
+    peak = PeakRss()
+    c0 = cpu_s()
+    procs = workers(script, [["dataplane", str(port), token]] * n_workers, env)
+    res = finish(procs)
+    while len(hub.results) == before:
+        time.sleep(0.01)
+    cpu = cpu_s() - c0
+    extra = peak.stop()
+    r = hub.results[-1]
+    if r.error or r.world_size != n_workers + 1:
+        raise SystemExit(f"broadcast round failed: {r}")
+    return max(x["end"] for x in res) - min(x["start"] for x in res), cpu, extra
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mib", type=int, default=256, help="size of the fp32 snapshot")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk-mib", type=int, default=4)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, nargs="+", default=[256, 1024], help="fp32 snapshot sizes")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--bucket-mib", type=int, default=4)
     args = ap.parse_args()
 
     import torch
 
+    from dcmdp_trainer.broadcast import BroadcastHub
     from dcmdp_trainer.coordinator import Coordinator
     from dcmdp_trainer.server import start_server
     from dcmdp_trainer.session import Session
     from dcmdp_trainer.weights import WeightPublisher
     from runtime_helpers import tiny_run
 
-    chunk = args.chunk_mib << 20
+    torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="dcmdp-bench-"))
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     session = Session(tiny_run(model={"warmStart": {"steps": 0}}), tmp / "run", threads=1)
-    # a synthetic snapshot: 16 tensors of fp32, --mib MiB in all
-    n = (args.mib << 20) // 4 // 16
-    g = torch.Generator().manual_seed(0)
-    big = {f"layer{i}.weight": torch.randn(n, generator=g) for i in range(16)}
-    publisher = WeightPublisher(keep=2)
-    publisher.publish(0, session.weights(0))
-    publisher.publish(1, big)
     token = "bench-token"
-    server, port = start_server(Coordinator(session, publisher), publisher, token)
-    packed32 = publisher.packed(1, "fp32")
-    publisher.packed(1, "bf16")  # both casts built before timing
-    srv, _ = tcp_server(bytes(packed32.data), chunk)
-    script = tmp / "client.py"
-    script.write_text(CLIENT)
+    bucket = args.bucket_mib << 20
+    rows, ratios, cpu_per_gib, extra_buckets = [], [], [], []
+    ratio_bf16 = ratio_int8 = None
+    for mib in args.mib:
+        n = (mib << 20) // 4 // 16
+        g = torch.Generator().manual_seed(0)
+        big = {f"layer{i}.weight": torch.randn(n, generator=g) for i in range(16)}  # 16 fp32 tensors
+        publisher = WeightPublisher(keep=2, bucket_bytes=bucket)
+        publisher.publish(0, session.weights(0))
+        publisher.publish(1, big)
+        coord = Coordinator(session, publisher)
+        expect = {"n": 1}
+        hub = BroadcastHub(publisher, "127.0.0.1", gather_s=30.0, expected=lambda dtype: expect["n"])
+        server, port = start_server(coord, publisher, token, hub=hub)
+        prep = publisher.prepared(1, "fp32")
+        for i in range(prep.layout.buckets):  # the crcs, as the first broadcast of a version computes them
+            publisher.bucket(prep, i, torch.empty(bucket, dtype=torch.uint8))
+        if ratio_bf16 is None:
+            from dcmdp.proto import dcmdp_pb2 as pb
+            from dcmdp.transport.tensors import wire_dtype
 
-    grpc_runs, tcp_runs = [], []
-    for _ in range(args.repeats):
-        grpc_runs.append(client(script, "grpc", port, token, 1, "fp32", chunk))
-        tcp_runs.append(client(script, "tcp", srv.getsockname()[1], token, 1, "fp32", chunk, packed32.total_bytes))
-    bf16 = client(script, "grpc", port, token, 1, "bf16", chunk)
-    server.stop(grace=None)
-    srv.close()
+            svc = server.dcmdp_service
+            fp32 = svc._manifest(pb.Header(), publisher.prepared(1, "fp32")).total_bytes
+            ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "bf16"))).total_bytes / fp32
+            ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "int8"))).total_bytes / fp32
+        data = bytes(prep.layout.total_bytes)  # the raw-TCP side sends ready-made bytes of the same size
+        gib = prep.layout.total_bytes / (1 << 30)
+        for w in args.workers:
+            expect["n"] = w
+            dp, tcp, cpus, extras = [], [], [], []
+            for _ in range(args.repeats):
+                s, c, x = run_dataplane(script, port, token, w, env, hub)
+                dp.append(s)
+                cpus.append(c / (gib * w))
+                extras.append(x / bucket)
+                tcp.append(run_tcp(script, data, w, env))
+            ratio = min(tcp) / min(dp)
+            ratios.append(ratio)
+            cpu_per_gib.append(min(cpus))
+            extra_buckets.append(max(extras))
+            row = {"mib": mib, "workers": w, "dataplane_gib_s": round(gib * w / min(dp), 3),
+                   "tcp_gib_s": round(gib * w / min(tcp), 3), "transfer_over_tcp": round(ratio, 3),
+                   "trainer_cpu_s_per_gib": round(min(cpus), 3), "extra_mem_buckets": round(max(extras), 2)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        server.stop(grace=None)
+        del big, publisher, hub, data
     session.metrics.close()
-
-    gib = packed32.total_bytes / (1 << 30)
-    best_grpc = min(r["seconds"] for r in grpc_runs)
-    best_tcp = min(r["seconds"] for r in tcp_runs)
-    for name, runs in (("grpc", grpc_runs), ("tcp", tcp_runs)):
-        print(f"{name:5s} " + "  ".join(f"{gib / r['seconds']:.2f} GiB/s" for r in runs), file=sys.stderr)
     result = {
-        "snapshot_mib": round(packed32.total_bytes / (1 << 20), 1),
-        "chunk_mib": args.chunk_mib,
-        "grpc_gib_s": round(gib / best_grpc, 3),
-        "tcp_gib_s": round(gib / best_tcp, 3),
-        "grpc_over_tcp": round(best_tcp / best_grpc, 3),
-        "bytes_fp32_uncast": grpc_runs[0]["bytes"],
-        "bytes_bf16_cast": bf16["bytes"],
-        "cast_bytes_ratio": round(bf16["bytes"] / grpc_runs[0]["bytes"], 4),
-        "goals_met": {"throughput_ratio>=0.8": best_tcp / best_grpc >= 0.8,
-                      "bytes_ratio<=0.5": bf16["bytes"] / grpc_runs[0]["bytes"] <= 0.5},
+        "bucket_mib": args.bucket_mib,
+        "rows": rows,
+        "transfer_over_tcp": round(min(ratios), 3),
+        "cpu_s_per_gib": round(max(cpu_per_gib), 3),
+        "extra_mem_buckets": round(max(extra_buckets), 2),
+        "bytes_ratio_int8": round(ratio_int8, 4),
+        "bytes_ratio_bf16": round(ratio_bf16, 4),
     }
+    result["goals_met"] = {"transfer_over_tcp>=0.8": result["transfer_over_tcp"] >= 0.8,
+                           "extra_mem_buckets<=2": result["extra_mem_buckets"] <= 2,
+                           "bytes_ratios<=0.5": max(ratio_int8, ratio_bf16) <= 0.5}
     print(json.dumps(result))
 
 

@@ -27,8 +27,9 @@ How the pydantic model becomes a *structural* ``openAPIV3Schema`` (what kube-api
 * Each model class's ``CEL`` rules (in ``dcmdp/spec.py``, beside the Python validator that
   enforces the same rule) become ``x-kubernetes-validations`` on that object.
 * ``rollout.pools`` is a ``map`` list keyed by ``name`` (server-side apply merges pools by name,
-  and the API server itself rejects a repeated name).
-* ``status`` has its own schema, from :class:`RunStatus` below: what the operator writes.
+  and the API server itself rejects a repeated name). Its items carry no defaults (GitOps: a
+  client-side diff sees a list whole); the spec model fills them in.
+* ``status`` has its own schema, from :class:`dcmdp.status.RunStatus`: what the operator writes.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel
 
 from dcmdp import names, podsecurity
 from dcmdp import spec as S
+from dcmdp.status import RunStatus
 
 GROUP = S.API_GROUP
 VERSION = S.API_VERSION.split("/", 1)[1]
@@ -63,67 +64,6 @@ OUTPUTS = (REPO / "crds" / FILENAME, REPO / "helm" / "dcmdp" / "crds" / FILENAME
 # kube-apiserver's CEL cost estimator needs bounds on lists that rules iterate over.
 _MAX_CORRECTIONS = len(S.Correction.__args__)  # unique values of a 3-value enum
 
-
-# ------------------------------------------------------------------------------------ status
-class StatusModel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
-
-
-class Condition(StatusModel):
-    """A kstatus-compatible condition (the shape of metav1.Condition)."""
-
-    type: str = Field(..., min_length=1, max_length=316)
-    status: Literal["True", "False", "Unknown"]
-    reason: Optional[str] = Field(None, max_length=1024)
-    message: Optional[str] = Field(None, max_length=32_768)
-    last_transition_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
-    observed_generation: Optional[int] = Field(None, ge=0)
-
-
-class PoolStatus(StatusModel):
-    """One rollout pool as the trainer sees it."""
-
-    name: str = Field(..., min_length=1)
-    prob_diff_mean: Optional[float] = Field(None, description="δ̄ = mean |p_train − p_inf| of the last step.")
-    # ``lambda`` is a Python keyword: the field is ``lambda_`` with the alias ``lambda``.
-    lambda_: Optional[float] = Field(None, alias="lambda", description="The pool's Lagrange multiplier λ.")
-    tolerance: Optional[float] = Field(None, description="The pool's resolved c (after auto calibration).")
-    tokens: Optional[int] = Field(None, ge=0, description="Response tokens received from the pool.")
-    workers: Optional[int] = Field(None, ge=0, description="Workers of the pool holding a lease.")
-    reward: Optional[float] = Field(None, description="Mean reward of the pool's rollouts.")
-    replicas: Optional[int] = Field(None, ge=0, description="Desired replicas of the pool's Deployment.")
-    ready_replicas: Optional[int] = Field(None, ge=0)
-
-
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
-
-
-class RunStatus(StatusModel):
-    """Written by the operator only; the spec is never written by it (GitOps safe)."""
-
-    phase: Optional[str] = Field(None, description=f"One of {', '.join(PHASES)}.")
-    reason: Optional[str] = Field(None, description="Why the run is in its phase (CamelCase).")
-    message: Optional[str] = None
-    observed_generation: Optional[int] = Field(None, ge=0)
-    conditions: list[Condition] = Field(default_factory=list)
-    step: Optional[int] = Field(None, ge=0, description="Last finished training step.")
-    total_steps: Optional[int] = Field(None, ge=0)
-    weight_version: Optional[int] = Field(None, ge=0, description="Weight version the trainer publishes.")
-    reward: Optional[float] = Field(None, description="Mean reward of the last step.")
-    prob_diff_mean: Optional[float] = Field(None, description="δ̄ of the last step, over all pools.")
-    lambda_: Optional[float] = Field(None, alias="lambda", description="λ (mean over pools).")
-    tolerance: Optional[float] = Field(None, description="c in force (after auto calibration).")
-    pools: list[PoolStatus] = Field(default_factory=list)
-    restarts: Optional[int] = Field(None, ge=0, description="Trainer restarts counted by the failure policy.")
-    checkpoint_step: Optional[int] = Field(None, ge=0, description="Step of the newest checkpoint.")
-    progress: Optional[str] = Field(None, description="step/totalSteps, for humans.")
-    eval_accuracy: Optional[float] = Field(None, description="Held-out accuracy of the last evaluation.")
-    trainer_reachable: Optional[bool] = Field(None, description="Whether the trainer's status RPC answered.")
-    last_trainer_update: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
-    refused_changes: Optional[list[str]] = Field(None, description="Spec fields that cannot change on a live run.")
-    start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
-    completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"})
 
 
 # ---------------------------------------------------------------------------- schema builder
@@ -306,7 +246,19 @@ def _spec_schema(allow: frozenset[str] = frozenset()) -> dict[str, Any]:
     pools = spec["properties"]["rollout"]["properties"]["pools"]
     pools["x-kubernetes-list-type"] = "map"
     pools["x-kubernetes-list-map-keys"] = ["name"]
+    # No defaults inside list items: a client-side diff (kubectl, Argo CD's default) replaces a
+    # list whole, so a default the API server added inside a pool would show as drift forever.
+    # The spec model fills them in (the operator and `dcmdp run` read runs through it).
+    pools["items"] = _without_defaults(pools["items"])
     return spec
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
 
 
 def _status_schema() -> dict[str, Any]:
@@ -384,7 +336,8 @@ PRINTER_COLUMNS = [
     {"name": "Reward", "type": "number", "jsonPath": ".status.reward"},
     {"name": "Discrepancy", "type": "number", "jsonPath": ".status.probDiffMean",
      "description": "δ̄ = mean |p_train − p_inf| of the last step"},
-    {"name": "Lambda", "type": "number", "jsonPath": ".status.lambda", "description": "Lagrange multiplier λ"},
+    {"name": "Lambdas", "type": "string", "jsonPath": ".status.lambdas",
+     "description": "each pool's applied Lagrange multiplier λ (pool=λ)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Tolerance", "type": "number", "jsonPath": ".status.tolerance", "priority": 1},
     {"name": "Weights", "type": "integer", "jsonPath": ".status.weightVersion", "priority": 1},

@@ -1,10 +1,8 @@
 """Metric names and sinks: metrics.jsonl, TensorBoard event files, Prometheus gauges.
 
-The key names are one contract across every sink and the CRD status: ``step``, ``reward/mean``,
-``discrepancy/prob_diff_mean`` (δ̄), ``discrepancy/prob_diff_max``,
-``discrepancy/logprob_abs_diff_mean``, ``discrepancy/k3_kl``, ``constraint/lambda`` (the λ applied
-in the step), ``constraint/tolerance`` (c; null while ``auto`` calibrates), ``loss/policy``,
-``loss/constraint``, ``time/step_s`` and, per rollout pool, ``pool/<name>/<key>``. Prometheus
+The key names are one contract across every sink; docs/metrics.md is their table (meaning, unit).
+Each pool's applied λ is ``pool/<name>/constraint/lambda``; ``constraint/run_lambda`` is the
+run-level multiplier, applied to no token with two or more pools. Prometheus
 names replace ``/`` with ``_`` (``dcmdp_discrepancy_prob_diff_mean``); per-pool keys become
 ``dcmdp_pool_<key>`` with a ``pool`` label (``dcmdp_pool_constraint_lambda{pool="bf16"}``).
 """
@@ -20,7 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 REQUIRED_KEYS = (
     "step", "reward/mean", "discrepancy/prob_diff_mean", "discrepancy/prob_diff_max",
-    "discrepancy/logprob_abs_diff_mean", "discrepancy/k3_kl", "constraint/lambda",
+    "discrepancy/logprob_abs_diff_mean", "discrepancy/k3_kl", "constraint/run_lambda",
     "constraint/tolerance", "loss/policy", "loss/constraint", "time/step_s",
 )
 

@@ -63,7 +63,8 @@ def plot_run(out_dir: Path) -> list[Path]:
     made.append(_save(fig, out_dir / "reward.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    groups = [(p, f"pool/{p}/") for p in pools] if len(pools) > 1 else [("all", "")]
+    # per pool: each pool's δ̄, c and applied λ (the run-level figures apply to no token with 2+ pools)
+    groups = [(p, f"pool/{p}/") for p in pools] or [("all", "")]
     for i, (label, prefix) in enumerate(groups):
         xs, ys = _series(rows, prefix + "discrepancy/prob_diff_mean")
         ax.plot(xs, smooth(ys), color=f"C{i}", label=f"δ̄ {label}")
@@ -75,7 +76,7 @@ def plot_run(out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, prefix) in enumerate(groups):
-        xs, ys = _series(rows, prefix + "constraint/lambda")
+        xs, ys = _series(rows, prefix + "constraint/lambda" if prefix else "constraint/run_lambda")
         ax.plot(xs, ys, color=f"C{i}", label=f"λ {label}")
     ax.set_xlabel("step"); ax.set_ylabel("λ"); ax.legend(); ax.grid(alpha=0.3)
     made.append(_save(fig, out_dir / "lambda.png"))

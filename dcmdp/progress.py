@@ -30,15 +30,28 @@ class RunProgress:
 
     def step(self, row: dict[str, Any]) -> None:
         self.last = row
-        lam = row.get("constraint/lambda")
-        stats = (f"reward {row.get('reward/mean', 0):.3f}  δ̄ {row.get('discrepancy/prob_diff_mean', 0):.2e}"
-                 f"  λ {lam:.3f}" if isinstance(lam, (int, float)) else "")
-        self.progress.update(self.task, completed=row["step"] + 1, stats=stats)
+        self.progress.update(self.task, completed=row["step"] + 1, stats=step_stats(row))
 
     def eval(self, row: dict[str, Any]) -> None:
         acc = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("eval/")}
         self.progress.console.print(f"[dim]eval @ step {row['step']}: " +
                                     ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+
+def _num(v: Any, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "—"
+
+
+def step_stats(row: dict[str, Any]) -> str:
+    """``reward 0.512 | bf16 δ̄ 1.2e-03 c 2.0e-03 λ 0.144 | int8 …``: the reward, then each pool's
+    δ̄, c and the λ applied to its tokens (``—`` for c while ``auto`` calibrates)."""
+    pools = sorted({k.split("/")[1] for k in row if k.startswith("pool/") and k.endswith("/discrepancy/prob_diff_mean")})
+    parts = [f"reward {_num(row.get('reward/mean'), '.3f')}"]
+    for p in pools:
+        pre = f"pool/{p}/"
+        parts.append(f"{p} δ̄ {_num(row.get(pre + 'discrepancy/prob_diff_mean'), '.1e')} "
+                     f"c {_num(row.get(pre + 'constraint/tolerance'), '.1e')} λ {_num(row.get(pre + 'constraint/lambda'), '.3f')}")
+    return " | ".join(parts)
 
 
 def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:

@@ -638,7 +638,7 @@ class RolloutSpec(SpecModel):
 
     CEL = (
         CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique", ".pools"),
-        CelRule("self.pools.exists(p, p.replicas >= 1)", "at least one pool needs replicas >= 1", ".pools"),
+        CelRule("self.pools.exists(p, !has(p.replicas) || p.replicas >= 1)", "at least one pool needs replicas >= 1", ".pools"),
     )
 
     @model_validator(mode="after")
@@ -713,7 +713,7 @@ class RunSpec(SpecModel):
 
     CEL = (
         CelRule(
-            "self.algorithm.maxStaleness == 0 || self.rollout.pools.all(p, p.lag <= self.algorithm.maxStaleness)",
+            "self.algorithm.maxStaleness == 0 || self.rollout.pools.all(p, !has(p.lag) || p.lag <= self.algorithm.maxStaleness)",
             "a rollout pool's lag exceeds algorithm.maxStaleness: every rollout would be dropped",
             ".rollout.pools",
         ),

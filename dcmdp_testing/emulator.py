@@ -78,10 +78,10 @@ def merge_patch_between(old: Any, new: Any) -> Any:
     return out
 
 
-def _invalid(kind: str, name: Any, errors: list[tuple[str, str]]) -> KubernetesError:
+def _invalid(kind: str, name: Any, errors: list[tuple[str, str]], group: str = "dcmdp.io") -> KubernetesError:
     causes = "; ".join(f"{path}: {msg}" for path, msg in errors)
     return KubernetesError(
-        status=422, reason="Invalid", message=f'{kind}.dcmdp.io "{name}" is invalid: {causes}',
+        status=422, reason="Invalid", message=f'{kind}{"." + group if group else ""} "{name}" is invalid: {causes}',
         details={"causes": [{"field": path, "message": msg} for path, msg in errors]},
     )
 
@@ -98,6 +98,9 @@ class Emulator(kmock.KubernetesEmulator):
         self.log: list[dict[str, Any]] = []  # see _record
         self.record = True
         self.admission = True
+        # Extra admission for other kinds, as a stricter API server or a webhook would refuse
+        # objects: each rule maps (kind, object) to (field, message) errors, answered with a 422.
+        self.rejections: list[Any] = []
 
     # ---------------------------------------------------------------------------- helpers
     def _record(self, request: kmock.Request) -> None:
@@ -170,6 +173,10 @@ class Emulator(kmock.KubernetesEmulator):
             res = request.resource
             data.setdefault("apiVersion", f"{res.group}/{res.version}" if res.group else res.version)
             data.setdefault("kind", info.kind)
+        if request.resource != RUNS and info is not None:
+            errors = [e for rule in self.rejections for e in rule(info.kind, data)]
+            if errors:
+                raise _invalid(info.kind, meta.get("name"), errors, request.resource.group)
         if request.resource == RUNS:
             admitted = self._admit(data, meta.get("name"))
             if admitted is not data:

@@ -20,17 +20,18 @@ def main(run_dir: str) -> int:
                               if k.startswith("pool/") and k.endswith("/constraint/lambda")})
     worst, checked = 0.0, 0
     for prefix in prefixes:
+        lam = prefix + "constraint/lambda" if prefix else "constraint/run_lambda"
         for prev, nxt in zip(rows, rows[1:]):
             tol = prev.get(prefix + "constraint/tolerance")
             if tol is None:
                 continue  # `tolerance: auto` still calibrating
-            want = min(max(prev[prefix + "constraint/lambda"] + c["lambdaLR"] * (prev[prefix + "discrepancy/prob_diff_mean"] - tol),
+            want = min(max(prev[lam] + c["lambdaLR"] * (prev[prefix + "discrepancy/prob_diff_mean"] - tol),
                            c["lambdaMin"]), c["lambdaMax"])
-            err = abs(nxt[prefix + "constraint/lambda"] - want)
+            err = abs(nxt[lam] - want)
             worst = max(worst, err)
             checked += 1
             if err > 1e-12:
-                print(f"MISMATCH {prefix or 'run'} step {nxt['step']}: {nxt[prefix + 'constraint/lambda']} != {want}")
+                print(f"MISMATCH {prefix or 'run'} step {nxt['step']}: {nxt[lam]} != {want}")
     print(f"{len(rows)} steps, {checked} transitions over {[p or 'run' for p in prefixes]}: max |error| {worst:.1e}")
     return 0 if worst <= 1e-12 and checked else 1
 

@@ -76,6 +76,8 @@ def test_statuses_from_the_operator() -> None:
         ("Failed", "False", "BackoffLimitExceeded", "Degraded"),
         ("Running", "False", "SpecChangeRefused", "Degraded"),
         ("Pending", "False", "InvalidSpec", "Degraded"),
+        ("Pending", "False", "ChildRejected", "Degraded"),
+        ("Running", "False", "ReconcileError", "Progressing"),
         ("Exploding", "False", "Whatever", "Unknown"),
     ],
 )
@@ -88,13 +90,13 @@ def test_phase_and_ready_map_to_health(phase: str, ready: str, reason: str, expe
         "totalSteps": 40,
         "reward": 0.5,
         "probDiffMean": 0.00123,
-        "lambda": 0.25,
+        "lambdas": "bf16=0.25 int8=0.5",
         "conditions": [{"type": "Ready", "status": ready, "reason": reason, "message": "ready says why"}],
     }
     got, message = health(run_obj(status))
     assert got == expected
     if expected in ("Healthy", "Progressing", "Suspended") or phase == "Failed":
-        assert "step 10/40" in message and "discrepancy 0.00123" in message and "lambda 0.25" in message
+        assert "step 10/40" in message and "discrepancy 0.00123" in message and "lambda bf16=0.25 int8=0.5" in message
 
 
 def test_docs_embed_the_same_script() -> None:

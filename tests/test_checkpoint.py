@@ -118,5 +118,5 @@ def test_resume_falls_back_past_a_corrupted_checkpoint_and_a_torn_metrics_line(t
     run_inprocess(run, part, steps=4, resume=True)  # from step 2
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(metrics)
     assert [r["step"] for r in b] == [0, 1, 2, 3]
-    assert [r["constraint/lambda"] for r in a] == [r["constraint/lambda"] for r in b]
+    assert [r["constraint/run_lambda"] for r in a] == [r["constraint/run_lambda"] for r in b]
     assert [r["loss/policy"] for r in a] == [r["loss/policy"] for r in b]

@@ -9,6 +9,7 @@ from dcmdp.engine import Rollout
 from dcmdp.models.tiny import build_model
 from dcmdp_trainer.learner import Learner, collate, token_logprobs
 from runs import tiny_run
+from test_metrics import documented
 
 
 def make_rollouts(model, tok, pools=("bf16",), shift=0.0, n_prompts=8, group=4, seed=0):
@@ -48,9 +49,10 @@ def test_train_step_reports_every_metric_and_updates_lambda_per_pool():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row = learner.train_step(rolls)
     for key in ("reward/mean", "discrepancy/prob_diff_mean", "discrepancy/prob_diff_max", "discrepancy/k3_kl",
-                "discrepancy/logprob_abs_diff_mean", "constraint/lambda", "constraint/tolerance", "loss/policy",
+                "discrepancy/logprob_abs_diff_mean", "constraint/run_lambda", "constraint/tolerance", "loss/policy",
                 "loss/constraint", "pool/a/constraint/lambda", "pool/b/discrepancy/prob_diff_mean"):
         assert key in row, key
+    assert [k for k in row if not documented(k)] == []  # docs/metrics.md names every key
     d_a = row["pool/a/discrepancy/prob_diff_mean"]
     d_b = row["pool/b/discrepancy/prob_diff_mean"]
     assert d_a > 0 and d_b > 0
@@ -72,7 +74,7 @@ def test_plain_grpo_ignores_p_inf_and_keeps_lambda_at_zero():
         rows.append(Learner(run, m, tok.pad_token_id).train_step(data))
     assert rows[0]["loss/policy"] == pytest.approx(rows[1]["loss/policy"])  # p_inf does not enter GRPO
     assert rows[1]["discrepancy/prob_diff_mean"] > rows[0]["discrepancy/prob_diff_mean"]
-    assert rows[0]["constraint/lambda"] == 0.0 and rows[0]["loss/constraint"] == 0.0
+    assert rows[0]["constraint/run_lambda"] == 0.0 and rows[0]["loss/constraint"] == 0.0
 
 
 def test_corrections_change_the_surrogate_and_report_masking():
@@ -94,7 +96,7 @@ def test_advantage_shaping_leaves_no_penalty_term():
     run = tiny_run(algorithm={"constraint": {"mode": "advantage-shaping", "lambdaInit": 1.0}})
     model, tok = build_model(run.spec.model)
     row = Learner(run, model, tok.pad_token_id).train_step(make_rollouts(model, tok, shift=-0.5))
-    assert row["loss/constraint"] == 0.0 and row["constraint/lambda"] == 1.0
+    assert row["loss/constraint"] == 0.0 and row["constraint/run_lambda"] == 1.0
 
 
 def test_state_dict_round_trip_restores_lambda_and_optimizer():
@@ -152,7 +154,7 @@ def test_micro_batched_step_equals_the_full_batch_step(algorithm):
         assert diff / moved <= 1e-4, float(diff / moved)
         for a, b in zip(ref_rows, rows):
             for key in ("loss/total", "loss/policy", "loss/kl", "loss/constraint", "optim/grad_norm",
-                        "optim/clip_frac", "discrepancy/prob_diff_mean", "constraint/lambda_next"):
+                        "optim/clip_frac", "discrepancy/prob_diff_mean", "constraint/run_lambda_next"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 

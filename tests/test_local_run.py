@@ -15,14 +15,15 @@ from runs import tiny_run
 def check_dual_recursion(rows, prefix, spec):
     """λ_{k+1} = clip(λ_k + η(δ̄_k − c), λmin, λmax), from the file's own values."""
     c = spec.algorithm.constraint
+    lam = prefix + "constraint/lambda" if prefix else "constraint/run_lambda"
     checked = 0
     for prev, nxt in zip(rows, rows[1:]):
         tol = prev[prefix + "constraint/tolerance"]
         if tol is None:  # auto tolerance still calibrating
             continue
-        want = min(max(prev[prefix + "constraint/lambda"] + c.lambda_lr * (prev[prefix + "discrepancy/prob_diff_mean"] - tol),
+        want = min(max(prev[lam] + c.lambda_lr * (prev[prefix + "discrepancy/prob_diff_mean"] - tol),
                        c.lambda_min), c.lambda_max)
-        assert nxt[prefix + "constraint/lambda"] == pytest.approx(want, abs=1e-12), (prefix, prev["step"])
+        assert nxt[lam] == pytest.approx(want, abs=1e-12), (prefix, prev["step"])
         checked += 1
     return checked
 
@@ -49,7 +50,7 @@ def test_lambda_saturates_at_its_bounds(tmp_path, tolerance, bound):
     run = tiny_run(algorithm={"steps": 5, "constraint": {"tolerance": tolerance, "lambdaLR": 200.0, "lambdaInit": 0.5}},
                    rollout={"pools": [{"name": "noisy", "precision": "fp32", "noise": 1.0}]})
     run_inprocess(run, tmp_path)
-    lams = [r["constraint/lambda"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    lams = [r["pool/noisy/constraint/lambda"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert lams[0] == 0.5
     assert lams[-1] == bound and lams[-2] == bound
 
@@ -63,7 +64,7 @@ def test_resume_continues_the_same_lambda_sequence_bit_for_bit(tmp_path):
     run_inprocess(run, part, steps=6, resume=True)
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(6))
-    for key in ("constraint/lambda", "discrepancy/prob_diff_mean", "loss/policy", "reward/mean", "pool/stale/constraint/lambda"):
+    for key in ("constraint/run_lambda", "discrepancy/prob_diff_mean", "loss/policy", "reward/mean", "pool/stale/constraint/lambda"):
         assert [r[key] for r in a] == [r[key] for r in b], key  # exact equality, not approx
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import time
 
 import pytest
 from kopf.testing import KopfRunner
@@ -184,16 +185,17 @@ def test_status_and_printer_columns_follow_the_trainer(env):
     token = token_of(env, "gamma")
     env.trainer.statuses[token] = {
         "phase": "Running", "step": 3, "total_steps": 40, "weight_version": 3, "reward_mean": 0.125,
-        "prob_diff_mean": 0.0042, "lambda": 0.3, "tolerance": 0.0037, "checkpoint_step": 0,
+        "prob_diff_mean": 0.0042, "run_lambda": 0.3, "tolerance": 0.0037, "checkpoint_step": 0,
         "pools": [{"name": "bf16", "prob_diff_mean": 0.0042, "lambda": 0.3, "tolerance": 0.0037, "tokens": 512, "workers": 2}],
     }
     start_trainer_pods(env, "gamma")
     st = wait_for(lambda: (s := run_status(env, "gamma")).get("step") == 3 and cond(s, "Ready")["status"] == "True" and s,
                   what="Running and Ready")
     assert st["phase"] == "Running" and st["progress"] == "3/40"
-    assert (st["reward"], st["probDiffMean"], st["lambda"], st["tolerance"], st["weightVersion"]) == (0.125, 0.0042, 0.3, 0.0037, 3)
+    assert (st["reward"], st["probDiffMean"], st["runLambda"], st["tolerance"], st["weightVersion"]) == (0.125, 0.0042, 0.3, 0.0037, 3)
+    assert st["lambdas"] == "bf16=0.3"
     assert st["pools"] == [{"name": "bf16", "replicas": 2, "readyReplicas": 2, "probDiffMean": 0.0042, "lambda": 0.3,
-                            "tolerance": 0.0037, "tokens": 512, "workers": 2, "reward": 0.0}]
+                            "tolerance": 0.0037, "tokens": 512, "workers": 2}]  # reward not reported: absent
     # the CRD's printer columns (if the CRD module is there) read these fields
     try:
         from dcmdp.crd import PRINTER_COLUMNS
@@ -205,9 +207,9 @@ def test_status_and_printer_columns_follow_the_trainer(env):
             assert obj["status"].get(col["jsonPath"].split(".")[2]) is not None, col
     ready_since = cond(st, "Ready")["lastTransitionTime"]
 
-    env.trainer.statuses[token] = {**env.trainer.statuses[token], "step": 9, "lambda": 0.7, "prob_diff_mean": 0.006}
+    env.trainer.statuses[token] = {**env.trainer.statuses[token], "step": 9, "run_lambda": 0.7, "prob_diff_mean": 0.006}
     st = wait_for(lambda: (s := run_status(env, "gamma")).get("step") == 9 and s, what="step 9")
-    assert st["lambda"] == 0.7 and st["probDiffMean"] == 0.006 and st["progress"] == "9/40"
+    assert st["runLambda"] == 0.7 and st["probDiffMean"] == 0.006 and st["progress"] == "9/40"
     assert cond(st, "Ready")["lastTransitionTime"] == ready_since  # still Ready: no transition
 
     del env.trainer.statuses[token]  # the trainer stops answering (UNAUTHENTICATED here)
@@ -294,3 +296,44 @@ def test_an_invalid_run_is_refused_by_the_api_with_the_field_named(env):
     with pytest.raises(AssertionError, match=r"HTTP 422.*lambdaInit"):
         env.kube.create("DCMDPRun", NS, manifest("iota", algorithm={"constraint": {"lambdaInit": 5.0, "lambdaMax": 1.0}}))
     assert env.kube.get("DCMDPRun", NS, "iota") is None and env.kube.children(NS, "iota") == {}
+
+
+def test_a_child_the_api_server_refuses_reaches_status_with_a_backoff(env):
+    """A stricter API server (or a webhook) answers 422 for one pool's Deployment: the run says
+    which child and why (condition + Warning Event), the other children exist, and the operator
+    retries with a growing delay instead of a hot loop."""
+
+    def refuse(kind: str, obj: dict) -> list:
+        if kind == "Deployment" and obj["metadata"]["name"] == "kappa-rollout-bad":
+            return [("spec.template.spec.containers[0].resources.limits", "Invalid value: a webhook says no")]
+        return []
+
+    env.emu.emulator.rejections.append(refuse)
+    try:
+        env.kube.create("DCMDPRun", NS, manifest("kappa", rollout={"pools": [{"name": "ok"}, {"name": "bad"}]}))
+        st = wait_for(lambda: (s := run_status(env, "kappa")) and cond(s, "Ready")["reason"] == "ChildRejected" and s,
+                      what="ChildRejected")
+        msg = cond(st, "Ready")["message"]
+        assert "Deployment kappa-rollout-bad" in msg and "HTTP 422" in msg and "resources.limits" in msg
+        assert st["phase"] != "Failed"  # it may still be fixed (by the admin, or a spec change)
+        assert wait_for(lambda: ("Warning", "ChildRejected") in events_of(env, "kappa"), what="the Event")
+        assert ("Deployment", "kappa-rollout-ok") in env.kube.children(NS, "kappa")
+        # back-off: poll period 0.25 s; without it ~12 attempts in 3 s
+        first = post_counts(env, "kappa-rollout-bad").get("deployments", 0)
+        time.sleep(3.0)
+        tries = post_counts(env, "kappa-rollout-bad").get("deployments", 0) - first
+        assert 1 <= tries <= 5, tries
+    finally:
+        env.emu.emulator.rejections.remove(refuse)
+    # the refusal lifted: the child is created and the error clears
+    st = wait_for(lambda: (s := run_status(env, "kappa")) and cond(s, "Ready")["reason"] != "ChildRejected" and s,
+                  timeout=20, what="recovered")
+    assert ("Deployment", "kappa-rollout-bad") in env.kube.children(NS, "kappa")
+
+
+def test_the_api_server_refuses_an_escalating_run_naming_the_field(env):
+    body = manifest("mu", trainer={"template": {"spec": {"hostPID": True, "volumes": [{"name": "r", "hostPath": {"path": "/"}}]}}})
+    with pytest.raises(AssertionError, match="HTTP 422") as err:
+        env.kube.create("DCMDPRun", NS, body)
+    assert "spec.trainer.template.spec.hostPID" in str(err.value)
+    assert env.kube.get("DCMDPRun", NS, "mu") is None and not env.kube.children(NS, "mu")

@@ -136,3 +136,11 @@ def test_restart_with_the_console_entry_point_creates_nothing_new(tmp_path):
                 out, _ = proc.communicate()
         assert proc.returncode == 0, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
+
+
+def test_backoff_doubles_per_failure_and_is_capped() -> None:
+    from dcmdp_operator.handlers import MAX_BACKOFF_SECONDS, backoff
+
+    assert [backoff(10.0, n) for n in range(6)] == [10.0, 20.0, 40.0, 80.0, 160.0, MAX_BACKOFF_SECONDS]
+    assert backoff(10.0, 1000) == MAX_BACKOFF_SECONDS
+    assert backoff(600.0, 3) == 600.0  # never shorter than the poll period

@@ -11,7 +11,7 @@ from operator_helpers import FakeTrainer
 
 STATUS = {
     "run_name": "r", "phase": "Running", "step": 7, "total_steps": 50, "weight_version": 7, "reward_mean": 0.25,
-    "prob_diff_mean": 0.0031, "lambda": 0.5, "tolerance": 0.003, "checkpoint_step": 5, "updated_unix_ms": 1_700_000_000_000,
+    "prob_diff_mean": 0.0031, "run_lambda": 0.5, "checkpoint_step": 5, "updated_unix_ms": 1_700_000_000_000,
     "pools": [{"name": "bf16", "prob_diff_mean": 0.0031, "lambda": 0.5, "tolerance": 0.003, "tokens": 1234, "workers": 2}],
 }
 
@@ -29,10 +29,13 @@ def test_reads_the_status_with_the_token_and_is_refused_without_it():
         st, err = asyncio.run(trainer_client.get_status(target, "tok", 5))
         assert err is None
         assert (st["step"], st["total_steps"], st["phase"], st["checkpoint_step"]) == (7, 50, "Running", 5)
-        assert abs(st["prob_diff_mean"] - 0.0031) < 1e-12 and st["lambda"] == 0.5
+        assert abs(st["prob_diff_mean"] - 0.0031) < 1e-12 and st["run_lambda"] == 0.5
+        # not reported (here: c while `auto` calibrates, no evaluation yet): None, not 0
+        assert st["tolerance"] is None and st["eval_accuracy"] is None
         assert isinstance(st["updated_unix_ms"], int)
         assert st["pools"] == [{"name": "bf16", "prob_diff_mean": 0.0031, "lambda": 0.5, "tolerance": 0.003,
-                                "tokens": 1234, "workers": 2, "reward_mean": 0.0}]
+                                "tokens": 1234, "workers": 2, "reward_mean": None, "version_lag_mean": 0.0,
+                                "rollouts_dropped_stale": 0}]
         st, err = asyncio.run(trainer_client.get_status(target, "wrong", 5))
         assert st is None and "UNAUTHENTICATED" in err and target in err
         assert trainer.rejected == 1

@@ -68,16 +68,20 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
         if not seen:
             seen["ps"] = children_of(os.getpid())
 
-    # the trainer damages the first weight chunk it serves: the worker must notice and re-fetch it
+    # weights go over the collective data plane (one gloo broadcast per version for both pools: both
+    # receive bf16); the trainer damages the first bucket it broadcasts: the worker must notice and
+    # re-fetch it over the stream
     summary = run_processes(run, tmp_path / "proc", threads=1, on_step=on_step,
-                            extra_env={"DCMDP_TEST_CORRUPT_CHUNKS": "1"})
+                            extra_env={"DCMDP_TEST_CORRUPT_BUCKETS": "1"})
     ps = seen["ps"]
     assert sum("dcmdp_trainer" in line for line in ps) == 1, ps
     assert sum("dcmdp_rollout" in line and "--pool bf16" in line for line in ps) == 1, ps
     assert sum("dcmdp_rollout" in line and "--pool int8" in line for line in ps) == 1, ps
     assert summary["steps"] == 6 and all(p["exit"] == 0 for p in summary["processes"].values())
     logs = "".join((tmp_path / "proc" / "logs" / f).read_text() for f in ("rollout-bf16-0.log", "rollout-int8-0.log"))
-    assert logs.count("chunk crc mismatch: fetching it again") == 1
+    assert logs.count("bucket crc mismatch: fetching it again") == 1
+    loads = [json.loads(line) for line in logs.splitlines() if '"weights loaded"' in line]
+    assert len(loads) >= 12 and sum(r["broadcast_bytes"] > 0 for r in loads) >= len(loads) // 2, loads
 
     proc = rows(tmp_path / "proc" / "metrics.jsonl")
     ref_summary = run_inprocess(run, tmp_path / "inp", threads=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from dcmdp.spec import parse_run
+from dcmdp.status import CONDITION_TYPES
 from dcmdp_operator import status as S
 from dcmdp_operator.status import Observed
 
@@ -31,7 +32,7 @@ def dep(replicas, ready):
 
 TRAINER = {
     "phase": "Running", "step": 12, "total_steps": 100, "weight_version": 12, "reward_mean": 0.5,
-    "prob_diff_mean": 0.004, "lambda": 0.25, "tolerance": 0.003, "checkpoint_step": 10, "eval_accuracy": 0.4,
+    "prob_diff_mean": 0.004, "run_lambda": 0.25, "tolerance": 0.003, "checkpoint_step": 10, "eval_accuracy": 0.4,
     "updated_unix_ms": 1767268800000,
     "pools": [
         {"name": "bf16", "prob_diff_mean": 0.002, "lambda": 0.1, "tolerance": 0.003, "tokens": 900, "workers": 2, "reward_mean": 0.5},
@@ -47,7 +48,7 @@ def cond(st, ctype):
 def test_new_run_is_pending_with_all_conditions():
     st = S.compute(run_of(), Observed(job=job(), deployments={"bf16": dep(2, 0), "int8": dep(1, 0)}), None, 1, T0)
     assert st["phase"] == "Pending"
-    assert [c["type"] for c in st["conditions"]] == list(S.CONDITION_TYPES)
+    assert [c["type"] for c in st["conditions"]] == list(CONDITION_TYPES)
     for c in st["conditions"]:
         assert set(c) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
         assert c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2026-01-01T12:00:00Z"
@@ -64,7 +65,8 @@ def test_running_and_ready_with_the_trainers_figures():
     assert st["phase"] == "Running"
     assert cond(st, "Ready")["status"] == "True"
     assert (st["step"], st["totalSteps"], st["progress"]) == (12, 100, "12/100")
-    assert (st["weightVersion"], st["reward"], st["probDiffMean"], st["lambda"], st["tolerance"]) == (12, 0.5, 0.004, 0.25, 0.003)
+    assert (st["weightVersion"], st["reward"], st["probDiffMean"], st["runLambda"], st["tolerance"]) == (12, 0.5, 0.004, 0.25, 0.003)
+    assert st["lambdas"] == "bf16=0.1 int8=0.4"  # what each pool applied (kubectl get's Lambdas column)
     assert st["checkpointStep"] == 10 and st["evalAccuracy"] == 0.4
     assert st["lastTrainerUpdate"] == "2026-01-01T12:00:00Z"
     assert st["pools"] == [
@@ -74,6 +76,16 @@ def test_running_and_ready_with_the_trainers_figures():
          "tokens": 400, "workers": 1, "reward": 0.4},
     ]
     assert st["startTime"] == "2026-01-01T12:00:05Z"
+
+
+def test_a_figure_the_trainer_does_not_know_yet_is_absent_not_zero():
+    """``tolerance: auto`` still calibrating: the trainer leaves c unset; .status has no c (a merge
+    patch deletes it) rather than 0, and the pool's λ is still shown."""
+    trainer = {**TRAINER, "tolerance": None, "pools": [{**TRAINER["pools"][0], "tolerance": None}, TRAINER["pools"][1]]}
+    obs = Observed(job=job(active=1, ready=1), deployments={"bf16": dep(2, 2), "int8": dep(1, 1)}, trainer=trainer)
+    st = S.compute(run_of(), obs, {"phase": "Running", "tolerance": 0.003}, 1, at(5))
+    assert st["tolerance"] is None and "tolerance" not in st["pools"][0] and st["pools"][1]["tolerance"] == 0.003
+    assert st["lambdas"] == "bf16=0.1 int8=0.4"
 
 
 def test_last_transition_time_moves_only_when_the_status_flips():

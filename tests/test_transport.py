@@ -1,5 +1,6 @@
 """Wire helpers against a real trainer gRPC server (in this process): token checks, TLS, weight
-snapshots cast per pool dtype, damaged chunks re-fetched, broken streams resumed."""
+snapshots cast per pool dtype, damaged chunks re-fetched, broken streams resumed (the gRPC stream,
+the data plane's fallback; the broadcast itself: tests/test_broadcast.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenError, load_token
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.tensors import WeightFormatError, pack, unpack
 from dcmdp_rollout.weights import fetch_weights, wire_dtype
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
@@ -26,40 +26,10 @@ from runtime_helpers import tiny_run
 TOKEN = "s3cret-run-token"
 
 
-# -- serialisation -------------------------------------------------------------------------------
-def test_pack_casts_floats_keeps_ints_and_round_trips():
-    g = torch.Generator().manual_seed(0)
-    state = {"w": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g),
-             "steps": torch.tensor([3, 4], dtype=torch.int64), "scalar": torch.tensor(2.5)}
-    p32, p16 = pack(state, "fp32"), pack(state, "bf16")
-    float_bytes = sum(t.numel() for k, t in state.items() if t.is_floating_point())
-    assert {e.dtype for e in p16.entries} == {"bfloat16", "int64"}
-    assert sum(e.nbytes for e in p16.entries if e.dtype == "bfloat16") == 2 * float_bytes
-    assert sum(e.nbytes for e in p32.entries if e.dtype == "float32") == 4 * float_bytes
-    assert all(e.offset % 64 == 0 for e in p16.entries)
-    back = unpack(bytes(p16.data), p16.entries)
-    for k, t in state.items():
-        want = t.to(torch.bfloat16) if t.is_floating_point() else t
-        assert back[k].dtype == want.dtype and back[k].shape == t.shape and torch.equal(back[k], want)
-    assert torch.equal(unpack(p32.data, p32.entries)["w"], state["w"])
-    assert pack(state, "bf16", skip=("w",)).total_bytes < p16.total_bytes
-    assert p16.sha256 != p32.sha256 and len(p16.sha256) == 64
-
-
-def test_bad_manifests_and_dtypes_are_named():
-    p = pack({"w": torch.ones(4)}, "fp32")
-    with pytest.raises(WeightFormatError, match="wire dtype"):
-        pack({"w": torch.ones(1)}, "fp8")
-    bad = [type(p.entries[0])("w", (5,), "float32", 0, 16)]
-    with pytest.raises(WeightFormatError, match="tensor w"):
-        unpack(p.data, bad)
-    with pytest.raises(WeightFormatError, match="unknown tensor dtype"):
-        unpack(p.data, [type(p.entries[0])("w", (4,), "float99", 0, 16)])
-
-
+# -- wire dtypes (the byte layout: tests/test_buckets.py) ---------------------------------------
 def test_wire_dtype_of_each_pool():
     assert wire_dtype("hf", "bf16") == "bf16" and wire_dtype("hf", "fp16") == "fp16"
-    assert wire_dtype("hf", "int8") == "fp32" and wire_dtype("hf", "fp8") == "fp32"
+    assert wire_dtype("hf", "int8") == "bf16" and wire_dtype("hf", "fp8") == "bf16"  # the engine quantises
     assert wire_dtype("vllm", "fp8") == "bf16" and wire_dtype("vllm", "fp32") == "fp32"
 
 
@@ -87,11 +57,11 @@ def session(tmp_path_factory):
     s.metrics.close()
 
 
-def serve(session: Session, **tls):
-    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
+def serve(session: Session, bucket_bytes: int = 4 << 20, **kw):
+    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",), bucket_bytes=bucket_bytes)
     publisher.publish(session.version, session.weights(session.version))
     coord = Coordinator(session, publisher)
-    server, port = start_server(coord, publisher, TOKEN, **tls)
+    server, port = start_server(coord, publisher, TOKEN, **kw)
     return server, port, publisher
 
 
@@ -128,7 +98,7 @@ def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
     port, publisher = served
     s = stub(port)
     header = pb.Header(pool="bf16", worker_id="w")
-    t16, st16 = fetch_weights(s, header, -1, "bf16", chunk_size=64 << 10)
+    t16, st16 = fetch_weights(s, header, -1, "bf16")
     t32, st32 = fetch_weights(s, header, 0, "fp32")
     state = session.weights(0)
     assert "lm_head.weight" not in t16  # tied to the embedding: not sent twice
@@ -139,7 +109,7 @@ def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
     assert st16.total_bytes <= 0.51 * st32.total_bytes and st16.bytes == st16.total_bytes
     assert st16.crc_errors == 0 and st16.resumes == 0
     manifest = s.GetWeightManifest(pb.WeightRequest(header=header, version=0, dtype="bf16"), timeout=5)
-    assert manifest.total_bytes == st16.total_bytes and len(manifest.sha256) == 64
+    assert manifest.total_bytes == st16.total_bytes and manifest.chunk_size == 4 << 20
     with pytest.raises(grpc.RpcError) as e:
         s.GetWeightManifest(pb.WeightRequest(header=header, version=7, dtype="bf16"), timeout=5)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not kept" in e.value.details()
@@ -147,16 +117,21 @@ def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
         s.GetWeightManifest(pb.WeightRequest(header=header, version=0, dtype="int4"), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(WeightsUnavailable):
-        publisher.packed(99, "fp32")
+        publisher.prepared(99, "fp32")
+    for bad in (pb.WeightRequest(header=header, version=0, dtype="bf16", chunk_size=1),  # one chunk size only
+                pb.WeightRequest(header=header, version=0, dtype="bf16", offset=3)):  # not a bucket boundary
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.StreamWeights(bad, timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_corrupted_chunk_is_detected_and_fetched_again(session, monkeypatch):
     monkeypatch.setenv("DCMDP_TEST_CORRUPT_CHUNKS", "2")
-    server, port, publisher = serve(session)
+    server, port, publisher = serve(session, bucket_bytes=128 << 10)
     try:
         events = []
         tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
-                                       chunk_size=128 << 10, on_event=lambda what, f: events.append(what))
+                                       on_event=lambda what, f: events.append(what))
         assert publisher.corrupted_sent == 2 and stats.crc_errors == 2
         assert events.count("chunk crc mismatch: fetching it again") == 2
         assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
@@ -168,10 +143,9 @@ def test_a_corrupted_chunk_is_detected_and_fetched_again(session, monkeypatch):
 
 def test_a_broken_stream_is_resumed_where_it_stopped(session, monkeypatch):
     monkeypatch.setenv("DCMDP_TEST_BREAK_STREAM", "3")
-    server, port, publisher = serve(session)
+    server, port, publisher = serve(session, bucket_bytes=16 << 10)
     try:
-        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16",
-                                       chunk_size=16 << 10)
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
         assert stats.total_bytes > 4 * (16 << 10)
         assert publisher.breaks_done == 1 and stats.resumes == 1
         assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice

@@ -131,18 +131,20 @@ class SubmitReply(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., accepted_samples: _Optional[int] = ...) -> None: ...
 
 class WeightRequest(_message.Message):
-    __slots__ = ("header", "version", "dtype", "offset", "chunk_size")
+    __slots__ = ("header", "version", "dtype", "offset", "chunk_size", "length")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     header: Header
     version: int
     dtype: str
     offset: int
     chunk_size: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    length: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "shape", "dtype", "offset", "nbytes")
@@ -159,22 +161,42 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class WeightManifest(_message.Message):
-    __slots__ = ("header", "version", "dtype", "tensors", "total_bytes", "sha256", "chunk_size")
+    __slots__ = ("header", "version", "dtype", "tensors", "total_bytes", "chunk_size")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     version: int
     dtype: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     total_bytes: int
-    sha256: str
     chunk_size: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class BroadcastTicket(_message.Message):
+    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    manifest: WeightManifest
+    group: str
+    store_host: str
+    store_port: int
+    rank: int
+    world_size: int
+    timeout_ms: int
+    backend: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("version", "offset", "data", "crc32")
@@ -230,7 +252,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., weight_version: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("header", "run_name", "phase", "step", "total_steps", "weight_version", "reward_mean", "prob_diff_mean", "tolerance", "pools", "queue_depth", "leases_outstanding", "leases_expired", "rollouts_dropped_stale", "workers", "finished", "message", "checkpoint_step", "eval_accuracy", "updated_unix_ms")
+    __slots__ = ("header", "run_name", "phase", "step", "total_steps", "weight_version", "reward_mean", "prob_diff_mean", "run_lambda", "tolerance", "pools", "queue_depth", "leases_outstanding", "leases_expired", "rollouts_dropped_stale", "workers", "finished", "message", "checkpoint_step", "eval_accuracy", "updated_unix_ms")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -239,7 +261,7 @@ class Status(_message.Message):
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
     PROB_DIFF_MEAN_FIELD_NUMBER: _ClassVar[int]
-    LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    RUN_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +282,7 @@ class Status(_message.Message):
     weight_version: int
     reward_mean: float
     prob_diff_mean: float
+    run_lambda: float
     tolerance: float
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     queue_depth: int
@@ -272,4 +295,4 @@ class Status(_message.Message):
     checkpoint_step: int
     eval_accuracy: float
     updated_unix_ms: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_name: _Optional[str] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., weight_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., prob_diff_mean: _Optional[float] = ..., tolerance: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., finished: _Optional[bool] = ..., message: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., updated_unix_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_name: _Optional[str] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., weight_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., prob_diff_mean: _Optional[float] = ..., run_lambda: _Optional[float] = ..., tolerance: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., rollouts_dropped_stale: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., finished: _Optional[bool] = ..., message: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class TrainerStub:
                 request_serializer=dcmdp__pb2.WeightRequest.SerializeToString,
                 response_deserializer=dcmdp__pb2.WeightChunk.FromString,
                 _registered_method=True)
+        self.JoinBroadcast = channel.unary_unary(
+                '/dcmdp.v1.Trainer/JoinBroadcast',
+                request_serializer=dcmdp__pb2.WeightRequest.SerializeToString,
+                response_deserializer=dcmdp__pb2.BroadcastTicket.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/dcmdp.v1.Trainer/GetStatus',
                 request_serializer=dcmdp__pb2.StatusRequest.SerializeToString,
@@ -98,7 +103,17 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamWeights(self, request, context):
-        """Stream a snapshot in checksummed chunks, starting at `offset` (a broken stream is resumed).
+        """Stream a snapshot in checksummed chunks (one per bucket), from `offset` (a bucket boundary), for
+        `length` bytes: a broken stream is resumed, a bad bucket fetched again; the fallback data plane.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinBroadcast(self, request, context):
+        """Join the broadcast of a snapshot over the collective data plane (torch.distributed): the
+        address of the group's store, a secret group name, this worker's rank. An empty `group` means
+        "not now" (a broadcast of it is already under way, or there is no data plane): stream instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +153,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.StreamWeights,
                     request_deserializer=dcmdp__pb2.WeightRequest.FromString,
                     response_serializer=dcmdp__pb2.WeightChunk.SerializeToString,
+            ),
+            'JoinBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinBroadcast,
+                    request_deserializer=dcmdp__pb2.WeightRequest.FromString,
+                    response_serializer=dcmdp__pb2.BroadcastTicket.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -280,6 +300,33 @@ class Trainer:
             '/dcmdp.v1.Trainer/StreamWeights',
             dcmdp__pb2.WeightRequest.SerializeToString,
             dcmdp__pb2.WeightChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dcmdp.v1.Trainer/JoinBroadcast',
+            dcmdp__pb2.WeightRequest.SerializeToString,
+            dcmdp__pb2.BroadcastTicket.FromString,
             options,
             channel_credentials,
             insecure,

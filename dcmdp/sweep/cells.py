@@ -45,6 +45,12 @@ def mean_delta(out: Path, cell: Cell) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def applied_lambda_key(rows: list[dict[str, Any]]) -> str:
+    """The metric key of the λ applied in a cell: its one pool's (a sweep varies one pool)."""
+    pools = sorted({k for r in rows[:1] for k in r if k.startswith("pool/") and k.endswith("/constraint/lambda")})
+    return pools[0] if pools else "constraint/run_lambda"
+
+
 def collapsed(rewards: list[float], window: int = 10, fraction: float = 0.5) -> bool:
     """True when the smoothed reward falls below ``fraction`` × its peak after reaching the peak."""
     if not rewards:
@@ -71,7 +77,7 @@ def cell_metrics(folder: Path, collapse: Any = None) -> dict[str, Any]:
     evals = read_metrics(folder / "eval.jsonl") if (folder / "eval.jsonl").exists() else []
     rewards = numbers(rows, "reward/mean")
     deltas = numbers(rows, "discrepancy/prob_diff_mean")
-    lams = numbers(rows, "constraint/lambda")
+    lams = numbers(rows, applied_lambda_key(rows))
     tols = numbers(rows, "constraint/tolerance")
     s = smooth(rewards, window) if rewards else []
     first, last = (evals[0] if evals else {}), (evals[-1] if evals else {})

@@ -9,15 +9,17 @@ from typing import Any, Optional
 
 from dcmdp.metrics import read_metrics
 from dcmdp.plots import smooth
-from dcmdp.sweep.cells import cell_dir, cell_done, numbers
+from dcmdp.sweep.cells import applied_lambda_key, cell_dir, cell_done, numbers
 from dcmdp.sweep.plan import Plan, kind_of
+
 
 def _curves(folder: Path, window: int) -> dict[str, tuple[list[int], list[float]]]:
     rows = read_metrics(folder / "metrics.jsonl")
     out = {}
     for key in ("reward/mean", "discrepancy/prob_diff_mean", "constraint/tolerance", "constraint/lambda"):
-        xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float))]
-        ys = numbers(rows, key)
+        col = applied_lambda_key(rows) if key == "constraint/lambda" else key  # the pool's applied λ
+        xs = [r["step"] for r in rows if isinstance(r.get(col), (int, float))]
+        ys = numbers(rows, col)
         out[key] = (xs, smooth(ys, window) if key != "constraint/tolerance" else ys)
     return out
 

@@ -67,14 +67,14 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
 
-        def deny(request, context):
+        def deny(request_iterator, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason} (send 'authorization: Bearer <token>')")
 
+        # A request-streaming handler that never reads its requests: the body of a rejected call is
+        # neither parsed nor even received (beyond the HTTP/2 flow-control window).
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(deny, response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(deny, response_serializer=handler.response_serializer)
 
 
 class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",

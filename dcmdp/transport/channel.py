@@ -1,8 +1,19 @@
 """gRPC servers and channels as the trainer and the workers open them.
 
-gRPC's default receive cap (4 MiB, framing included) rejects an exact 4 MiB weight chunk, so both
-sides raise the send/receive limits. TLS is optional: the server takes a certificate and key file,
-clients a CA file (the certificate itself, when it is self-signed).
+Limits (what a caller can make the server hold):
+
+* the server **receives** at most ``max_receive`` bytes per message (default
+  :data:`SERVER_RECEIVE_BYTES`, 4 MiB; the trainer raises it to what its largest legitimate
+  request, a submission, can need); larger messages fail with RESOURCE_EXHAUSTED before a handler
+  runs. It **sends** up to :data:`MAX_MESSAGE_BYTES` (weight chunks), which clients receive;
+* at most ``max_concurrent_rpcs`` calls in flight (default 4 × threads); more are refused at once
+  with RESOURCE_EXHAUSTED;
+* at most :data:`MAX_STREAMS_PER_CONNECTION` concurrent calls per client connection (HTTP/2
+  ``MAX_CONCURRENT_STREAMS``: the caller's further calls wait in its own channel);
+* a call without the run token is refused before its body is read (``auth``).
+
+TLS is optional: the server takes a certificate and key file, clients a CA file (the certificate
+itself, when it is self-signed).
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from dcmdp.transport.auth import TokenAuthInterceptor, TokenClientInterceptor
 DEFAULT_CHUNK_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = 256 << 20  # a chunk (≤ 64 MiB) plus framing, with room to spare
 MAX_CHUNK_BYTES = 64 << 20
+SERVER_RECEIVE_BYTES = 4 << 20
+MAX_STREAMS_PER_CONNECTION = 16
 
 OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -28,9 +41,10 @@ OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS: list[tuple[str, int]] = OPTIONS + [
+SERVER_OPTIONS: list[tuple[str, int]] = [o for o in OPTIONS if o[0] != "grpc.max_receive_message_length"] + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),  # a port held by another process is an error, not a silent share
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
 ]
 
 
@@ -42,11 +56,14 @@ def _read(path: str, what: str) -> bytes:
 
 
 def make_server(token: str, *, max_workers: int = 16, on_reject=None,
-                interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
-    """A thread-pool server whose every RPC is checked for the run token first."""
+                interceptors: Sequence[grpc.ServerInterceptor] = (), max_receive: int = SERVER_RECEIVE_BYTES,
+                max_concurrent_rpcs: Optional[int] = None) -> grpc.Server:
+    """A thread-pool server whose every RPC is checked for the run token first, with the limits
+    above (``max_concurrent_rpcs`` None = 4 × ``max_workers``)."""
+    options = SERVER_OPTIONS + [("grpc.max_receive_message_length", int(max_receive))]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                        interceptors=[TokenAuthInterceptor(token, on_reject), *interceptors],
-                       options=SERVER_OPTIONS)
+                       options=options, maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * max_workers)
 
 
 def bind(server: grpc.Server, host: str, port: int, *, tls_cert: Optional[str] = None,

@@ -1,17 +1,12 @@
-"""Weight snapshots as one flat, checksummed byte stream, cast to the receiver's precision.
+"""Wire dtypes and the manifest entry of a tensor in a weight snapshot.
 
-``pack`` lays the tensors of a state dict end to end (each at a 64-byte aligned offset), casting
-floating-point tensors to the wire dtype first, so a bf16 pool is sent bf16 bytes, never fp32. The
-result carries a manifest (name, shape, dtype, offset, byte count of every tensor) and the sha256
-of the whole stream. ``unpack`` turns the bytes and the manifest back into tensors (views of one
-buffer, no copy). Chunks of the stream carry a crc32 (``chunk_crc``), so a damaged chunk is
-detected and fetched again before the sha256 of the whole is even checked.
+A pool receives floating-point weights in its wire dtype (:func:`wire_dtype`): its own precision
+for fp32/bf16/fp16 pools, bf16 for pools whose engine quantises (int8, fp8), so no non-fp32 pool
+moves more than half the bytes of fp32. The byte layout itself is ``dcmdp.transport.buckets``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
@@ -20,6 +15,21 @@ if TYPE_CHECKING:
 
 ALIGN = 64
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def wire_dtype(engine: str, precision: str) -> str:
+    """The dtype a pool receives weights in: its own float precision, bf16 when the engine
+    quantises (int8, fp8: the engine quantises from 16-bit weights, so the wire carries half the
+    bytes of fp32)."""
+    if precision in ("bf16", "fp16", "fp32"):
+        return precision
+    return "bf16"
+
+
+def wire_cast(state: Mapping[str, "torch.Tensor"], dtype: str) -> dict[str, "torch.Tensor"]:
+    """``state`` with floating-point tensors rounded to the wire dtype (what a worker receives)."""
+    target = _torch_dtypes()[dtype]
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
 class WeightFormatError(ValueError):
@@ -54,77 +64,3 @@ class TensorEntry:
     dtype: str  # torch dtype name: float32, bfloat16, int64, ...
     offset: int
     nbytes: int
-
-
-@dataclass
-class Packed:
-    data: bytearray
-    entries: list[TensorEntry]
-    dtype: str  # the wire dtype floating-point tensors were cast to
-    sha256: str
-
-    @property
-    def total_bytes(self) -> int:
-        return len(self.data)
-
-
-def chunk_crc(data: bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
-
-
-def sha256(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def pack(state: Mapping[str, "torch.Tensor"], dtype: str, skip: Iterable[str] = ()) -> Packed:
-    """The state dict as one byte stream; floating-point tensors cast to ``dtype`` (fp32|bf16|fp16)."""
-    # optional and heavy (the ml extra): the core imports without it
-    import torch
-
-    if dtype not in WIRE_DTYPES:
-        raise WeightFormatError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)} (got {dtype!r})")
-    target = _torch_dtypes()[dtype]
-    skip = set(skip)
-    tensors, entries, offset = [], [], 0
-    for name, t in state.items():
-        if name in skip:
-            continue
-        t = t.detach()
-        if t.is_floating_point() and t.dtype != target:
-            t = t.to(target)
-        t = t.contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        offset = (offset + ALIGN - 1) // ALIGN * ALIGN
-        entries.append(TensorEntry(name, tuple(t.shape), dtype_name(t.dtype), offset, nbytes))
-        tensors.append(t)
-        offset += nbytes
-    buf = bytearray(offset)
-    if offset:
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-        for e, t in zip(entries, tensors):
-            if e.nbytes:
-                flat[e.offset:e.offset + e.nbytes].copy_(t.reshape(-1).view(torch.uint8))
-    return Packed(buf, entries, dtype, sha256(buf))
-
-
-def unpack(data, entries: list[TensorEntry]) -> dict[str, "torch.Tensor"]:
-    """Tensors (views of one writable buffer) from the bytes of a packed stream and its manifest."""
-    # optional and heavy (the ml extra): the core imports without it
-    import torch
-
-    buf = data if isinstance(data, bytearray) else bytearray(data)
-    flat = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-    out = {}
-    for e in entries:
-        dt = dtype_from_name(e.dtype)
-        elem = torch.empty((), dtype=dt).element_size()
-        numel = 1
-        for s in e.shape:
-            numel *= s
-        if e.nbytes != numel * elem or e.offset < 0 or e.offset + e.nbytes > len(buf):
-            raise WeightFormatError(f"tensor {e.name}: {e.nbytes} bytes at offset {e.offset} do not fit "
-                                    f"shape {list(e.shape)} {e.dtype} in a stream of {len(buf)} bytes")
-        if e.offset % elem:
-            raise WeightFormatError(f"tensor {e.name}: offset {e.offset} is not aligned to {elem} bytes")
-        out[e.name] = flat[e.offset:e.offset + e.nbytes].view(dt).reshape(e.shape)
-    return out

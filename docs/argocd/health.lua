@@ -31,8 +31,8 @@ local function progress(status)
   if status.probDiffMean ~= nil then
     table.insert(parts, string.format("discrepancy %.3g", status.probDiffMean))
   end
-  if status["lambda"] ~= nil then
-    table.insert(parts, string.format("lambda %.3g", status["lambda"]))
+  if status.lambdas ~= nil then
+    table.insert(parts, "lambda " .. status.lambdas)
   end
   return table.concat(parts, ", ")
 end
@@ -65,7 +65,8 @@ end
 local ready = condition(status, "Ready")
 -- A spec the operator cannot carry out waits for a person, not for time: Degraded.
 if ready ~= nil and ready.status == "False" and
-   (ready.reason == "SpecChangeRefused" or ready.reason == "InvalidSpec" or ready.reason == "ChildConflict") then
+   (ready.reason == "SpecChangeRefused" or ready.reason == "InvalidSpec" or ready.reason == "ChildConflict" or
+       ready.reason == "ChildRejected") then
   hs.status = "Degraded"
   hs.message = ready.message or ready.reason
   return hs

@@ -2,7 +2,7 @@
 
     dcmdp-rollout --trainer HOST:PORT --pool NAME [--replica I] [--worker-id ID]
                   [--token-file F] [--tls-ca CA] [--server-name NAME] [--metrics-port M]
-                  [--threads T] [--give-up-after S] [--chunk-size BYTES] [--engine-option K=V ...]
+                  [--threads T] [--give-up-after S] [--data-plane collective|stream] [--engine-option K=V ...]
 
 The token comes from ``--token-file``, ``$DCMDP_TOKEN_FILE`` or ``$DCMDP_TOKEN``; the worker id from
 ``--worker-id``, ``$DCMDP_WORKER_ID`` (the pod name) or pool/replica/host/pid. Exit codes: 0 the run
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--give-up-after", type=float, default=300.0, help="seconds without the trainer before exiting")
-    ap.add_argument("--chunk-size", type=int, default=0, help="weight chunk bytes (0 = the trainer's default, 4 MiB)")
+    ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
+                    help="receive weights over the trainer's broadcast when it offers one (else the gRPC stream), "
+                         "or always over the gRPC stream")
     ap.add_argument("--engine-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                     help="engine option, e.g. weight_sync=restart (repeatable)")
     return ap
@@ -77,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("metrics", extra={"fields": {"port": port}})
     worker = Worker(args.trainer, args.pool, token, worker_id=worker_id, tls_ca=args.tls_ca,
                     server_name=args.server_name, threads=args.threads, give_up_after=args.give_up_after,
-                    chunk_size=args.chunk_size, engine_options=dict(args.engine_option), metrics=metrics, log=log)
+                    data_plane=args.data_plane == "collective", engine_options=dict(args.engine_option), metrics=metrics, log=log)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -1,64 +1,44 @@
-"""Pulling a weight snapshot from the trainer: manifest, checked chunks, resume, whole-stream sha256.
+"""Receiving a weight snapshot: over the collective data plane, or the gRPC stream as fallback.
 
-The worker asks for the version its lease names, in its pool's wire dtype (``wire_dtype``: a bf16
-pool gets bf16 bytes; int8/fp8-emulated pools quantise from fp32). Every chunk's crc32 is checked
-as it arrives; a bad chunk is fetched again from its offset. A stream that breaks (connection
-reset, trainer busy) is resumed from the last good byte. The whole is checked against the
-manifest's sha256 before any tensor is used; a mismatch fetches the whole snapshot again.
+The worker asks for the version its lease names in its pool's wire dtype (``wire_dtype``: bf16
+for bf16, int8 and fp8 pools, which quantise in the engine). Either way the snapshot arrives in
+buckets (``dcmdp.transport.buckets``), each with the crc32 the trainer computed once:
+
+* :func:`receive_broadcast` joins the trainer's broadcast (``JoinBroadcast`` hands out the group;
+  ``dcmdp.transport.collective`` opens it) and receives bucket after bucket into two reusable
+  buffers;
+* :func:`fetch_weights` pulls buckets over ``StreamWeights`` (a late joiner, no data plane, or
+  the buckets a broadcast lost or damaged); a broken stream resumes at the next bucket.
+
+A :class:`BucketReceiver` checks each bucket's crc32 and hands its whole tensors to the sink
+(the engine's loader) in a thread of its own, while the next bucket is being received. A bucket
+whose crc does not match is never loaded: it is fetched again over the stream.
 """
 
 from __future__ import annotations
 
-import hashlib
-import queue
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import grpc
+import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
-from dcmdp.transport.tensors import TensorEntry, WeightFormatError, chunk_crc, unpack
+from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
+from dcmdp.transport.collective import client_store, close_group, open_group
+from dcmdp.transport.tensors import TensorEntry, WeightFormatError, wire_dtype
+
+__all__ = ["wire_dtype", "fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-
-
-def wire_dtype(engine: str, precision: str) -> str:
-    """The dtype a pool receives weights in: its own float precision, fp32 when it quantises itself."""
-    if precision in ("bf16", "fp16", "fp32"):
-        return precision
-    if engine == "vllm" and precision == "fp8":
-        return "bf16"  # vLLM's online fp8 quantisation starts from 16-bit weights
-    return "fp32"  # int8 / emulated fp8 quantise from full precision
+Sink = Callable[[list[tuple[str, torch.Tensor]]], None]
 
 
 class WeightFetchError(RuntimeError):
     pass
-
-
-class _Hasher:
-    """sha256 of the accepted chunks, in order, in a thread of its own: hashlib releases the GIL,
-    so the digest of chunk i is computed while chunk i+1 is being received."""
-
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._digest.update(data)
-
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def hexdigest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
-        return self._digest.hexdigest()
 
 
 @dataclass
@@ -70,14 +50,139 @@ class FetchStats:
     seconds: float = 0.0
     crc_errors: int = 0
     resumes: int = 0
-    sha_failures: int = 0
+    broadcast_bytes: int = 0  # of ``bytes``: over the collective data plane
+    refetched: int = 0  # buckets fetched over the stream after a broadcast lost or damaged them
     events: list[str] = field(default_factory=list)
 
 
-def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, chunk_size: int = 0,
+def layout_of(manifest: pb.WeightManifest) -> Layout:
+    entries = tuple(TensorEntry(t.name, tuple(t.shape), t.dtype, t.offset, t.nbytes) for t in manifest.tensors)
+    try:
+        layout = Layout(manifest.dtype, entries, manifest.total_bytes, manifest.chunk_size)
+        for e in entries:
+            if e.offset < 0 or e.offset + e.nbytes > manifest.total_bytes:
+                raise WeightFormatError(f"tensor {e.name}: {e.nbytes} bytes at offset {e.offset} do not fit "
+                                        f"a stream of {manifest.total_bytes} bytes")
+    except WeightFormatError as exc:
+        raise WeightFetchError(f"weights v{manifest.version}/{manifest.dtype}: {exc}") from None
+    return layout
+
+
+class BucketReceiver:
+    """Checks and loads buckets off the receiving thread, in arrival order.
+
+    ``submit(i, data, crc)`` queues bucket ``i``: its crc32 is checked, then its completed tensors
+    go to ``sink``; ``data`` must stay untouched until ``wait_for(i)`` returns. A bucket that
+    fails its crc is remembered in ``bad`` and not loaded."""
+
+    def __init__(self, layout: Layout, sink: Sink, stats: FetchStats):
+        self.layout, self.sink, self.stats = layout, sink, stats
+        self.assembler = Assembler(layout)
+        self.bad: set[int] = set()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._futures: dict[int, Future] = {}
+
+    def _load(self, i: int, data: torch.Tensor, crc: int) -> None:
+        if bucket_crc(data) != crc:
+            self.bad.add(i)
+            self.stats.crc_errors += 1
+            return
+        self.bad.discard(i)
+        self.sink(self.assembler.add(i, data))
+
+    def submit(self, i: int, data: torch.Tensor, crc: int) -> None:
+        self._futures[i] = self._pool.submit(self._load, i, data, crc)
+
+    def wait_for(self, i: int) -> None:
+        f = self._futures.pop(i, None)
+        if f is not None:
+            f.result()
+
+    def drain(self) -> None:
+        for i in sorted(self._futures):
+            self.wait_for(i)
+
+    def missing(self) -> list[int]:
+        self.drain()
+        return [i for i in range(self.layout.buckets) if i not in self.assembler.done]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def collect_into(out: dict[str, torch.Tensor]) -> Sink:
+    """A sink that keeps every tensor (copied out of the bucket buffers they may be views of)."""
+    def sink(pairs: list[tuple[str, torch.Tensor]]) -> None:
+        for name, t in pairs:
+            out[name] = t.clone()
+    return sink
+
+
+def _runs(buckets: list[int]) -> list[tuple[int, int]]:
+    """Consecutive bucket indices as [first, last] runs."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(buckets):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receiver: BucketReceiver,
+                   wanted: list[int], stats: FetchStats, *, max_attempts: int = 8, timeout: Optional[float] = 600.0,
+                   event: Callable[..., None] = lambda what, **f: None) -> None:
+    """Pull the buckets ``wanted`` over ``StreamWeights`` until each has arrived intact."""
+    layout = receiver.layout
+    failures = 0
+    while wanted:
+        if failures >= max_attempts:
+            raise WeightFetchError(f"weights v{manifest.version}/{manifest.dtype}: gave up after {failures} failed "
+                                   f"attempts, buckets {wanted[:5]} still missing")
+        first, last = _runs(wanted)[0]
+        lo, hi = layout.span(first)[0], layout.span(last)[1]
+        stream = stub.StreamWeights(pb.WeightRequest(header=header, version=manifest.version, dtype=manifest.dtype,
+                                                     offset=lo, length=hi - lo, chunk_size=layout.bucket_bytes),
+                                    timeout=timeout)
+        i, progressed = first, False
+        try:
+            for ch in stream:
+                data = ch.data  # (each attribute read of a bytes field is a fresh copy)
+                stats.bytes += len(data)
+                start, stop = layout.span(i)
+                if ch.version != manifest.version or ch.offset != start or len(data) != stop - start:
+                    event("chunk out of place", offset=start, got_offset=ch.offset, got_version=ch.version)
+                    stream.cancel()
+                    failures += 1
+                    break
+                receiver.submit(i, torch.frombuffer(bytearray(data), dtype=torch.uint8), ch.crc32)
+                receiver.wait_for(i)
+                if i in receiver.bad:
+                    failures += 1
+                    event("chunk crc mismatch: fetching it again", offset=start, bytes=len(data))
+                    stream.cancel()
+                    break
+                wanted.remove(i)
+                progressed, failures = True, 0
+                i += 1
+                if i > last:
+                    break
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            stats.resumes += 1
+            failures += 0 if progressed else 1
+            event("stream broken: resuming", offset=layout.span(i)[0] if i <= last else hi, code=exc.code().name)
+            time.sleep(min(2.0, 0.05 * (2 ** failures)))
+
+
+def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Optional[Sink] = None,
                   max_attempts: int = 8, timeout: Optional[float] = 600.0,
                   on_event: Optional[Callable[[str, dict], None]] = None):
-    """(tensors by name, FetchStats) of ``version`` (-1 = latest) in ``dtype``."""
+    """Fetch ``version`` (-1 = latest) in ``dtype`` over the gRPC stream.
+
+    Returns (tensors by name, FetchStats); with a ``sink`` the tensors go to it bucket by bucket
+    as they arrive and the dict is empty."""
     stats = FetchStats(dtype=dtype)
     t0 = time.perf_counter()
 
@@ -86,58 +191,82 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, chunk_si
         if on_event:
             on_event(what, fields)
 
-    for whole in range(3):
-        manifest = stub.GetWeightManifest(pb.WeightRequest(header=header, version=version, dtype=dtype,
-                                                           chunk_size=chunk_size), timeout=timeout)
-        stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
-        req_version = manifest.version
-        buf = bytearray(manifest.total_bytes)
-        digest = _Hasher()  # over the accepted bytes, in order, while the next chunk arrives
-        offset, failures = 0, 0
-        while offset < manifest.total_bytes:
-            if failures >= max_attempts:
-                raise WeightFetchError(f"weights v{req_version}/{dtype}: gave up after {failures} failed "
-                                       f"attempts at byte {offset} of {manifest.total_bytes}")
-            stream = stub.StreamWeights(pb.WeightRequest(header=header, version=req_version, dtype=dtype,
-                                                         offset=offset, chunk_size=chunk_size), timeout=timeout)
-            progressed = False
-            try:
-                for ch in stream:
-                    data = ch.data  # (each attribute read of a bytes field is a fresh copy)
-                    n = len(data)
-                    stats.bytes += n
-                    if ch.version != req_version or ch.offset != offset or offset + n > manifest.total_bytes:
-                        event("chunk out of place", offset=offset, got_offset=ch.offset, got_version=ch.version)
-                        stream.cancel()
-                        failures += 1
-                        break
-                    if chunk_crc(data) != ch.crc32:
-                        stats.crc_errors += 1
-                        failures += 1
-                        event("chunk crc mismatch: fetching it again", offset=offset, bytes=n)
-                        stream.cancel()
-                        break
-                    buf[offset:offset + n] = data
-                    digest.update(data)
-                    offset += n
-                    progressed = True
-                    failures = 0
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise
-                stats.resumes += 1
-                failures += 0 if progressed else 1
-                event("stream broken: resuming", offset=offset, code=exc.code().name)
-                time.sleep(min(2.0, 0.05 * (2 ** failures)))
-        if digest.hexdigest() == manifest.sha256:
-            entries = [TensorEntry(t.name, tuple(t.shape), t.dtype, t.offset, t.nbytes) for t in manifest.tensors]
-            try:
-                tensors = unpack(buf, entries)
-            except WeightFormatError as exc:
-                raise WeightFetchError(f"weights v{req_version}/{dtype}: {exc}") from None
-            stats.seconds = time.perf_counter() - t0
-            return tensors, stats
-        stats.sha_failures += 1
-        event("sha256 mismatch: fetching the whole snapshot again", version=req_version)
-        version = req_version
-    raise WeightFetchError(f"weights v{version}/{dtype}: sha256 mismatch three times")
+    manifest = stub.GetWeightManifest(pb.WeightRequest(header=header, version=version, dtype=dtype), timeout=timeout)
+    layout = layout_of(manifest)
+    stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
+    out: dict[str, torch.Tensor] = {}
+    receiver = BucketReceiver(layout, sink or collect_into(out), stats)
+    try:
+        stream_buckets(stub, header, manifest, receiver, list(range(layout.buckets)), stats,
+                       max_attempts=max_attempts, timeout=timeout, event=event)
+        receiver.drain()
+    finally:
+        receiver.close()
+    stats.seconds = time.perf_counter() - t0
+    return out, stats
+
+
+def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host: str, *, sink: Optional[Sink] = None,
+                      timeout: Optional[float] = 600.0, on_event: Optional[Callable[[str, dict], None]] = None):
+    """Receive the broadcast ``ticket`` names; buckets it loses or damages come over the stream.
+
+    Returns (tensors by name, FetchStats) like :func:`fetch_weights`."""
+    stats = FetchStats(dtype=ticket.manifest.dtype)
+    t0 = time.perf_counter()
+
+    def event(what: str, **fields) -> None:
+        stats.events.append(what)
+        if on_event:
+            on_event(what, fields)
+
+    manifest = ticket.manifest
+    layout = layout_of(manifest)
+    stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
+    out: dict[str, torch.Tensor] = {}
+    receiver = BucketReceiver(layout, sink or collect_into(out), stats)
+    timeout_s = max(1.0, ticket.timeout_ms / 1000)
+    pg = None
+    try:
+        try:
+            store = client_store(ticket.store_host or host, ticket.store_port, timeout_s)
+            pg = open_group(store, ticket.group, ticket.rank, ticket.world_size, timeout_s=timeout_s,
+                            backend=ticket.backend or "gloo", peer_host=ticket.store_host or host)
+            size = min(layout.bucket_bytes, layout.total_bytes)
+            bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+            crcs = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+            posted = {}
+
+            def post(i: int) -> None:  # bucket i's receive, queued ahead of time (gloo matches ops by order)
+                lo, hi = layout.span(i)
+                data = bufs[i % 2][:hi - lo]
+                posted[i] = (data, crcs[i % 2], pg.broadcast(data, 0), pg.broadcast(crcs[i % 2], 0))
+
+            for i in range(min(2, layout.buckets)):
+                post(i)
+            for i in range(layout.buckets):
+                data, crc, work_data, work_crc = posted.pop(i)
+                work_data.wait()
+                work_crc.wait()
+                stats.bytes += data.numel()
+                stats.broadcast_bytes += data.numel()
+                receiver.submit(i, data, int(crc.item()))
+                if i + 2 < layout.buckets:
+                    receiver.wait_for(i)  # checked and loaded: its buffer takes bucket i+2
+                    post(i + 2)
+            receiver.drain()
+        except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
+            event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])
+        finally:
+            if pg is not None:
+                close_group(pg)
+        missing = receiver.missing()
+        if missing:
+            stats.refetched = len(missing)
+            if receiver.bad:
+                event("bucket crc mismatch: fetching it again", buckets=sorted(receiver.bad)[:8])
+            stream_buckets(stub, header, manifest, receiver, missing, stats, timeout=timeout, event=event)
+            receiver.drain()
+    finally:
+        receiver.close()
+    stats.seconds = time.perf_counter() - t0
+    return out, stats

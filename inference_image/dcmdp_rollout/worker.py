@@ -1,8 +1,14 @@
 """The rollout worker loop: register, pull weights, lease prompts, sample, submit; survive restarts.
 
     register ─► fetch the newest weights (pool dtype) ─► build the engine
-       └─► loop: AcquireLease ─► (version changed? fetch + load_weights) ─► generate ─► SubmitRollouts
+       └─► loop: AcquireLease ─► (version changed? receive + load) ─► generate ─► SubmitRollouts
                  until the lease says the run is finished
+
+Weights come over the trainer's broadcast (``JoinBroadcast``, the collective data plane) when it
+offers one, else (or for what a broadcast lost) over the gRPC stream; an engine that loads in
+place (``begin_update``/``load_partial``/``finish_update``) takes each bucket as it arrives. The
+worker samples only between updates, and an update that fails midway leaves ``version`` at -1, so
+the next lease loads a whole version again before anything is sampled.
 
 A trainer that goes away (restart, network) is retried with exponential backoff (0.2 s … 5 s);
 the worker registers again when it comes back and carries on with the weights it has. It gives
@@ -31,7 +37,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import parse_run
 from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.observability import WorkerMetrics
-from dcmdp_rollout.weights import fetch_weights, wire_dtype
+from dcmdp_rollout.weights import fetch_weights, receive_broadcast, wire_dtype
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED: "the trainer rejected the run token",
          grpc.StatusCode.NOT_FOUND: "the trainer does not know this pool",
@@ -44,14 +50,15 @@ RPC_TIMEOUT = 60.0
 class Worker:
     def __init__(self, target: str, pool: str, token: str, *, worker_id: str, tls_ca: Optional[str] = None,
                  server_name: Optional[str] = None, threads: int = 0, give_up_after: float = 300.0,
-                 chunk_size: int = 0, engine_options: Optional[dict[str, Any]] = None,
-                 metrics: Optional[WorkerMetrics] = None, log=None):
+                 engine_options: Optional[dict[str, Any]] = None,
+                 metrics: Optional[WorkerMetrics] = None, log=None, data_plane: bool = True):
         self.target, self.pool, self.worker_id = target, pool, worker_id
         self.channel = open_channel(target, token, tls_ca=tls_ca, server_name=server_name)
         self.stub = dcmdp_pb2_grpc.TrainerStub(self.channel)
         self.threads = threads
         self.give_up_after = give_up_after
-        self.chunk_size = chunk_size
+        self.data_plane = data_plane
+        self.host = target.rsplit(":", 1)[0].strip("[]")
         self.engine_options = dict(engine_options or {})
         self.metrics = metrics or WorkerMetrics(pool, worker_id)
         self.log = log
@@ -152,14 +159,27 @@ class Worker:
         def on_event(what: str, fields: dict) -> None:
             self._log("warning", what, **fields)
 
-        tensors, stats = fetch_weights(self.stub, self.header(), version, self.dtype, chunk_size=self.chunk_size,
-                                       timeout=600.0, on_event=on_event)
+        in_place = self.engine is not None and hasattr(self.engine, "load_partial")
+        sink = None
+        if in_place:
+            self.version = -1  # fenced: a failure from here on leaves no usable version
+            self.engine.begin_update()
+            sink = self.engine.load_partial
+        ticket = self._join(version)
+        if ticket is not None and ticket.group:
+            tensors, stats = receive_broadcast(self.stub, self.header(), ticket, self.host, sink=sink,
+                                               timeout=600.0, on_event=on_event)
+        else:
+            tensors, stats = fetch_weights(self.stub, self.header(), version, self.dtype, sink=sink,
+                                           timeout=600.0, on_event=on_event)
         self.metrics.sync_bytes.inc(stats.bytes)
         self.metrics.crc_errors.inc(stats.crc_errors)
         self.metrics.resumes.inc(stats.resumes)
         fetch_s = time.perf_counter() - t0
         if self.engine is None:
             self.engine = self._build_engine(tensors)
+        elif in_place:
+            self.engine.finish_update(stats.version)
         else:
             self.engine.load_weights(tensors, stats.version)
         self.version = stats.version
@@ -168,7 +188,20 @@ class Worker:
         self.metrics.version.set(self.version)
         self._log("info", "weights loaded", version=self.version, dtype=self.dtype, bytes=stats.bytes,
                   fetch_s=round(fetch_s, 4), total_s=round(seconds, 4), crc_errors=stats.crc_errors,
-                  resumes=stats.resumes)
+                  resumes=stats.resumes, broadcast_bytes=stats.broadcast_bytes, refetched=stats.refetched)
+
+    def _join(self, version: int) -> Optional[pb.BroadcastTicket]:
+        """A ticket to the trainer's broadcast of ``version``, or None (stream it)."""
+        if not self.data_plane:
+            return None
+        try:
+            return self.stub.JoinBroadcast(pb.WeightRequest(header=self.header(), version=version, dtype=self.dtype),
+                                           timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self.data_plane = False  # an older trainer: the stream only
+            return None
 
     def _build_engine(self, tensors) -> RolloutEngine:
         from safetensors.torch import save_file

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from dcmdp import names, podsecurity, yamlfile
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
+from dcmdp.status import TERMINAL_PHASES
 
 from . import podtemplate
 from .config import FIELD_MANAGER, GRPC_PORT, METRICS_PORT, OperatorConfig
@@ -39,7 +40,6 @@ TOKEN_DIR = "/var/run/dcmdp"
 CONFIG_DIR = "/etc/dcmdp"
 CHECKPOINT_DIR = "/checkpoints"
 MASTER_PORT = 29500
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 # label keys
 RUN_LABEL = "dcmdp.io/run"

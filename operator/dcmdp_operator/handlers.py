@@ -78,6 +78,8 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo, trigger: str) -> reconcil
             raw, client=kube.CLIENT, config=CONFIG, previous=memo.get("dcmdp_status"), trigger=trigger
         )
         memo["dcmdp_status"] = result.status
+        ready = next((c for c in result.status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        memo["dcmdp_failures"] = memo.get("dcmdp_failures", 0) + 1 if ready.get("reason") in reconcile.ERROR_REASONS else 0
     key = f"{raw['metadata'].get('namespace')}/{raw['metadata']['name']}"
     metrics.BOOK.set(key, result.status["phase"])
     for kind, reason, message in result.events:
@@ -94,6 +96,18 @@ async def reconcile_run(body: kopf.Body, memo: kopf.Memo, reason: str, logger: l
         logger.info(f"{action} {kind} {name}")
 
 
+MAX_BACKOFF_SECONDS = 300.0
+
+
+def backoff(poll_seconds: float, failures: int) -> float:
+    """Seconds to the next reconcile: the poll period, doubled for each reconcile in a row that
+    ended in an error (a refused child, a failed reconcile), at most :data:`MAX_BACKOFF_SECONDS`
+    (or the poll period, when that is longer)."""
+    if failures <= 0:
+        return poll_seconds
+    return max(poll_seconds, min(poll_seconds * 2.0 ** min(failures, 32), MAX_BACKOFF_SECONDS))
+
+
 @kopf.daemon(*RESOURCE, cancellation_backoff=2.0, cancellation_timeout=10.0)
 async def poll(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Every poll period: re-apply the children, read the trainer, update the status; delete the
@@ -106,7 +120,7 @@ async def poll(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, lo
             if stopped:
                 break
             result = await _reconcile(body, memo, trigger="poll")
-            delay = CONFIG.poll_seconds
+            delay = backoff(CONFIG.poll_seconds, memo.get("dcmdp_failures", 0))
             left = status.is_due_for_deletion(result.run, result.status, dt.datetime.now(dt.timezone.utc))
             if left is not None and left <= 0:
                 logger.info(f"ttlSecondsAfterFinished has passed since {result.status['completionTime']}: deleting")

@@ -86,6 +86,7 @@ class APIError(Exception):
         self.path = path
         self.body = body
         reason = body.get("message") if isinstance(body, dict) else str(body)[:300]
+        self.reason = f"HTTP {status}: {reason}"  # the API server's own words (they name the field)
         super().__init__(f"{method} {path}: HTTP {status}: {reason}")
 
 

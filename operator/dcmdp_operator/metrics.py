@@ -7,7 +7,7 @@ from typing import Optional
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from .status import PHASES
+from dcmdp.status import PHASES
 
 RECONCILES = Counter(
     "dcmdp_operator_reconciles_total", "Reconciles of DCMDPRuns, by trigger and result.", ["trigger", "result"]

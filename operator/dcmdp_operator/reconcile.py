@@ -20,6 +20,13 @@ from . import apply, children, kube, metrics, podtemplate, spec_changes, status,
 from .config import OperatorConfig
 
 
+# HTTP answers that refuse a child for good (the same object would be refused again): bad request,
+# forbidden (RBAC, a quota, a webhook), invalid (422).
+REFUSED = frozenset({400, 403, 422})
+# Ready reasons that mean "the operator cannot carry this out": retried with a back-off.
+ERROR_REASONS = frozenset({"InvalidSpec", "ChildConflict", "ChildRejected", "ReconcileError"})
+
+
 @dataclasses.dataclass
 class Result:
     status: dict[str, Any]
@@ -83,6 +90,7 @@ async def reconcile(
         new = status.compute(run, obs, previous, generation, now_)
         return Result(new, previous, status.transitions(previous, new), run, writes)
 
+    run: Optional[DCMDPRun] = None
     try:
         try:
             run = _parse(body, config)
@@ -127,6 +135,11 @@ async def reconcile(
             if isinstance(outcome, apply.ChildConflict):
                 obs.error = ("ChildConflict", str(outcome))
                 continue
+            if isinstance(outcome, kube.APIError) and outcome.status in REFUSED:
+                # The API server (or an admission webhook) refuses the child: retrying the same
+                # object cannot help. The others are still applied; the run says why.
+                obs.error = ("ChildRejected", f"the API server refused {d['kind']} {d['metadata']['name']}: {outcome.reason}")
+                continue
             if isinstance(outcome, BaseException):
                 raise outcome
             obj, action = outcome
@@ -150,10 +163,18 @@ async def reconcile(
         await _patch_status(client, meta, result.status, previous)
         metrics.RECONCILES.labels(trigger, "ok").inc()
         return result
-    except BaseException as exc:
-        if not isinstance(exc, asyncio.CancelledError):
-            metrics.RECONCILES.labels(trigger, "error").inc()
-            metrics.ERRORS.labels(type(exc).__name__).inc()
-        raise
+    except Exception as exc:
+        # Any other failure (the API server unreachable, a bug, a template nested too deep for
+        # Python's recursion limit...) is reported on the run, then retried with a back-off
+        # (handlers.py). The status write itself may fail too: then only the Event and log remain.
+        metrics.RECONCILES.labels(trigger, "error").inc()
+        metrics.ERRORS.labels(type(exc).__name__).inc()
+        obs.error = ("ReconcileError", f"{type(exc).__name__}: {str(exc)[:1000]}")
+        result = finish(run)
+        try:
+            await _patch_status(client, meta, result.status, previous)
+        except Exception as write_exc:  # noqa: BLE001 - reported with the original error
+            result.events.append(("Warning", "StatusWriteFailed", f"{type(write_exc).__name__}: {write_exc}"))
+        return result
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)

@@ -8,8 +8,8 @@ Phases: Pending → Running → Succeeded | Failed; Suspended while ``spec.suspe
 Failed are final. Conditions ``Ready``, ``Progressing``, ``Succeeded``, ``Failed``, ``Suspended``
 have the shape of ``metav1.Condition`` (type, status, reason, message, lastTransitionTime,
 observedGeneration); ``lastTransitionTime`` moves only when a condition's status flips. Numbers the
-trainer reports (step, reward, δ̄, λ, per-pool figures) keep their last known value while the
-trainer cannot be reached.
+trainer reports (step, reward, δ̄, λ, per-pool figures; which ones: ``dcmdp.status``) keep their
+last known value while the trainer cannot be reached.
 """
 
 from __future__ import annotations
@@ -20,32 +20,7 @@ import math
 from typing import Any, Optional
 
 from dcmdp.spec import DCMDPRun
-
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-TERMINAL = frozenset({"Succeeded", "Failed"})
-CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
-
-# trainer Status field (proto name) -> status field (camelCase)
-TRAINER_FIELDS = {
-    "step": "step",
-    "total_steps": "totalSteps",
-    "weight_version": "weightVersion",
-    "reward_mean": "reward",
-    "prob_diff_mean": "probDiffMean",
-    "lambda": "lambda",
-    "tolerance": "tolerance",
-    "checkpoint_step": "checkpointStep",
-    "eval_accuracy": "evalAccuracy",
-}
-POOL_FIELDS = {
-    "prob_diff_mean": "probDiffMean",
-    "lambda": "lambda",
-    "tolerance": "tolerance",
-    "tokens": "tokens",
-    "workers": "workers",
-    "reward_mean": "reward",
-}
-
+from dcmdp.status import POOL_FIELDS, TERMINAL_PHASES, TRAINER_FIELDS, lambdas_text
 
 @dataclasses.dataclass
 class Observed:
@@ -86,8 +61,11 @@ def _phase(
 ) -> tuple[str, str, str]:
     """(phase, reason, message)."""
     prev = previous.get("phase")
-    if prev in TERMINAL and previous.get("reason") != "InvalidSpec":  # a fixed spec can still run
+    if prev in TERMINAL_PHASES and previous.get("reason") != "InvalidSpec":  # a fixed spec can still run
         return prev, previous.get("reason") or prev, previous.get("message") or ""
+    if obs.error is not None and obs.error[0] == "ReconcileError":
+        # Nothing was observed: the phase stays what it was; Ready carries the error.
+        return prev or "Pending", previous.get("reason") or "ReconcileError", previous.get("message") or obs.error[1]
     if obs.error is not None and (run is None or obs.error[0] == "InvalidSpec"):
         return "Failed", obs.error[0], obs.error[1]
     assert run is not None
@@ -193,11 +171,12 @@ def compute(
     out["trainerReachable"] = trainer is not None
     out["restarts"] = max(restarts(obs.job), int(previous.get("restarts") or 0)) if obs.job is not None else int(previous.get("restarts") or 0)
     out["pools"] = _pools(run, obs, previous) if run is not None else previous.get("pools")
+    out["lambdas"] = lambdas_text(out["pools"] or [])
     out["refusedChanges"] = list(obs.refused) or None
 
     # times
     out["startTime"] = previous.get("startTime") or (ts if phase == "Running" else None)
-    out["completionTime"] = (previous.get("completionTime") or ts) if phase in TERMINAL else None
+    out["completionTime"] = (previous.get("completionTime") or ts) if phase in TERMINAL_PHASES else None
 
     # conditions
     pools_ready = all(p.get("readyReplicas", 0) >= p.get("replicas", 0) for p in out["pools"] or [])
@@ -238,6 +217,14 @@ def transitions(previous: Optional[dict[str, Any]], new: dict[str, Any]) -> list
     if previous.get("phase") != new["phase"]:
         kind = "Warning" if new["phase"] == "Failed" else "Normal"
         out.append((kind, new["phase"], new.get("message") or new["phase"]))
+    # An error the operator cannot get past (a child the API server refuses, a reconcile that
+    # failed): a Warning naming the cause, again whenever the cause changes.
+    ready = next((c for c in new.get("conditions") or [] if c.get("type") == "Ready"), {})
+    old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    if ready.get("reason") in ("ChildRejected", "ReconcileError", "ChildConflict") and (
+        (ready.get("reason"), ready.get("message")) != (old_ready.get("reason"), old_ready.get("message"))
+    ):
+        out.append(("Warning", ready["reason"], ready.get("message") or ready["reason"]))
     old_refused = previous.get("refusedChanges") or []
     if new.get("refusedChanges") and new["refusedChanges"] != old_refused:
         out.append(("Warning", "SpecChangeRefused", f"refused changes to {', '.join(new['refusedChanges'])}"))
@@ -248,7 +235,7 @@ def is_due_for_deletion(run: Optional[DCMDPRun], status: dict[str, Any], now: dt
     """Seconds until ``ttlSecondsAfterFinished`` deletes a finished run (<= 0: now); None: never."""
     if run is None or run.spec.ttl_seconds_after_finished is None:
         return None
-    if status.get("phase") not in TERMINAL or not status.get("completionTime"):
+    if status.get("phase") not in TERMINAL_PHASES or not status.get("completionTime"):
         return None
     done = dt.datetime.strptime(status["completionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
     return (done - now).total_seconds() + run.spec.ttl_seconds_after_finished

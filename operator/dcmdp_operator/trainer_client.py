@@ -12,33 +12,20 @@ import grpc
 
 from dcmdp.proto import dcmdp_pb2, dcmdp_pb2_grpc
 
-SCALARS = (
-    "run_name",
-    "phase",
-    "step",
-    "total_steps",
-    "weight_version",
-    "reward_mean",
-    "prob_diff_mean",
-    "lambda",
-    "tolerance",
-    "queue_depth",
-    "leases_outstanding",
-    "leases_expired",
-    "rollouts_dropped_stale",
-    "finished",
-    "message",
-    "checkpoint_step",
-    "eval_accuracy",
-    "updated_unix_ms",
-)
-POOL_SCALARS = ("name", "prob_diff_mean", "lambda", "tolerance", "tokens", "workers", "reward_mean")
+def _scalars(msg: Any) -> dict[str, Any]:
+    """Every scalar field of a message by its proto name; an ``optional`` field not set is None
+    (the trainer does not know it yet: "auto, still calibrating" stays distinguishable from 0)."""
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.message_type is None and not f.is_repeated:
+            out[f.name] = getattr(msg, f.name) if not f.has_presence or msg.HasField(f.name) else None
+    return out
 
 
 def to_dict(msg: dcmdp_pb2.Status) -> dict[str, Any]:
-    """A Status message as plain Python values (proto field names; ints stay ints)."""
-    out: dict[str, Any] = {k: getattr(msg, k) for k in SCALARS}
-    out["pools"] = [{k: getattr(p, k) for k in POOL_SCALARS} for p in msg.pools]
+    """A Status message as plain Python values (proto field names; ints stay ints; unknown None)."""
+    out = _scalars(msg)
+    out["pools"] = [_scalars(p) for p in msg.pools]
     out["workers"] = len(msg.workers)
     return out
 

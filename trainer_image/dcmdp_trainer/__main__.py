@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dcmdp.transport.tensors import wire_dtype
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = spec.trainer.threads or default)")
     ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
+    ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
+                    help="how weights reach workers: a torch.distributed broadcast (gloo/NCCL; not under TLS) "
+                         "with the gRPC stream as fallback, or the gRPC stream only")
     ap.add_argument("--linger", type=float, default=10.0, help="seconds to wait for workers to hear the run ended")
     return ap
 
@@ -112,19 +117,28 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         server.stop(grace=None)
         runtime.close()
         raise
-    tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
-    publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else ())
-    publisher.publish(session.version, session.weights(session.version))
-    coord = Coordinator(session, publisher, log=log, runtime=runtime)
-    server.dcmdp_service.attach(coord, publisher)
-    log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
-                                          "version": session.version, "resumed": resume,
-                                          "tls": bool(args.tls_cert), "out": str(out)}})
-    if args.ready_file:
-        tmp = Path(args.ready_file + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,
-                                   "pid": os.getpid()}))
-        os.replace(tmp, args.ready_file)
+    try:
+        tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
+        publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
+                                    dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
+        publisher.publish(session.version, session.weights(session.version))
+        coord = Coordinator(session, publisher, log=log, runtime=runtime)
+        # gloo has no TLS: under TLS the weights stay on the gRPC stream
+        collective = args.data_plane == "collective" and not args.tls_cert
+        server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
+        log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
+                                              "version": session.version, "resumed": resume,
+                                              "tls": bool(args.tls_cert), "out": str(out)}})
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,
+                                       "pid": os.getpid()}))
+            os.replace(tmp, args.ready_file)
+    except Exception as exc:
+        log.exception(f"cannot start serving: {type(exc).__name__}: {exc}")
+        server.stop(grace=None)
+        runtime.close()
+        return 1
 
     def on_signal(signum, frame):
         log.info("stop requested", extra={"fields": {"signal": signal.Signals(signum).name}})
@@ -143,11 +157,22 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
             coord.phase, coord.message = "Failed", f"{type(exc).__name__}: {exc}"
         code = 1
     finally:
-        if coord.finished:
-            coord.wait_workers_told(args.linger)
-        summary = session.close()
-        coord.checkpoint_step = session.step
-        _distributed_done(session)
+        # every exit path stops the server (its threads would keep the process alive) and a
+        # failure of the final writes (read-only or full disk) is an exit code 1 with its cause
+        summary: dict = {}
+        try:
+            if coord.finished:
+                coord.wait_workers_told(args.linger)
+            summary = session.close()
+            coord.checkpoint_step = session.step
+        except Exception as exc:
+            log.exception(f"the final checkpoint/summary could not be written: {type(exc).__name__}: {exc}")
+            code = 1
+        try:
+            _distributed_done(session)
+        except Exception as exc:
+            log.exception(f"stopping the other ranks failed: {type(exc).__name__}: {exc}")
+            code = 1
         server.stop(grace=1.0).wait()
         runtime.close()
         log.info("trainer exits", extra={"fields": {"code": code, "steps": summary.get("steps"),

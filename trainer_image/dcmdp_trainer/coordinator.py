@@ -23,6 +23,7 @@ evaluation item with the held-out prompts and records the same keys as the in-pr
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from dcmdp.sample_check import Problem, check_response, check_timing
 from dcmdp_trainer.leases import LeaseBook, LeaseRecord, WorkItem
 from dcmdp_trainer.local import split_prompts
 from dcmdp_trainer.session import Session, StepPrompt
+from dcmdp.transport.tensors import wire_dtype
 from dcmdp_trainer.weights import WeightPublisher
 
 Callback = Callable[[dict[str, Any]], None]
@@ -116,7 +118,7 @@ class Coordinator:
         self.last_row: dict[str, Any] = {}
         self.lag_by_pool: dict[str, float] = {}
         self.checkpoint_step = session.step
-        self.eval_accuracy = 0.0
+        self.eval_accuracy: Optional[float] = None  # none until the first evaluation
         self.wait_s_total = 0.0
         self.train_s_total = 0.0
         self._held_out: Optional[list[StepPrompt]] = None
@@ -167,6 +169,14 @@ class Coordinator:
             w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, time.time()
             self.workers[worker_id] = w
         self._log("worker registered", worker=worker_id, pool=pool, engine=engine, precision=precision)
+
+    def workers_receiving(self, dtype: str, within_s: float = 30.0) -> int:
+        """Workers seen in the last ``within_s`` seconds whose pool receives weights in ``dtype``
+        (the joiners a broadcast round of that dtype waits for)."""
+        now = time.time()
+        with self.cond:
+            return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
+                       and wire_dtype(self.pools[w.pool].engine, self.pools[w.pool].precision) == dtype)
 
     def _seen(self, worker_id: str, pool: str, version: int) -> WorkerState:
         w = self.workers.get(worker_id)
@@ -414,11 +424,17 @@ class Coordinator:
             self.on_eval(s.eval_rows[-1])
         return values
 
-    def wait_workers_told(self, timeout: float) -> bool:
-        """After the run: give workers up to ``timeout`` s to hear that it finished."""
+    def wait_workers_told(self, timeout: float, silent_s: float = 6.0) -> bool:
+        """After the run: give workers up to ``timeout`` s to hear that it finished. A worker
+        holding no live lease and silent for ``silent_s`` s (an idle worker long-polls every ≤ 2 s)
+        is taken as dead and not waited for."""
         deadline = time.monotonic() + timeout
+
+        def alive(w: WorkerState) -> bool:
+            return time.time() - w.last_seen < silent_s or self.book.outstanding(w.worker_id) > 0
+
         with self.cond:
-            while any(not w.told_finished for w in self.workers.values()):
+            while any(not w.told_finished and alive(w) for w in self.workers.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -427,33 +443,39 @@ class Coordinator:
 
     # -- status ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """Everything ``GetStatus`` reports (plain values, taken under the lock)."""
+        """Everything ``GetStatus`` reports (plain values, taken under the lock). A figure not known
+        yet (no step finished, no constraint, ``auto`` still calibrating) is None: absent on the
+        wire, never 0."""
         with self.cond:
             row = dict(self.last_row)
+
+            def known(key: str) -> Optional[float]:
+                v = row.get(key)
+                return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
             queue = sum(len(b.rollouts) for b in self.buffers.values())
             pools = []
             for name in self.pools:
                 pools.append({
                     "name": name,
-                    "prob_diff_mean": row.get(f"pool/{name}/discrepancy/prob_diff_mean") or 0.0,
-                    "lambda": row.get(f"pool/{name}/constraint/lambda") or 0.0,
-                    "tolerance": row.get(f"pool/{name}/constraint/tolerance") or 0.0,
+                    "prob_diff_mean": known(f"pool/{name}/discrepancy/prob_diff_mean"),
+                    "lambda": known(f"pool/{name}/constraint/lambda"),
+                    "tolerance": known(f"pool/{name}/constraint/tolerance"),
                     "tokens": int(row.get(f"pool/{name}/discrepancy/tokens") or 0),
                     "workers": sum(1 for w in self.workers.values() if w.pool == name),
-                    "reward_mean": row.get(f"pool/{name}/reward/mean") or 0.0,
+                    "reward_mean": known(f"pool/{name}/reward/mean"),
                     "version_lag_mean": self.lag_by_pool.get(name, 0.0),
                     "rollouts_dropped_stale": self.dropped_by_pool.get(name, 0),
                 })
             workers = [{"worker_id": w.worker_id, "pool": w.pool, "weight_version": w.version,
                         "last_seen_unix_ms": int(w.last_seen * 1000),
                         "leases": self.book.outstanding(w.worker_id)} for w in self.workers.values()]
-            tol = row.get("constraint/tolerance")
             return {
                 "run_name": self.session.run.metadata.name, "phase": self.phase,
                 "step": self.session.step, "total_steps": self.session.total_steps,
-                "weight_version": self.version, "reward_mean": row.get("reward/mean") or 0.0,
-                "prob_diff_mean": row.get("discrepancy/prob_diff_mean") or 0.0,
-                "lambda": row.get("constraint/lambda") or 0.0, "tolerance": tol or 0.0,
+                "weight_version": self.version, "reward_mean": known("reward/mean"),
+                "prob_diff_mean": known("discrepancy/prob_diff_mean"),
+                "run_lambda": known("constraint/run_lambda"), "tolerance": known("constraint/tolerance"),
                 "pools": pools, "queue_depth": queue, "leases_outstanding": self.book.outstanding(),
                 "leases_expired": self.book.expired_total, "rollouts_dropped_stale": self.dropped_stale,
                 "workers": workers, "finished": self.finished, "message": self.message,

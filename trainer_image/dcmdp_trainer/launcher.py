@@ -28,10 +28,14 @@ from typing import Any, Callable, Optional
 
 
 from dcmdp import yamlfile
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.transport.channel import open_channel
 from dcmdp.spec import DCMDPRun, dump_run
 
 Callback = Callable[[dict[str, Any]], None]
 READY_TIMEOUT_S = 600.0
+TRAINER_SILENT_S = 60.0  # a trainer that answered no GetStatus for this long has hung: the run fails
 
 
 class RunFailed(SystemExit):
@@ -135,6 +139,36 @@ class Children:
             c.close()
 
 
+class TrainerWatch:
+    """Asks the trainer for its status every ``every_s`` (one call in flight at a time, never
+    blocking the caller); :meth:`silent_for` is how long it has answered none."""
+
+    def __init__(self, target: str, token: str, every_s: float = 5.0, timeout_s: float = 10.0):
+        self._channel = open_channel(target, token)
+        self._call = dcmdp_pb2_grpc.TrainerStub(self._channel).GetStatus
+        self._request = pb.StatusRequest()
+        self.every_s, self.timeout_s = every_s, timeout_s
+        self.last_answer = time.monotonic()
+        self._pending: Any = None
+        self._next = time.monotonic()
+
+    def silent_for(self) -> float:
+        now = time.monotonic()
+        if self._pending is not None and self._pending.done():
+            if self._pending.exception() is None:
+                self.last_answer = now
+            self._pending = None
+        if self._pending is None and now >= self._next:
+            self._pending = self._call.future(self._request, timeout=self.timeout_s)
+            self._next = now + self.every_s
+        return now - self.last_answer
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._channel.close()
+
+
 class JsonlFollower:
     """New complete lines of a JSON-lines file, as they are appended."""
 
@@ -160,7 +194,7 @@ class JsonlFollower:
 def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, resume: bool = False,
                   on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None, threads: int = 0,
                   host: str = "127.0.0.1", worker_threads: Optional[int] = None,
-                  extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+                  extra_env: Optional[dict[str, str]] = None, trainer_silent_s: float = TRAINER_SILENT_S) -> dict[str, Any]:
     """Run the manifest as separate trainer and worker processes; returns the trainer's summary.
 
     ``threads`` (torch threads) applies to every process; when 0, the trainer keeps torch's
@@ -190,6 +224,7 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
     env.pop("DCMDP_TOKEN", None)
     spec = run.spec
     children = Children()
+    watch: Optional[TrainerWatch] = None
     try:
         trainer_cmd = [sys.executable, "-m", "dcmdp_trainer", "--config", str(config), "--port", "0",
                        "--host", host, "--metrics-port", "0", "--out", str(out), "--token-file", str(token_file),
@@ -239,11 +274,16 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
                 if row.get("step", 0) >= start_step and on_step:
                     on_step(row)
 
+        watch = TrainerWatch(target, token_file.read_text().strip(), every_s=min(5.0, trainer_silent_s / 3))
         while True:
             pump()
             code = trainer.poll()
             if code is not None:
                 break
+            silent = watch.silent_for()
+            if silent > trainer_silent_s:
+                raise RunFailed(f"the trainer (pid {trainer.pid}) stopped answering: no GetStatus reply for "
+                                f"{silent:.0f} s; its log ({trainer.log_path}):\n{trainer.tail()}")
             for c in trainers[1:] + workers:
                 rc = c.poll()
                 if rc is not None and rc != 0:
@@ -261,6 +301,8 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
         summary["processes"] = {c.name: {"pid": c.pid, "exit": c.poll()} for c in children.items}
         return summary
     finally:
+        if watch is not None:
+            watch.close()
         children.stop()
 
 

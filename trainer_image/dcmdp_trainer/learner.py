@@ -304,9 +304,9 @@ class Learner:
             "reward/std": float(batch.rewards.std(unbiased=False)),
             "response/length_mean": float(batch.mask.sum(-1).mean()),
             "rollouts": batch.size,
-            "constraint/lambda": run_applied if use_constraint else 0.0,
+            "constraint/run_lambda": run_applied if use_constraint else 0.0,  # applied to no token with 2+ pools
             "constraint/tolerance": run_tolerance,
-            "constraint/lambda_next": self.constraints.run.value if use_constraint else 0.0,
+            "constraint/run_lambda_next": self.constraints.run.value if use_constraint else 0.0,
         })
         row.update({f"discrepancy/{k}": v for k, v in run_stats.items() if k != "tokens"})
         row["discrepancy/tokens"] = run_stats["tokens"]

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from dcmdp.engine import RolloutEngine, Sample, SamplingParams, make_engine
 from dcmdp.sample_check import check_response
 from dcmdp.spec import DCMDPRun
+from dcmdp.transport.tensors import wire_cast, wire_dtype
 from dcmdp_trainer.session import Session, StepPrompt
 
 Callback = Callable[[dict[str, Any]], None]
@@ -48,7 +49,10 @@ class LocalPools:
     def sync(self, pool: str, lag: int) -> int:
         version = self.session.version_for(lag)
         if self.loaded.get(pool) != version:
-            self.engines[pool].load_weights(self.session.weights(version), version)
+            spec = next(p for p in self.session.spec.rollout.pools if p.name == pool)
+            # what a worker of the pool receives: the weights rounded to its wire dtype
+            state = wire_cast(self.session.weights(version), wire_dtype(spec.engine, spec.precision))
+            self.engines[pool].load_weights(state, version)
             self.loaded[pool] = version
         return version
 

@@ -8,6 +8,7 @@ and the server goes on. The run token is checked before any handler runs (``dcmd
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,12 +19,32 @@ from dcmdp.engine import Sample
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
-from dcmdp.transport.channel import bind, make_server
+from dcmdp.transport.buckets import WeightCastError
+from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
+from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected
+from dcmdp_trainer.stream_guard import Slots, StallWatchdog
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LONG_POLL_S = 2.0
+MAX_WORKERS = 32  # server threads
+MAX_STREAMS = 8  # concurrent weight streams (each holds a thread and one bucket buffer)
+STALL_S = 30.0  # a weight stream that hands gRPC no chunk for this long is cancelled
+MAX_TOKENS_PER_SAMPLE = 4096  # the spec's bound on task.maxNewTokens
+BYTES_PER_TOKEN = 16  # a token id (varint, ≤ 5 bytes) and its log p (4 bytes), with room to spare
+
+
+def submission_bytes(run) -> int:
+    """The largest SubmitRollouts a worker of ``run`` can legitimately send (bytes): the largest
+    work item (a training lease of ``batchPrompts`` × ``groupSize`` samples, or an evaluation lease
+    of ``heldOut`` samples) × the longest response, plus per-sample framing. The trainer's receive
+    limit is the larger of this and :data:`SERVER_RECEIVE_BYTES`."""
+    spec = run.spec
+    per_lease = max((spec.rollout.batch_prompts or spec.algorithm.mini_batch_size) * spec.algorithm.group_size,
+                    spec.task.held_out)
+    tokens = spec.task.max_new_tokens or MAX_TOKENS_PER_SAMPLE
+    return per_lease * (tokens * BYTES_PER_TOKEN + 64) + (64 << 10)
 
 
 def model_files(folder: Path) -> list[pb.ModelFile]:
@@ -42,24 +63,49 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     count it as the trainer being unreachable)."""
 
     def __init__(self, coord: Optional[Coordinator] = None, publisher: Optional[WeightPublisher] = None, *,
-                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S):
+                 run=None, total_steps: int = 0, runtime=None, log=None, long_poll_s: float = LONG_POLL_S,
+                 long_poll_slots: int = 16, max_streams: int = MAX_STREAMS, stall_s: float = STALL_S,
+                 hub: Optional[BroadcastHub] = None):
         self.runtime = runtime
+        self.hub = hub
+        self.streams = Slots(max_streams)
+        self.watchdog = StallWatchdog(stall_s, tick_s=min(0.5, stall_s / 4), on_stall=self._stalled)
         self.log = log
         self.long_poll_s = long_poll_s
+        # Long polls hold a server thread for up to long_poll_s: beyond this many at once, a lease
+        # request is answered at once (retry_after_ms), so GetStatus and submissions always find a thread.
+        self.long_polls = threading.BoundedSemaphore(long_poll_slots)
         self.run, self.total_steps = run, total_steps
         self.started = time.time()
         self.coord: Optional[Coordinator] = None
         if coord is not None:
             self.attach(coord, publisher)
 
-    def attach(self, coord: Coordinator, publisher: WeightPublisher) -> None:
+    def attach(self, coord: Coordinator, publisher: WeightPublisher, hub: Optional[BroadcastHub] = None,
+               broadcast_host: Optional[str] = None) -> None:
+        """Start serving ``coord``; weights over ``hub`` (or a hub on ``broadcast_host``) when given,
+        else over the gRPC stream only."""
+        if hub is None and broadcast_host is not None:
+            hub = BroadcastHub(publisher, broadcast_host, expected=coord.workers_receiving, on_round=self._round)
         session = coord.session
         manifest = dump_run(session.run)
         manifest["spec"]["algorithm"]["steps"] = session.total_steps
         self.manifest_json = json.dumps(manifest)
         self.files = model_files(session.model_dir)
         self.publisher = publisher
+        self.hub = hub or self.hub
         self.coord = coord
+
+    def _round(self, r) -> None:
+        if self.runtime:
+            for pool in r.pools:  # the bytes each receiving worker was sent
+                self.runtime.weights_served(pool, r.dtype, r.bytes, r.seconds)
+        if self.log:
+            self.log.info("weights broadcast", extra={"fields": {**vars(r), "pools": list(r.pools)}})
+
+    def _stalled(self, what: str) -> None:
+        if self.log:
+            self.log.warning("weight stream stalled: cancelled", extra={"fields": {"stream": what}})
 
     def _ready(self, context) -> Coordinator:
         coord = self.coord
@@ -88,13 +134,19 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self._ready(context)
         h = request.header
         try:
-            rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version, wait=self.long_poll_s)
+            polling = self.long_polls.acquire(blocking=False)
+            try:
+                rec, finished = self.coord.acquire(h.worker_id, h.pool, h.weight_version,
+                                                   wait=self.long_poll_s if polling else 0.0)
+            finally:
+                if polling:
+                    self.long_polls.release()
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
-        if rec is None:
-            return pb.Lease(header=self._header(h), retry_after_ms=50)
+        if rec is None:  # no work: ask again soon (later when the long-poll budget is spent)
+            return pb.Lease(header=self._header(h), retry_after_ms=50 if polling else 500)
         item = rec.item
         ttl = max(0.0, rec.expires - self.coord.clock())
         return pb.Lease(
@@ -119,39 +171,73 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             return pb.SubmitReply(header=self._header(h), accepted=False, reason=str(exc))
         return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
 
-    def _packed(self, request, context):
+    def _prepared(self, request, context):
+        if request.version < -1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, or -1 for the latest (got {request.version})")
+        if request.offset < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offset must be >= 0 (got {request.offset})")
         try:
-            return self.publisher.packed(request.version, request.dtype or "fp32")
+            return self.publisher.prepared(request.version, request.dtype or "fp32")
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WeightCastError as exc:  # the trainer's weights overflow the wire dtype: nothing is sent
+            if self.log:
+                self.log.error("weights not castable", extra={"fields": {"reason": str(exc)}})
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _manifest(self, h: pb.Header, prep) -> pb.WeightManifest:
+        lay = prep.layout
+        return pb.WeightManifest(
+            header=self._header(h, prep.version), version=prep.version, dtype=lay.dtype,
+            tensors=[pb.TensorInfo(name=e.name, shape=list(e.shape), dtype=e.dtype, offset=e.offset, nbytes=e.nbytes)
+                     for e in lay.entries],
+            total_bytes=lay.total_bytes, chunk_size=lay.bucket_bytes)
 
     def GetWeightManifest(self, request, context):
         self._ready(context)
-        p = self._packed(request, context)
-        version = request.version if request.version >= 0 else self.publisher.latest
-        return pb.WeightManifest(
-            header=self._header(request.header, version), version=version, dtype=p.dtype,
-            tensors=[pb.TensorInfo(name=e.name, shape=list(e.shape), dtype=e.dtype, offset=e.offset, nbytes=e.nbytes)
-                     for e in p.entries],
-            total_bytes=p.total_bytes, sha256=p.sha256, chunk_size=request.chunk_size or 0)
+        return self._manifest(request.header, self._prepared(request, context))
+
+    def JoinBroadcast(self, request, context):
+        """A ticket to the broadcast of (version, dtype); an empty group says: stream it."""
+        self._ready(context)
+        prep = self._prepared(request, context)
+        ticket = (self.hub.join(prep.version, prep.layout.dtype, request.header.pool or "?")
+                  if self.hub is not None else None)
+        reply = pb.BroadcastTicket(header=self._header(request.header, prep.version),
+                                   manifest=self._manifest(request.header, prep))
+        if ticket is not None:
+            reply.group, reply.rank, reply.world_size = ticket.group, ticket.rank, ticket.world_size
+            reply.store_port, reply.backend = self.hub.port, ticket.backend
+            reply.timeout_ms = int(self.hub.timeout_s * 1000)
+        return reply
 
     def StreamWeights(self, request, context):
         self._ready(context)
-        self._packed(request, context)  # aborts with the right code when it cannot be served
-        t0, sent = time.perf_counter(), 0
+        prep = self._prepared(request, context)  # aborts with the right code when it cannot be served
         try:
-            for c in self.publisher.chunks(request.version, request.dtype or "fp32", request.offset, request.chunk_size):
-                sent += len(c.data)
-                yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
+            self.publisher.check_request(prep, request.offset, request.chunk_size)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.streams.take():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.streams.limit} weight streams are being served: retry")
+        key = self.watchdog.watch(f"{request.header.worker_id}/v{prep.version}/{request.dtype}", context.cancel)
+        t0, sent = time.perf_counter(), 0
+        try:
+            for c in self.publisher.chunks(prep.version, request.dtype or "fp32", request.offset, request.chunk_size,
+                                           request.length):
+                sent += len(c.data)
+                yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
+                self.watchdog.progress(key)
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ConnectionAbortedError as exc:  # the test hook breaking a stream
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
+            self.watchdog.done(key)
+            self.streams.give()
             if self.runtime:
                 self.runtime.weights_served(request.header.pool or "?", request.dtype or "fp32", sent,
                                             time.perf_counter() - t0)
@@ -164,18 +250,20 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         snap = self.coord.snapshot()
         pools = [pb.PoolStatus(**p) for p in snap.pop("pools")]
         workers = [pb.WorkerInfo(**w) for w in snap.pop("workers")]
-        lam = snap.pop("lambda")
-        msg = pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
-        setattr(msg, "lambda", lam)
-        return msg
+        # None (not known yet) leaves an optional field unset: absent on the wire
+        return pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
 
 
 def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublisher], token: str, *,
                  host: str = "127.0.0.1", port: int = 0, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = 32, run=None,
-                 total_steps: int = 0) -> tuple[grpc.Server, int]:
+                 tls_key: Optional[str] = None, runtime=None, log=None, max_workers: int = MAX_WORKERS, run=None,
+                 total_steps: int = 0, **limits) -> tuple[grpc.Server, int]:
     """A started server; returns (server, bound port). With ``coord`` None it serves as starting
-    until ``server.dcmdp_service.attach(coord, publisher)``."""
+    until ``server.dcmdp_service.attach(coord, publisher)``. Its receive limit is
+    :func:`submission_bytes` of ``run`` (at least 4 MiB); at most ``max_workers // 2`` lease
+    requests long-poll at once (the rest are answered at once); ``dcmdp.transport.channel`` sets
+    the other limits. ``limits``: ``max_streams``, ``stall_s``, ``long_poll_s``, ``hub`` (the
+    broadcast data plane) of :class:`TrainerService`."""
 
     def rejected(method: str, reason: str) -> None:
         if runtime:
@@ -183,8 +271,14 @@ def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublish
         if log:
             log.warning("call rejected", extra={"fields": {"method": method, "reason": reason}})
 
-    server = make_server(token, max_workers=max_workers, on_reject=rejected)
-    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log)
+    receive = SERVER_RECEIVE_BYTES
+    if run is not None:
+        receive = min(max(receive, submission_bytes(run)), MAX_MESSAGE_BYTES)
+    workers = sum(p.replicas for p in run.spec.rollout.pools) if run is not None else 0
+    server = make_server(token, max_workers=max_workers, on_reject=rejected, max_receive=receive,
+                         max_concurrent_rpcs=4 * (max_workers + workers))
+    service = TrainerService(coord, publisher, run=run, total_steps=total_steps, runtime=runtime, log=log,
+                             long_poll_slots=max(1, max_workers // 2), **limits)
     dcmdp_pb2_grpc.add_TrainerServicer_to_server(service, server)
     bound = bind(server, host, port, tls_cert=tls_cert, tls_key=tls_key)
     server.start()

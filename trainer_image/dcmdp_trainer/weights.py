@@ -1,14 +1,18 @@
-"""The weight publisher: versioned snapshots, cast on the fly to each pool's wire dtype, in chunks.
+"""The weight publisher: versioned snapshots served in buckets cast to each pool's wire dtype.
 
 The trainer publishes the state dict of every new weight version; the publisher keeps the last
-``keep`` versions (as many as the staleness bound and the pools' lags can ask for). A worker asks
-for (version, dtype): the snapshot is cast and packed once per (version, dtype) — a bf16 pool
-gets bf16 bytes — and cached, then served as a manifest plus a stream of crc32-checked chunks
-from any byte offset (a broken stream resumes where it stopped).
+``keep`` versions (as many as the staleness bound and the pools' lags can ask for). A reader asks
+for (version, dtype): the publisher plans the bucketed layout once (``dcmdp.transport.buckets``),
+proves the cast finite before a byte leaves (:class:`~dcmdp.transport.buckets.WeightCastError`
+otherwise), and fills each bucket straight from the snapshot when it is sent. Nothing but the
+layout and one crc32 per bucket (computed the first time the bucket is filled, then reused by
+every reader and by the broadcast) is cached: memory per reader is the one bucket it has in flight.
+
+There is one chunk size, the publisher's ``bucket_bytes``: a request for another is refused.
 
 Test hooks (environment, read once): ``DCMDP_TEST_CORRUPT_CHUNKS=N`` damages the bytes (not the
-crc) of the first chunk of each of the first N streams served; ``DCMDP_TEST_BREAK_STREAM=N`` aborts the first
-stream after N chunks. They exist to prove that workers detect and recover from both.
+crc) of the first chunk of each of the first N streams served; ``DCMDP_TEST_BREAK_STREAM=N`` aborts
+the first stream after N chunks. They exist to prove that workers detect and recover from both.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
 
 import torch
 
-from dcmdp.transport.channel import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
-from dcmdp.transport.tensors import WIRE_DTYPES, Packed, chunk_crc, pack
+from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES, Layout, bucket_crc, check_cast, fill, plan
+from dcmdp.transport.tensors import WIRE_DTYPES
 
 
 class WeightsUnavailable(LookupError):
@@ -37,18 +41,25 @@ class Chunk:
     crc32: int
 
 
+@dataclass
+class Prepared:
+    """One (version, wire dtype): the layout, proven castable, and the crc32 of each bucket once known."""
+    version: int
+    state: Mapping[str, torch.Tensor]
+    layout: Layout
+    crcs: list[Optional[int]] = field(default_factory=list)
+
+
 class WeightPublisher:
-    def __init__(self, keep: int = 1, skip: tuple[str, ...] = (), cache: int = 6):
+    def __init__(self, keep: int = 1, skip: tuple[str, ...] = (), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dtypes: tuple[str, ...] | list[str] = ()):
         self.keep = max(1, keep)
+        self.dtypes = tuple(dtypes)  # wire dtypes proven castable at publish time
         self.skip = skip  # e.g. a tied lm_head.weight (the receiver re-ties it)
+        self.bucket_bytes = bucket_bytes
         self._snapshots: "OrderedDict[int, Mapping[str, torch.Tensor]]" = OrderedDict()
-        self._packed: "OrderedDict[tuple[int, str], Packed]" = OrderedDict()
-        # (version, dtype, chunk size) -> [(offset, bytes, crc32)]: split and checksummed once, then
-        # served to every worker without a copy per request (costs one more copy of the snapshot)
-        self._split: dict[tuple[int, str, int], list[tuple[int, bytes, int]]] = {}
-        self._cache = cache
+        self._prepared: dict[tuple[int, str], Prepared] = {}  # ≤ keep × len(WIRE_DTYPES), no tensor bytes
         self._lock = threading.Lock()
-        self._building: dict[tuple[int, str], threading.Lock] = {}
         self._corrupt = int(os.environ.get("DCMDP_TEST_CORRUPT_CHUNKS", "0") or 0)
         self._break = int(os.environ.get("DCMDP_TEST_BREAK_STREAM", "0") or 0)
         self.corrupted_sent = 0
@@ -56,15 +67,18 @@ class WeightPublisher:
 
     # -- publishing ------------------------------------------------------------------------------
     def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Make ``version`` available (the tensors must not change afterwards: pass a snapshot)."""
+        """Make ``version`` available (the tensors must not change afterwards: pass a snapshot).
+
+        Raises :class:`~dcmdp.transport.buckets.WeightCastError` (and publishes nothing) when the
+        snapshot is not finite in one of ``dtypes``."""
+        for dtype in self.dtypes:
+            check_cast(state, plan(state, dtype, self.skip, self.bucket_bytes))
         with self._lock:
             self._snapshots[version] = state
             while len(self._snapshots) > self.keep:
                 old, _ = self._snapshots.popitem(last=False)
-                for key in [k for k in self._packed if k[0] == old]:
-                    del self._packed[key]
-                for key in [k for k in self._split if k[0] == old]:
-                    del self._split[key]
+                for key in [k for k in self._prepared if k[0] == old]:
+                    del self._prepared[key]
 
     @property
     def latest(self) -> int:
@@ -75,81 +89,72 @@ class WeightPublisher:
         with self._lock:
             return list(self._snapshots)
 
-    def packed(self, version: int, dtype: str) -> Packed:
-        """The (cached) packed snapshot of ``version`` cast to ``dtype``; -1 = latest."""
+    def prepared(self, version: int, dtype: str) -> Prepared:
+        """The layout of ``version`` (-1 = latest) in ``dtype``; raises WeightsUnavailable,
+        ValueError (unknown dtype) or WeightCastError (the cast would not be finite)."""
         if dtype not in WIRE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(WIRE_DTYPES)} (got {dtype!r})")
         with self._lock:
             if version < 0 and self._snapshots:
                 version = max(self._snapshots)
-            key = (version, dtype)
-            if key in self._packed:
-                self._packed.move_to_end(key)
-                return self._packed[key]
+            found = self._prepared.get((version, dtype))
+            if found is not None:
+                return found
             if version not in self._snapshots:
                 kept = ", ".join(map(str, self._snapshots)) or "none"
                 raise WeightsUnavailable(f"weight version {version} is not kept (kept: {kept})")
             state = self._snapshots[version]
-            build_lock = self._building.setdefault(key, threading.Lock())
-        with build_lock:  # one build per (version, dtype), other askers wait for it
-            with self._lock:
-                if key in self._packed:
-                    return self._packed[key]
-            p = pack(state, dtype, self.skip)
-            with self._lock:
-                self._packed[key] = p
-                self._building.pop(key, None)
-                while len(self._packed) > self._cache:
-                    gone, _ = self._packed.popitem(last=False)
-                    for k in [k for k in self._split if k[:2] == gone]:
-                        del self._split[k]
-            return p
-
-    def _chunk_list(self, version: int, dtype: str, size: int, p: Packed) -> list[tuple[int, bytes, int]]:
-        key = (version, dtype, size)
+        layout = plan(state, dtype, self.skip, self.bucket_bytes)
+        check_cast(state, layout)
+        prep = Prepared(version, state, layout, [None] * layout.buckets)
         with self._lock:
-            found = self._split.get(key)
-        if found is None:
-            view = memoryview(p.data)
-            found = []
-            for start in range(0, p.total_bytes, size):
-                data = bytes(view[start:start + size])
-                found.append((start, data, chunk_crc(data)))
-            with self._lock:
-                if (version, dtype) in self._packed:
-                    self._split[key] = found
-        return found
+            if version in self._snapshots:
+                prep = self._prepared.setdefault((version, dtype), prep)
+        return prep
 
-    def _claim_corruption(self) -> bool:
+    def bucket(self, prep: Prepared, i: int, out: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(bucket ``i`` filled into ``out``, its crc32); the crc is computed the first time only."""
+        data = fill(prep.state, prep.layout, i, out)
+        return data, self.crc(prep, i, data)
+
+    @staticmethod
+    def crc(prep: Prepared, i: int, data: torch.Tensor) -> int:
+        crc = prep.crcs[i]
+        if crc is None:
+            crc = prep.crcs[i] = bucket_crc(data if data.device.type == "cpu" else data.cpu())
+        return crc
+
+    def claim_corruption(self) -> bool:
         with self._lock:
             if self.corrupted_sent < self._corrupt:
                 self.corrupted_sent += 1
                 return True
             return False
 
-    def chunks(self, version: int, dtype: str, offset: int = 0, chunk_size: int = 0) -> Iterator[Chunk]:
-        """The stream of ``version``/``dtype`` from ``offset``, in crc32-checked chunks."""
-        p = self.packed(version, dtype)
-        if version < 0:
-            version = self.latest
-        size = chunk_size or DEFAULT_CHUNK_BYTES
-        if not 0 < size <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_BYTES}] bytes (got {chunk_size})")
-        if not 0 <= offset <= p.total_bytes:
-            raise ValueError(f"offset {offset} is outside the {p.total_bytes}-byte snapshot")
-        if offset % size == 0:  # the usual case: whole chunks, split and checksummed once
-            pieces = self._chunk_list(version, dtype, size, p)[offset // size:]
-        else:  # resuming inside a chunk
-            view = memoryview(p.data)
-            pieces = ((s, bytes(view[s:s + size]), None) for s in range(offset, p.total_bytes, size))
-        sent = 0
-        for start, data, crc in pieces:
+    def check_request(self, prep: Prepared, offset: int, chunk_size: int) -> None:
+        size = prep.layout.bucket_bytes
+        if chunk_size not in (0, size):
+            raise ValueError(f"chunk_size must be 0 or this trainer's bucket size {size} (got {chunk_size})")
+        if not 0 <= offset <= prep.layout.total_bytes or offset % size:
+            raise ValueError(f"offset {offset} is not a bucket boundary of the {prep.layout.total_bytes}-byte "
+                             f"snapshot (buckets of {size} bytes)")
+
+    def chunks(self, version: int, dtype: str, offset: int = 0, chunk_size: int = 0,
+               length: int = 0) -> Iterator[Chunk]:
+        """The buckets of ``version``/``dtype`` from byte ``offset`` (a bucket boundary), ``length``
+        bytes of them (0 = to the end), one reusable bucket buffer per stream."""
+        prep = self.prepared(version, dtype)
+        self.check_request(prep, offset, chunk_size)
+        size = prep.layout.bucket_bytes
+        first = offset // size
+        last = prep.layout.buckets if length <= 0 else min(prep.layout.buckets, -(-(offset + length) // size))
+        buf = torch.empty(min(size, prep.layout.total_bytes), dtype=torch.uint8)
+        for sent, i in enumerate(range(first, last)):
             if self._break and self.breaks_done == 0 and sent >= self._break:
                 self.breaks_done += 1
                 raise ConnectionAbortedError(f"test hook: stream broken after {sent} chunks")
-            if crc is None:
-                crc = chunk_crc(data)
-            if sent == 0 and self._corrupt and self._claim_corruption():
+            view, crc = self.bucket(prep, i, buf)
+            data = view.numpy().tobytes()
+            if sent == 0 and self._corrupt and self.claim_corruption():
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
-            sent += 1
-            yield Chunk(version, start, data, crc)
+            yield Chunk(prep.version, i * size, data, crc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -71,10 +71,34 @@ class HFEngine:
         return model.eval()
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = self.master.load_state_dict(dict(state_dict), strict=False)
-        real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
-        if real_missing or unexpected:
-            raise EngineError(f"weight update does not fit the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+        self.begin_update()
+        self.load_partial(state_dict.items())
+        self.finish_update(version)
+
+    # -- streaming update: tensors copied in place as their bucket arrives -------------------------
+    def begin_update(self) -> None:
+        """Start an update; until :meth:`finish_update` the engine must not sample (the worker fences it)."""
+        self._target = self.master.state_dict()  # tensors sharing the parameters' storage
+        self._seen: set[str] = set()
+        self._unexpected: list[str] = []
+
+    def load_partial(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (and cast) each (name, tensor) into the master weights in place."""
+        with torch.no_grad():
+            for name, t in pairs:
+                dst = self._target.get(name)
+                if dst is None or dst.shape != t.shape:
+                    self._unexpected.append(name)
+                    continue
+                dst.copy_(t)
+                self._seen.add(name)
+
+    def finish_update(self, version: int) -> None:
+        """Check every weight arrived, refresh the serving copy, take ``version``."""
+        missing = [k for k in self._target if k not in self._seen and not k.endswith("lm_head.weight")]
+        unexpected = self._unexpected
+        if missing or unexpected:  # (lm_head.weight: tied to the embedding)
+            raise EngineError(f"weight update does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if self.precision in ("bf16", "fp16"):
             self.model.load_state_dict(self.master.state_dict())  # casts in place
         elif self.precision != "fp32":

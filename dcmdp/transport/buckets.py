@@ -1,0 +1,215 @@
+"""The bucketed wire layout of a weight snapshot: planned from the model, filled one bucket at a time.
+
+A snapshot in wire dtype ``d`` is a virtual byte stream: every tensor (floating point ones cast
+to ``d``, others as they are) at a 64-byte aligned offset, end to end. The stream is never built
+whole: it is cut into buckets of ``bucket_bytes`` (a multiple of 64, so no element straddles a
+bucket edge) and bucket ``i`` = bytes ``[i·B, min((i+1)·B, total))`` is filled on demand straight
+from the model tensors, the cast and the copy in one ``copy_`` into the caller's buffer
+(:func:`fill`). A sender therefore holds at most the buckets it has in flight, never a packed or
+split copy of the model.
+
+Each bucket carries a crc32 (zlib), computed once by the sender. The receiver turns buckets back
+into whole tensors as they arrive (:class:`Assembler`): a tensor inside one bucket is a view of it,
+one spanning buckets is put together from its pieces.
+
+Before anything is sent, :func:`check_cast` proves the cast finite: a tensor whose largest
+magnitude is not finite in the wire dtype raises :class:`WeightCastError` naming the tensor, the
+magnitude and the dtype (an fp32 value above 65504 becomes inf in fp16).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
+
+from dcmdp.transport.tensors import ALIGN, WIRE_DTYPES, WeightFormatError, TensorEntry, dtype_from_name, dtype_name
+
+if TYPE_CHECKING:
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+DEFAULT_BUCKET_BYTES = 4 << 20  # the one chunk size of the gRPC stream, and the broadcast bucket
+
+
+class WeightCastError(ValueError):
+    """A tensor is not finite after the cast to the wire dtype (nothing was sent)."""
+
+
+def _wire_torch_dtype(dtype: str) -> "torch.dtype":
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    if dtype not in WIRE_DTYPES:
+        raise WeightFormatError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)} (got {dtype!r})")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def bucket_crc(data) -> int:
+    """zlib crc32 of a bucket's bytes (a buffer or a uint8 tensor), as an unsigned 32-bit int."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = data.numpy()
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[start, stop)`` of tensor ``entry`` lie at ``at`` in the bucket."""
+    entry: TensorEntry
+    start: int
+    stop: int
+    at: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every tensor's bytes lie in the wire stream, and how the stream is cut into buckets."""
+    dtype: str  # the wire dtype floating-point tensors are cast to: fp32 | bf16 | fp16
+    entries: tuple[TensorEntry, ...]
+    total_bytes: int
+    bucket_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.bucket_bytes <= 0 or self.bucket_bytes % ALIGN:
+            raise WeightFormatError(f"bucket_bytes must be a positive multiple of {ALIGN} (got {self.bucket_bytes})")
+
+    @property
+    def buckets(self) -> int:
+        return -(-self.total_bytes // self.bucket_bytes)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """The stream byte range [start, stop) of bucket ``i``."""
+        if not 0 <= i < self.buckets:
+            raise WeightFormatError(f"bucket {i} is outside the {self.buckets} buckets of the snapshot")
+        start = i * self.bucket_bytes
+        return start, min(start + self.bucket_bytes, self.total_bytes)
+
+    def pieces(self, i: int) -> list[Piece]:
+        lo, hi = self.span(i)
+        out = []
+        for e in self.entries:  # (a few hundred tensors: a scan is cheaper than an index)
+            a, b = max(lo, e.offset), min(hi, e.offset + e.nbytes)
+            if a < b:
+                out.append(Piece(e, a - e.offset, b - e.offset, a - lo))
+        return out
+
+
+def plan(state: Mapping[str, "torch.Tensor"], dtype: str, skip: Iterable[str] = (),
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Layout:
+    """The layout of ``state`` cast to ``dtype``, without touching a byte of it."""
+    target = _wire_torch_dtype(dtype)
+    skip = set(skip)
+    entries, offset = [], 0
+    for name, t in state.items():
+        if name in skip:
+            continue
+        dt = target if t.is_floating_point() else t.dtype
+        nbytes = t.numel() * dt.itemsize
+        offset = (offset + ALIGN - 1) // ALIGN * ALIGN
+        entries.append(TensorEntry(name, tuple(t.shape), dtype_name(dt), offset, nbytes))
+        offset += nbytes
+    return Layout(dtype, tuple(entries), offset, bucket_bytes)
+
+
+def check_cast(state: Mapping[str, "torch.Tensor"], layout: Layout) -> None:
+    """Raise :class:`WeightCastError` if a floating-point tensor is not finite after the cast.
+
+    Exact and copy-free: casts are monotone, so the cast of ``max |x|`` (from ``aminmax``) is
+    finite iff every element's is."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    for e in layout.entries:
+        t = state[e.name]
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(t.detach())
+        peak = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+        if not torch.isfinite(peak.to(dtype_from_name(e.dtype))):
+            raise WeightCastError(f"tensor {e.name}: largest magnitude {peak.item():.6g} ({t.dtype}) is not finite "
+                                  f"in the wire dtype {e.dtype}; nothing was sent")
+
+
+def fill(state: Mapping[str, "torch.Tensor"], layout: Layout, i: int, out: "torch.Tensor") -> "torch.Tensor":
+    """Bucket ``i`` written into ``out`` (uint8, at least ``bucket_bytes`` long); returns the filled view.
+
+    Each piece is cast and copied in one ``copy_`` from the model tensor (on its device) into the
+    buffer; alignment gaps are zeroed so the bytes (and their crc) are deterministic."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    lo, hi = layout.span(i)
+    view = out[:hi - lo]
+    at = 0
+    for p in layout.pieces(i):
+        view[at:p.at].zero_()  # an alignment gap
+        dt = dtype_from_name(p.entry.dtype)
+        size = dt.itemsize
+        src = state[p.entry.name].detach().reshape(-1)[p.start // size:p.stop // size]
+        dst = view[p.at:p.at + p.stop - p.start].view(dt)
+        dst.copy_(src if src.device == dst.device else src.to(dst.device, non_blocking=False))
+        at = p.at + p.stop - p.start
+    view[at:].zero_()
+    return view
+
+
+class Assembler:
+    """Receiver side: whole tensors out of buckets as they arrive (in any order).
+
+    ``add(i, data)`` returns the (name, tensor) pairs completed by bucket ``i``: a tensor wholly
+    inside the bucket is a view of ``data`` (valid while ``data`` is), one spanning buckets is an
+    owned tensor assembled from its pieces."""
+
+    def __init__(self, layout: Layout, device: Optional[str] = None):
+        self.layout = layout
+        self.device = device
+        self._partial: dict[str, tuple["torch.Tensor", int]] = {}  # name -> (flat uint8, bytes still missing)
+        self.done: set[int] = set()
+
+    def add(self, i: int, data: "torch.Tensor") -> list[tuple[str, "torch.Tensor"]]:
+        # optional and heavy (the ml extra): the core imports without it
+        import torch
+
+        lo, hi = self.layout.span(i)
+        if data.numel() != hi - lo:
+            raise WeightFormatError(f"bucket {i}: {data.numel()} bytes, expected {hi - lo}")
+        if i in self.done:
+            raise WeightFormatError(f"bucket {i} delivered twice")
+        self.done.add(i)
+        out = []
+        for p in self.layout.pieces(i):
+            e = p.entry
+            dt = dtype_from_name(e.dtype)
+            if p.start == 0 and p.stop == e.nbytes:
+                out.append((e.name, data[p.at:p.at + e.nbytes].view(dt).reshape(e.shape)))
+                continue
+            flat, missing = self._partial.get(e.name, (None, e.nbytes))
+            if flat is None:
+                flat = torch.empty(e.nbytes, dtype=torch.uint8, device=data.device)
+            flat[p.start:p.stop].copy_(data[p.at:p.at + p.stop - p.start])
+            missing -= p.stop - p.start
+            if missing:
+                self._partial[e.name] = (flat, missing)
+            else:
+                self._partial.pop(e.name, None)
+                out.append((e.name, flat.view(dt).reshape(e.shape)))
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.layout.buckets
+
+
+def iter_buckets(state: Mapping[str, "torch.Tensor"], layout: Layout, first: int = 0,
+                 buffers: int = 1) -> Iterator[tuple[int, "torch.Tensor"]]:
+    """(i, filled bucket) from bucket ``first`` on, cycling through ``buffers`` reusable buffers."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    if layout.buckets == 0:
+        return
+    device = next((t.device for t in state.values()), torch.device("cpu"))
+    size = min(layout.bucket_bytes, layout.total_bytes)
+    pool = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(buffers)]
+    for i in range(first, layout.buckets):
+        yield i, fill(state, layout, i, pool[i % buffers])

@@ -1,0 +1,84 @@
+"""The collective data plane: a stateless torch.distributed group per weight broadcast.
+
+Like vLLM's ``StatelessProcessGroup`` for weight updates, the group lives outside torch's global
+``init_process_group`` state: a ``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (CUDA) built
+directly on the trainer's ``TCPStore`` under a secret, per-broadcast ``PrefixStore`` name. The
+trainer is rank 0; the workers that joined (through the authenticated ``JoinBroadcast`` RPC, the
+only place the name is handed out) are ranks 1..n-1. A new group per broadcast lets workers join
+and leave between versions without a global re-initialisation.
+
+The store does no authentication: a peer without the run token can reach the port but never
+learns the group name, so it cannot rendezvous with a broadcast (see docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # optional and heavy (the ml extra): the core imports without it
+    import torch.distributed as dist
+
+
+def local_address_towards(host: str) -> str:
+    """The local IP address this machine uses to reach ``host`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def master_store(host: str, timeout_s: float) -> "dist.TCPStore":
+    """The trainer's store, listening on ``host`` at a free port (``store.port``)."""
+    # optional and heavy (the ml extra): the core imports without it
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True)
+
+
+def client_store(host: str, port: int, timeout_s: float) -> "dist.TCPStore":
+    # optional and heavy (the ml extra): the core imports without it
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, timeout_s: float,
+               backend: str = "gloo", peer_host: str = "127.0.0.1"):
+    """A process group of ``world_size`` ranks rendezvousing under ``group`` in ``store``.
+
+    ``backend`` is ``gloo`` (tensors on the CPU) or ``nccl`` (tensors on this process's CUDA
+    device); gloo binds to the interface that reaches ``peer_host``. Blocks until every rank
+    has joined or ``timeout_s`` passes (then raises)."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch.distributed as dist
+
+    prefixed = dist.PrefixStore(group + "/", store)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(peer_host))]
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    raise ValueError(f"data plane backend must be gloo or nccl (got {backend!r})")
+
+
+def close_group(pg) -> None:
+    """Tear a group down so peers blocked in it fail now rather than at their timeout."""
+    for how in ("abort", "shutdown"):
+        fn = getattr(pg, how, None)
+        if fn is not None:
+            try:
+                fn()
+                return
+            except Exception:  # noqa: BLE001 - best effort: the group may already be broken
+                continue

@@ -1,0 +1,231 @@
+"""The collective data plane against a real trainer server and real gloo groups: workers that join
+a broadcast, a late joiner on the stream, a damaged bucket re-fetched, a worker killed mid-broadcast,
+a peer without the token, and a cast that overflows."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.proto import dcmdp_pb2_grpc
+from dcmdp.transport.buckets import WeightCastError
+from dcmdp.transport.channel import open_channel
+from dcmdp.transport.collective import client_store, open_group
+from dcmdp.transport.tensors import wire_cast
+from dcmdp_rollout.weights import fetch_weights, receive_broadcast
+from dcmdp_trainer.broadcast import BroadcastHub
+from dcmdp_trainer.coordinator import Coordinator
+from dcmdp_trainer.server import start_server
+from dcmdp_trainer.session import Session
+from dcmdp_trainer.weights import WeightPublisher
+from runtime_helpers import tiny_run
+
+TOKEN = "s3cret-run-token"
+BUCKET = 16 << 10
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    s = Session(tiny_run(model={"warmStart": {"steps": 0}}), tmp_path_factory.mktemp("run"), threads=1)
+    yield s
+    s.metrics.close()
+
+
+class Served:
+    def __init__(self, session: Session, expected: int = 0, gather_s: float = 5.0, timeout_s: float = 10.0,
+                 bucket: int = BUCKET, extra_mib: int = 0):
+        self.publisher = WeightPublisher(keep=2, skip=("lm_head.weight",), bucket_bytes=bucket)
+        weights = dict(session.weights(0))
+        if extra_mib:  # more bytes than socket buffers hold: a broadcast that cannot finish before a peer dies
+            weights["extra.weight"] = torch.randn(extra_mib << 18, generator=torch.Generator().manual_seed(1))
+        self.publisher.publish(0, weights)
+        self.hub = BroadcastHub(self.publisher, "127.0.0.1", gather_s=gather_s, timeout_s=timeout_s,
+                                expected=lambda dtype: expected)
+        self.server, self.port = start_server(Coordinator(session, self.publisher), self.publisher, TOKEN, hub=self.hub)
+        self.want = wire_cast({k: v for k, v in weights.items() if k != "lm_head.weight"}, "bf16")
+
+    def stub(self, token: str = TOKEN):
+        return dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{self.port}", token))
+
+    def join(self, worker: str, stub=None) -> pb.BroadcastTicket:
+        return (stub or self.stub()).JoinBroadcast(
+            pb.WeightRequest(header=pb.Header(pool="bf16", worker_id=worker), version=0, dtype="bf16"), timeout=30)
+
+    def receive(self, worker: str, ticket: pb.BroadcastTicket):
+        return receive_broadcast(self.stub(), pb.Header(pool="bf16", worker_id=worker), ticket, "127.0.0.1")
+
+    def check(self, tensors) -> None:
+        assert set(tensors) == set(self.want)
+        for k, t in self.want.items():
+            assert torch.equal(tensors[k], t), k
+
+    def wait_round(self, n: int = 1):
+        deadline = time.monotonic() + 30
+        while len(self.hub.results) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.hub.results[n - 1]
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def served(session, request):
+    s = Served(session, **getattr(request, "param", {}))
+    yield s
+    s.stop()
+
+
+def in_thread(fn, *args):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def joined_and_received(served: Served, worker: str):
+    return served.receive(worker, served.join(worker))
+
+
+@pytest.mark.parametrize("served", [{"expected": 2}], indirect=True)
+def test_two_workers_receive_one_broadcast(served):
+    runs = [in_thread(joined_and_received, served, f"w{i}") for i in range(2)]
+    for t, out in runs:
+        t.join(60)
+        assert "error" not in out, out.get("error")
+        tensors, stats = out["value"]
+        served.check(tensors)
+        assert stats.broadcast_bytes == stats.bytes == stats.total_bytes and stats.refetched == 0
+    r = served.wait_round()
+    assert r.world_size == 3 and r.error == "" and r.bytes == stats.total_bytes
+    assert stats.total_bytes > 4 * BUCKET  # several buckets, tensors spanning their edges
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_late_joiner_is_served_over_the_stream(served):
+    first = served.join("early")  # the round is closed and waits for "early" to rendezvous
+    late = served.join("late")
+    assert first.group and first.world_size == 2 and late.group == ""  # stream instead
+    tensors, stats = fetch_weights(served.stub(), pb.Header(pool="bf16", worker_id="late"), late.manifest.version,
+                                   "bf16")
+    served.check(tensors)
+    tensors, stats = served.receive("early", first)
+    served.check(tensors)
+    assert stats.broadcast_bytes == stats.total_bytes and served.wait_round().error == ""
+    again = served.join("later")  # that round is over: a new one opens
+    assert again.group and again.group != first.group
+    served.check(served.receive("later", again)[0])
+
+
+def test_a_corrupted_bucket_is_detected_and_fetched_again(session, monkeypatch):
+    monkeypatch.setenv("DCMDP_TEST_CORRUPT_BUCKETS", "2")
+    s = Served(session, expected=1)
+    try:
+        events = []
+        ticket = s.join("w")
+        tensors, stats = receive_broadcast(s.stub(), pb.Header(pool="bf16", worker_id="w"), ticket, "127.0.0.1",
+                                           on_event=lambda what, f: events.append(what))
+        s.check(tensors)
+        assert stats.crc_errors == 2 and stats.refetched == 2
+        assert "bucket crc mismatch: fetching it again" in events
+        assert stats.bytes == stats.total_bytes + 2 * BUCKET  # the two damaged buckets came twice
+    finally:
+        s.stop()
+
+
+KILLED_WORKER = """
+import os, signal, sys
+from dcmdp.proto import dcmdp_pb2 as pb, dcmdp_pb2_grpc
+from dcmdp.transport.channel import open_channel
+from dcmdp_rollout.weights import receive_broadcast
+stub = dcmdp_pb2_grpc.TrainerStub(open_channel("127.0.0.1:" + sys.argv[1], sys.argv[2]))
+h = pb.Header(pool="bf16", worker_id="doomed")
+print("ready", flush=True)
+ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=0, dtype="bf16"), timeout=30)
+print("joined", flush=True)
+import dcmdp_rollout.weights as w
+opened = w.open_group
+def open_and_die(*args, **kwargs):  # killed once in the group, as the broadcast starts
+    opened(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+w.open_group = open_and_die
+receive_broadcast(stub, h, ticket, "127.0.0.1")
+"""
+
+
+@pytest.mark.parametrize("served", [{"expected": 2, "gather_s": 60.0, "timeout_s": 20.0, "bucket": 1 << 20,
+                                    "extra_mib": 48}],
+                         indirect=True)
+def test_a_worker_killed_mid_broadcast_fails_the_round_not_the_others(served):
+    doomed = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(served.port), TOKEN], stdout=subprocess.PIPE)
+    try:
+        assert doomed.stdout.readline().strip() == b"ready"
+        t0 = time.monotonic()
+        tensors, stats = joined_and_received(served, "survivor")
+        assert doomed.wait(30) == -signal.SIGKILL
+        served.check(tensors)  # intact: what the broadcast did not deliver (if anything) came over the stream
+        assert (stats.refetched > 0) == ("broadcast failed: fetching the rest over the stream" in stats.events)
+        r = served.wait_round()
+        assert r.error and time.monotonic() - t0 < 20  # the round failed at once, not at the timeout
+        served.hub.expected = lambda dtype: 1
+        tensors, stats = joined_and_received(served, "next")  # the hub goes on
+        served.check(tensors)
+        assert stats.broadcast_bytes == stats.total_bytes
+    finally:
+        doomed.kill()
+
+
+def test_a_peer_without_the_token_neither_joins_nor_rendezvouses(served):
+    with pytest.raises(grpc.RpcError) as e:
+        served.join("intruder", served.stub("wrong-token"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as ch:  # no token at all
+        with pytest.raises(grpc.RpcError) as e:
+            dcmdp_pb2_grpc.TrainerStub(ch).StreamWeights(pb.WeightRequest(version=0, dtype="bf16"), timeout=5).next()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # the store answers anyone, but the group name is a secret of JoinBroadcast: a guess rendezvouses with no one
+    ticket_thread, out = in_thread(served.join, "w")
+    with pytest.raises(RuntimeError):
+        open_group(client_store("127.0.0.1", served.hub.port, 2.0), "guessed-name", 1, 2, timeout_s=2.0)
+    ticket_thread.join(30)
+    served.check(served.receive("w", out["value"])[0])
+
+
+def test_an_overflowing_cast_is_refused_before_anything_is_sent(session):
+    state = dict(session.weights(0))
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    state[name] = state[name].clone()
+    state[name][0, 0] = 1e6  # finite in fp32 and bf16, inf in fp16
+    publisher = WeightPublisher(keep=1, bucket_bytes=BUCKET)
+    publisher.publish(0, state)
+    with pytest.raises(WeightCastError, match=rf"tensor {name}: largest magnitude 1e\+06 .* float16"):
+        publisher.prepared(0, "fp16")
+    server, port = start_server(Coordinator(session, publisher), publisher, TOKEN,
+                                hub=BroadcastHub(publisher, "127.0.0.1"))
+    try:
+        stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", TOKEN))
+        for call in (stub.GetWeightManifest, stub.JoinBroadcast):
+            with pytest.raises(grpc.RpcError) as e:
+                call(pb.WeightRequest(header=pb.Header(pool="bf16", worker_id="w"), version=0, dtype="fp16"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INTERNAL and name in e.value.details()
+    finally:
+        server.stop(grace=None)
+    strict = WeightPublisher(keep=1, dtypes=("bf16", "fp16"))  # a trainer serving an fp16 pool never publishes it
+    with pytest.raises(WeightCastError, match=name):
+        strict.publish(1, state)
+    assert strict.versions() == []

@@ -1,0 +1,70 @@
+"""The bucketed wire layout: planned without copying, filled bucket by bucket, reassembled exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcmdp.transport.buckets import (Assembler, WeightCastError, bucket_crc, check_cast, fill, iter_buckets, plan)
+from dcmdp.transport.tensors import WeightFormatError, wire_cast
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(10, 7, generator=g), "steps": torch.tensor([3, 4, 5], dtype=torch.int64),
+            "b": torch.randn(33, generator=g), "big": torch.randn(100, generator=g), "tied": torch.randn(2)}
+
+
+def test_plan_places_cast_tensors_at_aligned_offsets():
+    lay = plan(state_dict(), "bf16", skip=("tied",), bucket_bytes=128)
+    assert [(e.name, e.dtype, e.offset, e.nbytes) for e in lay.entries] == [
+        ("a", "bfloat16", 0, 140), ("steps", "int64", 192, 24), ("b", "bfloat16", 256, 66),
+        ("big", "bfloat16", 384, 200)]
+    assert lay.total_bytes == 584 and lay.buckets == 5 and lay.span(4) == (512, 584)
+    with pytest.raises(WeightFormatError, match="multiple of 64"):
+        plan(state_dict(), "bf16", bucket_bytes=100)
+    with pytest.raises(WeightFormatError, match="wire dtype"):
+        plan(state_dict(), "int4")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_buckets_reassemble_to_the_cast_tensors_in_any_order(dtype):
+    state = state_dict()
+    lay = plan(state, dtype, bucket_bytes=128)
+    buckets = {i: b.clone() for i, b in iter_buckets(state, lay, buffers=2)}
+    asm = Assembler(lay)
+    got = {}
+    for i in reversed(range(lay.buckets)):  # tensors spanning buckets complete when their last piece lands
+        got.update({k: v.clone() for k, v in asm.add(i, buckets[i])})
+    assert asm.complete
+    want = wire_cast(state, dtype)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    with pytest.raises(WeightFormatError, match="twice"):
+        asm.add(0, buckets[0])
+    with pytest.raises(WeightFormatError, match="expected"):
+        Assembler(lay).add(0, buckets[0][:10])
+
+
+def test_fill_is_deterministic_and_crc_is_zlib():
+    state = state_dict()
+    lay = plan(state, "bf16", bucket_bytes=128)
+    a = fill(state, lay, 1, torch.full((128,), 7, dtype=torch.uint8)).clone()  # padding zeroed
+    b = fill(state, lay, 1, torch.zeros(128, dtype=torch.uint8))
+    assert torch.equal(a, b) and bucket_crc(a) == bucket_crc(bytes(a.numpy()))
+    import zlib
+
+    assert bucket_crc(a) == zlib.crc32(bytes(a.numpy()))
+
+
+def test_a_cast_that_overflows_is_an_error_naming_tensor_magnitude_and_dtype():
+    state = {"ok": torch.ones(3), "layer.w": torch.tensor([1.0, -70000.0, 2.0])}
+    check_cast(state, plan(state, "bf16"))  # bf16 holds 7e4
+    check_cast({"w": torch.tensor([65504.0])}, plan({"w": torch.tensor([65504.0])}, "fp16"))  # fp16 max: fine
+    with pytest.raises(WeightCastError, match=r"tensor layer.w: largest magnitude 70000 \(torch.float32\) "
+                                              r"is not finite in the wire dtype float16"):
+        check_cast(state, plan(state, "fp16"))
+    nan = {"w": torch.tensor([0.0, float("nan")])}
+    with pytest.raises(WeightCastError, match="tensor w: largest magnitude nan"):
+        check_cast(nan, plan(nan, "fp32"))
