@@ -19,6 +19,7 @@ from dcmdp.models.source import ModelSourceError, resolve_model_folder
 from dcmdp.spec import ModelSpec, parse_run
 from dcmdp.tasks.prompt import PromptFormat
 from dcmdp_trainer.coordinator import Coordinator, Rejected, RunFailed
+from dcmdp_trainer.leases import WorkItem
 from dcmdp_trainer.local import run_inprocess
 from dcmdp_trainer.session import NonFiniteWeights, Session
 from dcmdp_trainer.weights import WeightPublisher
@@ -171,6 +172,43 @@ def test_a_run_with_no_accepted_rollouts_fails_after_the_stall_timeout(qwen_sess
     with pytest.raises(RunFailed, match="no rollout accepted .* is any rollout worker running"):
         coord.run()
     assert time.monotonic() - t0 < 10 and coord.snapshot()["phase"] == "Failed"
+
+
+def test_one_malformed_evaluation_submission_is_released_not_fatal(folders, tmp_path):
+    """The evaluation is one work item per pool: a malformed submission for it is released and
+    leased again (as a training item's is); the run fails only when the same cause repeats."""
+    run = parse_run(manifest({"path": str(folders["qwen"])}, folders["data"], rollout={"stallTimeoutSeconds": 30.0}))
+    s = Session(run, tmp_path, threads=1)
+    coord = coordinator(s)
+    eos = s.tokenizer.eos_token_id
+    stop, bad = threading.Event(), []
+
+    def make(item):
+        if item.is_eval and not bad:  # the first evaluation lease: no samples at all
+            bad.append(item.key)
+            return []
+        return samples_for(item, [5, eos], [-1.0, -1.0])
+    lease_and_submit(coord, make, stop)
+    try:
+        coord.run()
+    finally:
+        stop.set()
+        s.metrics.close()
+    assert coord.phase == "Succeeded" and s.step == 2 and coord.rejected == {"malformed": 1}
+    assert bad == ["eval1/bf16"] and len(coord.last_rejection) < 300  # prompt indices listed, capped
+    # three malformed submissions for the evaluation item in a row do fail the run
+    coord.phase = "Running"
+    coord.eval_round += 1
+    item = WorkItem("eval-x/bf16", "bf16", -1, coord.held_out(), seed=0, n=1, max_new_tokens=8, is_eval=True,
+                    version=coord.version)
+    coord.book.add(item)
+    for k in range(3):
+        assert coord.phase == "Running", k
+        rec = coord.book.acquire("bf16", "w0", coord._version_for)
+        assert rec is not None and rec.item.key == item.key  # released and leased again
+        with pytest.raises(Rejected, match="malformed"):
+            coord.submit("w0", "bf16", rec.lease_id, coord.version, [], 0.1, 4)
+    assert coord.phase == "Failed" and "3 in a row" in coord.message
 
 
 # -- 3. never train on, publish or checkpoint poison ----------------------------------------------

@@ -17,7 +17,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenClientInterceptor
 from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES
 from dcmdp.transport.channel import SERVER_RECEIVE_BYTES, open_channel
-from dcmdp_trainer.coordinator import Coordinator
+from dcmdp_trainer.coordinator import WORKER_SILENT_S, Coordinator, TooManyWorkers
 from dcmdp_trainer.server import start_server, submission_bytes
 from dcmdp_trainer.session import Session
 from dcmdp_trainer.weights import WeightPublisher
@@ -179,3 +179,45 @@ def test_an_unauthenticated_flood_leaves_the_trainer_rss_bounded(tmp_path):
         assert status.total_steps == 6
     finally:
         procs.close()
+
+
+def test_worker_ids_are_validated_and_the_registry_is_bounded(served, session):
+    """A worker id longer than a Kubernetes name, empty or with spaces/control characters is
+    INVALID_ARGUMENT naming header.worker_id on every worker RPC; new ids beyond the registry's
+    bound are RESOURCE_EXHAUSTED while the known ones go on, and GetStatus stays small."""
+    s = stub(served)
+    for wid in ("x" * 254, "a b", "w\n", "wé"):
+        h = pb.Header(pool="bf16", worker_id=wid)
+        for call in (lambda: s.Register(pb.RegisterRequest(header=h, engine="hf", precision="bf16"), timeout=10),
+                     lambda: s.AcquireLease(pb.LeaseRequest(header=h), timeout=10),
+                     lambda: s.SubmitRollouts(pb.RolloutBatch(header=h, lease_id="x"), timeout=10)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header.worker_id" in e.value.details()
+    longest = "w" * 253
+    s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id=longest), engine="hf"), timeout=10)
+    bound = max(64, 8 * sum(p.replicas for p in session.spec.rollout.pools))  # Coordinator.max_workers
+    for i in range(bound - 1):
+        s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id=f"bf16-{i}"), engine="hf"), timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="one-too-many"), engine="hf"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "one-too-many" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.AcquireLease(pb.LeaseRequest(header=pb.Header(pool="bf16", worker_id="one-too-many")), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="bf16-0"), engine="hf"), timeout=10)
+    status = s.GetStatus(pb.StatusRequest(), timeout=10)
+    assert len(status.workers) == bound and status.ByteSize() < 64 * 1024
+
+
+def test_workers_silent_for_long_make_room(session):
+    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
+    coord = Coordinator(session, publisher)
+    coord.max_workers = 2
+    coord.register("a", "bf16", "hf", "bf16")
+    coord.register("b", "bf16", "hf", "bf16")
+    with pytest.raises(TooManyWorkers):
+        coord.register("c", "bf16", "hf", "bf16")
+    coord.workers["a"].last_seen -= WORKER_SILENT_S + 1
+    coord.register("c", "bf16", "hf", "bf16")
+    assert sorted(coord.workers) == ["b", "c"]

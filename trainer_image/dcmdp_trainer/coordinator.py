@@ -74,6 +74,27 @@ class Rejected(Exception):
         self.reason = reason
 
 
+class TooManyWorkers(Exception):
+    """The worker registry is full (:data:`Coordinator.max_workers` workers heard from within
+    :data:`WORKER_SILENT_S`): a new worker id is refused (the server answers RESOURCE_EXHAUSTED)."""
+
+
+# a worker not heard from for this long (s) may be forgotten to make room for a new one
+WORKER_SILENT_S = 300.0
+# the malformed submissions of one cause, with nothing accepted in between, before the run fails
+FAIL_AFTER_REJECTIONS = 3
+# prompt indices a rejection message lists at most
+LISTED_PROMPTS = 8
+
+
+def _listed(indices) -> str:
+    """``[0, 1, ...]`` with at most :data:`LISTED_PROMPTS` entries and the count of the rest."""
+    indices = sorted(indices)
+    head = ", ".join(str(i) for i in indices[:LISTED_PROMPTS])
+    more = len(indices) - LISTED_PROMPTS
+    return f"[{head}{f', ... ({more} more)' if more > 0 else ''}] ({len(indices)} prompts)"
+
+
 class RunFailed(RuntimeError):
     """The run cannot make progress (every submission rejected for one cause, or none accepted for
     ``rollout.stallTimeoutSeconds``): the message names the cause."""
@@ -103,6 +124,8 @@ class Coordinator:
         self.eval_results: dict[str, list[Sample]] = {}
         self.eval_round = 0
         self.workers: dict[str, WorkerState] = {}
+        # the registry's bound: room for every replica restarting several times over
+        self.max_workers = max(64, 8 * sum(p.replicas for p in self.pools.values()))
         self.dropped_stale = 0
         self.dropped_by_pool: dict[str, int] = {p: 0 for p in self.pools}
         self.dropped_since_step = 0
@@ -165,9 +188,8 @@ class Coordinator:
             known = ", ".join(self.pools) or "none"
             raise KeyError(f"unknown rollout pool {pool!r} (pools with replicas: {known})")
         with self.cond:
-            w = self.workers.get(worker_id) or WorkerState(worker_id, pool)
+            w = self._worker(worker_id, pool)
             w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, time.time()
-            self.workers[worker_id] = w
         self._log("worker registered", worker=worker_id, pool=pool, engine=engine, precision=precision)
 
     def workers_receiving(self, dtype: str, within_s: float = 30.0) -> int:
@@ -178,10 +200,27 @@ class Coordinator:
             return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
                        and wire_dtype(self.pools[w.pool].engine, self.pools[w.pool].precision) == dtype)
 
-    def _seen(self, worker_id: str, pool: str, version: int) -> WorkerState:
+    def _worker(self, worker_id: str, pool: str) -> WorkerState:
+        """The registry entry of ``worker_id``, added when new (under cond). When the registry holds
+        :attr:`max_workers`, workers silent for :data:`WORKER_SILENT_S` s without a lease are
+        forgotten first; raises :class:`TooManyWorkers` when that frees no room."""
         w = self.workers.get(worker_id)
-        if w is None:
-            w = self.workers[worker_id] = WorkerState(worker_id, pool)
+        if w is not None:
+            return w
+        if len(self.workers) >= self.max_workers:
+            now = time.time()
+            for wid in [wid for wid, old in self.workers.items()
+                        if now - old.last_seen > WORKER_SILENT_S and not self.book.outstanding(wid)]:
+                del self.workers[wid]
+            if len(self.workers) >= self.max_workers:
+                raise TooManyWorkers(f"{len(self.workers)} rollout workers heard from in the last "
+                                     f"{WORKER_SILENT_S:g} s (at most {self.max_workers}): worker "
+                                     f"{worker_id[:64]!r} refused")
+        w = self.workers[worker_id] = WorkerState(worker_id, pool)
+        return w
+
+    def _seen(self, worker_id: str, pool: str, version: int) -> WorkerState:
+        w = self._worker(worker_id, pool)
         w.last_seen, w.version = time.time(), version
         return w
 
@@ -266,18 +305,21 @@ class Coordinator:
             self.runtime.rejected(reason)
 
     def _failing(self, item: WorkItem, problem: Problem) -> None:
-        """Remember a malformed submission (under cond); once every work item of the oldest pending
-        step was rejected for the same cause with nothing accepted in between, the run fails."""
+        """Remember a malformed submission (under cond; its item was released, so it is leased
+        again). The run fails once :data:`FAIL_AFTER_REJECTIONS` submissions were rejected for the
+        same cause with nothing accepted in between, and either every outstanding work item of the
+        oldest pending step (or the evaluation item) was among them or there were twice as many
+        rejections as such items (a worker that gets the same released item back each time)."""
         keys, count = self.failing.get(problem.cause, (set(), 0))
         keys.add(item.key)
-        self.failing[problem.cause] = (keys, count + 1)
+        count += 1
+        self.failing[problem.cause] = (keys, count)
         self.last_rejection = f"{problem.cause}: {problem.detail}"
         pending = [b for st, b in sorted(self.buffers.items()) if not b.complete]
         need = max(1, pending[0].items - pending[0].done if pending and not item.is_eval else 1)
-        # every outstanding item rejected, or as many rejections as that twice over (a worker that
-        # gets the same released item back each time)
-        if len(keys) >= need or count + 1 >= 2 * need:
-            self._fail(f"every submission of a step was rejected as malformed ({problem.cause}): {problem.detail}")
+        if count >= FAIL_AFTER_REJECTIONS and (len(keys) >= need or count >= 2 * need):
+            self._fail(f"every submission of a step was rejected as malformed ({problem.cause}): "
+                       f"{count} in a row, the last: {problem.detail}")
 
     def _fail(self, message: str) -> None:
         """Stop the run as Failed with ``message`` (under cond): the main loop raises RunFailed."""
@@ -311,7 +353,9 @@ class Coordinator:
                 return Problem(problem.cause, f"prompt {s.prompt_index}: {problem.detail}")
         want = {i: item.n for i in item.indices}
         if counts != want:
-            return f"expected {item.n} samples for each of prompts {sorted(want)}, got {dict(sorted(counts.items()))}"
+            wrong = sorted(i for i in want.keys() | counts.keys() if counts.get(i, 0) != want.get(i, 0))
+            return (f"expected {item.n} samples for each of the lease's {len(want)} prompts; wrong count for "
+                    f"prompts {_listed(wrong)}, e.g. prompt {wrong[0]}: {counts.get(wrong[0], 0)}")
         return ""
 
     # -- the loop (main thread) ------------------------------------------------------------------

@@ -22,9 +22,12 @@ from dcmdp.spec import dump_run
 from dcmdp.transport.buckets import WeightCastError
 from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.broadcast import BroadcastHub
-from dcmdp_trainer.coordinator import Coordinator, Rejected
+from dcmdp_trainer.coordinator import Coordinator, Rejected, TooManyWorkers
 from dcmdp_trainer.stream_guard import Slots, StallWatchdog
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+
+# header.worker_id's longest accepted length (a Kubernetes object name's, DNS-1123 subdomain)
+MAX_WORKER_ID = 253
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LONG_POLL_S = 2.0
@@ -117,15 +120,28 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         return pb.Header(weight_version=self.coord.version if version is None else version,
                          pool=h.pool, worker_id=h.worker_id)
 
+    @staticmethod
+    def _check_worker(h: pb.Header, context) -> None:
+        """header.worker_id must be 1..MAX_WORKER_ID printable ASCII characters without spaces (as a
+        Kubernetes pod name is): else INVALID_ARGUMENT naming the field."""
+        wid = h.worker_id
+        if not wid or len(wid) > MAX_WORKER_ID or not all("!" <= c <= "~" for c in wid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"header.worker_id must be 1 to {MAX_WORKER_ID} printable ASCII characters without "
+                          f"spaces (got {len(wid)} characters: {wid[:32]!r}{'...' if len(wid) > 32 else ''})")
+
     def Register(self, request, context):
         self._ready(context)
         h = request.header
         if not h.worker_id or not h.pool:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.worker_id and header.pool are required")
+        self._check_worker(h, context)
         try:
             self.coord.register(h.worker_id, h.pool, request.engine, request.precision)
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        except TooManyWorkers as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.RegisterReply(header=self._header(h), run_name=self.coord.session.run.metadata.name,
                                 manifest_json=self.manifest_json, model_files=self.files,
                                 weight_version=self.coord.version)
@@ -133,6 +149,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def AcquireLease(self, request, context):
         self._ready(context)
         h = request.header
+        self._check_worker(h, context)
         try:
             polling = self.long_polls.acquire(blocking=False)
             try:
@@ -143,6 +160,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                     self.long_polls.release()
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        except TooManyWorkers as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
         if rec is None:  # no work: ask again soon (later when the long-poll budget is spent)
@@ -159,11 +178,14 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def SubmitRollouts(self, request, context):
         self._ready(context)
         h = request.header
+        self._check_worker(h, context)
         samples = [Sample(s.prompt_index, list(s.response_ids), list(s.logprobs), s.finish_reason or "stop")
                    for s in request.samples]
         try:
             n = self.coord.submit(h.worker_id, h.pool, request.lease_id, h.weight_version, samples,
                                   request.sampling_seconds, request.generated_tokens)
+        except TooManyWorkers as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Rejected as exc:
             if self.log:
                 self.log.warning("submission rejected", extra={"fields": {
