@@ -15,6 +15,7 @@ import pytest
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenClientInterceptor
+from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES
 from dcmdp.transport.channel import SERVER_RECEIVE_BYTES, open_channel
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server, submission_bytes
@@ -62,18 +63,35 @@ def _method(port: int, token: str = TOKEN):
 
 
 def test_invalid_weight_requests_are_refused(served):
+    """Every weight RPC refuses the same invalid fields with INVALID_ARGUMENT naming the field; the
+    one chunk size is the bucket size (0 asks for it)."""
     s = stub(served)
     header = pb.Header(pool="bf16", worker_id="w")
-    for bad in (pb.WeightRequest(header=header, version=-5, dtype="fp32"),
-                pb.WeightRequest(header=header, version=0, dtype="fp32", chunk_size=-1),
-                pb.WeightRequest(header=header, version=0, dtype="fp32", chunk_size=1 << 30),
-                pb.WeightRequest(header=header, version=0, dtype="fp32", offset=-3)):
-        for call in (lambda r: s.GetWeightManifest(r, timeout=10), lambda r: list(s.StreamWeights(r, timeout=10))):
+    bucket = DEFAULT_BUCKET_BYTES
+    bad = {"version": dict(version=-5),
+           "chunk_size": dict(chunk_size=-1),
+           "chunk_size ": dict(chunk_size=1 << 30),
+           "chunk_size  ": dict(chunk_size=1 << 20),  # a size other than the bucket size
+           "offset": dict(offset=-3),
+           "offset ": dict(offset=3),  # not a bucket boundary
+           "offset  ": dict(offset=1 << 40),  # past the end of the snapshot
+           "length": dict(length=-1)}
+    calls = {"GetWeightManifest": lambda r: s.GetWeightManifest(r, timeout=10),
+             "JoinBroadcast": lambda r: s.JoinBroadcast(r, timeout=10),
+             "StreamWeights": lambda r: list(s.StreamWeights(r, timeout=10))}
+    for field, fields in bad.items():
+        request = pb.WeightRequest(header=header, **{"version": 0, "dtype": "fp32", **fields})
+        for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as e:
-                call(bad)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    ok = s.GetWeightManifest(pb.WeightRequest(header=header, version=-1, dtype="fp32", chunk_size=1 << 20), timeout=10)
-    assert ok.version == 0 and ok.chunk_size == 1 << 20
+                call(request)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, fields, e.value.details())
+            assert field.strip() in e.value.details(), (name, fields, e.value.details())
+    for size in (0, bucket):
+        ok = s.GetWeightManifest(pb.WeightRequest(header=header, version=-1, dtype="fp32", chunk_size=size), timeout=10)
+        assert ok.version == 0 and ok.chunk_size == bucket
+    chunks = list(s.StreamWeights(pb.WeightRequest(header=header, version=-1, dtype="fp32", chunk_size=bucket),
+                                  timeout=10))
+    assert sum(len(c.data) for c in chunks) == ok.total_bytes
 
 
 def test_a_message_over_the_receive_limit_is_refused(served, session):

@@ -172,12 +172,16 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         return pb.SubmitReply(header=self._header(h), accepted=True, accepted_samples=n)
 
     def _prepared(self, request, context):
-        if request.version < -1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, or -1 for the latest (got {request.version})")
-        if request.offset < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offset must be >= 0 (got {request.offset})")
+        """The snapshot a WeightRequest names, after the checks every weight RPC shares
+        (:meth:`WeightPublisher.check_request`): an invalid field is INVALID_ARGUMENT naming it."""
         try:
-            return self.publisher.prepared(request.version, request.dtype or "fp32")
+            self.publisher.check_request(request.version, request.offset, request.chunk_size, request.length)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            prep = self.publisher.prepared(request.version, request.dtype or "fp32")
+            self.publisher.check_offset(prep, request.offset)
+            return prep
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except WeightCastError as exc:  # the trainer's weights overflow the wire dtype: nothing is sent
@@ -216,10 +220,6 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def StreamWeights(self, request, context):
         self._ready(context)
         prep = self._prepared(request, context)  # aborts with the right code when it cannot be served
-        try:
-            self.publisher.check_request(prep, request.offset, request.chunk_size)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.streams.take():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.streams.limit} weight streams are being served: retry")

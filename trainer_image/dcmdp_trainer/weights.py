@@ -131,20 +131,38 @@ class WeightPublisher:
                 return True
             return False
 
-    def check_request(self, prep: Prepared, offset: int, chunk_size: int) -> None:
-        size = prep.layout.bucket_bytes
+    def check_request(self, version: int, offset: int = 0, chunk_size: int = 0, length: int = 0) -> None:
+        """Refuse a ``WeightRequest`` that no snapshot could serve: raises ValueError naming the field.
+
+        ``version`` ≥ -1 (-1 = latest); ``chunk_size`` 0 or ``bucket_bytes`` (the one chunk size);
+        ``offset`` ≥ 0 and a bucket boundary (a multiple of ``bucket_bytes``); ``length`` ≥ 0 bytes
+        (0 = to the end). The same checks hold for every weight RPC; :meth:`check_offset` adds the
+        one that needs the snapshot's size."""
+        size = self.bucket_bytes
+        if version < -1:
+            raise ValueError(f"version must be >= 0, or -1 for the latest (got {version})")
         if chunk_size not in (0, size):
             raise ValueError(f"chunk_size must be 0 or this trainer's bucket size {size} (got {chunk_size})")
-        if not 0 <= offset <= prep.layout.total_bytes or offset % size:
-            raise ValueError(f"offset {offset} is not a bucket boundary of the {prep.layout.total_bytes}-byte "
-                             f"snapshot (buckets of {size} bytes)")
+        if offset < 0 or offset % size:
+            raise ValueError(f"offset must be >= 0 and a bucket boundary, a multiple of {size} bytes (got {offset})")
+        if length < 0:
+            raise ValueError(f"length must be >= 0 bytes, 0 = to the end (got {length})")
+
+    @staticmethod
+    def check_offset(prep: Prepared, offset: int) -> None:
+        """Raises ValueError when ``offset`` (bytes) lies past the end of ``prep``'s snapshot."""
+        if offset > prep.layout.total_bytes:
+            raise ValueError(f"offset {offset} is past the end of the {prep.layout.total_bytes}-byte snapshot "
+                             f"v{prep.version}/{prep.layout.dtype}")
 
     def chunks(self, version: int, dtype: str, offset: int = 0, chunk_size: int = 0,
                length: int = 0) -> Iterator[Chunk]:
         """The buckets of ``version``/``dtype`` from byte ``offset`` (a bucket boundary), ``length``
-        bytes of them (0 = to the end), one reusable bucket buffer per stream."""
+        bytes of them (0 = to the end), one reusable bucket buffer per stream. Raises ValueError
+        (naming the field) for a request :meth:`check_request` or :meth:`check_offset` refuses."""
+        self.check_request(version, offset, chunk_size, length)
         prep = self.prepared(version, dtype)
-        self.check_request(prep, offset, chunk_size)
+        self.check_offset(prep, offset)
         size = prep.layout.bucket_bytes
         first = offset // size
         last = prep.layout.buckets if length <= 0 else min(prep.layout.buckets, -(-(offset + length) // size))
