@@ -62,6 +62,22 @@ def test_train_step_reports_every_metric_and_updates_lambda_per_pool():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_gradients_left_on_the_model_do_not_enter_the_first_update():
+    """The warm start leaves .grad on the parameters: the first step is the same as from clean ones."""
+    run = tiny_run()
+    rows, states = [], []
+    for stale in (False, True):
+        model, tok = build_model(run.spec.model, seed=0)
+        if stale:
+            sum(p.sum() for p in model.parameters()).backward()
+        learner = Learner(run, model, tok.pad_token_id)
+        rows.append(learner.train_step(make_rollouts(model, tok, shift=-0.05)))
+        states.append(model.state_dict())
+    assert rows[1]["optim/grad_norm"] == pytest.approx(rows[0]["optim/grad_norm"], rel=1e-6)
+    assert rows[1]["loss/total"] == pytest.approx(rows[0]["loss/total"], rel=1e-6)
+    assert all(torch.equal(states[0][k], v) for k, v in states[1].items())
+
+
 def test_plain_grpo_ignores_p_inf_and_keeps_lambda_at_zero():
     run = tiny_run(algorithm={"name": "grpo"})
     model, tok = build_model(run.spec.model, seed=1)

@@ -116,6 +116,9 @@ class Coordinator:
         self.stop_requested = False
         self.message = ""
         self.last_row: dict[str, Any] = {}
+        # steps whose row every sink (metrics.jsonl, Prometheus) holds: what GetStatus reports as
+        # ``step``; session.step runs ahead of it while a trained step is published and logged
+        self.steps_recorded = session.step
         self.lag_by_pool: dict[str, float] = {}
         self.checkpoint_step = session.step
         self.eval_accuracy: Optional[float] = None  # none until the first evaluation
@@ -376,11 +379,12 @@ class Coordinator:
             if ck and s.step % ck == 0 and s.step < s.total_steps:
                 self.checkpoint_step = s.step  # Session.train_step wrote it
             s.log(row)
-            with self.cond:
-                self.last_row = row
-                self.updated = time.time()
             if self.runtime:
                 self.runtime.step(row, self.lag_by_pool)
+            with self.cond:  # only now does GetStatus report the step: its metrics are out
+                self.last_row = row
+                self.steps_recorded = s.step
+                self.updated = time.time()
             self._log("step trained", step=row["step"], version=s.version, reward=row.get("reward/mean"),
                       prob_diff_mean=row.get("discrepancy/prob_diff_mean"), wait_s=round(wait_s, 4),
                       train_s=round(row["time/train_s"], 4), lag_max=row.get("version/lag_max"))
@@ -472,7 +476,7 @@ class Coordinator:
                         "leases": self.book.outstanding(w.worker_id)} for w in self.workers.values()]
             return {
                 "run_name": self.session.run.metadata.name, "phase": self.phase,
-                "step": self.session.step, "total_steps": self.session.total_steps,
+                "step": self.steps_recorded, "total_steps": self.session.total_steps,
                 "weight_version": self.version, "reward_mean": known("reward/mean"),
                 "prob_diff_mean": known("discrepancy/prob_diff_mean"),
                 "run_lambda": known("constraint/run_lambda"), "tolerance": known("constraint/tolerance"),

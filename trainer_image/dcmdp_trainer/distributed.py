@@ -82,8 +82,6 @@ class DeepSpeedLearner(Learner):
         }
         if self.algo.grad_clip > 0:
             config["gradient_clipping"] = self.algo.grad_clip
-        for param in model.parameters():  # e.g. left over from the warm start: DeepSpeed would add them in
-            param.grad = None
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.engine, self.module = engine, model
         self.model = engine  # forward, eval() and train() go through the engine

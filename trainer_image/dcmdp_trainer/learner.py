@@ -119,6 +119,10 @@ class Learner:
         self.device = resolve_device(spec.trainer.device, "spec.trainer.device", self.local_rank())
         self.micro_batch_tokens = spec.trainer.micro_batch_tokens
         model.to(self.device)
+        # gradients left on the parameters (the warm start's last backward) would be added to the first
+        # update's: every update accumulates from zero (optimizer_step and discard_gradients clear them)
+        for param in model.parameters():
+            param.grad = None
         if spec.trainer.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         tolerances = {p.name: spec.pool_tolerance(p) for p in spec.rollout.pools if p.name in self.pools}
