@@ -229,3 +229,27 @@ def test_an_overflowing_cast_is_refused_before_anything_is_sent(session):
     with pytest.raises(WeightCastError, match=name):
         strict.publish(1, state)
     assert strict.versions() == []
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses this process listens on at TCP ``port`` ("0.0.0.0"/"::" = every interface)."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_the_store_listens_only_on_the_trainers_host(session):
+    """Local mode (`dcmdp run`): the trainer's --host is 127.0.0.1; the store must not listen on `*`
+    (torch's TCPStore(host, 0, is_master=True) alone binds every interface)."""
+    publisher = WeightPublisher(keep=1, bucket_bytes=BUCKET)
+    server, _ = start_server(None, None, TOKEN, host="127.0.0.1")
+    try:
+        server.dcmdp_service.attach(Coordinator(session, publisher), publisher, broadcast_host="127.0.0.1")
+        hub = server.dcmdp_service.hub
+        assert listening_addresses(hub.port) == {"127.0.0.1"}
+        peer = client_store("127.0.0.1", hub.port, 5.0)  # and it answers there
+        peer.set("k", b"v")
+        assert hub.store.get("k") == b"v"
+    finally:
+        server.stop(grace=None)

@@ -32,13 +32,39 @@ def local_address_towards(host: str) -> str:
         return "127.0.0.1"
 
 
+def listening_socket(host: str) -> socket.socket:
+    """A TCP socket listening on ``host`` (an address or name, IPv4 or IPv6) at a free port.
+
+    Raises OSError when ``host`` does not resolve or cannot be bound."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(addr[:2] if family == socket.AF_INET else addr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def master_store(host: str, timeout_s: float) -> "dist.TCPStore":
-    """The trainer's store, listening on ``host`` at a free port (``store.port``)."""
+    """The trainer's store, listening on ``host`` only, at a free port (``store.port``).
+
+    ``TCPStore(host, 0, is_master=True)`` alone listens on every interface whatever ``host`` is;
+    so the listening socket is bound here to ``host`` and handed to the store
+    (``master_listen_fd``), which owns and closes it. Raises OSError when ``host`` cannot be bound."""
     # optional and heavy (the ml extra): the core imports without it
     from torch.distributed import TCPStore
 
-    return TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                    timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True)
+    sock = listening_socket(host)
+    port, fd = sock.getsockname()[1], sock.detach()
+    try:
+        return TCPStore(host, port, is_master=True, wait_for_workers=False,
+                        timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=fd, use_libuv=True)
+    except BaseException:
+        socket.close(fd)
+        raise
 
 
 def client_store(host: str, port: int, timeout_s: float) -> "dist.TCPStore":
