@@ -42,7 +42,8 @@ class LocalPools:
         for pool in session.spec.rollout.pools:
             if pool.replicas == 0:
                 continue
-            opts = dict(options or {}, device=pool.device) if pool.engine == "hf" else options
+            opts = (dict(options or {}, device=pool.device, quant_group_size=pool.quant_group_size)
+                    if pool.engine == "hf" else options)
             self.engines[pool.name] = make_engine(pool.engine, str(session.model_dir), pool.precision,
                                                   noise=pool.noise, seed=session.spec.algorithm.seed, options=opts)
 

@@ -3,7 +3,10 @@
 Precisions: ``fp32``, ``bf16``, ``fp16`` (weights and activations cast), ``int8`` (dynamic int8
 quantisation of every Linear layer, as torch's ``quantize_dynamic`` does for CPU serving) and
 ``fp8`` (*emulated*: Linear weights rounded through float8-e4m3 with a per-output-channel scale,
-compute in fp32 — the weight error of an FP8 checkpoint, not its kernels). ``noise`` adds Gaussian
+compute in fp32 — the weight error of an FP8 checkpoint, not its kernels), ``int4`` (weight-only,
+round-to-nearest, group-wise with ``quant_group_size`` weights per group: :mod:`dcmdp.int4`, the
+same quantiser the trainer's ``deployed-penalty`` uses; embedding and LM head unquantised; compute
+in fp32 — the weights of an AWQ/GPTQ-class RTN checkpoint, not its kernels). ``noise`` adds Gaussian
 logit noise of that σ before sampling, to emulate a worse engine at a chosen mismatch level.
 """
 
@@ -18,6 +21,7 @@ import torch
 from dcmdp.device import resolve_device
 from dcmdp.engine import EngineError, Sample, SamplingParams
 from dcmdp.generation import sample
+from dcmdp.int4 import DEFAULT_GROUP_SIZE, int4_roundtrip_model_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,13 +41,16 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, precision: str = "fp32", noise: float = 0.0, seed: int = 0,
-                 threads: int = 0, device: str = "cpu", **_: object):
+                 threads: int = 0, device: str = "cpu", quant_group_size: int = DEFAULT_GROUP_SIZE, **_: object):
         from transformers import AutoModelForCausalLM
 
         from dcmdp.models.tokenizer import load_tokenizer
 
-        if precision not in ("fp32", "bf16", "fp16", "int8", "fp8"):
-            raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8)")
+        if precision not in ("fp32", "bf16", "fp16", "int8", "fp8", "int4"):
+            raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8, int4)")
+        if int(quant_group_size) < 1:
+            raise EngineError(f"hf engine: quantGroupSize must be >= 1, got {quant_group_size}")
+        self.quant_group_size = int(quant_group_size)
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device, "spec.rollout.pools[].device")
@@ -67,7 +74,10 @@ class HFEngine:
                 return torch.ao.quantization.quantize_dynamic(
                     copy.deepcopy(self.master), {torch.nn.Linear}, dtype=torch.qint8).eval()
         model = copy.deepcopy(self.master)
-        fp8_roundtrip_(model)
+        if self.precision == "int4":
+            int4_roundtrip_model_(model, self.quant_group_size)
+        else:
+            fp8_roundtrip_(model)
         return model.eval()
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:

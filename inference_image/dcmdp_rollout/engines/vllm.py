@@ -17,7 +17,9 @@ What the engine promises, and how:
 * **Precisions.** fp32 / bf16 / fp16 set vLLM's ``dtype``. fp8 uses vLLM's online FP8
   quantisation (``quantization="fp8"``) where the platform supports it (GPU); on a CPU it is
   rejected with an :class:`EngineError`. int8 is rejected: vLLM has no online int8 quantisation of
-  an unquantised checkpoint (use the ``hf`` engine for an int8 pool).
+  an unquantised checkpoint (use the ``hf`` engine for an int8 pool). int4 is rejected too: vLLM
+  0.32's online methods are fp8/int8/mxfp4/mxfp8/nvfp4, and its CPU build serves int4 only from a
+  pre-quantised AWQ checkpoint (use the ``hf`` engine's ``int4``).
 * **Logit noise** (``noise`` = σ > 0) is added to the logits in the model's ``compute_logits``
   (inside vLLM's worker, before temperature and sampling), so the reported logprob includes it.
 * **Weight updates** go in place through vLLM's layerwise ``reload_weights`` (checkpoint-format
@@ -49,7 +51,7 @@ import torch
 from dcmdp.engine import EngineError, Sample, SamplingParams
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
 WEIGHT_SYNC = ("inplace", "restart")
 # Files of a model folder other than the weights, carried over when restarting from new weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -171,6 +173,10 @@ class VLLMEngine:
         if precision == "int8":
             raise EngineError("vllm engine: pool precision 'int8' is not supported: vLLM has no online "
                               "int8 quantisation of an unquantised checkpoint; use engine 'hf' for int8")
+        if precision == "int4":
+            raise EngineError("vllm engine: pool precision 'int4' is not supported: vLLM's online quantisation "
+                              "(0.32: fp8, int8, mxfp4, mxfp8, nvfp4) has no int4 of an unquantised checkpoint, and "
+                              "its CPU build runs int4 only from a pre-quantised AWQ checkpoint; use engine 'hf' for int4")
         if not (noise >= 0):
             raise EngineError(f"vllm engine: noise must be >= 0 (got {noise!r})")
         weight_sync = options.get("weight_sync", "inplace")
