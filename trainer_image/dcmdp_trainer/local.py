@@ -75,7 +75,9 @@ def checked(samples: list[Sample], session: Session, pool: str, max_new_tokens: 
 
 
 def evaluate(session: Session, pools: LocalPools) -> dict[str, float]:
-    """Held-out accuracy: greedy from the trainer, and sampled from each pool's engine as deployed."""
+    """Held-out accuracy: greedy from the trainer, and sampled and greedy from each pool's engine as
+    deployed (its precision, noise and lag); ``eval/accuracy_sampled`` and
+    ``eval/accuracy_engine_greedy`` are the means over the pools."""
     values = {"eval/accuracy_greedy": session.evaluate_greedy()}
     prompts = session.held_out_prompts()
     algo = session.spec.algorithm
@@ -83,13 +85,15 @@ def evaluate(session: Session, pools: LocalPools) -> dict[str, float]:
         if pool.name not in pools.engines:
             continue
         pools.sync(pool.name, pool.lag)
-        samples = pools.engines[pool.name].generate(
-            [p.ids for p in prompts], [p.index for p in prompts],
-            SamplingParams(n=1, max_new_tokens=session.task.max_new_tokens, temperature=algo.temperature,
-                           seed=session.sampling_seed(-1, pool.name)))
-        values[f"pool/{pool.name}/eval/accuracy_sampled"] = session.accuracy(samples, prompts)
-    sampled = [v for k, v in values.items() if k.endswith("accuracy_sampled")]
-    values["eval/accuracy_sampled"] = sum(sampled) / len(sampled)
+        for key, temperature in (("accuracy_sampled", algo.temperature), ("accuracy_engine_greedy", 0.0)):
+            samples = pools.engines[pool.name].generate(
+                [p.ids for p in prompts], [p.index for p in prompts],
+                SamplingParams(n=1, max_new_tokens=session.task.max_new_tokens, temperature=temperature,
+                               seed=session.sampling_seed(-1, pool.name)))
+            values[f"pool/{pool.name}/eval/{key}"] = session.accuracy(samples, prompts)
+    for key in ("accuracy_sampled", "accuracy_engine_greedy"):
+        per_pool = [v for k, v in values.items() if k.startswith("pool/") and k.endswith(key)]
+        values[f"eval/{key}"] = sum(per_pool) / len(per_pool)
     return values
 
 
