@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 from dcmdp import jsonlog
+from dcmdp.precision import wire_dtype
 from dcmdp.spec import SpecError, load_run
 from dcmdp.transport.auth import TokenError, load_token
-from dcmdp.transport.tensors import wire_dtype
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
@@ -116,7 +116,7 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     try:
         tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
         publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
-                                    dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
+                                    dtypes=sorted({wire_dtype(p.precision) for p in run.spec.rollout.pools}))
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
         loop = RunLoop(session, coord, state=coord.state, runtime=runtime, log=log)
