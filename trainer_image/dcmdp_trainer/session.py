@@ -100,8 +100,9 @@ class Session:
         older = 0
         if self.spec.algorithm.discrepancy_reference == "sampled":
             older = self.max_lag
-        if serve_lags:
-            older = max(older, max(p.lag for p in self.spec.rollout.pools))
+        if serve_lags:  # (adaptive staleness: pools may sample up to maxStaleness behind)
+            adaptive = self.spec.algorithm.max_staleness if self.spec.algorithm.adaptive_staleness else 0
+            older = max(older, adaptive, max(p.lag for p in self.spec.rollout.pools))
         self.keep_versions = 1 + older
         self.history: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
         self.step = 0
