@@ -994,18 +994,12 @@ class Metadata(SpecModel):
             raise ValueError(err)
         return v
 
-    @field_validator("labels")
+    @field_validator("labels", "annotations")
     @classmethod
-    def _labels(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        errs = list(names.labels_errors(v or {}))
-        if errs:
-            raise ValueError("; ".join(errs))
-        return v
-
-    @field_validator("annotations")
-    @classmethod
-    def _annotations(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        errs = list(names.annotations_errors(v or {}))
+    def _key_values(cls, v: Optional[dict[str, str]], info: ValidationInfo) -> Optional[dict[str, str]]:
+        """Kubernetes' rules for label (or annotation) keys and values, every violation named."""
+        errors = names.labels_errors if info.field_name == "labels" else names.annotations_errors
+        errs = list(errors(v or {}))
         if errs:
             raise ValueError("; ".join(errs))
         return v

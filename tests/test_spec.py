@@ -161,6 +161,10 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("wrong kind", run(kind="RayJob"), "kind", "DCMDPRun"),
     ("wrong version", run(apiVersion="dcmdp.io/v1"), "apiVersion", "v1alpha1"),
     ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "DNS-1035 label"),
+    ("bad label value", {**run(), "metadata": {"name": "r", "labels": {"team": "a b"}}}, "metadata.labels",
+     "team: value 'a b' must be empty or at most 63"),
+    ("annotations too big", {**run(), "metadata": {"name": "r", "annotations": {"note": "x" * 262_144}}},
+     "metadata.annotations", "annotations total 262148 bytes: at most 262144"),
     ("negative ttl", run({"ttlSecondsAfterFinished": -1}), "spec.ttlSecondsAfterFinished", "greater than or equal to 0"),
 ]
 
