@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcmdp import yamlfile
+from dcmdp.cli_args import at_least
 from dcmdp.plots import plot_run
 from dcmdp.preflight import check_inputs
 from dcmdp.progress import RunProgress, summary_table
@@ -62,17 +63,6 @@ def refuse(problems: list[tuple[str, str]]) -> int:
     for path, problem in problems:
         print(f"error: {path}: {problem}", file=sys.stderr)
     return 2
-
-
-def non_negative(text: str) -> int:
-    """argparse type: an int >= 0 (argparse exits 2 naming the option otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -142,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     again.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     r.add_argument("--inprocess", action="store_true", help="trainer and engines in this process (no gRPC)")
-    r.add_argument("--threads", type=non_negative, default=0, help="torch threads per process (0 = default)")
+    r.add_argument("--threads", type=at_least(0), default=0, help="torch threads per process (0 = default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 

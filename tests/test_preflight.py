@@ -103,12 +103,14 @@ def test_cluster_paths_are_not_checked_here(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
-    (["--threads", "two"], "argument --threads: 'two' is not a whole number"),
-    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["run", "--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
+    (["run", "--threads", "two"], "argument --threads: 'two' is not a whole number"),
+    (["run", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["sweep", "--threads", "0"], "argument --threads: must be >= 1 (got 0)"),
+    (["sweep", "--parallel", "-1"], "argument --parallel: must be >= 1 (got -1)"),
 ])
-def test_bad_run_options_exit_2_naming_the_option(argv, message, capsys):
+def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["run", "-f", "examples/quickstart.yaml", *argv])
+        main([argv[0], "-f", "examples/quickstart.yaml", *argv[1:]])
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
