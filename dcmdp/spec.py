@@ -38,7 +38,8 @@ Correction = Literal["tis", "mis", "icepop"]
 CorrectionLevel = Literal["token", "sequence", "geometric"]
 AdvantageStd = Literal["population", "unbiased", "none"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
+ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty",
+                         "deployed-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 Device = Literal["auto", "cpu", "cuda"]
 EngineName = Literal["hf", "vllm"]
@@ -809,6 +810,9 @@ class PoolSpec(SpecModel):
     precision: PoolPrecision = "bf16"
     noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
     lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    quant_group_size: int = Field(
+        128, ge=1, le=65_536, description="precision int4: weights per quantisation group along a Linear's input "
+        "dimension (clipped to the layer's width).")
     device: Device = Field(
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
