@@ -200,12 +200,12 @@ def main() -> None:
         server, port = start_server(coord, publisher, token, hub=hub)
         if ratio_bf16 is None:
             from dcmdp.proto import dcmdp_pb2 as pb
-            from dcmdp.transport.tensors import wire_dtype
+            from dcmdp.precision import wire_dtype
 
             svc = server.dcmdp_service
             fp32 = svc._manifest(pb.Header(), publisher.prepared(1, "fp32")).total_bytes
-            ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "bf16"))).total_bytes / fp32
-            ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "int8"))).total_bytes / fp32
+            ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("bf16"))).total_bytes / fp32
+            ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("int8"))).total_bytes / fp32
         for dtype in args.dtypes:
             prep = publisher.prepared(1, dtype)
             for i in range(prep.layout.buckets):  # the crcs, as the first broadcast of a version computes them

@@ -20,13 +20,12 @@ connects fails the rendezvous then, and the joiners that did connect fetch over 
 connected, a peer that dies or stalls fails the round after ``timeout_s``; the group is aborted so
 every other peer fails at once and fetches what it lacks over the stream. The trainer goes on.
 
-Test hook (environment, read once): ``DCMDP_TEST_CORRUPT_BUCKETS=N`` flips a byte of the first N
-buckets broadcast (after their crc), to prove workers detect and re-fetch them.
+Tests damage buckets from outside (``dcmdp_testing.trainer_faults.corrupt_buckets``) to prove
+workers detect and re-fetch them.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -95,7 +94,6 @@ class BroadcastHub:
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, str], Round] = {}
         self.results: list[RoundResult] = []
-        self._corrupt = int(os.environ.get("DCMDP_TEST_CORRUPT_BUCKETS", "0") or 0)
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
 
     def _take_pair(self, size: int, device: str) -> list[torch.Tensor]:
@@ -179,24 +177,18 @@ class BroadcastHub:
 
             k = 0
             for i in range(layout.buckets):
-                crc = prep.crcs[i]
+                cached = prep.crcs[i] is not None
                 running = 0
                 for lo, hi in layout.parts(i, part):
-                    damage = self._corrupt > 0 and lo == layout.span(i)[0]  # the test hook
-                    data, uses = direct_range(prep.state, layout, lo, hi), None
-                    if data is None or damage:  # cast / copied into the buffer the op two parts ago read
-                        uses = ("buf", k % 2)
-                        free(uses)
-                        out = bufs[k % 2]
-                        data = fill_range(prep.state, layout, lo, hi, out) if data is None else out[:hi - lo].copy_(data)
-                        k += 1
-                    if crc is None:
+                    slot = ("buf", k % 2)
+                    free(slot)  # at most two parts in flight: the buffer the op two parts ago read is free
+                    data = self._part(prep, i, lo, hi, bufs[k % 2])
+                    if not cached:  # (computed once per (version, dtype), then kept)
                         running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
-                    if damage:  # damaged after its crc, in a buffer (never the snapshot)
-                        self._corrupt -= 1
-                        data[0] = data[0] ^ 0xFF
-                    inflight.append((broadcast(pg, data, self.timeout_s), uses))
+                    inflight.append((broadcast(pg, data, self.timeout_s), slot))
+                    k += 1
                     sent += hi - lo
+                crc = prep.crcs[i]
                 if crc is None:
                     crc = prep.crcs[i] = running
                 free(("crc", i % 2))
@@ -208,6 +200,12 @@ class BroadcastHub:
             return sent
         finally:
             close_group(pg)
+
+    def _part(self, prep: Prepared, i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Stream bytes [lo, hi) of bucket ``i``: a view of their tensor when no cast or copy is
+        needed, else cast and copied into ``out``."""
+        view = direct_range(prep.state, prep.layout, lo, hi)
+        return view if view is not None else fill_range(prep.state, prep.layout, lo, hi, out)
 
     def close(self) -> None:
         self.store = None  # type: ignore[assignment]
