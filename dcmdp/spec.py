@@ -579,6 +579,12 @@ class TrainerSpec(SpecModel):
 
     precision: TrainerPrecision = "fp32"
     replicas: int = Field(1, ge=1, le=4096)
+    gpus_per_replica: Optional[int] = Field(
+        None, ge=1, le=256,
+        description="Ranks (processes, one per GPU) each replica starts, torchrun's way; world = replicas × "
+        "gpusPerReplica, rank 0 serves gRPC. Default: the template's nvidia.com/gpu limit, else 1. More than one "
+        "rank in all trains data-parallel through DeepSpeed (ZeRO stage 0 when deepspeed.enabled is false).",
+    )
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     device: Device = Field(
