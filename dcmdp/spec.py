@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 
 from dcmdp import names, podsecurity
+from dcmdp.precision import PoolPrecision, TrainerPrecision
 from dcmdp.yamlfile import YAMLFileError, YAMLLoader, read_documents  # noqa: F401 (YAMLLoader: re-exported)
 
 API_GROUP = "dcmdp.io"
@@ -39,9 +40,7 @@ AdvantageStd = Literal["population", "unbiased", "none"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
-TrainerPrecision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
-PoolPrecision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 EngineName = Literal["hf", "vllm"]
 
 
@@ -128,7 +127,7 @@ class ModelSpec(SpecModel):
         "(downloaded there when online). Exclusive with `path`.",
     )
     revision: Optional[str] = Field(None, min_length=1, max_length=200, description="Hub revision of `name`.")
-    dtype: Literal["fp32", "bf16"] = Field(
+    dtype: TrainerPrecision = Field(
         "fp32", description="dtype of the trainer's weights (a bf16 checkpoint is upcast to fp32 by default)."
     )
     hidden_size: int = Field(128, ge=8, le=65_536)

@@ -16,10 +16,9 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
-from dcmdp.transport.buckets import WeightCastError
+from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
 from dcmdp.transport.collective import client_store, open_group
-from dcmdp.transport.tensors import wire_cast
 from dcmdp_rollout.weights import fetch_weights, receive_broadcast
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator
@@ -50,7 +49,7 @@ class Served:
         self.hub = BroadcastHub(self.publisher, "127.0.0.1", gather_s=gather_s, timeout_s=timeout_s,
                                 expected=lambda dtype: expected)
         self.server, self.port = start_server(Coordinator(session, self.publisher), self.publisher, TOKEN, hub=self.hub)
-        self.want = wire_cast({k: v for k, v in weights.items() if k != "lm_head.weight"}, "bf16")
+        self.want = loopback(weights, "bf16", skip=("lm_head.weight",))  # what the in-process runner loads
 
     def stub(self, token: str = TOKEN):
         return dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{self.port}", token))

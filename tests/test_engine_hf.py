@@ -92,3 +92,30 @@ def test_greedy_is_deterministic_argmax(model_dir):
 def test_unsupported_precision_is_rejected(model_dir):
     with pytest.raises(EngineError, match="unsupported precision"):
         make_engine("hf", str(model_dir[0]), "fp4")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8", "fp8"])
+def test_each_precision_serves_what_the_table_says_before_and_after_an_update(model_dir, precision):
+    """dcmdp.precision: float precisions cast to their compute dtype; int8 serves dynamically
+    quantised Linears; fp8 serves fp32 Linears whose rows lie on a scaled float8-e4m3 grid."""
+    folder, model, _ = model_dir
+    eng = make_engine("hf", str(folder), precision)
+    state = {k: v + 0.01 for k, v in model.state_dict().items()}  # an update every precision must take
+    for version in (0, 1):
+        if version:
+            eng.load_weights(state, version)
+        linear = eng.model.model.layers[0].self_attn.q_proj
+        master = eng.master.model.layers[0].self_attn.q_proj.weight
+        assert eng.model.model.embed_tokens.weight.dtype == {
+            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "int8": torch.float32, "fp8": torch.float32}[precision]
+        if precision == "int8":
+            assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear)
+            assert torch.allclose(linear.weight().dequantize(), master, atol=master.abs().max().item() / 100)
+        elif precision == "fp8":
+            scale = master.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+            assert torch.equal(linear.weight, (master / scale).to(torch.float8_e4m3fn).float() * scale)
+            assert not torch.equal(linear.weight, master)
+        else:
+            assert torch.equal(linear.weight, master.to(linear.weight.dtype))
+    assert torch.equal(master, state["model.layers.0.self_attn.q_proj.weight"])

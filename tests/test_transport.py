@@ -16,7 +16,7 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenError, load_token
 from dcmdp.transport.channel import open_channel
-from dcmdp_rollout.weights import fetch_weights, wire_dtype
+from dcmdp_rollout.weights import fetch_weights
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
@@ -27,12 +27,6 @@ TOKEN = "s3cret-run-token"
 
 
 # -- wire dtypes (the byte layout: tests/test_buckets.py) ---------------------------------------
-def test_wire_dtype_of_each_pool():
-    assert wire_dtype("hf", "bf16") == "bf16" and wire_dtype("hf", "fp16") == "fp16"
-    assert wire_dtype("hf", "int8") == "bf16" and wire_dtype("hf", "fp8") == "bf16"  # the engine quantises
-    assert wire_dtype("vllm", "fp8") == "bf16" and wire_dtype("vllm", "fp32") == "fp32"
-
-
 def test_token_sources(tmp_path: Path):
     f = tmp_path / "tok"
     f.write_text("  from-file\n")

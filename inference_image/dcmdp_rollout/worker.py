@@ -32,12 +32,13 @@ from typing import Any, Optional
 import grpc
 
 from dcmdp.engine import RolloutEngine, SamplingParams, make_engine
+from dcmdp.precision import wire_dtype
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import parse_run
 from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.observability import WorkerMetrics
-from dcmdp_rollout.weights import fetch_weights, receive_broadcast, wire_dtype
+from dcmdp_rollout.weights import fetch_weights, receive_broadcast
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED: "the trainer rejected the run token",
          grpc.StatusCode.NOT_FOUND: "the trainer does not know this pool",
@@ -139,7 +140,7 @@ class Worker:
         run = parse_run(json.loads(reply.manifest_json), "the trainer's manifest")
         self.pool_spec = next(p for p in run.spec.rollout.pools if p.name == self.pool)
         self.seed = run.spec.algorithm.seed
-        self.dtype = wire_dtype(self.pool_spec.engine, self.pool_spec.precision)
+        self.dtype = wire_dtype(self.pool_spec.precision)
         if self.model_dir is None:
             self.model_dir = Path(tempfile.mkdtemp(prefix=f"dcmdp-{self.pool}-"))
             for f in reply.model_files:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dcmdp.transport.tensors import wire_dtype
+from dcmdp.precision import wire_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +126,7 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     try:
         tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
         publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
-                                    dtypes=sorted({wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}))
+                                    dtypes=sorted({wire_dtype(p.precision) for p in run.spec.rollout.pools}))
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
         # gloo has no TLS: under TLS the weights stay on the gRPC stream

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from dcmdp.engine import Rollout, Sample
+from dcmdp.precision import wire_dtype
 from dcmdp.sample_check import Problem, check_response, check_timing
 from dcmdp_trainer.leases import LeaseBook, LeaseRecord, WorkItem
 from dcmdp_trainer.local import split_prompts
 from dcmdp_trainer.session import Session, StepPrompt
-from dcmdp.transport.tensors import wire_dtype
 from dcmdp_trainer.weights import WeightPublisher
 
 Callback = Callable[[dict[str, Any]], None]
@@ -201,7 +201,7 @@ class Coordinator:
         now = time.time()
         with self.cond:
             return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
-                       and wire_dtype(self.pools[w.pool].engine, self.pools[w.pool].precision) == dtype)
+                       and wire_dtype(self.pools[w.pool].precision) == dtype)
 
     def _worker(self, worker_id: str, pool: str) -> WorkerState:
         """The registry entry of ``worker_id``, added when new (under cond). When the registry holds

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dcmdp.engine import RolloutEngine, Sample, SamplingParams, make_engine
+from dcmdp.precision import wire_dtype
 from dcmdp.sample_check import check_response
 from dcmdp.spec import DCMDPRun
-from dcmdp.transport.tensors import wire_cast, wire_dtype
+from dcmdp.transport.buckets import loopback
 from dcmdp_trainer.session import Session, StepPrompt
 
 Callback = Callable[[dict[str, Any]], None]
@@ -51,7 +52,7 @@ class LocalPools:
         if self.loaded.get(pool) != version:
             spec = next(p for p in self.session.spec.rollout.pools if p.name == pool)
             # what a worker of the pool receives: the weights rounded to its wire dtype
-            state = wire_cast(self.session.weights(version), wire_dtype(spec.engine, spec.precision))
+            state = loopback(self.session.weights(version), wire_dtype(spec.precision))
             self.engines[pool].load_weights(state, version)
             self.loaded[pool] = version
         return version

@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES, Layout, bucket_crc, check_cast, fill, plan
-from dcmdp.transport.tensors import WIRE_DTYPES
+from dcmdp.precision import WIRE_DTYPES
 
 
 class WeightsUnavailable(LookupError):
