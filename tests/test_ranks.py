@@ -6,11 +6,13 @@ import pytest
 
 from dcmdp import ranks
 from dcmdp.spec import SpecError, parse_run
+from dcmdp_testing.admission import admit
 from runtime_helpers import TINY, merge
 
 
 def trainer(**over):
-    return parse_run(merge(TINY, {"spec": {"trainer": over}})).spec.trainer
+    algo = {"miniBatchSize": 8, "promptsPerStep": 8}  # 32 sequences a mini-batch: up to 32 ranks
+    return parse_run(merge(TINY, {"spec": {"algorithm": algo, "trainer": over}})).spec.trainer
 
 
 @pytest.mark.parametrize("over, gpus", [
@@ -44,3 +46,17 @@ def test_torchrun_command_starts_one_rank_per_gpu_of_the_replica():
     assert cmd == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(NODE_RANK)",
                    "--master-addr", "r-trainer-0.r-trainer", "--master-port", "29500", "--max-restarts", "0",
                    "--module", "dcmdp_trainer", "--config", "c.yaml"]
+
+
+def test_more_ranks_than_a_mini_batch_has_sequences_is_refused():
+    """Every rank takes a share of each mini-batch (miniBatchSize × groupSize sequences); the
+    model and the CRD's CEL rule check replicas × gpusPerReplica as written (a default from the
+    template's GPU limit is checked by the trainer when it starts)."""
+    algo = {"groupSize": 2, "miniBatchSize": 2, "promptsPerStep": 4}
+    ok = parse_run(merge(TINY, {"spec": {"algorithm": algo, "trainer": {"gpusPerReplica": 4}}}))
+    assert ranks.world_size(ok.spec.trainer) == 4
+    for trainer in ({"replicas": 5}, {"replicas": 2, "gpusPerReplica": 3}):
+        manifest = merge(TINY, {"spec": {"algorithm": algo, "trainer": trainer}})
+        with pytest.raises(SpecError, match=r"spec.trainer.gpusPerReplica: more trainer ranks"):
+            parse_run(manifest)
+        assert [path for path, _ in admit(manifest)[1]] == ["spec.trainer.gpusPerReplica"], trainer

@@ -147,7 +147,8 @@ class DeepSpeedLearner(Learner):
         n = minibatch.stop - minibatch.start
         if n < self.world:
             raise DistributedError(f"a mini-batch of {n} sequences cannot be split over {self.world} ranks "
-                                   "(raise miniBatchSize or groupSize, or lower trainer.replicas)")
+                                   "(raise miniBatchSize or groupSize, or lower trainer.replicas × gpusPerReplica, "
+                                   "which defaults to the template's nvidia.com/gpu limit)")
         return torch.arange(minibatch.start + n * self.rank // self.world,
                             minibatch.start + n * (self.rank + 1) // self.world)
 
