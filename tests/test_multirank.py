@@ -97,7 +97,8 @@ def test_ranks_take_the_same_step_as_one_rank(tmp_path, reference, topology, tra
                                                     args=[str(data), str(out), json.dumps(trainer)],
                                                     launcher=(sys.executable, "-m", "torch.distributed.run"),
                                                     module="multirank_child"),
-                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
             for i in range(spec.replicas)]
     try:
