@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcmdp import yamlfile
+from dcmdp.cli_args import at_least
 from dcmdp.plots import plot_run
 from dcmdp.preflight import check_inputs
 from dcmdp.progress import RunProgress, summary_table
@@ -57,29 +58,11 @@ def finished_summary(out: Path, total: int) -> Optional[dict[str, Any]]:
     return summary if isinstance(summary, dict) and int(summary.get("steps", 0)) >= total else None
 
 
-def refuse(problems: list[tuple[str, str]]) -> int:
-    """Print each (field, problem) on a line of its own; the exit code of bad input (2)."""
-    for path, problem in problems:
-        print(f"error: {path}: {problem}", file=sys.stderr)
-    return 2
-
-
-def non_negative(text: str) -> int:
-    """argparse type: an int >= 0 (argparse exits 2 naming the option otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     found = check_inputs(run, cluster=args.cluster)
     if found.problems:
-        return refuse(found.problems)
+        raise SpecError(found.problems, str(args.file))
     for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
@@ -95,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     found = check_inputs(run)  # the dataset and tokenizer the run loads: refused here, not in a traceback
     if found.problems:
-        return refuse(found.problems)
+        raise SpecError(found.problems, str(args.file))
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
     if holds_run(out) and not (args.resume or args.overwrite):
@@ -142,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     again.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     r.add_argument("--inprocess", action="store_true", help="trainer and engines in this process (no gRPC)")
-    r.add_argument("--threads", type=non_negative, default=0, help="torch threads per process (0 = default)")
+    r.add_argument("--threads", type=at_least(0), default=0, help="torch threads per process (0 = default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 

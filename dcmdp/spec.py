@@ -38,7 +38,8 @@ Correction = Literal["tis", "mis", "icepop"]
 CorrectionLevel = Literal["token", "sequence", "geometric"]
 AdvantageStd = Literal["population", "unbiased", "none"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
+ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty",
+                         "deployed-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 Device = Literal["auto", "cpu", "cuda"]
 EngineName = Literal["hf", "vllm"]
@@ -815,6 +816,9 @@ class PoolSpec(SpecModel):
     precision: PoolPrecision = "bf16"
     noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
     lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    quant_group_size: int = Field(
+        128, ge=1, le=65_536, description="precision int4: weights per quantisation group along a Linear's input "
+        "dimension (clipped to the layer's width).")
     device: Device = Field(
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
@@ -879,6 +883,28 @@ class FailurePolicySpec(SpecModel):
     max_restarts: int = Field(3, ge=0, le=1000)
 
 
+class TLSSpec(SpecModel):
+    """TLS on the trainer's gRPC port, for the rollout workers and the operator's status reads
+    (cluster only; ``dcmdp run`` listens on localhost). Without it the run token crosses the pod
+    network in clear text."""
+
+    secret_name: Optional[str] = Field(
+        None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_1123_SUBDOMAIN,
+        description="A Secret in the run's namespace with tls.crt and tls.key (type kubernetes.io/tls, e.g. "
+        "cert-manager's) for the trainer; unset: plaintext. The certificate must name the trainer as the "
+        "clients reach it: serverName.",
+    )
+    ca_key: str = Field(
+        "ca.crt", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+        description="The Secret's key holding the CA the workers and the operator verify the trainer with "
+        "(a self-signed certificate: tls.crt).",
+    )
+    server_name: Optional[str] = Field(
+        None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_1123_SUBDOMAIN,
+        description="The DNS name the clients expect in the certificate (default: <run>-trainer-0.<run>-trainer).",
+    )
+
+
 class SchedulingSpec(SpecModel):
     gang: Literal["none", "kueue", "volcano"] = "none"
     queue_name: Optional[str] = Field(
@@ -916,6 +942,7 @@ class RunSpec(SpecModel):
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=365 * 86_400)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    tls: TLSSpec = Field(default_factory=TLSSpec)
 
     CEL = (
         CelRule(

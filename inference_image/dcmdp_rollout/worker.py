@@ -208,6 +208,7 @@ class Worker:
         options = dict(self.engine_options)
         if self.pool_spec.engine == "hf":
             options.setdefault("device", self.pool_spec.device)
+            options.setdefault("quant_group_size", self.pool_spec.quant_group_size)
         if self.pool_spec.engine == "hf" and self.threads:
             options.setdefault("threads", self.threads)
         engine = make_engine(self.pool_spec.engine, str(self.model_dir), self.pool_spec.precision,
