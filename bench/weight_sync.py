@@ -194,12 +194,12 @@ def main() -> None:
             publisher.bucket(prep, i, torch.empty(bucket, dtype=torch.uint8))
         if ratio_bf16 is None:
             from dcmdp.proto import dcmdp_pb2 as pb
-            from dcmdp.transport.tensors import wire_dtype
+            from dcmdp.precision import wire_dtype
 
             svc = server.dcmdp_service
             fp32 = svc._manifest(pb.Header(), publisher.prepared(1, "fp32")).total_bytes
-            ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "bf16"))).total_bytes / fp32
-            ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("hf", "int8"))).total_bytes / fp32
+            ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("bf16"))).total_bytes / fp32
+            ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("int8"))).total_bytes / fp32
         data = bytes(prep.layout.total_bytes)  # the raw-TCP side sends ready-made bytes of the same size
         gib = prep.layout.total_bytes / (1 << 30)
         for w in args.workers:

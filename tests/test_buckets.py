@@ -5,14 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcmdp.transport.buckets import (Assembler, WeightCastError, bucket_crc, check_cast, fill, iter_buckets, plan)
-from dcmdp.transport.tensors import WeightFormatError, wire_cast
+from dcmdp.precision import TORCH_DTYPES
+from dcmdp.transport.buckets import (Assembler, WeightCastError, bucket_crc, check_cast, fill, iter_buckets, loopback,
+                                     plan)
+from dcmdp.transport.tensors import WeightFormatError
 
 
 def state_dict() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"a": torch.randn(10, 7, generator=g), "steps": torch.tensor([3, 4, 5], dtype=torch.int64),
             "b": torch.randn(33, generator=g), "big": torch.randn(100, generator=g), "tied": torch.randn(2)}
+
+
+def cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The oracle: floating-point tensors rounded to the wire dtype by ``Tensor.to``."""
+    return {k: v.to(getattr(torch, TORCH_DTYPES[dtype])) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def test_plan_places_cast_tensors_at_aligned_offsets():
@@ -37,7 +44,7 @@ def test_buckets_reassemble_to_the_cast_tensors_in_any_order(dtype):
     for i in reversed(range(lay.buckets)):  # tensors spanning buckets complete when their last piece lands
         got.update({k: v.clone() for k, v in asm.add(i, buckets[i])})
     assert asm.complete
-    want = wire_cast(state, dtype)
+    want = cast(state, dtype)
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
@@ -68,3 +75,21 @@ def test_a_cast_that_overflows_is_an_error_naming_tensor_magnitude_and_dtype():
     nan = {"w": torch.tensor([0.0, float("nan")])}
     with pytest.raises(WeightCastError, match="tensor w: largest magnitude nan"):
         check_cast(nan, plan(nan, "fp32"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_loopback_is_what_a_receiver_assembles(dtype):
+    """The in-process path: the same cast as the wire, as views of one buffer, skip honoured."""
+    state = state_dict()
+    got = loopback(state, dtype, skip=("tied",))
+    want = cast({k: v for k, v in state.items() if k != "tied"}, dtype)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1
+    assert loopback(state, dtype, skip=tuple(state)) == {}
+
+
+def test_loopback_refuses_a_cast_that_is_not_finite():
+    with pytest.raises(WeightCastError, match="tensor huge: largest magnitude 1e\\+06"):
+        loopback({"huge": torch.tensor([1.0, -1e6])}, "fp16")

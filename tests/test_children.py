@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dcmdp.spec import load_run, parse_run
+from dcmdp.spec import SpecError, load_run, parse_run
 from dcmdp_operator import children
 from dcmdp_operator.config import OperatorConfig
 
@@ -242,7 +242,6 @@ def test_user_overlay_cannot_break_what_the_run_needs():
                         {"name": "trainer", "command": ["sh"], "image": "evil", "env": [{"name": "DCMDP_TOKEN_FILE", "value": "/x"}]},
                         {"name": "sidecar", "image": "busybox"},
                     ],
-                    "restartPolicy": "Always",
                 },
                 "metadata": {"labels": {"dcmdp.io/run": "other", "extra": "yes"}},
             }
@@ -276,8 +275,13 @@ def test_build_errors_name_the_field():
         children.build(run_of({}), digit, token="t", config=CONFIG)
     from dcmdp_operator.podtemplate import TemplateError
 
+    typo = {"rollout": {"pools": [{"name": "p", "template": {"nodeSelectr": {}}}]}}
+    with pytest.raises(SpecError, match=r"spec\.rollout\.pools\[0\]\.template\.nodeSelectr: .*allow-list"):
+        run_of(typo)
+    # a short-form key the operator cannot place, where the admin allows any field
+    wide = parse_run({"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "demo"}, "spec": typo}, allow_escalations=frozenset({"otherFields"}))
     with pytest.raises(TemplateError, match=r"spec\.rollout\.pools\[0\]\.template\.nodeSelectr"):
-        children.build(run_of({"rollout": {"pools": [{"name": "p", "template": {"nodeSelectr": {}}}]}}), META, token="t", config=CONFIG)
+        children.build(wide, META, token="t", config=CONFIG)
 
 
 def test_tokens_are_fresh_and_unreadable_secrets_give_none():

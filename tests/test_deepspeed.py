@@ -161,3 +161,16 @@ def test_trainer_with_two_zero_ranks_runs_as_the_inprocess_trainer(tmp_path, sta
         for key in ("loss/total", "optim/grad_norm", "discrepancy/prob_diff_mean", "pool/bf16/constraint/lambda",
                     "pool/int8/constraint/lambda", "reward/mean"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("algorithm, field", [
+    ({"klCoef": 0.1}, "klCoef"),
+    ({"discrepancyReference": "sampled"}, "discrepancyReference"),
+    ({"constraint": {"mode": "deployed-penalty"}}, "deployed-penalty"),
+])
+def test_zero3_refuses_what_would_need_whole_replicas(algorithm, field):
+    from dcmdp_trainer.distributed import DistributedError, init_distributed
+
+    run = tiny_run(algorithm=algorithm, trainer={"deepspeed": {"enabled": True, "zeroStage": 3}})
+    with pytest.raises(DistributedError, match=field):
+        init_distributed(run)

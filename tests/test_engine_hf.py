@@ -37,7 +37,8 @@ def test_registered_by_entry_point_and_unknown_engine_is_a_clear_error():
         engine_class("nope")
 
 
-@pytest.mark.parametrize("precision,max_delta", [("fp32", 1e-6), ("bf16", 5e-2), ("fp16", 5e-3), ("int8", 5e-2), ("fp8", 5e-2)])
+@pytest.mark.parametrize("precision,max_delta", [("fp32", 1e-6), ("bf16", 5e-2), ("fp16", 5e-3), ("int8", 5e-2), ("fp8", 5e-2),
+                                                     ("int4", 2e-1)])
 def test_precisions_sample_with_their_own_logprobs(model_dir, precision, max_delta):
     folder, model, tok = model_dir
     eng = make_engine("hf", str(folder), precision)
@@ -89,6 +90,57 @@ def test_greedy_is_deterministic_argmax(model_dir):
     assert out[0].response_ids == out[1].response_ids == [best]
 
 
+def test_int4_serves_the_group_wise_round_trip_of_the_weights(model_dir):
+    """The int4 engine's model is the trainer's with dcmdp.int4's round trip on every decoder
+    Linear (embedding and LM head kept), at the pool's group size, and it follows weight updates."""
+    import copy
+
+    from dcmdp.int4 import int4_roundtrip_model_
+
+    folder, model, tok = model_dir
+    eng = make_engine("hf", str(folder), "int4", options={"quant_group_size": 16})
+    want = copy.deepcopy(model)
+    int4_roundtrip_model_(want, 16)
+    for (name, got), ref in zip(eng.model.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(got, ref), name
+    coarse = make_engine("hf", str(folder), "int4", options={"quant_group_size": 128})
+    assert not torch.equal(coarse.model.model.layers[0].mlp.down_proj.weight, eng.model.model.layers[0].mlp.down_proj.weight)
+    new = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.named_parameters()}
+    eng.load_weights(new, version=2)
+    w = new["model.layers.0.self_attn.q_proj.weight"]
+    from dcmdp.int4 import int4_roundtrip
+    assert torch.equal(eng.model.model.layers[0].self_attn.q_proj.weight, int4_roundtrip(w, 16))
+    with pytest.raises(EngineError, match="quantGroupSize"):
+        make_engine("hf", str(folder), "int4", options={"quant_group_size": 0})
+
+
 def test_unsupported_precision_is_rejected(model_dir):
     with pytest.raises(EngineError, match="unsupported precision"):
         make_engine("hf", str(model_dir[0]), "fp4")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8", "fp8"])
+def test_each_precision_serves_what_the_table_says_before_and_after_an_update(model_dir, precision):
+    """dcmdp.precision: float precisions cast to their compute dtype; int8 serves dynamically
+    quantised Linears; fp8 serves fp32 Linears whose rows lie on a scaled float8-e4m3 grid."""
+    folder, model, _ = model_dir
+    eng = make_engine("hf", str(folder), precision)
+    state = {k: v + 0.01 for k, v in model.state_dict().items()}  # an update every precision must take
+    for version in (0, 1):
+        if version:
+            eng.load_weights(state, version)
+        linear = eng.model.model.layers[0].self_attn.q_proj
+        master = eng.master.model.layers[0].self_attn.q_proj.weight
+        assert eng.model.model.embed_tokens.weight.dtype == {
+            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "int8": torch.float32, "fp8": torch.float32}[precision]
+        if precision == "int8":
+            assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear)
+            assert torch.allclose(linear.weight().dequantize(), master, atol=master.abs().max().item() / 100)
+        elif precision == "fp8":
+            scale = master.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+            assert torch.equal(linear.weight, (master / scale).to(torch.float8_e4m3fn).float() * scale)
+            assert not torch.equal(linear.weight, master)
+        else:
+            assert torch.equal(linear.weight, master.to(linear.weight.dtype))
+    assert torch.equal(master, state["model.layers.0.self_attn.q_proj.weight"])

@@ -18,9 +18,11 @@ from dcmdp.engine import Sample
 from dcmdp.models.source import ModelSourceError, resolve_model_folder
 from dcmdp.spec import ModelSpec, parse_run
 from dcmdp.tasks.prompt import PromptFormat
-from dcmdp_trainer.coordinator import Coordinator, Rejected, RunFailed
+from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.leases import WorkItem
 from dcmdp_trainer.local import run_inprocess
+from dcmdp_trainer.rollout_source import RunFailed
+from dcmdp_trainer.run_loop import RunLoop
 from dcmdp_trainer.session import NonFiniteWeights, Session
 from dcmdp_trainer.weights import WeightPublisher
 from hf_folders import gsm8k_jsonl, llama_style, qwen_style
@@ -127,8 +129,7 @@ def test_the_vocabulary_is_the_models_embedding_not_the_tokenizer(qwen_session):
     assert qwen_session.vocab_size == 448 > len(qwen_session.tokenizer)
     coord = coordinator(qwen_session)
     eos = qwen_session.tokenizer.eos_token_id
-    coord.phase = "Running"
-    coord._fill()
+    coord.start()
     rec = coord.book.acquire("bf16", "w0", coord._version_for)
     # a padded-row id (>= len(tokenizer), < embedding rows) is a valid sample, as engines may draw it
     assert coord.submit("w0", "bf16", rec.lease_id, 0, samples_for(rec.item, [440, eos], [-9.0, -1.0]), 0.1, 8) > 0
@@ -146,17 +147,16 @@ def test_implausible_logprobs_are_rejected_and_the_run_fails_with_the_cause(qwen
     lease_and_submit(coord, make, stop)
     try:
         with pytest.raises(RunFailed, match=f"every submission of a step was rejected as malformed \\({cause}\\)"):
-            coord.run()
+            RunLoop(qwen_session, coord, state=coord.state).run()
     finally:
         stop.set()
-    assert coord.phase == "Failed" and cause in coord.message and coord.rejected["malformed"] >= 1
+    assert coord.state.phase == "Failed" and cause in coord.state.message and coord.rejected["malformed"] >= 1
     assert qwen_session.step == 0  # nothing trained
 
 
 def test_empty_responses_and_non_finite_timings_are_rejected(qwen_session):
     coord = coordinator(qwen_session)
-    coord.phase = "Running"
-    coord._fill()
+    coord.start()
     rec = coord.book.acquire("bf16", "w0", coord._version_for)
     with pytest.raises(Rejected, match="empty response"):
         coord.submit("w0", "bf16", rec.lease_id, 0, samples_for(rec.item, [], []), 0.1, 0)
@@ -170,8 +170,8 @@ def test_a_run_with_no_accepted_rollouts_fails_after_the_stall_timeout(qwen_sess
     coord = coordinator(qwen_session)  # no worker at all (stallTimeoutSeconds: 3)
     t0 = time.monotonic()
     with pytest.raises(RunFailed, match="no rollout accepted .* is any rollout worker running"):
-        coord.run()
-    assert time.monotonic() - t0 < 10 and coord.snapshot()["phase"] == "Failed"
+        RunLoop(qwen_session, coord, state=coord.state).run()
+    assert time.monotonic() - t0 < 10 and coord.snapshot().phase == "Failed"
 
 
 def test_one_malformed_evaluation_submission_is_released_not_fatal(folders, tmp_path):
@@ -190,25 +190,25 @@ def test_one_malformed_evaluation_submission_is_released_not_fatal(folders, tmp_
         return samples_for(item, [5, eos], [-1.0, -1.0])
     lease_and_submit(coord, make, stop)
     try:
-        coord.run()
+        RunLoop(s, coord, state=coord.state).run()
     finally:
         stop.set()
         s.metrics.close()
-    assert coord.phase == "Succeeded" and s.step == 2 and coord.rejected == {"malformed": 1}
+    assert coord.state.phase == "Succeeded" and s.step == 2 and coord.rejected == {"malformed": 1}
     assert bad == ["eval1/bf16"] and len(coord.last_rejection) < 300  # prompt indices listed, capped
     # three malformed submissions for the evaluation item in a row do fail the run
-    coord.phase = "Running"
+    coord.state.update(phase="Running")
     coord.eval_round += 1
-    item = WorkItem("eval-x/bf16", "bf16", -1, coord.held_out(), seed=0, n=1, max_new_tokens=8, is_eval=True,
+    item = WorkItem("eval-x/bf16", "bf16", -1, s.held_out_prompts(), seed=0, n=1, max_new_tokens=8, is_eval=True,
                     version=coord.version)
     coord.book.add(item)
     for k in range(3):
-        assert coord.phase == "Running", k
+        assert coord.failure == "", k
         rec = coord.book.acquire("bf16", "w0", coord._version_for)
         assert rec is not None and rec.item.key == item.key  # released and leased again
         with pytest.raises(Rejected, match="malformed"):
             coord.submit("w0", "bf16", rec.lease_id, coord.version, [], 0.1, 4)
-    assert coord.phase == "Failed" and "3 in a row" in coord.message
+    assert coord.state.phase == "Failed" and "3 in a row" in coord.failure
 
 
 # -- 3. never train on, publish or checkpoint poison ----------------------------------------------

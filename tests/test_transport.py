@@ -16,7 +16,8 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenError, load_token
 from dcmdp.transport.channel import open_channel
-from dcmdp_rollout.weights import fetch_weights, wire_dtype
+from dcmdp_rollout.weights import fetch_weights
+from dcmdp_testing.trainer_faults import break_stream, corrupt_chunks
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
@@ -27,12 +28,6 @@ TOKEN = "s3cret-run-token"
 
 
 # -- wire dtypes (the byte layout: tests/test_buckets.py) ---------------------------------------
-def test_wire_dtype_of_each_pool():
-    assert wire_dtype("hf", "bf16") == "bf16" and wire_dtype("hf", "fp16") == "fp16"
-    assert wire_dtype("hf", "int8") == "bf16" and wire_dtype("hf", "fp8") == "bf16"  # the engine quantises
-    assert wire_dtype("vllm", "fp8") == "bf16" and wire_dtype("vllm", "fp32") == "fp32"
-
-
 def test_token_sources(tmp_path: Path):
     f = tmp_path / "tok"
     f.write_text("  from-file\n")
@@ -125,34 +120,34 @@ def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_corrupted_chunk_is_detected_and_fetched_again(session, monkeypatch):
-    monkeypatch.setenv("DCMDP_TEST_CORRUPT_CHUNKS", "2")
-    server, port, publisher = serve(session, bucket_bytes=128 << 10)
-    try:
-        events = []
-        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
-                                       on_event=lambda what, f: events.append(what))
-        assert publisher.corrupted_sent == 2 and stats.crc_errors == 2
-        assert events.count("chunk crc mismatch: fetching it again") == 2
-        assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
-        for k, t in tensors.items():
-            assert torch.equal(t, session.weights(0)[k])
-    finally:
-        server.stop(grace=None)
+def test_a_corrupted_chunk_is_detected_and_fetched_again(session):
+    with corrupt_chunks(2) as fault:  # the trainer's real publisher, damaged from outside
+        server, port, _ = serve(session, bucket_bytes=128 << 10)
+        try:
+            events = []
+            tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
+                                           on_event=lambda what, f: events.append(what))
+        finally:
+            server.stop(grace=None)
+    assert fault.struck == 2 and stats.crc_errors == 2
+    assert events.count("chunk crc mismatch: fetching it again") == 2
+    assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
+    for k, t in tensors.items():
+        assert torch.equal(t, session.weights(0)[k])
 
 
-def test_a_broken_stream_is_resumed_where_it_stopped(session, monkeypatch):
-    monkeypatch.setenv("DCMDP_TEST_BREAK_STREAM", "3")
-    server, port, publisher = serve(session, bucket_bytes=16 << 10)
-    try:
-        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
-        assert stats.total_bytes > 4 * (16 << 10)
-        assert publisher.breaks_done == 1 and stats.resumes == 1
-        assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
-        for k, t in tensors.items():
-            assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
-    finally:
-        server.stop(grace=None)
+def test_a_broken_stream_is_resumed_where_it_stopped(session):
+    with break_stream(after=3) as fault:  # in place before the server binds the service
+        server, port, _ = serve(session, bucket_bytes=16 << 10)
+        try:
+            tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
+        finally:
+            server.stop(grace=None)
+    assert stats.total_bytes > 4 * (16 << 10)
+    assert fault.struck == 1 and stats.resumes == 1
+    assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
+    for k, t in tensors.items():
+        assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

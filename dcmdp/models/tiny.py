@@ -11,6 +11,7 @@ from typing import Any
 
 from dcmdp.models.source import resolve_model_folder
 from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
+from dcmdp.precision import TORCH_DTYPES
 from dcmdp.spec import ModelSpec
 
 
@@ -37,9 +38,6 @@ def build_config(spec: ModelSpec, tokenizer: Any):
     return Qwen3Config(**common)
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
 def build_model(spec: ModelSpec, seed: int = 0):
     """(model, tokenizer): a loaded model (``spec.path`` / ``spec.name``) in ``spec.dtype``, else a
     built-in tiny model (fp32). Raises :class:`~dcmdp.models.source.ModelSourceError` naming the field
@@ -51,7 +49,7 @@ def build_model(spec: ModelSpec, seed: int = 0):
     if spec.loaded:
         folder = resolve_model_folder(spec)
         tokenizer = load_tokenizer(folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, DTYPES[spec.dtype]))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, TORCH_DTYPES[spec.dtype]))
         return model, tokenizer
     tokenizer = build_tokenizer()
     config = build_config(spec, tokenizer)

@@ -12,6 +12,9 @@ Each bucket carries a crc32 (zlib), computed once by the sender. The receiver tu
 into whole tensors as they arrive (:class:`Assembler`): a tensor inside one bucket is a view of it,
 one spanning buckets is put together from its pieces.
 
+The in-process runner has no wire, yet its engines load what a worker would: :func:`loopback`
+runs the same plan, check and fill, so both paths cast in :func:`fill` and nowhere else.
+
 Before anything is sent, :func:`check_cast` proves the cast finite: a tensor whose largest
 magnitude is not finite in the wire dtype raises :class:`WeightCastError` naming the tensor, the
 magnitude and the dtype (an fp32 value above 65504 becomes inf in fp16).
@@ -20,10 +23,11 @@ magnitude and the dtype (an fp32 value above 65504 becomes inf in fp16).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 
-from dcmdp.transport.tensors import ALIGN, WIRE_DTYPES, WeightFormatError, TensorEntry, dtype_from_name, dtype_name
+from dcmdp.precision import TORCH_DTYPES, WIRE_DTYPES
+from dcmdp.transport.tensors import ALIGN, WeightFormatError, TensorEntry, dtype_from_name, dtype_name
 
 if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
@@ -37,12 +41,9 @@ class WeightCastError(ValueError):
 
 
 def _wire_torch_dtype(dtype: str) -> "torch.dtype":
-    # optional and heavy (the ml extra): the core imports without it
-    import torch
-
     if dtype not in WIRE_DTYPES:
         raise WeightFormatError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)} (got {dtype!r})")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return dtype_from_name(TORCH_DTYPES[dtype])
 
 
 def bucket_crc(data) -> int:
@@ -213,3 +214,23 @@ def iter_buckets(state: Mapping[str, "torch.Tensor"], layout: Layout, first: int
     pool = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(buffers)]
     for i in range(first, layout.buckets):
         yield i, fill(state, layout, i, pool[i % buffers])
+
+
+def loopback(state: Mapping[str, "torch.Tensor"], dtype: str, skip: Iterable[str] = ()) -> dict[str, "torch.Tensor"]:
+    """What a receiver assembles from ``state`` sent in wire dtype ``dtype``, without a wire.
+
+    The same :func:`plan`, :func:`check_cast` (``WeightCastError`` before anything is returned)
+    and :func:`fill` as a sent snapshot, into one buffer of ``total_bytes`` on the device of
+    ``state``'s first tensor: every returned tensor is a view of it (floating point ones in
+    ``dtype``, others as they are), so the in-process runner loads the bytes a worker loads."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    layout = plan(state, dtype, skip)
+    check_cast(state, layout)
+    if layout.total_bytes == 0:
+        return {}
+    whole = replace(layout, bucket_bytes=-(-layout.total_bytes // ALIGN) * ALIGN)  # one bucket
+    device = next(iter(state.values())).device
+    image = fill(state, whole, 0, torch.empty(whole.total_bytes, dtype=torch.uint8, device=device))
+    return dict(Assembler(whole).add(0, image))

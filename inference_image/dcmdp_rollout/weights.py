@@ -1,6 +1,6 @@
 """Receiving a weight snapshot: over the collective data plane, or the gRPC stream as fallback.
 
-The worker asks for the version its lease names in its pool's wire dtype (``wire_dtype``: bf16
+The worker asks for the version its lease names in its pool's wire dtype (``dcmdp.precision.wire_dtype``: bf16
 for bf16, int8 and fp8 pools, which quantise in the engine). Either way the snapshot arrives in
 buckets (``dcmdp.transport.buckets``), each with the crc32 the trainer computed once:
 
@@ -28,9 +28,9 @@ import torch
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
 from dcmdp.transport.collective import client_store, close_group, open_group
-from dcmdp.transport.tensors import TensorEntry, WeightFormatError, wire_dtype
+from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
-__all__ = ["wire_dtype", "fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
+__all__ = ["fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)

@@ -69,6 +69,10 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
+# Pod fields the operator sets itself (after the user's overlay, which may not set them).
+OPERATOR_POD_FIELDS = frozenset({"restartPolicy", "subdomain"})
+
+
 class BuildError(ValueError):
     """The run cannot be turned into children (e.g. a name too long); ``path`` names the field."""
 
@@ -337,7 +341,7 @@ def _base_pod(lbls: dict[str, str], container: str, image: str, config: Operator
     }
 
 
-def _secure(pod: dict[str, Any], path: str, config: OperatorConfig) -> None:
+def _secure(pod: dict[str, Any], path: str, config: OperatorConfig, own_secret: str) -> None:
     """After the overlay: every container (the user's sidecars too) gets the restricted security
     context under its own, and the merged pod is checked for escalations (in place)."""
     for key in podsecurity.CONTAINER_LISTS:
@@ -360,7 +364,11 @@ def _secure(pod: dict[str, Any], path: str, config: OperatorConfig) -> None:
             for c in pod["spec"].get(key) or []:
                 if "runAsUser" not in c["securityContext"]:
                     c["securityContext"].pop("runAsNonRoot", None)
-    found = podsecurity.violations(pod["spec"], path, config.allow_escalations)
+    # The final pod: the operator's own fields and the run's own Secret are its, the rest is the
+    # user's and must be on the allow-list (or allowed by the admin).
+    found = podsecurity.violations(
+        pod["spec"], path, config.allow_escalations, own_secret=own_secret, operator_fields=OPERATOR_POD_FIELDS
+    ) + podsecurity.violations({"annotations": pod["metadata"].get("annotations")}, path, config.allow_escalations)
     if found:
         raise BuildError(*found[0])
 
@@ -439,7 +447,7 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
     pod = _base_pod(lbls, "trainer", image, config)
     pod = podtemplate.apply_overlay(pod, trainer.template.overlay(), "trainer", "spec.trainer.template")
     _enforce(pod, "trainer", required, lbls)
-    _secure(pod, "spec.trainer.template", config)
+    _secure(pod, "spec.trainer.template", config, secret_name(name))
     _scheduling(run, name, pod)
 
     job_spec: dict[str, Any] = {
@@ -504,7 +512,7 @@ def _pool_deployment(
     path = f"spec.rollout.pools[{index}].template"
     pod = podtemplate.apply_overlay(pod, pool.template.overlay(), "rollout", path)
     _enforce(pod, "rollout", required, lbls)
-    _secure(pod, path, config)
+    _secure(pod, path, config, secret_name(name))
     _scheduling(run, name, pod)
     dep_meta = _metadata(pool_name(name, pool.name), meta, lbls)
     if run.spec.scheduling.gang == "kueue":

@@ -23,7 +23,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dcmdp.transport.tensors import wire_dtype
+from dcmdp import jsonlog
+from dcmdp.precision import wire_dtype
+from dcmdp.spec import SpecError, load_run
+from dcmdp.transport.auth import TokenError, load_token
+from dcmdp_trainer import checkpoint
+from dcmdp_trainer.checkpoint import CheckpointError
+from dcmdp_trainer.coordinator import Coordinator
+from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs
+from dcmdp_trainer.history import pool_lags
+from dcmdp_trainer.observability import TrainerMetrics
+from dcmdp_trainer.rollout_source import Stopped
+from dcmdp_trainer.run_loop import RunLoop
+from dcmdp_trainer.server import start_server
+from dcmdp_trainer.session import Session
+from dcmdp_trainer.weights import WeightPublisher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from dcmdp import jsonlog
-    from dcmdp.spec import SpecError, load_run
-    from dcmdp.transport.auth import TokenError, load_token
-
     rank = int(os.environ.get("RANK", "0") or 0)
     log = jsonlog.setup("trainer", rank=rank)
     try:
@@ -65,8 +75,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("--steps must be >= 1")
         return 2
 
-    from dcmdp_trainer import checkpoint
-
     out = Path(args.out)
     resume = bool(args.resume and checkpoint.latest(out) is not None)
     if args.resume and not resume:
@@ -74,25 +82,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     threads = args.threads or run.spec.trainer.threads
     if run.spec.trainer.deepspeed.enabled or world > 1:
-        from dcmdp_trainer.distributed import init_distributed
-
         init_distributed(run, log)
     if rank > 0:
-        from dcmdp_trainer.distributed import follow
-
         return follow(run, out, resume=resume, steps=args.steps, threads=threads, log=log)
     return serve(run, out, token=token, resume=resume, args=args, threads=threads, log=log)
 
 
 def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) -> int:
-    from dcmdp_trainer.checkpoint import CheckpointError
-    from dcmdp_trainer.coordinator import Coordinator, Stopped
-    from dcmdp_trainer.observability import TrainerMetrics
-    from dcmdp_trainer.server import start_server
-    from dcmdp_trainer.session import Session
-    from dcmdp_trainer.history import pool_lags
-    from dcmdp_trainer.weights import WeightPublisher
-
     runtime = TrainerMetrics()
     metrics_port = None
     try:
@@ -120,13 +116,14 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         raise
     try:
         tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
-        dtype_of = {p.name: wire_dtype(p.engine, p.precision) for p in run.spec.rollout.pools}
+        dtype_of = {p.name: wire_dtype(p.precision) for p in run.spec.rollout.pools}
         publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
                                     dtypes=sorted(set(dtype_of.values())), lags=pool_lags(run.spec.rollout.pools),
                                     held_elsewhere=lambda v: v in session.history)
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
         publisher.pinned = lambda: lease_pins(coord, dtype_of)
+        loop = RunLoop(session, coord, state=coord.state, runtime=runtime, log=log)
         # gloo has no TLS: under TLS the weights stay on the gRPC stream
         collective = args.data_plane == "collective" and not args.tls_cert
         server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
@@ -152,13 +149,11 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
     signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        coord.run()
+        loop.run()
     except Stopped:
         code = 143
-    except Exception as exc:  # a failure of the run itself: report it, checkpoint what we have
+    except Exception:  # a failure of the run itself (the loop's state says Failed): checkpoint what we have
         log.exception("run failed")
-        with coord.cond:
-            coord.phase, coord.message = "Failed", f"{type(exc).__name__}: {exc}"
         code = 1
     finally:
         # every exit path stops the server (its threads would keep the process alive) and a
@@ -168,7 +163,7 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
             if coord.finished:
                 coord.wait_workers_told(args.linger)
             summary = session.close()
-            coord.checkpoint_step = session.step
+            loop.state.update(checkpoint_step=session.step)
         except Exception as exc:
             log.exception(f"the final checkpoint/summary could not be written: {type(exc).__name__}: {exc}")
             code = 1
@@ -196,8 +191,6 @@ def lease_pins(coord, dtype_of: dict[str, str]) -> set[tuple[int, str]]:
 
 def _distributed_kwargs(run) -> dict:
     if run.spec.trainer.deepspeed.enabled:
-        from dcmdp_trainer.distributed import session_kwargs
-
         return session_kwargs(run)
     return {}
 

@@ -1,47 +1,42 @@
-"""The trainer's run loop over remote rollouts: hand out prompts, collect groups, train, publish.
+"""The remote rollout source: work leased to rollout workers over gRPC, their groups collected.
 
-Work: each step's prompts are split between the pools in proportion to their replicas (as the
-in-process runner does), and each pool's share into work items of ``rollout.batchPrompts``
-prompts (default ``miniBatchSize``), each with its own sampling seed. A worker of the pool leases
-an item (see ``leases.py``), samples ``groupSize`` responses per prompt with the weight version the
-lease names, and submits them. A step is trained when every prompt of the step has its group.
+The :class:`~dcmdp_trainer.rollout_source.RolloutSource` of the gRPC trainer (``server.py`` is its
+wire face). Each step's prompts are split between the pools and cut into work items
+(``work_split.py``); a worker of the pool leases an item (``leases.py``), samples ``groupSize``
+responses per prompt with the weight version the lease names, and submits them; a submission is
+validated (``submission.py``) and checked against the staleness rule (``staleness.py``: with
+``maxStaleness: 0`` strictly on-policy, with 1 the workers sample step s+1 while the trainer
+trains step s). A step's batch is complete when every prompt of the step has its group. An
+evaluation is one work item per pool with the held-out prompts, at a fixed version.
 
-Staleness: a rollout sampled with version u and trained in step s (at version s) lags s − u
-versions. A pool may lag at most ``bound = max(maxStaleness, pool.lag)``. The prompts of step s are
-leased to a pool only while s − (the version the pool samples with) ≤ bound, so with
-``maxStaleness: 0`` the run is strictly on-policy: step s+1's prompts go out only once version s+1
-is published. With ``maxStaleness: 1`` the workers sample step s+1 while the trainer trains step s.
-A submission whose version is older than the bound allows (a slow or misbehaving worker) is dropped,
-counted (``rollouts/dropped_stale``) and its prompts are leased again.
+π_old is the trainer's weights at the start of the step: the PPO ratio and δ_t = |π_old − p_inf|
+both use it, so δ̄ includes the staleness of a lagging rollout.
 
-π_old is the trainer's weights at the start of the step (as in the in-process runner): the PPO
-ratio and δ_t = |π_old − p_inf| both use it, so δ̄ includes the staleness of a lagging rollout.
-
-Evaluation (at the start, every ``eval.everySteps`` and at the end) sends each pool one
-evaluation item with the held-out prompts and records the same keys as the in-process runner.
+Also here: the worker registry (bounded; silent workers forgotten), the run's failure rules (a
+malformed submission is rejected and its item leased again; the run fails after
+:data:`FAIL_AFTER_REJECTIONS` rejections of one cause in a row that cover the step's items, or
+when nothing is accepted for ``rollout.stallTimeoutSeconds``), and the status snapshot's inputs.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from dcmdp.engine import Rollout, Sample
-from dcmdp.sample_check import Problem, check_response, check_timing
+from dcmdp.precision import wire_dtype
+from dcmdp.sample_check import Problem
 from dcmdp_trainer.leases import LeaseBook, LeaseRecord, WorkItem
-from dcmdp_trainer.local import split_prompts
+from dcmdp_trainer.rollout_source import Batch, RunFailed, Stopped
+from dcmdp_trainer.run_state import RunState
 from dcmdp_trainer.session import Session, StepPrompt
-from dcmdp.transport.tensors import wire_dtype
+from dcmdp_trainer.staleness import Staleness
+from dcmdp_trainer.status_snapshot import TrainerStatus, WorkerInfo, pool_status, snapshot
+from dcmdp_trainer.submission import check_submission
 from dcmdp_trainer.weights import WeightPublisher
-
-Callback = Callable[[dict[str, Any]], None]
-
-
-class Stopped(Exception):
-    """The run was asked to stop (SIGTERM / Ctrl-C) before it finished."""
+from dcmdp_trainer.work_split import split_prompts, work_items
 
 
 @dataclass
@@ -83,27 +78,16 @@ class TooManyWorkers(Exception):
 WORKER_SILENT_S = 300.0
 # the malformed submissions of one cause, with nothing accepted in between, before the run fails
 FAIL_AFTER_REJECTIONS = 3
-# prompt indices a rejection message lists at most
-LISTED_PROMPTS = 8
-
-
-def _listed(indices) -> str:
-    """``[0, 1, ...]`` with at most :data:`LISTED_PROMPTS` entries and the count of the rest."""
-    indices = sorted(indices)
-    head = ", ".join(str(i) for i in indices[:LISTED_PROMPTS])
-    more = len(indices) - LISTED_PROMPTS
-    return f"[{head}{f', ... ({more} more)' if more > 0 else ''}] ({len(indices)} prompts)"
-
-
-class RunFailed(RuntimeError):
-    """The run cannot make progress (every submission rejected for one cause, or none accepted for
-    ``rollout.stallTimeoutSeconds``): the message names the cause."""
 
 
 class Coordinator:
+    """The remote rollout source. Its RPC-facing operations (:meth:`register`, :meth:`acquire`,
+    :meth:`submit`) run on gRPC threads, its :class:`RolloutSource` methods on the loop's; all
+    under :attr:`cond`. ``state`` is the run loop's (pass the same one to ``RunLoop``) and
+    ``clock`` (monotonic seconds) times leases and the stall rule."""
+
     def __init__(self, session: Session, publisher: WeightPublisher, *, log=None, runtime=None,
-                 on_step: Optional[Callback] = None, on_eval: Optional[Callback] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 state: Optional[RunState] = None, clock: Callable[[], float] = time.monotonic):
         self.session = session
         spec = session.spec
         self.spec = spec
@@ -111,10 +95,11 @@ class Coordinator:
         self.publisher = publisher
         self.log = log
         self.runtime = runtime  # dcmdp_trainer.observability.TrainerMetrics (optional)
-        self.on_step, self.on_eval = on_step, on_eval
+        self.state = state if state is not None else RunState(session.total_steps, step=session.step,
+                                                              checkpoint_step=session.step)
         self.clock = clock
         self.pools = {p.name: p for p in spec.rollout.pools if p.replicas > 0}
-        self.bound = {name: max(self.algo.max_staleness, p.lag) for name, p in self.pools.items()}
+        self.staleness = Staleness(self.algo.max_staleness, {name: p.lag for name, p in self.pools.items()})
         self.batch = spec.rollout.batch_prompts or self.algo.mini_batch_size
         self.book = LeaseBook(spec.rollout.lease_timeout_seconds, clock=clock)
         self.cond = threading.Condition()
@@ -122,6 +107,8 @@ class Coordinator:
         self.issued_through = session.step - 1
         self.buffers: dict[int, StepBuffer] = {}
         self.eval_results: dict[str, list[Sample]] = {}
+        self.eval_keys: dict[str, str] = {}  # pool -> the work item of the evaluation requested last
+        self.eval_greedy_keys: dict[str, str] = {}  # pool -> the greedy (temperature 0) item of that evaluation
         self.eval_round = 0
         self.workers: dict[str, WorkerState] = {}
         # the registry's bound: room for every replica restarting several times over
@@ -134,56 +121,35 @@ class Coordinator:
         self.failing: dict[str, tuple[set[str], int]] = {}
         self.last_accept = clock()
         self.last_rejection = ""
-        self.phase = "Initializing"
-        self.finished = False
+        self.accepting = False  # leases are handed out (from start() on)
+        self.finished = False  # every step trained: workers are told so
+        self.failure = ""  # why the run cannot go on ("" while it can)
         self.stop_requested = False
-        self.message = ""
-        self.last_row: dict[str, Any] = {}
-        # steps whose row every sink (metrics.jsonl, Prometheus) holds: what GetStatus reports as
-        # ``step``; session.step runs ahead of it while a trained step is published and logged
-        self.steps_recorded = session.step
-        self.lag_by_pool: dict[str, float] = {}
-        self.checkpoint_step = session.step
-        self.eval_accuracy: Optional[float] = None  # none until the first evaluation
-        self.wait_s_total = 0.0
-        self.train_s_total = 0.0
-        self._held_out: Optional[list[StepPrompt]] = None
-        self.updated = time.time()
 
-    # -- versions and the staleness bound --------------------------------------------------------
+    # -- versions and the staleness rule ---------------------------------------------------------
     def pool_version(self, pool: str) -> int:
         """The version a pool samples with now (its ``lag`` versions behind, within what is kept)."""
         kept = self.publisher.versions()
-        oldest = min(kept) if kept else self.version
-        return max(oldest, self.version - self.pools[pool].lag)
+        return self.staleness.pool_version(pool, self.version, min(kept) if kept else None)
 
     def _version_for(self, item: WorkItem) -> Optional[int]:
         v = self.pool_version(item.pool)
-        return v if item.step - v <= self.bound[item.pool] else None
+        return v if self.staleness.may_sample(item.pool, item.step, v) else None
 
     # -- work ------------------------------------------------------------------------------------
     def _fill(self) -> None:
-        """Queue the steps the staleness bound allows to be sampled now (under ``cond``)."""
+        """Queue the steps the staleness rule allows to be sampled now (under ``cond``)."""
         s = self.session
-        last = min(s.total_steps - 1, self.version + self.algo.max_staleness)
+        last = self.staleness.last_step(self.version, s.total_steps)
         while self.issued_through < last:
             step = self.issued_through + 1
-            prompts = s.prompts(step)
-            shares = split_prompts(prompts, {name: p.replicas for name, p in self.pools.items()})
+            shares = split_prompts(s.prompts(step), {name: p.replicas for name, p in self.pools.items()})
             buf = self.buffers.setdefault(step, StepBuffer())
-            for pool, share in shares.items():
-                for c, start in enumerate(range(0, len(share), self.batch)):
-                    chunk = share[start:start + self.batch]
-                    self.book.add(WorkItem(f"s{step}/{pool}/{c}", pool, step, chunk,
-                                           seed=s.sampling_seed(step, pool, c), n=self.algo.group_size,
-                                           max_new_tokens=s.task.max_new_tokens))
-                    buf.items += 1
+            for item in work_items(step, shares, self.batch, seed=s.sampling_seed, n=self.algo.group_size,
+                                   max_new_tokens=s.task.max_new_tokens):
+                self.book.add(item)
+                buf.items += 1
             self.issued_through = step
-
-    def held_out(self) -> list[StepPrompt]:
-        if self._held_out is None:
-            self._held_out = self.session.held_out_prompts()
-        return self._held_out
 
     # -- RPC-facing operations (called from gRPC threads) ----------------------------------------
     def register(self, worker_id: str, pool: str, engine: str, precision: str) -> None:
@@ -201,7 +167,7 @@ class Coordinator:
         now = time.time()
         with self.cond:
             return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
-                       and wire_dtype(self.pools[w.pool].engine, self.pools[w.pool].precision) == dtype)
+                       and wire_dtype(self.pools[w.pool].precision) == dtype)
 
     def _worker(self, worker_id: str, pool: str) -> WorkerState:
         """The registry entry of ``worker_id``, added when new (under cond). When the registry holds
@@ -241,9 +207,8 @@ class Coordinator:
                     self.cond.notify_all()
                     return None, True
                 rec = None
-                if self.phase == "Running":
-                    for old in self.book.expire():
-                        self._log("lease expired", lease=old.lease_id, worker=old.worker, item=old.item.key)
+                if self.accepting and self.state.phase == "Running":
+                    self._expire()
                     rec = self.book.acquire(pool, worker_id, self._version_for)
                 left = deadline - time.monotonic()
                 if rec is not None or left <= 0 or self.stop_requested:
@@ -263,15 +228,16 @@ class Coordinator:
                 self.book.complete(lease_id, worker_id)  # counts the rejection reason
                 self._reject(verdict.reason)
                 raise Rejected(verdict.reason)
-            rec = verdict.lease
-            item = rec.item
-            problem = self._malformed(item, pool, version, samples) or check_timing(sampling_s, tokens)
+            item = verdict.lease.item
+            problem = check_submission(item, pool, version, self.version, samples, vocab_size=self.session.vocab_size,
+                                       sampling_s=sampling_s, tokens=tokens)
             if problem:
                 self.book.release(lease_id, "malformed")
                 self._reject("malformed")
-                self._failing(item, problem if isinstance(problem, Problem) else Problem("malformed", problem))
-                raise Rejected("malformed", str(problem))
-            if not item.is_eval and item.step - version > self.bound[pool]:
+                self._failing(item, problem)
+                raise Rejected("malformed", problem.detail if problem.cause == "malformed"
+                               else f"{problem.cause}: {problem.detail}")
+            if not item.is_eval and self.staleness.is_stale(pool, item.step, version):
                 self.book.release(lease_id, "stale")
                 self._reject("stale")
                 self.dropped_stale += len(samples)
@@ -280,7 +246,7 @@ class Coordinator:
                 if self.runtime:
                     self.runtime.dropped(pool, len(samples))
                 raise Rejected("stale", f"sampled with version {version}, step {item.step} allows "
-                                        f"at most {self.bound[pool]} versions of lag")
+                                        f"at most {self.staleness.bound(pool)} versions of lag")
             self.book.complete(lease_id, worker_id)
             self.failing.clear()
             self.last_accept = self.clock()
@@ -325,14 +291,16 @@ class Coordinator:
                        f"{count} in a row, the last: {problem.detail}")
 
     def _fail(self, message: str) -> None:
-        """Stop the run as Failed with ``message`` (under cond): the main loop raises RunFailed."""
-        self.phase, self.message = "Failed", message
+        """Stop the run with ``message`` (under cond): the status says Failed at once, the loop's
+        wait raises RunFailed."""
+        self.failure = message
+        self.state.update(phase="Failed", message=message)
         self.cond.notify_all()
 
     def _check_progress(self) -> None:
-        """Raise :class:`RunFailed` when the run failed or stalled (under cond, main thread)."""
-        if self.phase == "Failed":
-            raise RunFailed(self.message)
+        """Raise :class:`RunFailed` when the run failed or stalled (under cond, the loop's thread)."""
+        if self.failure:
+            raise RunFailed(self.failure)
         stall = self.spec.rollout.stall_timeout_seconds
         idle = self.clock() - self.last_accept
         if stall and idle > stall:
@@ -340,29 +308,14 @@ class Coordinator:
             why = (f"last rejection: {self.last_rejection}" if self.last_rejection else
                    f"{seen} worker(s) registered" + ("" if seen else ": is any rollout worker running?"))
             self._fail(f"no rollout accepted for {idle:.0f} s (rollout.stallTimeoutSeconds {stall:g}); {why}")
-            raise RunFailed(self.message)
+            raise RunFailed(self.failure)
 
-    def _malformed(self, item: WorkItem, pool: str, version: int, samples: list[Sample]) -> "str | Problem":
-        if pool != item.pool:
-            return f"lease belongs to pool {item.pool!r}, submitted as {pool!r}"
-        if version < 0 or version > self.version:
-            return f"weight version {version} was never published (newest {self.version})"
-        counts: dict[int, int] = {}
-        for s in samples:
-            counts[s.prompt_index] = counts.get(s.prompt_index, 0) + 1
-            problem = check_response(s.response_ids, s.logprobs, vocab_size=self.session.vocab_size,
-                                     max_new_tokens=item.max_new_tokens)
-            if problem:
-                return Problem(problem.cause, f"prompt {s.prompt_index}: {problem.detail}")
-        want = {i: item.n for i in item.indices}
-        if counts != want:
-            wrong = sorted(i for i in want.keys() | counts.keys() if counts.get(i, 0) != want.get(i, 0))
-            return (f"expected {item.n} samples for each of the lease's {len(want)} prompts; wrong count for "
-                    f"prompts {_listed(wrong)}, e.g. prompt {wrong[0]}: {counts.get(wrong[0], 0)}")
-        return ""
+    def _expire(self) -> None:
+        for rec in self.book.expire():
+            self._log("lease expired", lease=rec.lease_id, worker=rec.worker, item=rec.item.key)
 
-    # -- the loop (main thread) ------------------------------------------------------------------
     def stop(self) -> None:
+        """Ask the run to stop (a signal handler): the loop's wait raises Stopped."""
         with self.cond:
             self.stop_requested = True
             self.cond.notify_all()
@@ -375,102 +328,72 @@ class Coordinator:
                 if self.stop_requested:
                     raise Stopped()
                 self._check_progress()
-                for rec in self.book.expire():
-                    self._log("lease expired", lease=rec.lease_id, worker=rec.worker, item=rec.item.key)
+                self._expire()
                 self.cond.wait(timeout=0.25)
         return time.perf_counter() - t0
 
-    def run(self) -> None:
-        s = self.session
+    # -- RolloutSource (the loop's thread) -------------------------------------------------------
+    def start(self) -> None:
         with self.cond:
-            self.phase = "Running"
+            self.accepting = True
             self.last_accept = self.clock()
             self._fill()
             self.cond.notify_all()
-        if s.step == 0:
-            self._evaluate()
-        t_step = time.perf_counter()
-        while not s.finished:
-            step = s.step
-            wait_s = self._wait(lambda: self.buffers[step].complete)
-            with self.cond:
-                buf = self.buffers.pop(step)
-                dropped, self.dropped_since_step = self.dropped_since_step, 0
-                expired, reissued = self.book.expired_total, self.book.reissued_total
-                self.book.forget(lambda r: r.item.step >= step)
-            rollouts = [r for idx in sorted(buf.rollouts) for r in buf.rollouts[idx]]
-            extra = {"time/sample_s": buf.sampling_s, "time/wait_s": wait_s,
-                     "rollouts/dropped_stale": dropped, "leases/expired": expired, "leases/reissued": reissued,
-                     "throughput/tokens": buf.tokens}
-            row = s.train_step(rollouts, extra)
-            self.train_s_total += row["time/train_s"]
-            self.wait_s_total += wait_s
-            self.publisher.publish(s.version, s.weights(s.version))
-            with self.cond:
-                self.version = s.version
-                self.lag_by_pool = self._lags(rollouts)
-                self.last_accept = self.clock()  # training time is not a stall
-                self._fill()
-                self.cond.notify_all()
-            now = time.perf_counter()
-            row["time/step_s"] = now - t_step
-            row["throughput/tokens_per_s"] = buf.tokens / max(row["time/step_s"], 1e-9)
-            every = self.spec.eval.every_steps
-            if (every and s.step % every == 0) or s.finished:
-                row.update(self._evaluate())
-            t_step = time.perf_counter()
-            ck = self.spec.checkpoint.every_steps
-            if ck and s.step % ck == 0 and s.step < s.total_steps:
-                self.checkpoint_step = s.step  # Session.train_step wrote it
-            s.log(row)
-            if self.runtime:
-                self.runtime.step(row, self.lag_by_pool)
-            with self.cond:  # only now does GetStatus report the step: its metrics are out
-                self.last_row = row
-                self.steps_recorded = s.step
-                self.updated = time.time()
-            self._log("step trained", step=row["step"], version=s.version, reward=row.get("reward/mean"),
-                      prob_diff_mean=row.get("discrepancy/prob_diff_mean"), wait_s=round(wait_s, 4),
-                      train_s=round(row["time/train_s"], 4), lag_max=row.get("version/lag_max"))
-            if self.on_step:
-                self.on_step(row)
+
+    def collect(self, step: int) -> Batch:
+        wait_s = self._wait(lambda: self.buffers[step].complete)
         with self.cond:
-            self.finished = True
-            self.phase = "Succeeded"
-            self.updated = time.time()
+            buf = self.buffers.pop(step)
+            dropped, self.dropped_since_step = self.dropped_since_step, 0
+            expired, reissued = self.book.expired_total, self.book.reissued_total
+            self.book.forget(lambda r: r.item.step >= step)
+        rollouts = [r for idx in sorted(buf.rollouts) for r in buf.rollouts[idx]]
+        return Batch(rollouts, {"time/sample_s": buf.sampling_s, "time/wait_s": wait_s,
+                                "rollouts/dropped_stale": dropped, "leases/expired": expired,
+                                "leases/reissued": reissued, "throughput/tokens": buf.tokens})
+
+    def published(self) -> None:
+        s = self.session
+        self.publisher.publish(s.version, s.weights(s.version))
+        with self.cond:
+            self.version = s.version
+            self.last_accept = self.clock()  # training time is not a stall
+            self._fill()
             self.cond.notify_all()
 
-    def _lags(self, rollouts: list[Rollout]) -> dict[str, float]:
-        out: dict[str, list[int]] = {}
-        for r in rollouts:
-            out.setdefault(r.pool, []).append(self.version - 1 - r.version)
-        return {p: sum(v) / len(v) for p, v in out.items()}
-
-    def _evaluate(self) -> dict[str, float]:
+    def request_eval(self, prompts: list[StepPrompt]) -> None:
         s = self.session
         with self.cond:
             self.eval_round += 1
-            keys = {}
+            self.eval_keys, self.eval_greedy_keys = {}, {}
             for pool in self.pools:
-                item = WorkItem(f"eval{self.eval_round}/{pool}", pool, -1, self.held_out(),
-                                seed=s.sampling_seed(-1, pool), n=1, max_new_tokens=s.task.max_new_tokens,
-                                is_eval=True, version=self.pool_version(pool))
-                self.book.add(item)
-                keys[pool] = item.key
+                # sampled at the run's temperature, and greedy (temperature 0): the engine as deployed
+                for keys, suffix, temperature in ((self.eval_keys, "", None), (self.eval_greedy_keys, "/greedy", 0.0)):
+                    item = WorkItem(f"eval{self.eval_round}/{pool}{suffix}", pool, -1, prompts,
+                                    seed=s.sampling_seed(-1, pool), n=1, max_new_tokens=s.task.max_new_tokens,
+                                    is_eval=True, version=self.pool_version(pool), temperature=temperature)
+                    self.book.add(item)
+                    keys[pool] = item.key
             self.cond.notify_all()
-        values = {"eval/accuracy_greedy": s.evaluate_greedy()}
+
+    def eval_samples(self) -> dict[str, list[Sample]]:
+        return self._eval_results(self.eval_keys)
+
+    def eval_greedy_samples(self) -> dict[str, list[Sample]]:
+        return self._eval_results(self.eval_greedy_keys)
+
+    def _eval_results(self, keys: dict[str, str]) -> dict[str, list[Sample]]:
         self._wait(lambda: all(k in self.eval_results for k in keys.values()))
         with self.cond:
-            for pool, key in keys.items():
-                values[f"pool/{pool}/eval/accuracy_sampled"] = s.accuracy(self.eval_results.pop(key), self.held_out())
-        sampled = [v for k, v in values.items() if k.endswith("accuracy_sampled")]
-        values["eval/accuracy_sampled"] = sum(sampled) / len(sampled)
-        s.record_eval(values)
-        self.eval_accuracy = values["eval/accuracy_sampled"]
-        self._log("evaluated", step=s.step, **{k.replace("/", "_"): round(v, 4) for k, v in values.items()})
-        if self.on_eval:
-            self.on_eval(s.eval_rows[-1])
-        return values
+            return {pool: self.eval_results.pop(key) for pool, key in keys.items()}
+
+    def finish(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        pass  # the workers are told by acquire(); the server is the caller's
 
     def wait_workers_told(self, timeout: float, silent_s: float = 6.0) -> bool:
         """After the run: give workers up to ``timeout`` s to hear that it finished. A worker
@@ -490,46 +413,20 @@ class Coordinator:
         return True
 
     # -- status ----------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """Everything ``GetStatus`` reports (plain values, taken under the lock). A figure not known
-        yet (no step finished, no constraint, ``auto`` still calibrating) is None: absent on the
-        wire, never 0."""
+    def snapshot(self) -> TrainerStatus:
+        """Everything ``GetStatus`` reports, taken under the lock (``status_snapshot.py``)."""
         with self.cond:
-            row = dict(self.last_row)
-
-            def known(key: str) -> Optional[float]:
-                v = row.get(key)
-                return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-            queue = sum(len(b.rollouts) for b in self.buffers.values())
-            pools = []
-            for name in self.pools:
-                pools.append({
-                    "name": name,
-                    "prob_diff_mean": known(f"pool/{name}/discrepancy/prob_diff_mean"),
-                    "lambda": known(f"pool/{name}/constraint/lambda"),
-                    "tolerance": known(f"pool/{name}/constraint/tolerance"),
-                    "tokens": int(row.get(f"pool/{name}/discrepancy/tokens") or 0),
-                    "workers": sum(1 for w in self.workers.values() if w.pool == name),
-                    "reward_mean": known(f"pool/{name}/reward/mean"),
-                    "version_lag_mean": self.lag_by_pool.get(name, 0.0),
-                    "rollouts_dropped_stale": self.dropped_by_pool.get(name, 0),
-                })
-            workers = [{"worker_id": w.worker_id, "pool": w.pool, "weight_version": w.version,
-                        "last_seen_unix_ms": int(w.last_seen * 1000),
-                        "leases": self.book.outstanding(w.worker_id)} for w in self.workers.values()]
-            return {
-                "run_name": self.session.run.metadata.name, "phase": self.phase,
-                "step": self.steps_recorded, "total_steps": self.session.total_steps,
-                "weight_version": self.version, "reward_mean": known("reward/mean"),
-                "prob_diff_mean": known("discrepancy/prob_diff_mean"),
-                "run_lambda": known("constraint/run_lambda"), "tolerance": known("constraint/tolerance"),
-                "pools": pools, "queue_depth": queue, "leases_outstanding": self.book.outstanding(),
-                "leases_expired": self.book.expired_total, "rollouts_dropped_stale": self.dropped_stale,
-                "workers": workers, "finished": self.finished, "message": self.message,
-                "checkpoint_step": self.checkpoint_step, "eval_accuracy": self.eval_accuracy,
-                "updated_unix_ms": int(self.updated * 1000),
-            }
+            st = self.state.copy()
+            pools = [pool_status(name, st.last_row, workers=sum(1 for w in self.workers.values() if w.pool == name),
+                                 lag=st.lag_by_pool.get(name, 0.0), dropped=self.dropped_by_pool.get(name, 0))
+                     for name in self.pools]
+            workers = [WorkerInfo(worker_id=w.worker_id, pool=w.pool, weight_version=w.version,
+                                  last_seen_unix_ms=int(w.last_seen * 1000), leases=self.book.outstanding(w.worker_id))
+                       for w in self.workers.values()]
+            return snapshot(st, run_name=self.session.run.metadata.name, weight_version=self.version, pools=pools,
+                            queue_depth=sum(len(b.rollouts) for b in self.buffers.values()),
+                            leases_outstanding=self.book.outstanding(), leases_expired=self.book.expired_total,
+                            rollouts_dropped_stale=self.dropped_stale, workers=workers)
 
     def _log(self, msg: str, **fields: Any) -> None:
         if self.log:

@@ -17,8 +17,9 @@ with fewer pads with idle passes whose loss is 0). Publishing (and a checkpoint'
 the weights one parameter at a time (``deepspeed.zero.GatheredParameters``, every rank joining
 each gather), handing each to the caller, who copies it to the host, before the next: no device
 ever holds more than one gathered parameter beyond its partition (:meth:`DeepSpeedLearner.weights`).
-Stage 3 refuses ``algorithm.klCoef > 0`` and ``discrepancyReference: sampled``: their reference
-and scratch models would be whole replicas on every rank. Checkpoints: rank 0 gathers every rank's
+Stage 3 refuses ``algorithm.klCoef > 0``, ``discrepancyReference: sampled`` and
+``constraint.mode: deployed-penalty``: their reference, scratch and quantised models would be whole
+replicas on every rank. Checkpoints: rank 0 gathers every rank's
 optimizer partition (stage 3: with its fp32 master partition) into its checkpoint; on resume it
 broadcasts the checkpoint and every rank loads its own partition.
 
@@ -56,6 +57,9 @@ def init_distributed(run: DCMDPRun, log=None) -> None:
         if algo.kl_coef > 0:
             raise DistributedError("spec.algorithm.klCoef > 0 needs a whole reference model on every rank: not "
                                    "with spec.trainer.deepspeed.zeroStage 3 (use klCoef 0 or zeroStage ≤ 2)")
+        if algo.constraint.mode == "deployed-penalty":
+            raise DistributedError("spec.algorithm.constraint.mode: deployed-penalty swaps in quantised copies of "
+                                   "whole weights: not with spec.trainer.deepspeed.zeroStage 3 (use zeroStage ≤ 2)")
         if algo.discrepancy_reference == "sampled":
             raise DistributedError("spec.algorithm.discrepancyReference: sampled needs whole older weights on every "
                                    "rank: not with spec.trainer.deepspeed.zeroStage 3 (use current or zeroStage ≤ 2)")
@@ -164,7 +168,7 @@ class DeepSpeedLearner(Learner):
         """What ``engine.forward`` does first (our passes call the model's decoder and head, not the
         engine): the ZeRO optimizer counts the previous backward as a micro-step (stage 3 otherwise
         overwrites the accumulated gradient with each micro-batch's) and clears its per-pass flags."""
-        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer  # optional and heavy: only with DeepSpeed
 
         if isinstance(self.optimizer, ZeROOptimizer):
             self.optimizer.clear_backward_seen_flag()

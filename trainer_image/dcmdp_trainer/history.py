@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from dcmdp.transport.tensors import wire_dtype
+import torch
+
+from dcmdp.precision import wire_dtype
 
 if TYPE_CHECKING:
-    import torch
-
     from dcmdp.spec import PoolSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per floating-point parameter of each wire dtype
@@ -56,7 +56,7 @@ def pool_lags(pools: Iterable["PoolSpec"]) -> dict[str, int]:
     """Wire dtype → the largest ``lag`` of the pools receiving it (the publisher's lag windows)."""
     lags: dict[str, int] = {}
     for p in pools:
-        d = wire_dtype(p.engine, p.precision)
+        d = wire_dtype(p.precision)
         lags[d] = max(lags.get(d, 0), p.lag)
     return lags
 
@@ -73,11 +73,9 @@ def forms_for(dtypes: Iterable[str]) -> tuple[str, ...]:
     return tuple(need)
 
 
-def narrow(state: Mapping[str, "torch.Tensor"], dtype: str) -> dict[str, "torch.Tensor"]:
+def narrow(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """A host copy of ``state`` with floating-point tensors cast to the 16-bit ``dtype`` (the
     rounding a worker of that dtype receives: the wire stream of the copy equals that of ``state``);
     other tensors are shared, not copied."""
-    import torch
-
     target = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return {k: v.detach().to("cpu", target, copy=True) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,4 +1,5 @@
-"""The trainer's gRPC service: the wire face of the :class:`Coordinator` and the weight publisher.
+"""The trainer's gRPC service: the wire face of the :class:`Coordinator` (the remote rollout source) and
+the weight publisher.
 
 Each RPC translates messages to the coordinator's plain calls and back; nothing here decides
 anything. A bad message is rejected with a reason (SubmitReply.reason) or a status code, counted,
@@ -23,6 +24,7 @@ from dcmdp.transport.buckets import WeightCastError
 from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected, TooManyWorkers
+from dcmdp_trainer.status_snapshot import to_proto
 from dcmdp_trainer.stream_guard import Slots, StallWatchdog
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
 
@@ -172,7 +174,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             header=self._header(h, rec.version), lease_id=rec.lease_id,
             prompts=[pb.Prompt(index=p.index, token_ids=p.ids) for p in item.prompts],
             group_size=item.n, max_new_tokens=item.max_new_tokens,
-            temperature=self.coord.algo.temperature, seed=item.seed,
+            temperature=self.coord.algo.temperature if item.temperature is None else item.temperature, seed=item.seed,
             expires_unix_ms=int((time.time() + ttl) * 1000), eval=item.is_eval, step=item.step)
 
     def SubmitRollouts(self, request, context):
@@ -255,8 +257,6 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                 self.watchdog.progress(key)
         except WeightsUnavailable as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ConnectionAbortedError as exc:  # the test hook breaking a stream
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             self.watchdog.done(key)
             self.streams.give()
@@ -269,11 +269,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             name = self.run.metadata.name if self.run is not None else ""
             return pb.Status(header=pb.Header(), run_name=name, phase="Initializing", total_steps=self.total_steps,
                              message="warm start / checkpoint load", updated_unix_ms=int(self.started * 1000))
-        snap = self.coord.snapshot()
-        pools = [pb.PoolStatus(**p) for p in snap.pop("pools")]
-        workers = [pb.WorkerInfo(**w) for w in snap.pop("workers")]
-        # None (not known yet) leaves an optional field unset: absent on the wire
-        return pb.Status(header=pb.Header(weight_version=snap["weight_version"]), pools=pools, workers=workers, **snap)
+        return to_proto(self.coord.snapshot())
 
 
 def start_server(coord: Optional[Coordinator], publisher: Optional[WeightPublisher], token: str, *,

@@ -1,9 +1,14 @@
 """The Hugging Face engine: transformers models sampled with a KV cache at the pool's precision.
 
-Precisions: ``fp32``, ``bf16``, ``fp16`` (weights and activations cast), ``int8`` (dynamic int8
-quantisation of every Linear layer, as torch's ``quantize_dynamic`` does for CPU serving) and
-``fp8`` (*emulated*: Linear weights rounded through float8-e4m3 with a per-output-channel scale,
-compute in fp32 — the weight error of an FP8 checkpoint, not its kernels). ``noise`` adds Gaussian
+Precisions (``dcmdp.precision`` says what each means): float ones cast the weights and
+activations to their ``compute`` dtype; a quantising one serves a copy of the fp32 master weights
+through its ``quantisation``'s quantiser (:data:`QUANTISERS`), redone after every update:
+``int8-dynamic`` (torch's ``quantize_dynamic`` of every Linear, CPU kernels), ``fp8-e4m3``
+(*emulated*: Linear weights rounded through float8-e4m3 with a per-output-channel scale, compute
+in fp32 — the weight error of an FP8 checkpoint, not its kernels) and ``int4-rtn`` (*emulated*:
+weight-only round-to-nearest int4, group-wise with ``quant_group_size`` weights per group, of
+every decoder Linear — embedding and LM head kept — by :mod:`dcmdp.int4`, the quantiser the
+trainer's ``deployed-penalty`` reproduces; compute in fp32). ``noise`` adds Gaussian
 logit noise of that σ before sampling, to emulate a worse engine at a chosen mismatch level.
 """
 
@@ -11,15 +16,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from dcmdp.device import resolve_device
 from dcmdp.engine import EngineError, Sample, SamplingParams
 from dcmdp.generation import sample
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dcmdp.int4 import DEFAULT_GROUP_SIZE, int4_roundtrip_model_
+from dcmdp.precision import PRECISIONS, TORCH_DTYPES, precision as precision_of
 
 
 def fp8_roundtrip_(model: torch.nn.Module) -> None:
@@ -33,23 +38,59 @@ def fp8_roundtrip_(model: torch.nn.Module) -> None:
                 w.copy_((w / scale).to(torch.float8_e4m3fn).to(w.dtype) * scale)
 
 
+def int8_dynamic(master: torch.nn.Module, group_size: int = 0) -> torch.nn.Module:
+    """A copy of ``master`` with every Linear dynamically quantised to int8 (CPU kernels)."""
+    with warnings.catch_warnings():  # torch deprecates the quantized-tensor API, still the CPU int8 path
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(master), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def fp8_e4m3(master: torch.nn.Module, group_size: int = 0) -> torch.nn.Module:
+    """A copy of ``master`` with its Linear weights rounded through float8-e4m3 (:func:`fp8_roundtrip_`)."""
+    model = copy.deepcopy(master)
+    fp8_roundtrip_(model)
+    return model
+
+
+def int4_rtn(master: torch.nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> torch.nn.Module:
+    """A copy of ``master`` with every decoder Linear weight replaced by its group-wise int4 round
+    trip (:func:`dcmdp.int4.int4_roundtrip_model_`, ``group_size`` weights per group)."""
+    model = copy.deepcopy(master)
+    int4_roundtrip_model_(model, group_size)
+    return model
+
+
+# quantisation kind (``dcmdp.precision.Precision.quantisation``) -> quantiser of the fp32 master
+# (its second argument: the pool's quantGroupSize, used by the group-wise kinds)
+QUANTISERS: dict[str, Callable[[torch.nn.Module, int], torch.nn.Module]] = {
+    "int8-dynamic": int8_dynamic,
+    "fp8-e4m3": fp8_e4m3,
+    "int4-rtn": int4_rtn,
+}
+
+
 class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, precision: str = "fp32", noise: float = 0.0, seed: int = 0,
-                 threads: int = 0, device: str = "cpu", **_: object):
+                 threads: int = 0, device: str = "cpu", quant_group_size: int = DEFAULT_GROUP_SIZE, **_: object):
         from transformers import AutoModelForCausalLM
 
         from dcmdp.models.tokenizer import load_tokenizer
 
-        if precision not in ("fp32", "bf16", "fp16", "int8", "fp8"):
-            raise EngineError(f"hf engine: unsupported precision {precision!r} (fp32, bf16, fp16, int8, fp8)")
+        if precision not in PRECISIONS:
+            raise EngineError(f"hf engine: unsupported precision {precision!r} ({', '.join(PRECISIONS)})")
+        if int(quant_group_size) < 1:
+            raise EngineError(f"hf engine: quantGroupSize must be >= 1, got {quant_group_size}")
+        self.quant_group_size = int(quant_group_size)
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device, "spec.rollout.pools[].device")
-        if precision == "int8" and self.device.type != "cpu":
-            raise EngineError("hf engine: int8 (torch dynamic quantisation) runs on the CPU only: "
-                              "set the pool's device: cpu, or precision fp8/bf16")
+        self.spec = precision_of(precision)
+        if self.spec.hf_cpu_only and self.device.type != "cpu":
+            others = "/".join(n for n, p in PRECISIONS.items() if p.quantisation and not p.hf_cpu_only)
+            raise EngineError(f"hf engine: {precision} ({self.spec.quantisation} quantisation) runs on the CPU "
+                              f"only: set the pool's device: cpu, or precision {others or 'bf16'}/bf16")
         self.precision, self.noise, self.seed = precision, float(noise), seed
         self.tokenizer = load_tokenizer(model_dir)
         self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(self.device)
@@ -57,18 +98,11 @@ class HFEngine:
         self.model = self._serving_model()
 
     def _serving_model(self) -> torch.nn.Module:
-        if self.precision in DTYPES:
-            if self.precision == "fp32":
-                return self.master
-            return copy.deepcopy(self.master).to(DTYPES[self.precision]).eval()
-        if self.precision == "int8":
-            with warnings.catch_warnings():  # torch deprecates the quantized-tensor API, still the CPU int8 path
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.ao.quantization.quantize_dynamic(
-                    copy.deepcopy(self.master), {torch.nn.Linear}, dtype=torch.qint8).eval()
-        model = copy.deepcopy(self.master)
-        fp8_roundtrip_(model)
-        return model.eval()
+        if self.spec.quantisation is not None:
+            return QUANTISERS[self.spec.quantisation](self.master, self.quant_group_size).eval()
+        if self.spec.compute == "fp32":
+            return self.master
+        return copy.deepcopy(self.master).to(getattr(torch, TORCH_DTYPES[self.spec.compute])).eval()
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self.begin_update()
@@ -99,10 +133,10 @@ class HFEngine:
         unexpected = self._unexpected
         if missing or unexpected:  # (lm_head.weight: tied to the embedding)
             raise EngineError(f"weight update does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if self.precision in ("bf16", "fp16"):
-            self.model.load_state_dict(self.master.state_dict())  # casts in place
-        elif self.precision != "fp32":
+        if self.spec.quantisation is not None:
             self.model = self._serving_model()
+        elif self.model is not self.master:
+            self.model.load_state_dict(self.master.state_dict())  # casts in place
         self.version = version
 
     def generate(self, prompts: list[list[int]], indices: list[int], params: SamplingParams) -> list[Sample]:

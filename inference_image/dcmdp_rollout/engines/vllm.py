@@ -14,10 +14,11 @@ What the engine promises, and how:
   as in the HF engine. The folder's ``generation_config.json`` is ignored
   (``generation_config="vllm"``), so no top-k/top-p default from a checkpoint silently truncates
   the distribution the trainer assumes.
-* **Precisions.** fp32 / bf16 / fp16 set vLLM's ``dtype``. fp8 uses vLLM's online FP8
-  quantisation (``quantization="fp8"``) where the platform supports it (GPU); on a CPU it is
-  rejected with an :class:`EngineError`. int8 is rejected: vLLM has no online int8 quantisation of
-  an unquantised checkpoint (use the ``hf`` engine for an int8 pool).
+* **Precisions** map to vLLM as ``dcmdp.precision`` says (its ``vllm`` field): fp32 / bf16 /
+  fp16 set vLLM's ``dtype``. fp8 uses vLLM's online FP8 quantisation (``quantization="fp8"``)
+  where the platform supports it (GPU); on a CPU it is rejected with an :class:`EngineError`.
+  int8 is rejected: vLLM has no online int8 quantisation of an unquantised checkpoint (use the
+  ``hf`` engine for an int8 pool).
 * **Logit noise** (``noise`` = σ > 0) is added to the logits in the model's ``compute_logits``
   (inside vLLM's worker, before temperature and sampling), so the reported logprob includes it.
 * **Weight updates** go in place through vLLM's layerwise ``reload_weights`` (checkpoint-format
@@ -47,9 +48,8 @@ from typing import Any, Mapping, Optional
 import torch
 
 from dcmdp.engine import EngineError, Sample, SamplingParams
+from dcmdp.precision import PRECISIONS
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")
 WEIGHT_SYNC = ("inplace", "restart")
 # Files of a model folder other than the weights, carried over when restarting from new weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -168,9 +168,10 @@ class VLLMEngine:
                               f"(accepted: {', '.join(self.OPTIONS)})")
         if precision not in PRECISIONS:
             raise EngineError(f"vllm engine: unknown precision {precision!r} ({', '.join(PRECISIONS)})")
-        if precision == "int8":
-            raise EngineError("vllm engine: pool precision 'int8' is not supported: vLLM has no online "
-                              "int8 quantisation of an unquantised checkpoint; use engine 'hf' for int8")
+        mapping = PRECISIONS[precision].vllm
+        if mapping is None:
+            raise EngineError(f"vllm engine: pool precision {precision!r} is not supported: "
+                              f"{PRECISIONS[precision].vllm_refusal}")
         if not (noise >= 0):
             raise EngineError(f"vllm engine: noise must be >= 0 (got {noise!r})")
         weight_sync = options.get("weight_sync", "inplace")
@@ -201,12 +202,12 @@ class VLLMEngine:
                 "(or set DCMDP_VLLM_PYTHON)") from e
 
         self.on_cpu = bool(current_platform.is_cpu())
-        if precision == "fp8" and self.on_cpu:
+        if mapping.gpu_only and self.on_cpu:
             raise EngineError(
-                "vllm engine: pool precision 'fp8' cannot run on a CPU: vLLM's FP8 quantisation "
-                "(quantization='fp8') needs FP8 GPU kernels, and the CPU backend has none; use "
-                "bf16/fp16/fp32 here, fp8 on a GPU node pool, or engine 'hf' (emulated fp8)")
-        self.precision, self.noise, self.seed = precision, float(noise), int(seed)
+                f"vllm engine: pool precision {precision!r} cannot run on a CPU: vLLM's "
+                f"quantization={mapping.quantization!r} needs GPU kernels, and the CPU backend has none; use "
+                f"bf16/fp16/fp32 here, {precision} on a GPU node pool, or engine 'hf' (emulated {precision})")
+        self.precision, self.mapping, self.noise, self.seed = precision, mapping, float(noise), int(seed)
         self.weight_sync = weight_sync
         self.version = 0
         self.restarts = 0
@@ -227,13 +228,12 @@ class VLLMEngine:
 
         on_cpu, opts = self.on_cpu, self._options
         kwargs: dict[str, Any] = dict(
-            model=str(folder), tokenizer=str(self._source), dtype="bfloat16" if self.precision == "fp8"
-            else DTYPES[self.precision], seed=self.seed, logprobs_mode="processed_logprobs",
+            model=str(folder), tokenizer=str(self._source), dtype=self.mapping.dtype, seed=self.seed, logprobs_mode="processed_logprobs",
             generation_config="vllm", enforce_eager=bool(opts.get("enforce_eager", on_cpu)),
             enable_prefix_caching=True,
         )
-        if self.precision == "fp8":
-            kwargs["quantization"] = "fp8"
+        if self.mapping.quantization is not None:
+            kwargs["quantization"] = self.mapping.quantization
         if "max_model_len" in opts:
             kwargs["max_model_len"] = int(opts["max_model_len"])
         if "max_num_seqs" in opts:
