@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcmdp import yamlfile
-from dcmdp.models.source import resolve_model_folder
-from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
+from dcmdp.cli_args import at_least
 from dcmdp.plots import plot_run
+from dcmdp.preflight import check_inputs
 from dcmdp.progress import RunProgress, summary_table
 from dcmdp.runners import installed, runner
-from dcmdp.spec import DCMDPRun, SpecError, dump_run, load_run
+from dcmdp.spec import SpecError, dump_run, load_run
 from dcmdp.sweep import cli as sweep_cli
-from dcmdp.tasks import build_task
 
 
 # Files that mark a folder as holding a run (written by the trainer in --out), and everything else a
@@ -59,49 +58,12 @@ def finished_summary(out: Path, total: int) -> Optional[dict[str, Any]]:
     return summary if isinstance(summary, dict) and int(summary.get("steps", 0)) >= total else None
 
 
-def check_paths(run: DCMDPRun) -> list[tuple[str, str]]:
-    """(field, problem) for each local path of the spec that does not exist (relative paths are read
-    from the current folder, as ``dcmdp run`` reads them)."""
-    problems = []
-    model, task = run.spec.model, run.spec.task
-    if model.path and not (Path(model.path) / "config.json").is_file():
-        what = "does not exist" if not Path(model.path).exists() else "has no config.json"
-        problems.append(("spec.model.path", f"{model.path} {what}"))
-    if task.dataset and not Path(task.dataset.path).is_file():
-        problems.append(("spec.task.dataset.path", f"no such file: {task.dataset.path}"))
-    return problems
-
-
-def answer_length_warnings(run: DCMDPRun) -> list[str]:
-    """Warnings for reference answers longer (in tokens, EOS included) than ``maxNewTokens``: a
-    response can never reproduce them, so their reward is 0 every step. Needs the ML extra."""
-    task = run.spec.task
-    if not task.dataset or not Path(task.dataset.path).is_file():
-        return []
-    if run.spec.model.path and not Path(run.spec.model.path).is_dir():
-        return []
-    try:
-        tok = (load_tokenizer(resolve_model_folder(run.spec.model, allow_download=False))
-               if run.spec.model.loaded else build_tokenizer())
-        built = build_task(task)
-    except ImportError:  # the core without transformers: nothing to count tokens with
-        return []
-    except (OSError, ValueError) as exc:
-        return [f"cannot check answer lengths: {exc}"]
-    limit = built.max_new_tokens
-    long = [p for p in built.problems() if len(tok(p.answer, add_special_tokens=False)["input_ids"]) + 1 > limit]
-    if not long:
-        return []
-    return [f"spec.task.maxNewTokens ({limit}): {len(long)} of {len(built.problems())} reference answers are "
-            f"longer (first: {long[0].answer[:60]!r}); a response that long is cut off before EOS"]
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
-    problems = [] if args.cluster else check_paths(run)
-    if problems:
-        raise SpecError(problems, str(args.file))
-    for warning in answer_length_warnings(run):
+    found = check_inputs(run, cluster=args.cluster)
+    if found.problems:
+        raise SpecError(found.problems, str(args.file))
+    for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
         print(yamlfile.dumps(dump_run(run)))
@@ -114,10 +76,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.file)
+    found = check_inputs(run)  # the dataset and tokenizer the run loads: refused here, not in a traceback
+    if found.problems:
+        raise SpecError(found.problems, str(args.file))
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
-    if args.resume and args.overwrite:
-        raise SystemExit("error: --resume and --overwrite exclude each other")
     if holds_run(out) and not (args.resume or args.overwrite):
         print(f"error: {out} holds another run; pass --resume to continue it, --overwrite to replace it, "
               "or choose another --out", file=sys.stderr)
@@ -158,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-f", "--file", required=True, help="DCMDPRun manifest (YAML)")
     r.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
     r.add_argument("--out", default=None, help="output folder (default runs/<name>)")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    r.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     r.add_argument("--inprocess", action="store_true", help="trainer and engines in this process (no gRPC)")
-    r.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
+    r.add_argument("--threads", type=at_least(0), default=0, help="torch threads per process (0 = default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 

@@ -15,9 +15,10 @@ How the pydantic model becomes a *structural* ``openAPIV3Schema`` (what kube-api
   before defaulting, and the model does the same (``SpecModel._null_means_unset``). Only a field
   where ``null`` differs from its default (``model.builtin``) is ``nullable: true``.
 * A ``tuple[X, X]`` is an array of ``X`` with ``minItems = maxItems = 2``.
-* Pod ``template`` overlays keep any field (``x-kubernetes-preserve-unknown-fields: true``, a
-  model with ``extra="allow"``) but declare the fields pod security checks, so the CEL rules
-  that refuse escalations (:mod:`dcmdp.podsecurity`) can see them.
+* Pod ``template`` overlays declare only the allow-listed fields (:mod:`dcmdp.podsecurity`): the
+  API server refuses any other (``unknown field`` under kubectl's strict field validation; a
+  client that asks for none has it pruned, never applied), and CEL rules refuse the escalating
+  values. A CRD generated ``--allow otherFields`` (or ``volumes``) preserves unknown fields there.
 * ``tolerance`` is "a number > 0, or ``auto``, or a positive decimal string". A structural schema
   cannot give a node two types (``type`` is forbidden inside ``anyOf``, and
   ``x-kubernetes-int-or-string`` rejects floats), so the node is typeless with
@@ -225,7 +226,9 @@ class _Builder:
             props[alias] = prop
         if node.get("required"):
             out["required"] = sorted(node["required"])
-        if model.model_config.get("extra") == "allow":
+        if model.model_config.get("extra") == "allow" and getattr(model, "OPEN_WITH", None) in self.allow:
+            # A pod-template object takes fields outside the allow-list only where the admin
+            # allows them; otherwise the API server refuses (strict field validation) or prunes them.
             out["x-kubernetes-preserve-unknown-fields"] = True
         out["properties"] = props
         rules = [r for r in getattr(model, "CEL", ()) if r.escalation not in self.allow]

@@ -35,6 +35,15 @@ the trainer's probability at the start of the step (detached), p_inf the rollout
                           pulled back; the |·| penalty pushes every token with a gradient of the
                           same size, however small its discrepancy)
       advantage-shaping:  Â_t ← Â_t − λ_t δ_t  (δ_t detached), then the ordinary L_pg
+      deployed-penalty:   L = L_pg + mean_t λ_t |π_θ,t − π_Q(θ),t|                       (ours)
+                          π_Q(θ),t: the sampled token's probability under the *same* weights
+                          quantised as the engine quantises them (Q = ``dcmdp.int4``), evaluated
+                          with the straight-through estimator ∂Q(w)/∂w = I (``int4_ste``), so
+                            ∂/∂θ |π_θ − π_Q(θ)| = sign(π_θ − π_Q(θ)) · (∇π(θ) − ∇π(w)|_{w = Q(θ)}).
+                          The paper's penalty pulls π_θ toward the recorded engine probability p_inf
+                          (a constant); this one moves θ so that the deployed, quantised policy and
+                          the trainer's agree: quantisation-aware training (Jacob et al. 2018; STE:
+                          Bengio et al. 2013) with the multiplier λ of δ̄ ≤ c as its weight.
 * Optional KL to a reference policy (k3):  β · mean_t (π_ref/π_θ − 1 − log(π_ref/π_θ)), the
   log-ratio clamped to ±K.
 
@@ -251,6 +260,21 @@ def constraint_penalty(logp: torch.Tensor, logp_inf: torch.Tensor, lam: torch.Te
     else:
         raise ValueError(f"not a penalty mode: {mode!r}")
     return masked_mean(masked(lam, m) * per_token, m, denominator), masked_mean(per_token.detach(), m, denominator)
+
+
+def deployed_penalty(logp: torch.Tensor, logp_deployed: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor, *,
+                     denominator: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ-weighted, unweighted) mean_t |π_θ,t − π_Q(θ),t| over the masked tokens (0-d tensors).
+
+    ``logp`` [B, T]: log π_θ of the sampled tokens; ``logp_deployed`` [B, T]: log π_Q(θ) of the same
+    tokens under the quantised weights, *not* detached (the gradient flows into both; with
+    ``dcmdp.int4.int4_ste`` weights it is the straight-through gradient); ``lam`` λ_t [B, T];
+    ``denominator`` as in ``masked_mean``. The unweighted value is detached (a diagnostic:
+    ``constraint/penalty``, the trainer–deployed gap on this batch).
+    """
+    m = mask.bool()
+    gap = (masked(logp, m).exp() - masked(logp_deployed, m).exp()).abs()
+    return masked_mean(masked(lam, m) * gap, m, denominator), masked_mean(gap.detach(), m, denominator)
 
 
 def shape_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ Each entry gives:
 * ``quantisation``: the ``hf`` engine's weight quantisation, redone after every update (``None``:
   the weights are only cast to ``compute``): ``int8-dynamic`` = torch's ``quantize_dynamic`` of
   every Linear (int8 weights, activations quantised per batch, CPU kernels); ``fp8-e4m3`` = every
-  Linear weight rounded through float8-e4m3 with a per-output-channel absmax scale;
+  Linear weight rounded through float8-e4m3 with a per-output-channel absmax scale; ``int4-rtn`` =
+  weight-only round-to-nearest int4, group-wise (the pool's ``quantGroupSize``), of every decoder
+  Linear (:mod:`dcmdp.int4`, the quantiser ``constraint.mode: deployed-penalty`` reproduces);
 * ``emulated``: the ``hf`` engine reproduces the format's *weight error* in ``compute`` dtype,
   not its kernels;
 * ``hf_cpu_only``: the ``hf`` engine's quantisation has CPU kernels only;
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 FloatName = Literal["fp32", "bf16", "fp16"]
-Quantisation = Literal["int8-dynamic", "fp8-e4m3"]
+Quantisation = Literal["int8-dynamic", "fp8-e4m3", "int4-rtn"]
 
 # float name -> torch dtype name (``getattr(torch, name)``)
 TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -80,6 +82,10 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
                            "use engine 'hf' for int8"),
     Precision("fp8", compute="fp32", wire="bf16", quantisation="fp8-e4m3", emulated=True,
               vllm=VLLMMapping("bfloat16", quantization="fp8", gpu_only=True)),
+    Precision("int4", compute="fp32", wire="bf16", quantisation="int4-rtn", emulated=True,
+              vllm_refusal="vLLM's online quantisation (0.32: fp8, int8, mxfp4, mxfp8, nvfp4) has no int4 of an "
+                           "unquantised checkpoint, and its CPU build serves int4 only from a pre-quantised AWQ "
+                           "checkpoint; use engine 'hf' for int4"),
 )}
 
 POOL_PRECISIONS: tuple[str, ...] = tuple(PRECISIONS)

@@ -38,7 +38,8 @@ Correction = Literal["tis", "mis", "icepop"]
 CorrectionLevel = Literal["token", "sequence", "geometric"]
 AdvantageStd = Literal["population", "unbiased", "none"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty"]
+ConstraintMode = Literal["penalty", "advantage-shaping", "squared-penalty", "k3-penalty", "hinge-penalty",
+                         "deployed-penalty"]
 ControllerName = Literal["dual-ascent", "pid"]
 Device = Literal["auto", "cpu", "cuda"]
 EngineName = Literal["hf", "vllm"]
@@ -409,46 +410,121 @@ def _not_true(field: str) -> str:
     return f"!has(self.{field}) || !self.{field}"
 
 
+def _one_of(field: str, values: Any) -> str:
+    return f"!has(self.{field}) || self.{field} in [{', '.join(repr(v) for v in sorted(values))}]"
+
+
+Obj = Optional[dict[str, Any]]  # a Kubernetes object passed on as written (scheduling, resources…)
+Objs = Optional[list[dict[str, Any]]]
+Str = Optional[Annotated[str, Field(max_length=4096)]]
+Strs = Optional[list[Annotated[str, Field(max_length=4096)]]]
+
+
 class OpenModel(SpecModel):
-    """A Kubernetes object the operator passes on: the fields declared here are typed and checked
-    (pod security); any other field is kept as written (``x-kubernetes-preserve-unknown-fields``)."""
+    """A part of a pod template: an allow-list (:mod:`dcmdp.podsecurity`). The fields declared here
+    are the allowed ones; any other is refused by :func:`dcmdp.podsecurity.violations` (the model
+    keeps it so it can name it) and is unknown to the CRD. ``OPEN_WITH``: the escalation that, when
+    the cluster admin allows it, lets this object take any field (the CRD then preserves them)."""
 
     model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+    OPEN_WITH: ClassVar[str] = "otherFields"
 
 
-class SeccompProfile(OpenModel):
+class Profile(OpenModel):
+    """A seccomp or AppArmor profile."""
+
     type: Optional[str] = Field(None, max_length=64)
+    localhost_profile: Optional[str] = Field(None, max_length=4096)
 
 
-class PodSecurityContext(OpenModel):
+class SeccompProfile(Profile):
+    CEL = (_refused("unconfined", "type", "seccompProfile other than RuntimeDefault or Localhost",
+                    _one_of("type", podsecurity.CONFINED_PROFILES)),)
+
+
+class AppArmorProfile(Profile):
+    CEL = (_refused("unconfined", "type", "appArmorProfile other than RuntimeDefault or Localhost",
+                    _one_of("type", podsecurity.CONFINED_PROFILES)),)
+
+
+class SELinuxOptions(OpenModel):
+    user: Optional[str] = Field(None, max_length=256)
+    role: Optional[str] = Field(None, max_length=256)
+    type: Optional[str] = Field(None, max_length=256)
+    level: Optional[str] = Field(None, max_length=256)
+
+    CEL = (
+        _refused("unconfined", "user", "seLinuxOptions.user", "!has(self.user) || self.user == ''"),
+        _refused("unconfined", "role", "seLinuxOptions.role", "!has(self.role) || self.role == ''"),
+        _refused("unconfined", "type", "seLinuxOptions.type other than the container types",
+                 _one_of("type", podsecurity.SELINUX_TYPES)),
+    )
+
+
+class WindowsOptions(OpenModel):
+    gmsa_credential_spec_name: Optional[str] = Field(None, max_length=256)
+    gmsa_credential_spec: Optional[str] = Field(None, max_length=65_536)
+    run_as_user_name: Optional[str] = Field(None, max_length=256)
+    host_process: Optional[bool] = None
+
+    CEL = (_refused("privileged", "hostProcess", "windowsOptions.hostProcess", _not_true("hostProcess")),)
+
+
+class Sysctl(OpenModel):
+    name: str = Field(..., max_length=256)
+    value: str = Field(..., max_length=4096)
+
+    CEL = (_refused("unconfined", "name", "a sysctl outside the safe set", f"self.name in [{', '.join(repr(v) for v in sorted(podsecurity.SAFE_SYSCTLS))}]"),)
+
+
+class SecurityContext(OpenModel):
+    """What the pod and container security contexts share."""
+
     run_as_user: Optional[int] = None
+    run_as_group: Optional[int] = None
     run_as_non_root: Optional[bool] = None
     seccomp_profile: Optional[SeccompProfile] = None
+    app_armor_profile: Optional[AppArmorProfile] = None
+    se_linux_options: Optional[SELinuxOptions] = Field(None, alias="seLinuxOptions")
+    windows_options: Optional[WindowsOptions] = None
 
     CEL = (
         _refused("runAsRoot", "runAsUser", "runAsUser 0", "!has(self.runAsUser) || self.runAsUser != 0"),
         _refused("runAsRoot", "runAsNonRoot", "runAsNonRoot false", "!has(self.runAsNonRoot) || self.runAsNonRoot"),
-        _refused(
-            "privileged", "seccompProfile.type", "seccompProfile Unconfined",
-            "!has(self.seccompProfile) || !has(self.seccompProfile.type) || self.seccompProfile.type != 'Unconfined'",
-        ),
     )
 
 
+class PodSecurityContext(SecurityContext):
+    fs_group: Optional[int] = None
+    fs_group_change_policy: Optional[str] = Field(None, max_length=64)
+    supplemental_groups: Optional[list[int]] = Field(None, max_length=64)
+    supplemental_groups_policy: Optional[str] = Field(None, max_length=64)
+    se_linux_change_policy: Optional[str] = Field(None, alias="seLinuxChangePolicy", max_length=64)
+    sysctls: Optional[list[Sysctl]] = Field(None, max_length=16)
+
+
 class Capabilities(OpenModel):
-    add: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=64)
+    add: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=16)
+    drop: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=64)
 
 
-class ContainerSecurityContext(PodSecurityContext):
+class ContainerSecurityContext(SecurityContext):
     privileged: Optional[bool] = None
     allow_privilege_escalation: Optional[bool] = None
     capabilities: Optional[Capabilities] = None
+    proc_mount: Optional[str] = Field(None, max_length=64)
+    read_only_root_filesystem: Optional[bool] = None
 
-    CEL = PodSecurityContext.CEL + (
+    CEL = SecurityContext.CEL + (
         _refused("privileged", "privileged", "privileged", _not_true("privileged")),
         _refused(
             "privileged", "allowPrivilegeEscalation", "allowPrivilegeEscalation true",
             _not_true("allowPrivilegeEscalation"),
+        ),
+        _refused("privileged", "procMount", "procMount other than Default", _one_of("procMount", ["Default"])),
+        _refused(
+            "unconfined", "readOnlyRootFilesystem", "readOnlyRootFilesystem false",
+            "!has(self.readOnlyRootFilesystem) || self.readOnlyRootFilesystem",
         ),
         _refused(
             "capabilities", "capabilities.add", "adding a capability other than NET_BIND_SERVICE",
@@ -459,36 +535,149 @@ class ContainerSecurityContext(PodSecurityContext):
 
 
 class ContainerPort(OpenModel):
+    container_port: Optional[int] = None
+    name: Optional[str] = Field(None, max_length=15)
+    protocol: Optional[str] = Field(None, max_length=8)
     host_port: Optional[int] = None
+    host_ip: Optional[str] = Field(None, alias="hostIP", max_length=64)
 
-    CEL = (_refused("hostNamespaces", "hostPort", "hostPort", "!has(self.hostPort) || self.hostPort == 0"),)
+    CEL = (
+        _refused("hostNamespaces", "hostPort", "hostPort", "!has(self.hostPort) || self.hostPort == 0"),
+        _refused("hostNamespaces", "hostIP", "hostIP", "!has(self.hostIP) || self.hostIP == ''"),
+    )
 
 
-class Container(OpenModel):
+class VolumeMount(OpenModel):
+    name: Optional[str] = Field(None, max_length=253)
+    mount_path: Optional[str] = Field(None, max_length=4096)
+    sub_path: Optional[str] = Field(None, max_length=4096)
+    sub_path_expr: Optional[str] = Field(None, max_length=4096)
+    read_only: Optional[bool] = None
+    recursive_read_only: Optional[str] = Field(None, max_length=64)
+    mount_propagation: Optional[str] = Field(None, max_length=64)
+
+    CEL = (_refused("privileged", "mountPropagation", "mountPropagation Bidirectional",
+                    "!has(self.mountPropagation) || self.mountPropagation != 'Bidirectional'"),)
+
+
+class EnvVarSource(OpenModel):
+    field_ref: Obj = None
+    resource_field_ref: Obj = None
+    config_map_key_ref: Obj = None
+    secret_key_ref: Obj = None
+
+    CEL = (_refused("secrets", "secretKeyRef", "secretKeyRef", "!has(self.secretKeyRef)"),)
+
+
+class EnvVar(OpenModel):
+    name: Optional[str] = Field(None, max_length=4096)
+    value: Optional[str] = Field(None, max_length=1 << 20)
+    value_from: Optional[EnvVarSource] = None
+
+
+class EnvFromSource(OpenModel):
+    prefix: Optional[str] = Field(None, max_length=4096)
+    config_map_ref: Obj = None
+    secret_ref: Obj = None
+
+    CEL = (_refused("secrets", "secretRef", "envFrom secretRef", "!has(self.secretRef)"),)
+
+
+class ContainerFields(OpenModel):
+    """The main container's fields a short-form template sets at its top."""
+
+    resources: Obj = None
+    env: Optional[list[EnvVar]] = Field(None, max_length=256)
+    env_from: Optional[list[EnvFromSource]] = Field(None, max_length=16)
+    volume_mounts: Optional[list[VolumeMount]] = Field(None, max_length=64)
+    image_pull_policy: Optional[str] = Field(None, max_length=64)
+
+
+class Container(ContainerFields):
+    name: Optional[str] = Field(None, max_length=63)
+    image: Optional[str] = Field(None, max_length=4096)
+    command: Strs = Field(None, max_length=1024)
+    args: Strs = Field(None, max_length=1024)
+    working_dir: Str = None
+    ports: Optional[list[ContainerPort]] = Field(None, max_length=16)
+    resize_policy: Objs = Field(None, max_length=16)
+    restart_policy: Optional[str] = Field(None, max_length=64)
     security_context: Optional[ContainerSecurityContext] = None
-    ports: Optional[list[ContainerPort]] = Field(None, max_length=64)
+
+
+class ProjectedSource(OpenModel):
+    OPEN_WITH = "volumes"
+    config_map: Obj = None
+    downward_api: Obj = Field(None, alias="downwardAPI")
+    cluster_trust_bundle: Obj = None
+    secret: Obj = None
+    service_account_token: Obj = None
+
+    CEL = (
+        _refused("secrets", "secret", "a projected secret", "!has(self.secret)"),
+        _refused("serviceAccount", "serviceAccountToken", "a projected serviceAccountToken", "!has(self.serviceAccountToken)"),
+    )
+
+
+class ProjectedVolume(OpenModel):
+    OPEN_WITH = "volumes"
+    sources: Optional[list[ProjectedSource]] = Field(None, max_length=16)
+    default_mode: Optional[int] = None
 
 
 class Volume(OpenModel):
-    host_path: Optional[dict[str, Any]] = None
+    """A volume of an allowed kind (``podsecurity.VOLUME_KINDS``); ``hostPath`` and ``secret`` are
+    declared so their own escalations can refuse them."""
 
-    CEL = (_refused("hostPath", "hostPath", "a hostPath volume", "!has(self.hostPath)"),)
+    OPEN_WITH = "volumes"
+    name: Optional[str] = Field(None, max_length=63)
+    config_map: Obj = None
+    downward_api: Obj = Field(None, alias="downwardAPI")
+    empty_dir: Obj = None
+    ephemeral: Obj = None
+    persistent_volume_claim: Obj = None
+    projected: Optional[ProjectedVolume] = None
+    host_path: Obj = None
+    secret: Obj = None
+
+    CEL = (
+        _refused("hostPath", "hostPath", "a hostPath volume", "!has(self.hostPath)"),
+        _refused("secrets", "secret", "a secret volume", "!has(self.secret)"),
+    )
 
 
 class PodFields(OpenModel):
-    """The pod fields of a template that pod security looks at (everything else passes through)."""
+    """The pod fields a template may set (``podsecurity.POD_FIELDS``, and those an escalation gates)."""
 
+    affinity: Obj = None
+    containers: Optional[list[Container]] = Field(None, max_length=16)
+    dns_config: Obj = None
+    dns_policy: Optional[str] = Field(None, max_length=64)
+    enable_service_links: Optional[bool] = None
+    host_aliases: Objs = Field(None, max_length=64)
+    host_users: Optional[bool] = None
+    image_pull_secrets: Objs = Field(None, max_length=16)
+    init_containers: Optional[list[Container]] = Field(None, max_length=16)
+    node_selector: Optional[dict[str, Annotated[str, Field(max_length=63)]]] = Field(None, max_length=64)
+    os: Obj = None
+    priority_class_name: Optional[str] = Field(None, max_length=253)
+    readiness_gates: Objs = Field(None, max_length=16)
+    resource_claims: Objs = Field(None, max_length=16)
+    runtime_class_name: Optional[str] = Field(None, max_length=253)
+    scheduler_name: Optional[str] = Field(None, max_length=253)
+    scheduling_gates: Objs = Field(None, max_length=16)
+    security_context: Optional[PodSecurityContext] = None
+    termination_grace_period_seconds: Optional[int] = None
+    tolerations: Objs = Field(None, max_length=64)
+    topology_spread_constraints: Objs = Field(None, max_length=16)
+    volumes: Optional[list[Volume]] = Field(None, max_length=64)
+    # gated (podsecurity.GATED_POD_FIELDS)
     host_network: Optional[bool] = None
     host_pid: Optional[bool] = Field(None, alias="hostPID")
     host_ipc: Optional[bool] = Field(None, alias="hostIPC")
-    service_account_name: Optional[str] = None
-    service_account: Optional[str] = None
+    service_account_name: Optional[str] = Field(None, max_length=253)
+    service_account: Optional[str] = Field(None, max_length=253)
     automount_service_account_token: Optional[bool] = None
-    security_context: Optional[PodSecurityContext] = None
-    volumes: Optional[list[Volume]] = Field(None, max_length=256)
-    containers: Optional[list[Container]] = Field(None, max_length=64)
-    init_containers: Optional[list[Container]] = Field(None, max_length=64)
-    ephemeral_containers: Optional[list[Container]] = Field(None, max_length=64)
 
     CEL = (
         _refused("hostNamespaces", "hostNetwork", "hostNetwork", _not_true("hostNetwork")),
@@ -514,6 +703,17 @@ def _label_rules(field: str, values: bool) -> CelRule:
     )
 
 
+def _profile_annotations_rule() -> CelRule:
+    """The legacy seccomp/AppArmor annotations must confine (``podsecurity.confined_annotation``)."""
+    keys = " || ".join(f"k.startsWith('{p}')" for p in podsecurity.PROFILE_ANNOTATIONS)
+    values = " || ".join(f"self.annotations[k] == '{v}'" for v in podsecurity.CONFINED_ANNOTATION_VALUES)
+    return _refused(
+        "unconfined", "annotations", "a seccomp or AppArmor annotation that does not confine",
+        f"!has(self.annotations) || self.annotations.all(k, !({keys}) || {values} "
+        "|| self.annotations[k].startsWith('localhost/'))",
+    )
+
+
 def _label_errors(mapping: Optional[dict[str, str]], field: str, values: bool) -> list[tuple[str, str]]:
     found = names.labels_errors(mapping or {}) if values else names.annotations_errors(mapping or {})
     return [(field, err) for err in found]
@@ -528,7 +728,7 @@ class TemplateMetadata(OpenModel):
     labels: Labels = Field(None, max_length=64)
     annotations: Labels = Field(None, max_length=64)
 
-    CEL = (_label_rules("labels", True), _label_rules("annotations", False))
+    CEL = (_label_rules("labels", True), _label_rules("annotations", False), _profile_annotations_rule())
 
     @model_validator(mode="after")
     def _keys(self) -> "TemplateMetadata":
@@ -538,11 +738,13 @@ class TemplateMetadata(OpenModel):
         return self
 
 
-class PodTemplate(PodFields):
-    """A pod template overlay, short form (pod fields at the top) or full form ``{metadata, spec}``
-    (see ``operator/dcmdp_operator/podtemplate.py``). Escalations (:mod:`dcmdp.podsecurity`) are
-    refused unless the validation context's ``allow_escalations`` names them; label keys and
-    values are checked as the API server checks them on the pods (a 422 otherwise)."""
+class PodTemplate(PodFields, ContainerFields):
+    """A pod template overlay, short form (pod fields, main-container fields, labels and
+    annotations at the top) or full form ``{metadata, spec}`` (see
+    ``operator/dcmdp_operator/podtemplate.py``). Only allow-listed fields are accepted
+    (:mod:`dcmdp.podsecurity`) unless the validation context's ``allow_escalations`` names the
+    escalation of the others; label keys and values are checked as the API server checks them on
+    the pods (a 422 otherwise)."""
 
     spec: Optional[PodFields] = None
     metadata: Optional[TemplateMetadata] = None
@@ -578,6 +780,12 @@ class TrainerSpec(SpecModel):
 
     precision: TrainerPrecision = "fp32"
     replicas: int = Field(1, ge=1, le=4096)
+    gpus_per_replica: Optional[int] = Field(
+        None, ge=1, le=256,
+        description="Ranks (processes, one per GPU) each replica starts, torchrun's way; world = replicas × "
+        "gpusPerReplica, rank 0 serves gRPC. Default: the template's nvidia.com/gpu limit, else 1. More than one "
+        "rank in all trains data-parallel through DeepSpeed (ZeRO stage 0 when deepspeed.enabled is false).",
+    )
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     device: Device = Field(
@@ -608,6 +816,9 @@ class PoolSpec(SpecModel):
     precision: PoolPrecision = "bf16"
     noise: float = Field(0.0, ge=0, le=100, description="Gaussian logit noise σ (emulates a worse engine).")
     lag: int = Field(0, ge=0, le=1024, description="Experiments: sample with weights K versions behind.")
+    quant_group_size: int = Field(
+        128, ge=1, le=65_536, description="precision int4: weights per quantisation group along a Linear's input "
+        "dimension (clipped to the layer's width).")
     device: Device = Field(
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
@@ -672,6 +883,28 @@ class FailurePolicySpec(SpecModel):
     max_restarts: int = Field(3, ge=0, le=1000)
 
 
+class TLSSpec(SpecModel):
+    """TLS on the trainer's gRPC port, for the rollout workers and the operator's status reads
+    (cluster only; ``dcmdp run`` listens on localhost). Without it the run token crosses the pod
+    network in clear text."""
+
+    secret_name: Optional[str] = Field(
+        None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_1123_SUBDOMAIN,
+        description="A Secret in the run's namespace with tls.crt and tls.key (type kubernetes.io/tls, e.g. "
+        "cert-manager's) for the trainer; unset: plaintext. The certificate must name the trainer as the "
+        "clients reach it: serverName.",
+    )
+    ca_key: str = Field(
+        "ca.crt", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+        description="The Secret's key holding the CA the workers and the operator verify the trainer with "
+        "(a self-signed certificate: tls.crt).",
+    )
+    server_name: Optional[str] = Field(
+        None, max_length=names.MAX_SUBDOMAIN, pattern=names.DNS_1123_SUBDOMAIN,
+        description="The DNS name the clients expect in the certificate (default: <run>-trainer-0.<run>-trainer).",
+    )
+
+
 class SchedulingSpec(SpecModel):
     gang: Literal["none", "kueue", "volcano"] = "none"
     queue_name: Optional[str] = Field(
@@ -709,6 +942,7 @@ class RunSpec(SpecModel):
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=365 * 86_400)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    tls: TLSSpec = Field(default_factory=TLSSpec)
 
     CEL = (
         CelRule(
@@ -770,21 +1004,19 @@ class Metadata(SpecModel):
             raise ValueError(err)
         return v
 
-    @field_validator("labels")
+    @field_validator("labels", "annotations")
     @classmethod
-    def _labels(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        errs = list(names.labels_errors(v or {}))
+    def _key_values(cls, v: Optional[dict[str, str]], info: ValidationInfo) -> Optional[dict[str, str]]:
+        """Kubernetes' rules for label (or annotation) keys and values, every violation named."""
+        errors = names.labels_errors if info.field_name == "labels" else names.annotations_errors
+        errs = list(errors(v or {}))
         if errs:
             raise ValueError("; ".join(errs))
         return v
 
-    @field_validator("annotations")
-    @classmethod
-    def _annotations(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        errs = list(names.annotations_errors(v or {}))
-        if errs:
-            raise ValueError("; ".join(errs))
-        return v
+
+RANKS_MESSAGE = ("more trainer ranks (replicas × gpusPerReplica) than a mini-batch has sequences (miniBatchSize × "
+                 "groupSize): every rank takes a share of each mini-batch")
 
 
 class DCMDPRun(SpecModel):
@@ -797,6 +1029,12 @@ class DCMDPRun(SpecModel):
     # The trainer's indexed-Job pod hostnames <run>-trainer-<index> must fit a 63-character label;
     # the pools' Deployments <run>-rollout-<pool> too (the API server sees metadata.name at the root).
     CEL = (
+        CelRule(
+            "self.spec.trainer.replicas * (has(self.spec.trainer.gpusPerReplica) ? self.spec.trainer.gpusPerReplica : 1)"
+            " <= self.spec.algorithm.miniBatchSize * self.spec.algorithm.groupSize",
+            f"spec.trainer.gpusPerReplica: {RANKS_MESSAGE}",
+            ".spec.trainer.gpusPerReplica",
+        ),
         CelRule(
             f"size(self.metadata.name) + {len(names.TRAINER_SUFFIX) + 1} + "
             f"size(string(self.spec.trainer.replicas - 1)) <= {names.MAX_LABEL}",
@@ -815,6 +1053,16 @@ class DCMDPRun(SpecModel):
         err = names.trainer_hostname_error(self.metadata.name, self.spec.trainer.replicas)
         if err:
             raise _field_errors([("metadata.name", err)])
+        return self
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "DCMDPRun":
+        """The CEL rule's twin (a default from the template's GPU limit is checked when the trainer starts)."""
+        spec = self.spec
+        world = spec.trainer.replicas * (spec.trainer.gpus_per_replica or 1)
+        rows = spec.algorithm.mini_batch_size * spec.algorithm.group_size
+        if world > rows:
+            raise _field_errors([("spec.trainer.gpusPerReplica", RANKS_MESSAGE)])
         return self
 
     @model_validator(mode="after")
@@ -858,7 +1106,8 @@ _FIELD_ERROR = re.compile(r"^([A-Za-z0-9_.\[\]]+): (.*)$", re.S)
 
 def _field_errors(found: list[tuple[str, str]]) -> ValueError:
     """One validator's errors about several fields below its own (paths relative to it)."""
-    return ValueError(FIELD_ERRORS.join(f"{path}: {msg}" for path, msg in found))
+    # Ends with the separator, so one error is reported at its own field too.
+    return ValueError("".join(f"{path}: {msg}{FIELD_ERRORS}" for path, msg in found))
 
 
 def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
@@ -870,7 +1119,7 @@ def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; fields are camelCase)"
-        for part in msg.split(FIELD_ERRORS):
+        for part in filter(None, msg.split(FIELD_ERRORS)):
             m = _FIELD_ERROR.match(part) if FIELD_ERRORS in msg or path == "(root)" else None
             if m:  # a validator named fields below its own: report each at its path
                 sub = m.group(1)

@@ -15,6 +15,11 @@ from typing import Any, Callable, Optional
 import yaml
 
 from dcmdp.spec import DCMDPRun, dump_run, parse_run
+from dcmdp_trainer import launcher
+
+REPO = Path(__file__).resolve().parent.parent
+# the real entry point -> its fault wrapper (dcmdp_testing, which no image installs)
+FAULT_WRAPPERS = {"dcmdp_trainer": "dcmdp_testing.trainer_faults", "dcmdp_rollout": "dcmdp_testing.worker_faults"}
 
 TINY: dict[str, Any] = {
     "apiVersion": "dcmdp.io/v1alpha1",
@@ -55,6 +60,30 @@ def proc_env(**extra: str) -> dict[str, str]:
     env.pop("DCMDP_TOKEN", None)
     env.pop("DCMDP_TOKEN_FILE", None)
     return env
+
+
+def with_faults(args: list[str], *faults: str) -> list[str]:
+    """``[..., "-m", "dcmdp_trainer" | "dcmdp_rollout", ARGS]`` started through its fault wrapper
+    with ``faults`` (``"--sample-delay", "1.0"``): the real entry point, faults patched in from outside."""
+    i = args.index("-m")
+    return [*args[:i], "-m", FAULT_WRAPPERS[args[i + 1]], *faults, "--", *args[i + 2:]]
+
+
+def faults_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the repository root on PYTHONPATH (the fault wrappers are not installed)."""
+    return dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p))
+
+
+def launch_with_faults(monkeypatch, module: str, *faults: str) -> None:
+    """``run_processes`` (the launcher) starts ``module``'s processes through its fault wrapper."""
+    real = launcher.Children.start
+
+    def start(self, name, cmd, log_path, env):
+        if cmd[cmd.index("-m") + 1] == module:
+            cmd, env = with_faults(cmd, *faults), faults_env(env)
+        return real(self, name, cmd, log_path, env)
+
+    monkeypatch.setattr(launcher.Children, "start", start)
 
 
 class Procs:

@@ -43,12 +43,14 @@ def test_null_is_dropped_then_defaulted_but_nullable_null_survives() -> None:
     assert model.spec.algorithm.steps == 100 and model.spec.model.builtin is None  # the model agrees
 
 
-def test_unknown_fields_are_errors_except_inside_templates() -> None:
+def test_unknown_fields_are_errors_except_inside_free_form_template_objects() -> None:
     _, errors = admit(run({"algorithm": {"stepz": 3}}))
     assert errors == [("spec.algorithm.stepz", 'unknown field "spec.algorithm.stepz"')]
     _, errors = admit(run(surprise=1))
     assert errors == [("surprise", 'unknown field "surprise"')]
-    template = {"nodeSelector": {"pool": "gpu"}, "anything": {"goes": [1, 2]}}
+    _, errors = admit(run({"trainer": {"template": {"nodeName": "n1"}}}))
+    assert errors == [("spec.trainer.template.nodeName", 'unknown field "spec.trainer.template.nodeName"')]
+    template = {"nodeSelector": {"pool": "gpu"}, "affinity": {"anything": {"goes": [1, 2]}}}
     stored, errors = admit(run({"trainer": {"template": template}}))
     assert errors == [] and stored["spec"]["trainer"]["template"] == template
 

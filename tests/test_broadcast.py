@@ -20,6 +20,7 @@ from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
 from dcmdp.transport.collective import client_store, open_group
 from dcmdp_rollout.weights import fetch_weights, receive_broadcast
+from dcmdp_testing.trainer_faults import corrupt_buckets
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
@@ -131,16 +132,16 @@ def test_a_late_joiner_is_served_over_the_stream(served):
     served.check(served.receive("later", again)[0])
 
 
-def test_a_corrupted_bucket_is_detected_and_fetched_again(session, monkeypatch):
-    monkeypatch.setenv("DCMDP_TEST_CORRUPT_BUCKETS", "2")
+def test_a_corrupted_bucket_is_detected_and_fetched_again(session):
     s = Served(session, expected=1)
     try:
         events = []
-        ticket = s.join("w")
-        tensors, stats = receive_broadcast(s.stub(), pb.Header(pool="bf16", worker_id="w"), ticket, "127.0.0.1",
-                                           on_event=lambda what, f: events.append(what))
+        with corrupt_buckets(2) as fault:  # the real hub's buckets, damaged from outside after their crc
+            ticket = s.join("w")
+            tensors, stats = receive_broadcast(s.stub(), pb.Header(pool="bf16", worker_id="w"), ticket,
+                                               "127.0.0.1", on_event=lambda what, f: events.append(what))
         s.check(tensors)
-        assert stats.crc_errors == 2 and stats.refetched == 2
+        assert fault.struck == 2 and stats.crc_errors == 2 and stats.refetched == 2
         assert "bucket crc mismatch: fetching it again" in events
         assert stats.bytes == stats.total_bytes + 2 * BUCKET  # the two damaged buckets came twice
     finally:

@@ -409,11 +409,17 @@ def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
     ]
     cases += _escalations(s)
     one_pool = lambda name: [(s + ("rollout", "pools"), [{"name": name, "replicas": 1}])]  # noqa: E731
+    big_mb = [(alg + ("promptsPerStep",), 1024), (alg + ("miniBatchSize",), 1024)]  # room for 1001 ranks
+    mb_rows = lambda m: [(alg + ("promptsPerStep",), m), (alg + ("miniBatchSize",), m), (alg + ("groupSize",), 2)]  # noqa: E731
     tt = s + ("trainer", "template")
     cases += [
         # names Kubernetes derives: <run>-trainer-<index> (pod hostname), <run>-rollout-<pool>
-        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p"), True, ""),
-        ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p"), False, "metadata.name"),
+        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p") + big_mb, True, ""),
+        ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p") + big_mb, False, "metadata.name"),
+        # every trainer rank takes a share of each mini-batch (miniBatchSize × groupSize sequences)
+        ("ranks = mini-batch rows", [(s + ("trainer", "replicas"), 8), (s + ("trainer", "gpusPerReplica"), 8)] + mb_rows(32), True, ""),
+        ("ranks > mini-batch rows", [(s + ("trainer", "replicas"), 8), (s + ("trainer", "gpusPerReplica"), 8)] + mb_rows(31), False, "gpusPerReplica"),
+        ("replicas > mini-batch rows", [(s + ("trainer", "replicas"), 65), (s + ("trainer", "gpusPerReplica"), 1)] + mb_rows(32), False, "gpusPerReplica"),
         ("deployment 64", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 15), False, "pools"),
         ("deployment 63", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 14), True, ""),
         ("name starts with a digit", [(("metadata", "name"), "1run")], False, "metadata.name"),
@@ -452,12 +458,40 @@ ESCALATING_TEMPLATES: list[tuple[str, dict[str, Any], str]] = [
     ("serviceAccountName", {"serviceAccountName": "dcmdp-operator"}, "serviceAccountName"),
     ("serviceAccount", {"spec": {"serviceAccount": "default"}}, "serviceAccount"),
     ("token", {"automountServiceAccountToken": True}, "automountServiceAccountToken"),
+    # outside the allow-list (issue 15: the deny-list let these through)
+    ("gitRepo volume", {"volumes": [{"name": "g", "gitRepo": {"repository": "https://example.com/x.git"}}]}, "gitRepo"),
+    ("nfs volume", {"spec": {"volumes": [{"name": "n", "nfs": {"server": "10.0.0.1", "path": "/"}}]}}, "nfs"),
+    ("hostProcess", {"securityContext": {"windowsOptions": {"hostProcess": True}}}, "hostProcess"),
+    ("procMount Unmasked", {"spec": {"containers": [{"name": "trainer", "securityContext": {"procMount": "Unmasked"}}]}}, "procMount"),
+    ("unsafe sysctl", {"securityContext": {"sysctls": [{"name": "kernel.core_pattern", "value": "|/tmp/x"}]}}, "sysctls"),
+    ("SELinux spc_t", {"spec": {"securityContext": {"seLinuxOptions": {"type": "spc_t"}}}}, "seLinuxOptions"),
+    ("SELinux user", {"securityContext": {"seLinuxOptions": {"user": "system_u"}}}, "seLinuxOptions"),
+    ("AppArmor field", {"spec": {"containers": [{"name": "trainer", "securityContext": {"appArmorProfile": {"type": "Unconfined"}}}]}}, "appArmorProfile"),
+    ("AppArmor annotation", {"metadata": {"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}}}, "annotations"),
+    ("seccomp annotation", {"annotations": {"seccomp.security.alpha.kubernetes.io/pod": "unconfined"}}, "annotations"),
+    ("secret volume", {"volumes": [{"name": "s", "secret": {"secretName": "dcmdp-operator-token"}}]}, "secret"),
+    ("projected secret", {"volumes": [{"name": "s", "projected": {"sources": [{"secret": {"name": "db"}}]}}]}, "secret"),
+    ("secretKeyRef", {"env": [{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}]}, "secretKeyRef"),
+    ("envFrom secret", {"spec": {"containers": [{"name": "trainer", "envFrom": [{"secretRef": {"name": "db"}}]}]}}, "secretRef"),
+    ("projected token", {"volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}]}, "serviceAccountToken"),
+    ("nodeName", {"nodeName": "control-plane"}, "nodeName"),
+    ("shareProcessNamespace", {"spec": {"shareProcessNamespace": True}}, "shareProcessNamespace"),
+    ("writable root", {"spec": {"containers": [{"name": "trainer", "securityContext": {"readOnlyRootFilesystem": False}}]}}, "readOnlyRootFilesystem"),
+    ("probe host", {"spec": {"containers": [{"name": "s", "image": "x", "livenessProbe": {"httpGet": {"host": "169.254.169.254", "port": 80}}}]}}, "livenessProbe"),
+    ("ephemeralContainers", {"spec": {"ephemeralContainers": [{"name": "e", "image": "x"}]}}, "ephemeralContainers"),
+    ("hostIP", {"spec": {"containers": [{"name": "trainer", "ports": [{"containerPort": 80, "hostIP": "0.0.0.0"}]}]}}, "hostIP"),
+    ("Bidirectional mount", {"volumeMounts": [{"name": "tmp", "mountPath": "/x", "mountPropagation": "Bidirectional"}]}, "mountPropagation"),
 ]
 SAFE_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
     ("scheduling", {"nodeSelector": {"a": "b"}, "tolerations": [{"key": "k", "operator": "Exists"}], "priorityClassName": "high"}),
     ("resources, env, volumes", {"resources": {"limits": {"cpu": "2"}}, "env": [{"name": "A", "value": "1"}], "volumes": [{"name": "c", "emptyDir": {}}]}),
     ("tightened", {"securityContext": {"runAsUser": 2000, "runAsNonRoot": True}, "hostNetwork": False, "automountServiceAccountToken": False}),
     ("NET_BIND_SERVICE", {"spec": {"containers": [{"name": "trainer", "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}}]}}),
+    ("user namespace", {"hostUsers": False}),
+    ("confined profiles", {"securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "p.json"}, "appArmorProfile": {"type": "RuntimeDefault"}, "seLinuxOptions": {"type": "container_t", "level": "s0:c1"}, "sysctls": [{"name": "net.ipv4.tcp_keepalive_time", "value": "60"}]}}),
+    ("confined annotation", {"metadata": {"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "runtime/default"}}}),
+    ("configMaps", {"volumes": [{"name": "c", "configMap": {"name": "cfg"}}, {"name": "p", "projected": {"sources": [{"configMap": {"name": "cfg"}}, {"downwardAPI": {"items": [{"path": "l", "fieldRef": {"fieldPath": "metadata.labels"}}]}}]}}], "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}], "envFrom": [{"configMapRef": {"name": "cfg"}}]}),
+    ("native sidecar mounting the run's token", {"spec": {"initContainers": [{"name": "s", "image": "busybox", "restartPolicy": "Always", "command": ["sleep", "inf"], "volumeMounts": [{"name": "dcmdp-token", "mountPath": "/t", "readOnly": True}]}]}}),
 ]
 
 

@@ -37,7 +37,8 @@ def test_registered_by_entry_point_and_unknown_engine_is_a_clear_error():
         engine_class("nope")
 
 
-@pytest.mark.parametrize("precision,max_delta", [("fp32", 1e-6), ("bf16", 5e-2), ("fp16", 5e-3), ("int8", 5e-2), ("fp8", 5e-2)])
+@pytest.mark.parametrize("precision,max_delta", [("fp32", 1e-6), ("bf16", 5e-2), ("fp16", 5e-3), ("int8", 5e-2), ("fp8", 5e-2),
+                                                     ("int4", 2e-1)])
 def test_precisions_sample_with_their_own_logprobs(model_dir, precision, max_delta):
     folder, model, tok = model_dir
     eng = make_engine("hf", str(folder), precision)
@@ -87,6 +88,30 @@ def test_greedy_is_deterministic_argmax(model_dir):
     with torch.no_grad():
         best = int(model(torch.tensor([p])).logits[0, -1].argmax())
     assert out[0].response_ids == out[1].response_ids == [best]
+
+
+def test_int4_serves_the_group_wise_round_trip_of_the_weights(model_dir):
+    """The int4 engine's model is the trainer's with dcmdp.int4's round trip on every decoder
+    Linear (embedding and LM head kept), at the pool's group size, and it follows weight updates."""
+    import copy
+
+    from dcmdp.int4 import int4_roundtrip_model_
+
+    folder, model, tok = model_dir
+    eng = make_engine("hf", str(folder), "int4", options={"quant_group_size": 16})
+    want = copy.deepcopy(model)
+    int4_roundtrip_model_(want, 16)
+    for (name, got), ref in zip(eng.model.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(got, ref), name
+    coarse = make_engine("hf", str(folder), "int4", options={"quant_group_size": 128})
+    assert not torch.equal(coarse.model.model.layers[0].mlp.down_proj.weight, eng.model.model.layers[0].mlp.down_proj.weight)
+    new = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.named_parameters()}
+    eng.load_weights(new, version=2)
+    w = new["model.layers.0.self_attn.q_proj.weight"]
+    from dcmdp.int4 import int4_roundtrip
+    assert torch.equal(eng.model.model.layers[0].self_attn.q_proj.weight, int4_roundtrip(w, 16))
+    with pytest.raises(EngineError, match="quantGroupSize"):
+        make_engine("hf", str(folder), "int4", options={"quant_group_size": 0})
 
 
 def test_unsupported_precision_is_rejected(model_dir):

@@ -164,3 +164,11 @@ def test_images_copy_no_test_tooling(name: str) -> None:
     copied = " ".join(args for ins, args in instructions(DOCKERFILES[name]) if ins == "COPY")
     assert "dcmdp_testing" not in copied and "tests" not in copied.split()
 
+
+
+def test_installed_code_has_no_test_hooks() -> None:
+    """Faults are injected from outside (dcmdp_testing.trainer_faults / worker_faults): no installed
+    module reads a ``DCMDP_TEST_*`` variable or names a test hook."""
+    offenders = [f"{path.relative_to(REPO)}" for folder in installed_packages().values() for path in folder.glob("*.py")
+                 if "DCMDP_TEST" in path.read_text() or "test hook" in path.read_text().lower()]
+    assert not offenders, offenders

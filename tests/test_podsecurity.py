@@ -168,3 +168,46 @@ def test_operator_reads_the_allow_list_from_its_environment(monkeypatch: pytest.
     monkeypatch.setenv("DCMDP_POD_SECURITY_ALLOW", "everything")
     with pytest.raises(ValueError, match="DCMDP_POD_SECURITY_ALLOW"):
         OperatorConfig.from_env()
+
+
+def test_the_model_declares_exactly_the_allow_list() -> None:
+    """The CRD's template schema (from the model) and the checker agree on what is allowed."""
+    from dcmdp import spec as S
+
+    def aliases(model: Any) -> set[str]:
+        return {f.alias or n for n, f in model.model_fields.items()}
+
+    P = podsecurity
+    assert aliases(S.PodFields) == P.POD_FIELDS | set(P.GATED_POD_FIELDS)
+    assert aliases(S.PodTemplate) == aliases(S.PodFields) | P.SHORT_CONTAINER_FIELDS | P.TEMPLATE_METADATA_FIELDS | {"spec", "metadata"}
+    assert aliases(S.ContainerFields) == P.SHORT_CONTAINER_FIELDS
+    assert aliases(S.Container) == P.CONTAINER_FIELDS
+    assert aliases(S.TemplateMetadata) == P.TEMPLATE_METADATA_FIELDS
+    assert aliases(S.PodSecurityContext) == P.POD_SECURITY_CONTEXT_FIELDS
+    assert aliases(S.ContainerSecurityContext) == P.CONTAINER_SECURITY_CONTEXT_FIELDS
+    assert aliases(S.ContainerPort) == P.PORT_FIELDS
+    assert aliases(S.VolumeMount) == P.VOLUME_MOUNT_FIELDS
+    assert (aliases(S.EnvVar), aliases(S.EnvVarSource), aliases(S.EnvFromSource)) == (P.ENV_FIELDS, P.ENV_SOURCE_FIELDS, P.ENV_FROM_FIELDS)
+    assert aliases(S.Volume) == P.VOLUME_KINDS | {"name", "hostPath", "secret"}
+    assert (aliases(S.ProjectedVolume), aliases(S.ProjectedSource)) == (P.PROJECTED_FIELDS, P.PROJECTED_SOURCES)
+
+
+def test_the_final_pod_check_knows_the_operators_own_secret() -> None:
+    """The run's token volume is the operator's; a user's volume of the same Secret is refused."""
+    mine = {"volumes": [{"name": "dcmdp-token", "secret": {"secretName": "demo-token"}}], "restartPolicy": "Never"}
+    assert podsecurity.violations(mine, "p", own_secrets=frozenset({"demo-token"}), operator_fields=children.OPERATOR_POD_FIELDS) == []
+    assert sorted(p for p, _ in podsecurity.violations(mine, "p")) == ["p.restartPolicy", "p.volumes[0].secret"]
+    other = {"volumes": [{"name": "x", "secret": {"secretName": "other-token"}}]}
+    assert podsecurity.violations(other, "p", own_secrets=frozenset({"demo-token"}))[0][0] == "p.volumes[0].secret"
+
+
+def test_tls_pods_mount_only_the_runs_own_secrets_and_stay_restricted() -> None:
+    m = manifest({}, {})
+    m["spec"]["tls"] = {"secretName": "demo-tls"}
+    objs = children.build(parse_run(m), META, token="t", config=CONFIG)
+    for pod in pod_templates(objs):
+        assert restricted(pod) == []
+        secrets = {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+        assert secrets == {"demo-token", "demo-tls"}
+    for obj in objs:
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)

@@ -14,6 +14,9 @@ from dcmdp.spec import ModelSpec, PoolSpec, TrainerSpec
 from dcmdp_rollout.engines.hf import QUANTISERS
 
 INT8_REFUSAL = "vLLM has no online int8 quantisation of an unquantised checkpoint; use engine 'hf' for int8"
+INT4_REFUSAL = ("vLLM's online quantisation (0.32: fp8, int8, mxfp4, mxfp8, nvfp4) has no int4 of an unquantised "
+                "checkpoint, and its CPU build serves int4 only from a pre-quantised AWQ checkpoint; use engine 'hf' "
+                "for int4")
 
 
 def test_the_table_exactly():
@@ -25,19 +28,20 @@ def test_the_table_exactly():
                           vllm_refusal=INT8_REFUSAL),
         "fp8": Precision("fp8", "fp32", "bf16", quantisation="fp8-e4m3", emulated=True,
                          vllm=VLLMMapping("bfloat16", quantization="fp8", gpu_only=True)),
+        "int4": Precision("int4", "fp32", "bf16", quantisation="int4-rtn", emulated=True, vllm_refusal=INT4_REFUSAL),
     }
-    assert POOL_PRECISIONS == ("fp32", "bf16", "fp16", "int8", "fp8")
+    assert POOL_PRECISIONS == ("fp32", "bf16", "fp16", "int8", "fp8", "int4")
     assert TRAINER_PRECISIONS == ("fp32", "bf16")
     assert WIRE_DTYPES == ("fp32", "bf16", "fp16")
 
 
 def test_wire_dtypes_and_bytes():
     assert {n: wire_dtype(n) for n in POOL_PRECISIONS} == {
-        "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "bf16", "fp8": "bf16"}
+        "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "bf16", "fp8": "bf16", "int4": "bf16"}
     # no non-fp32 pool moves more than half the bytes of fp32
     assert {n: getattr(torch, TORCH_DTYPES[wire_dtype(n)]).itemsize for n in POOL_PRECISIONS} == {
-        "fp32": 4, "bf16": 2, "fp16": 2, "int8": 2, "fp8": 2}
-    with pytest.raises(ValueError, match=r"unknown precision 'int3' \(known: fp32, bf16, fp16, int8, fp8\)"):
+        "fp32": 4, "bf16": 2, "fp16": 2, "int8": 2, "fp8": 2, "int4": 2}
+    with pytest.raises(ValueError, match=r"unknown precision 'int3' \(known: fp32, bf16, fp16, int8, fp8, int4\)"):
         wire_dtype("int3")
 
 
@@ -68,7 +72,7 @@ def test_the_spec_takes_its_enums_from_the_table():
     for name in POOL_PRECISIONS:
         assert PoolSpec(name="p", precision=name).precision == name
     with pytest.raises(ValueError, match="precision"):
-        PoolSpec(name="p", precision="int4")
+        PoolSpec(name="p", precision="int3")
 
 
 def test_the_hf_engine_has_a_quantiser_for_every_quantisation():

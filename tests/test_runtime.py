@@ -29,8 +29,8 @@ from dcmdp.transport.channel import open_channel
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.launcher import free_port, run_processes
 from dcmdp_trainer.local import run_inprocess
-from runtime_helpers import (Procs, get_status, proc_env, read_ready, rows, same_numbers, tiny_run, trainer_args,
-                             wait_for, worker_args, write_manifest)
+from runtime_helpers import (Procs, faults_env, get_status, launch_with_faults, proc_env, read_ready, rows,
+                             same_numbers, tiny_run, trainer_args, wait_for, with_faults, worker_args, write_manifest)
 
 pytestmark = pytest.mark.slow
 P, G = 8, 4  # promptsPerStep, groupSize of the tiny manifest
@@ -60,7 +60,7 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
-def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
+def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path, monkeypatch):
     run = tiny_run()
     seen: dict[str, list[str]] = {}
 
@@ -71,10 +71,10 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path):
     # weights go over the collective data plane (one gloo broadcast per version for both pools: both
     # receive bf16); the trainer damages the first bucket it broadcasts: the worker must notice and
     # re-fetch it over the stream
-    summary = run_processes(run, tmp_path / "proc", threads=1, on_step=on_step,
-                            extra_env={"DCMDP_TEST_CORRUPT_BUCKETS": "1"})
+    launch_with_faults(monkeypatch, "dcmdp_trainer", "--corrupt-buckets", "1")
+    summary = run_processes(run, tmp_path / "proc", threads=1, on_step=on_step)
     ps = seen["ps"]
-    assert sum("dcmdp_trainer" in line for line in ps) == 1, ps
+    assert sum("dcmdp_testing.trainer_faults" in line for line in ps) == 1, ps
     assert sum("dcmdp_rollout" in line and "--pool bf16" in line for line in ps) == 1, ps
     assert sum("dcmdp_rollout" in line and "--pool int8" in line for line in ps) == 1, ps
     assert summary["steps"] == 6 and all(p["exit"] == 0 for p in summary["processes"].values())
@@ -120,7 +120,8 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
     port = wait_for(lambda: (read_ready(ready) or {}).get("port"), 120, "the trainer", procs)
     procs.start("bf16-0", worker_args(port, "bf16", 0, tok, "--metrics-port", "0", "--metrics-host", "127.0.0.1"))
     procs.start("int8-0", worker_args(port, "int8", 0, tok))
-    procs.start("bf16-1", worker_args(port, "bf16", 1, tok), env=proc_env(DCMDP_TEST_SAMPLE_DELAY="1.0"))
+    procs.start("bf16-1", with_faults(worker_args(port, "bf16", 1, tok), "--sample-delay", "1.0"),
+                env=faults_env(proc_env()))  # a slow worker: it certainly holds a lease when killed
 
     # calls without the run token are turned away by the real trainer too
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dcmdp import ranks
 from dcmdp import spec as S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,10 @@ def test_gpu_example_puts_trainer_and_pools_on_their_own_nodes() -> None:
     r = S.load_run(REPO / "examples" / "gpu-cluster.yaml")
     assert r.spec.trainer.precision == "bf16"
     assert r.spec.trainer.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
+    # a GPU cluster's trainer: on cuda, one rank per GPU of its pods, memory-bounded forwards
+    assert r.spec.trainer.device == "cuda" and r.spec.trainer.micro_batch_tokens > 0
+    assert r.spec.trainer.gpus_per_replica == ranks.template_gpus(r.spec.trainer.template.overlay()) == 8
+    assert ranks.world_size(r.spec.trainer) == 16
     assert [(p.engine, p.precision) for p in r.spec.rollout.pools] == [("vllm", "fp8"), ("vllm", "bf16")]
     for p in r.spec.rollout.pools:
         assert p.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
@@ -78,7 +83,7 @@ def test_empty_manifest_is_the_default_run() -> None:
         {"scheduling": {"gang": "kueue", "queueName": "gpu"}},
         {"scheduling": {"gang": "volcano"}},
         {"checkpoint": {"pvc": {"enabled": True, "size": "1.5Ti", "storageClassName": "fast"}}},
-        {"trainer": {"template": {"anything": {"free": "form"}}}},
+        {"trainer": {"template": {"nodeSelector": {"pool": "gpu"}, "affinity": {"anything": {"free": "form"}}}}},
         {"ttlSecondsAfterFinished": 0, "suspend": True},
     ],
 )
@@ -117,6 +122,7 @@ def test_dump_is_a_fixed_point() -> None:
 BAD: list[tuple[str, dict[str, Any], str, str]] = [
     # (id, manifest, the path the error is at, a word the message has)
     ("unknown field", run({"algorithm": {"stepz": 10}}), "spec.algorithm.stepz", "unknown field"),
+    ("template field off the allow-list", run({"trainer": {"template": {"nodeName": "n1"}}}), "spec.trainer.template.nodeName", "allow-list"),
     ("snake_case", run({"algorithm": {"group_size": 8}}), "spec.algorithm.group_size", "camelCase"),
     ("string for int", run({"algorithm": {"steps": "10"}}), "spec.algorithm.steps", "integer"),
     ("float for int", run({"algorithm": {"steps": 10.5}}), "spec.algorithm.steps", "integer"),
@@ -160,6 +166,10 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("wrong kind", run(kind="RayJob"), "kind", "DCMDPRun"),
     ("wrong version", run(apiVersion="dcmdp.io/v1"), "apiVersion", "v1alpha1"),
     ("bad name", {**run(), "metadata": {"name": "My Run"}}, "metadata.name", "DNS-1035 label"),
+    ("bad label value", {**run(), "metadata": {"name": "r", "labels": {"team": "a b"}}}, "metadata.labels",
+     "team: value 'a b' must be empty or at most 63"),
+    ("annotations too big", {**run(), "metadata": {"name": "r", "annotations": {"note": "x" * 262_144}}},
+     "metadata.annotations", "annotations total 262148 bytes: at most 262144"),
     ("negative ttl", run({"ttlSecondsAfterFinished": -1}), "spec.ttlSecondsAfterFinished", "greater than or equal to 0"),
 ]
 

@@ -4,8 +4,6 @@ the data plane's fallback; the broadcast itself: tests/test_broadcast.py)."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
@@ -17,10 +15,12 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenError, load_token
 from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.weights import fetch_weights
+from dcmdp_testing.trainer_faults import break_stream, corrupt_chunks
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+from certs import self_signed
 from runtime_helpers import tiny_run
 
 TOKEN = "s3cret-run-token"
@@ -119,57 +119,34 @@ def test_weights_are_cast_per_pool_dtype_and_checked(served, session):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_corrupted_chunk_is_detected_and_fetched_again(session, monkeypatch):
-    monkeypatch.setenv("DCMDP_TEST_CORRUPT_CHUNKS", "2")
-    server, port, publisher = serve(session, bucket_bytes=128 << 10)
-    try:
-        events = []
-        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
-                                       on_event=lambda what, f: events.append(what))
-        assert publisher.corrupted_sent == 2 and stats.crc_errors == 2
-        assert events.count("chunk crc mismatch: fetching it again") == 2
-        assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
-        for k, t in tensors.items():
-            assert torch.equal(t, session.weights(0)[k])
-    finally:
-        server.stop(grace=None)
+def test_a_corrupted_chunk_is_detected_and_fetched_again(session):
+    with corrupt_chunks(2) as fault:  # the trainer's real publisher, damaged from outside
+        server, port, _ = serve(session, bucket_bytes=128 << 10)
+        try:
+            events = []
+            tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "fp32",
+                                           on_event=lambda what, f: events.append(what))
+        finally:
+            server.stop(grace=None)
+    assert fault.struck == 2 and stats.crc_errors == 2
+    assert events.count("chunk crc mismatch: fetching it again") == 2
+    assert stats.bytes == stats.total_bytes + 2 * (128 << 10)  # the two bad chunks came twice
+    for k, t in tensors.items():
+        assert torch.equal(t, session.weights(0)[k])
 
 
-def test_a_broken_stream_is_resumed_where_it_stopped(session, monkeypatch):
-    monkeypatch.setenv("DCMDP_TEST_BREAK_STREAM", "3")
-    server, port, publisher = serve(session, bucket_bytes=16 << 10)
-    try:
-        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
-        assert stats.total_bytes > 4 * (16 << 10)
-        assert publisher.breaks_done == 1 and stats.resumes == 1
-        assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
-        for k, t in tensors.items():
-            assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
-    finally:
-        server.stop(grace=None)
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "tls.crt", folder / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+def test_a_broken_stream_is_resumed_where_it_stopped(session):
+    with break_stream(after=3) as fault:  # in place before the server binds the service
+        server, port, _ = serve(session, bucket_bytes=16 << 10)
+        try:
+            tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 0, "bf16")
+        finally:
+            server.stop(grace=None)
+    assert stats.total_bytes > 4 * (16 << 10)
+    assert fault.struck == 1 and stats.resumes == 1
+    assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
+    for k, t in tensors.items():
+        assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
 
 
 def test_tls_with_given_cert_and_key(session, tmp_path):

@@ -3,8 +3,11 @@ read from it.
 
 Per cell (from its ``metrics.jsonl`` and ``eval.jsonl``):
 
-* ``greedy`` / ``sampled``: the final held-out accuracy, greedy from the trainer's weights and
-  sampled from the rollout engine as deployed (its precision, noise and lag);
+* ``greedy`` / ``sampled`` / ``engine_greedy``: the final held-out accuracy, greedy from the
+  trainer's weights, sampled and greedy from the rollout engine as deployed (its precision, noise
+  and lag; ``engine_greedy`` is None for cells run before it was recorded);
+* ``steps_per_min``: trainer throughput, 60 / mean ``time/step_s``; ``lag_mean``: the mean
+  weight-version lag of the trained rollouts (``version/lag_mean``, where the runner logs it);
 * ``collapsed``: the reward's moving average (``collapse.window`` steps) falls below
   ``collapse.fraction`` × its peak at some step after that peak;
 * ``delta_mean`` (δ̄ over all steps), ``delta_first`` / ``delta_last`` (first / last 10 steps),
@@ -80,12 +83,15 @@ def cell_metrics(folder: Path, collapse: Any = None) -> dict[str, Any]:
     lams = numbers(rows, applied_lambda_key(rows))
     tols = numbers(rows, "constraint/tolerance")
     s = smooth(rewards, window) if rewards else []
+    step_s = _mean(numbers(rows, "time/step_s"))
     first, last = (evals[0] if evals else {}), (evals[-1] if evals else {})
     return {
         "greedy": last.get("eval/accuracy_greedy"),
         "sampled": last.get("eval/accuracy_sampled"),
         "greedy_start": first.get("eval/accuracy_greedy"),
         "sampled_start": first.get("eval/accuracy_sampled"),
+        "engine_greedy": last.get("eval/accuracy_engine_greedy"),
+        "engine_greedy_start": first.get("eval/accuracy_engine_greedy"),
         "collapsed": collapsed(rewards, window, fraction),
         "reward_peak": max(s) if s else None,
         "reward_last": s[-1] if s else None,
@@ -97,5 +103,7 @@ def cell_metrics(folder: Path, collapse: Any = None) -> dict[str, Any]:
         "lambda_last": lams[-1] if lams else None,
         "clip_frac": _mean(numbers(rows, "optim/clip_frac")),
         "masked_frac": _mean(numbers(rows, "correction/masked_frac")),
-        "step_s": _mean(numbers(rows, "time/step_s")),
+        "step_s": step_s,
+        "steps_per_min": 60.0 / step_s if step_s else None,
+        "lag_mean": _mean(numbers(rows, "version/lag_mean")),
     }

@@ -51,7 +51,8 @@ def collect(out: Path, p: Plan) -> dict[str, Any]:
         got = groups.get((src, algo), [])
         row: dict[str, Any] = {"source": src, "algorithm": algo, "seeds": len(got), "planned": n,
                                "collapses": sum(1 for g in got if g["collapsed"])}
-        for key in ("greedy", "sampled", "delta_mean", "delta_first", "delta_last", "tolerance", "lambda_mean",
+        for key in ("greedy", "sampled", "engine_greedy", "engine_greedy_start", "steps_per_min", "lag_mean",
+                    "delta_mean", "delta_first", "delta_last", "tolerance", "lambda_mean",
                     "lambda_last", "reward_peak", "reward_last", "greedy_start", "sampled_start", "wall_s"):
             m, sd = mean_std([g.get(key) for g in got])
             row[key], row[key + "_std"] = m, sd
@@ -64,11 +65,15 @@ def collect(out: Path, p: Plan) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- tables
-def _fmt(m: Optional[float], sd: Optional[float]) -> str:
-    return "–" if m is None else f"{m:.2f} ± {sd:.2f}"
+def _fmt(m: Optional[float], sd: Optional[float], digits: int = 2) -> str:
+    return "–" if m is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
-def table_markdown(p: Plan, data: dict[str, Any], key: str = "greedy") -> str:
+HEADLINE_KEYS = {"greedy": "greedy", "sampled": "sampled", "engine-greedy": "engine_greedy"}
+HEADLINE_WORDS = {"greedy": "trainer greedy", "sampled": "engine sampled", "engine-greedy": "engine greedy"}
+
+
+def table_markdown(p: Plan, data: dict[str, Any], key: str = "greedy", digits: int = 2) -> str:
     """Rows: algorithms; columns: sources; cells: mean ± std over seeds and collapses (k/n)."""
     by = {(a["source"], a["algorithm"]): a for a in data["aggregate"]}
     sources = p.sources
@@ -90,7 +95,7 @@ def table_markdown(p: Plan, data: dict[str, Any], key: str = "greedy") -> str:
             if a["seeds"] == 0:
                 cells.append("(not run)")
                 continue
-            txt = _fmt(a[key], a[key + "_std"])
+            txt = _fmt(a[key], a[key + "_std"], digits)
             if best.get(s.name) is not None and a[key] is not None and a[key] >= best[s.name] - 1e-12:
                 txt = f"**{txt}**"
             note = f" ({a['collapses']}/{a['seeds']})"
@@ -103,28 +108,31 @@ def table_markdown(p: Plan, data: dict[str, Any], key: str = "greedy") -> str:
 
 def headline_markdown(p: Plan, data: dict[str, Any]) -> Optional[str]:
     """Per source: GRPO, the best passive correction, the paper's DC-GRPO form and the best DC-GRPO
-    row, by final greedy accuracy (sampled after the slash); the best-of-rows picks are made on the
-    same 3 seeds they are reported on, so they flatter the winner a little."""
+    row, ranked and differenced by ``report.headline.metric`` (the other accuracy after the slash:
+    engine sampled for the trainer's greedy, the trainer's greedy otherwise); the best-of-rows picks
+    are made on the same seeds they are reported on, so they flatter the winner a little."""
     rep = p.sweep.spec.report
     hl = rep.headline if rep else None
     if hl is None:
         return None
-    by = {(a["source"], a["algorithm"]): a for a in data["aggregate"] if a["seeds"]}
+    key = HEADLINE_KEYS[hl.metric]
+    other = "sampled" if key == "greedy" else "greedy"
+    by = {(a["source"], a["algorithm"]): a for a in data["aggregate"] if a["seeds"] and a.get(key) is not None}
     algos = {a.name: a for a in p.algorithms}
 
     def cell(a: Optional[dict[str, Any]], name: str = "") -> str:
         if a is None:
             return "–"
         label = f"{name}: " if name else ""
-        return (f"{label}{a['greedy']:.2f} ± {a['greedy_std']:.2f} / {a['sampled']:.2f} ± {a['sampled_std']:.2f}"
+        return (f"{label}{_fmt(a[key], a[key + '_std'])} / {_fmt(a[other], a[other + '_std'])}"
                 f" ({a['collapses']}/{a['seeds']})")
 
     def best(src: str, kind: str) -> tuple[Optional[dict[str, Any]], str]:
         rows = [(by[(src, n)], n) for n, a in algos.items() if kind_of(p, a) == kind and (src, n) in by]
-        return max(rows, key=lambda r: r[0]["greedy"]) if rows else (None, "")
+        return max(rows, key=lambda r: r[0][key]) if rows else (None, "")
 
     def diff(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> str:
-        return f"{a['greedy'] - b['greedy']:+.2f}" if a and b else "–"
+        return f"{a[key] - b[key]:+.2f}" if a and b else "–"
 
     lines = ["| source | GRPO | best passive correction | DC-GRPO, paper's form"
              + (f" ({hl.paper})" if hl.paper else "") + " | best DC-GRPO (constraint alone) | best DC-GRPO + correction "
@@ -164,7 +172,8 @@ def delta_table_markdown(p: Plan, data: dict[str, Any]) -> str:
 
 
 def results_csv(data: dict[str, Any]) -> str:
-    keys = ["source", "algorithm", "seed", "steps", "greedy", "sampled", "greedy_start", "sampled_start", "collapsed",
+    keys = ["source", "algorithm", "seed", "steps", "greedy", "sampled", "engine_greedy", "greedy_start", "sampled_start",
+            "engine_greedy_start", "steps_per_min", "lag_mean", "collapsed",
             "reward_peak", "reward_last", "delta_mean", "delta_first", "delta_last", "tolerance", "lambda_mean",
             "lambda_last", "clip_frac", "masked_frac", "step_s", "wall_s"]
     buf = io.StringIO()
@@ -184,6 +193,8 @@ def fragment(p: Plan, data: dict[str, Any], dest: Path, base: Path, command: str
     """The markdown section of this sweep (tables, figures, command, wall time, completeness);
     image links are relative to ``base`` (the folder of the markdown file that shows them)."""
     done, total = len(data["cells"]), len(p.cells)
+    rep = p.sweep.spec.report
+    metric = rep.headline.metric if rep and rep.headline else "greedy"
     state = data.get("state") or {}
     # the invocations that ran this part (cells of other parts, e.g. shared references, are reused)
     inv = [i for i in state.get("invocations") or [] if i.get("part", p.part) == p.part]
@@ -204,9 +215,10 @@ def fragment(p: Plan, data: dict[str, Any], dest: Path, base: Path, command: str
            "are reused)." if inv else "Wall time: not recorded yet (the first invocation is running)."),
         "",
         *([f"![overview]({rel(ov)})", ""] if ov.exists() else []),
-        *(["**Headline** — final held-out accuracy, trainer greedy / engine sampled, mean ± std over seeds "
-            "(collapsed / seeds); the differences are in greedy accuracy. \"Best\" rows are picked on the same "
-            "seeds they are reported on, which flatters them a little:", "", hl, ""]
+        *([f"**Headline** — final held-out accuracy, {HEADLINE_WORDS[metric]} / "
+           f"{'engine sampled' if metric == 'greedy' else 'trainer greedy'}, mean ± std over seeds "
+           f"(collapsed / seeds); the differences are in {HEADLINE_WORDS[metric]} accuracy. \"Best\" rows are "
+           "picked on the same seeds they are reported on, which flatters them a little:", "", hl, ""]
           if (hl := headline_markdown(p, data)) else []),
         "Final held-out accuracy, **trainer greedy** — mean ± std over seeds (collapsed runs / seeds); "
         "best per column in bold:",
@@ -217,6 +229,14 @@ def fragment(p: Plan, data: dict[str, Any], dest: Path, base: Path, command: str
         "lag) — mean ± std over seeds (collapsed / seeds):",
         "",
         table_markdown(p, data, "sampled"),
+        "",
+        *(["Final held-out accuracy, **rollout engine greedy** (temperature 0 from the engine as deployed) — "
+           "mean ± std over seeds (collapsed / seeds):", "", table_markdown(p, data, "engine_greedy"), ""]
+          if any(a.get("engine_greedy") is not None for a in data["aggregate"]) else []),
+        "Trainer throughput, **steps per minute** (60 / mean step wall time; cells share the machine, so "
+        "compare within a column; mean ± std over seeds):",
+        "",
+        table_markdown(p, data, "steps_per_min", digits=1),
         "",
         "δ̄ over the first → last 10 steps (seed mean), and for DC-GRPO rows the tolerance c and the mean λ:",
         "",

@@ -69,6 +69,9 @@ class HeadlineSpec(SweepModel):
 
     baseline: str = "grpo"
     paper: Optional[str] = Field(None, description="The row with the paper's form (e.g. dc-penalty-1).")
+    metric: Literal["greedy", "sampled", "engine-greedy"] = Field(
+        "greedy", description="The accuracy the headline ranks and differences by: the trainer's greedy, or the "
+        "engine's sampled or greedy one (where the engine is the deployment, e.g. an int4 pool).")
 
 
 class ReportSpec(SweepModel):

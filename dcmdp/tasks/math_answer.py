@@ -37,18 +37,30 @@ def _parse(text: str, timeout):
                  parsing_timeout=timeout)
 
 
+def _timeout():
+    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def reference_answer(answer: str):
+    """math-verify's parse of the reference's final answer; ``ValueError`` naming the reference when
+    there is none it can read (the dataset is wrong, not a response). ``dcmdp validate`` checks
+    every reference with it before a run starts."""
+    gold = _parse(final_answer_text(answer), _timeout())
+    if not gold:
+        raise ValueError(f"math verifier: cannot read a final answer in the reference {answer[-80:]!r}")
+    return gold
+
+
 def math_match(response: str, answer: str) -> float:
     """1.0 when the response's final answer is mathematically equal to the reference's, else 0.0.
 
-    A reference whose final answer math-verify cannot parse raises ``ValueError`` naming it (the
-    dataset is wrong, not the response)."""
+    A reference whose final answer math-verify cannot parse raises ``ValueError`` naming it
+    (:func:`reference_answer`)."""
     # optional and slow to import (sympy; the ml extra): only the `math` verifier needs it
     from math_verify import verify
 
-    timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    gold = _parse(final_answer_text(answer), timeout)
-    if not gold:
-        raise ValueError(f"math verifier: cannot read a final answer in the reference {answer[-80:]!r}")
+    timeout = _timeout()
+    gold = reference_answer(answer)
     pred = _parse(final_answer_text(response), timeout)
     if not pred:
         return 0.0

@@ -26,9 +26,7 @@ import grpc
 
 from dcmdp.transport.auth import TokenAuthInterceptor, TokenClientInterceptor
 
-DEFAULT_CHUNK_BYTES = 4 << 20
-MAX_MESSAGE_BYTES = 256 << 20  # a chunk (≤ 64 MiB) plus framing, with room to spare
-MAX_CHUNK_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 256 << 20  # a weight chunk (one bucket, 4 MiB) plus framing, with room to spare
 SERVER_RECEIVE_BYTES = 4 << 20
 MAX_STREAMS_PER_CONNECTION = 16
 

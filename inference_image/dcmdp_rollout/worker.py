@@ -14,15 +14,11 @@ A trainer that goes away (restart, network) is retried with exponential backoff 
 the worker registers again when it comes back and carries on with the weights it has. It gives
 up only after ``give_up_after`` seconds without reaching the trainer. A wrong token or an
 unknown pool is not retried: the worker exits with code 2.
-
-Test hook (environment): ``DCMDP_TEST_SAMPLE_DELAY=S`` holds every lease S seconds longer (a slow
-worker), so a test can kill a worker while it certainly holds a lease.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -73,7 +69,6 @@ class Worker:
         self.leases_done = 0
         self.failing_since: Optional[float] = None
         self.stop = False
-        self.sample_delay = float(os.environ.get("DCMDP_TEST_SAMPLE_DELAY", "0") or 0)
 
     def _log(self, level: str, msg: str, **fields: Any) -> None:
         if self.log:
@@ -213,6 +208,7 @@ class Worker:
         options = dict(self.engine_options)
         if self.pool_spec.engine == "hf":
             options.setdefault("device", self.pool_spec.device)
+            options.setdefault("quant_group_size", self.pool_spec.quant_group_size)
         if self.pool_spec.engine == "hf" and self.threads:
             options.setdefault("threads", self.threads)
         engine = make_engine(self.pool_spec.engine, str(self.model_dir), self.pool_spec.precision,
@@ -251,8 +247,6 @@ class Worker:
                                 temperature=lease.temperature, seed=lease.seed)
         t0 = time.perf_counter()
         samples = self.engine.generate(prompts, indices, params)
-        if self.sample_delay:
-            time.sleep(self.sample_delay)
         seconds = time.perf_counter() - t0
         tokens = sum(len(s.response_ids) for s in samples)
         batch = pb.RolloutBatch(

@@ -29,41 +29,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-POD_KEYS = frozenset(
-    {
-        "affinity",
-        "automountServiceAccountToken",
-        "dnsConfig",
-        "dnsPolicy",
-        "enableServiceLinks",
-        "hostAliases",
-        "hostIPC",
-        "hostNetwork",
-        "hostPID",
-        "hostUsers",
-        "imagePullSecrets",
-        "initContainers",
-        "nodeName",
-        "nodeSelector",
-        "os",
-        "preemptionPolicy",
-        "priority",
-        "priorityClassName",
-        "readinessGates",
-        "resourceClaims",
-        "runtimeClassName",
-        "schedulerName",
-        "schedulingGates",
-        "securityContext",
-        "serviceAccountName",
-        "shareProcessNamespace",
-        "terminationGracePeriodSeconds",
-        "tolerations",
-        "topologySpreadConstraints",
-        "volumes",
-    }
+from dcmdp import podsecurity
+
+# Short-form keys: the allow-list (dcmdp.podsecurity) and the pod fields an admin may allow
+# ('otherFields'); anything else needs the full form.
+POD_KEYS = (
+    podsecurity.POD_FIELDS
+    | frozenset(podsecurity.GATED_POD_FIELDS)
+    | frozenset({"nodeName", "preemptionPolicy", "priority", "shareProcessNamespace"})
 )
-CONTAINER_KEYS = frozenset({"resources", "env", "envFrom", "volumeMounts", "imagePullPolicy"})
+CONTAINER_KEYS = podsecurity.SHORT_CONTAINER_FIELDS
 META_KEYS = frozenset({"labels", "annotations"})
 NAMED_LISTS = frozenset({"env", "volumes", "volumeMounts", "containers", "initContainers", "ports", "imagePullSecrets"})
 APPENDED_LISTS = frozenset({"tolerations"})

@@ -14,13 +14,12 @@ followed by its crc32 (computed once per (version, dtype), shared with the strea
 dies or stalls fails the round after ``timeout_s``; the group is aborted so every other peer
 fails at once and fetches what it lacks over the stream. The trainer goes on.
 
-Test hook (environment, read once): ``DCMDP_TEST_CORRUPT_BUCKETS=N`` flips a byte of the first N
-buckets broadcast (after their crc), to prove workers detect and re-fetch them.
+Tests damage buckets from outside (``dcmdp_testing.trainer_faults.corrupt_buckets``) to prove
+workers detect and re-fetch them.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -79,7 +78,6 @@ class BroadcastHub:
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, str], Round] = {}
         self.results: list[RoundResult] = []
-        self._corrupt = int(os.environ.get("DCMDP_TEST_CORRUPT_BUCKETS", "0") or 0)
 
     @staticmethod
     def backend_of(prep: Prepared) -> str:
@@ -146,14 +144,8 @@ class BroadcastHub:
             sent = 0
             data = self._fill(prep, 0, bufs[0]) if layout.buckets else None
             for i in range(layout.buckets):
-                if self._corrupt > 0:  # test hook: damaged after its crc
-                    self._corrupt -= 1
-                    crc = self.publisher.crc(prep, i, data)
-                    data[0] = data[0] ^ 0xFF
-                    work = [pg.broadcast(data, 0)]
-                else:  # the crc (first time only) is computed while the bucket is on the wire
-                    work = [pg.broadcast(data, 0)]
-                    crc = self.publisher.crc(prep, i, data)
+                work = [pg.broadcast(data, 0)]  # the crc (first time only) is computed while it is on the wire
+                crc = self.publisher.crc(prep, i, data)
                 crcs[i % 2].fill_(crc)
                 work.append(pg.broadcast(crcs[i % 2], 0))
                 for w in pending:  # bucket i-1 off the wire: its buffer is free for bucket i+1

@@ -91,6 +91,7 @@ class Coordinator:
         self.buffers: dict[int, StepBuffer] = {}
         self.eval_results: dict[str, list[Sample]] = {}
         self.eval_keys: dict[str, str] = {}  # pool -> the work item of the evaluation requested last
+        self.eval_greedy_keys: dict[str, str] = {}  # pool -> the greedy (temperature 0) item of that evaluation
         self.eval_round = 0
         # room for every replica restarting several times over
         self.registry = WorkerRegistry(max(64, 8 * sum(p.replicas for p in self.pools.values())),
@@ -325,17 +326,24 @@ class Coordinator:
         s = self.session
         with self.cond:
             self.eval_round += 1
-            self.eval_keys = {}
+            self.eval_keys, self.eval_greedy_keys = {}, {}
             for pool in self.pools:
-                item = WorkItem(f"eval{self.eval_round}/{pool}", pool, -1, prompts, seed=s.sampling_seed(-1, pool),
-                                n=1, max_new_tokens=s.task.max_new_tokens, is_eval=True,
-                                version=self.pool_version(pool))
-                self.book.add(item)
-                self.eval_keys[pool] = item.key
+                # sampled at the run's temperature, and greedy (temperature 0): the engine as deployed
+                for keys, suffix, temperature in ((self.eval_keys, "", None), (self.eval_greedy_keys, "/greedy", 0.0)):
+                    item = WorkItem(f"eval{self.eval_round}/{pool}{suffix}", pool, -1, prompts,
+                                    seed=s.sampling_seed(-1, pool), n=1, max_new_tokens=s.task.max_new_tokens,
+                                    is_eval=True, version=self.pool_version(pool), temperature=temperature)
+                    self.book.add(item)
+                    keys[pool] = item.key
             self.cond.notify_all()
 
     def eval_samples(self) -> dict[str, list[Sample]]:
-        keys = self.eval_keys
+        return self._eval_results(self.eval_keys)
+
+    def eval_greedy_samples(self) -> dict[str, list[Sample]]:
+        return self._eval_results(self.eval_greedy_keys)
+
+    def _eval_results(self, keys: dict[str, str]) -> dict[str, list[Sample]]:
         self._wait(lambda: all(k in self.eval_results for k in keys.values()))
         with self.cond:
             return {pool: self.eval_results.pop(key) for pool, key in keys.items()}

@@ -33,6 +33,7 @@ from dcmdp.device import resolve_device
 from dcmdp.engine import Rollout
 from dcmdp.spec import DCMDPRun
 from dcmdp_trainer import microbatch
+from dcmdp_trainer.deployed import deployed_group_size, deployed_logprobs
 from dcmdp_trainer.logprobs import sequence_logprobs
 
 
@@ -127,6 +128,12 @@ class Learner:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         tolerances = {p.name: spec.pool_tolerance(p) for p in spec.rollout.pools if p.name in self.pools}
         self.constraints = ConstraintSet(self.algo.constraint, tolerances)
+        # constraint.mode deployed-penalty: the int4 group size, and which pools' tokens are quantised
+        self.deployed = self.algo.uses_constraint and self.algo.constraint.mode == "deployed-penalty"
+        self.deployed_group = deployed_group_size(spec, self.pools) if self.deployed else None
+        by_name = {p.name: p for p in spec.rollout.pools}
+        self.quantised_pools = torch.tensor([by_name[p].precision == "int4" if p in by_name else False
+                                             for p in self.pools], dtype=torch.bool)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.algo.learning_rate,
                                            betas=tuple(self.algo.adam_betas), weight_decay=self.algo.weight_decay)
         self.autocast = spec.trainer.precision == "bf16"
@@ -265,7 +272,10 @@ class Learner:
                     denominator=denominator, constant=algo.loss_aggregation_constant)
                 loss = pg
                 c_loss = penalty = kl = torch.zeros((), device=self.device)
-                if use_constraint and cons.mode != "advantage-shaping":
+                if self.deployed:
+                    c_loss, penalty = self._deployed_penalty(batch, mb, logp, part(lam_tok), m, tokens)
+                    loss = loss + c_loss
+                elif use_constraint and cons.mode != "advantage-shaping":
                     c_loss, penalty = losses.constraint_penalty(logp, part(batch.logp_inf), part(lam_tok), m, cons.mode,
                                                                 part(tol_tok), log_ratio_clamp=algo.log_ratio_clamp,
                                                                 denominator=tokens)
@@ -328,6 +338,19 @@ class Learner:
             row[f"pool/{p}/constraint/lambda"] = applied[p] if use_constraint else 0.0
             row[f"pool/{p}/constraint/tolerance"] = tolerances[p]
         return row
+
+    def _deployed_penalty(self, batch: Batch, mb: microbatch.MicroBatch, logp: torch.Tensor, lam: torch.Tensor,
+                          mask: torch.Tensor, tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ · mean_t |π_θ − π_Q(θ)| of a micro-batch (dcmdp.losses.deployed_penalty); rows of pools
+        whose engine does not quantise (fp32) use π_Q = π_θ."""
+        cols = slice(batch.width - mb.width, None)
+        rows = mb.rows.to(batch.ids.device)
+        with self.forward_context():
+            logp_q = deployed_logprobs(self.model, batch.ids[rows][:, cols], batch.attn[rows][:, cols],
+                                       batch.pos[rows][:, cols], self.algo.temperature, self.deployed_group)
+        quantised = self.quantised_pools.to(batch.pool.device)[batch.pool[rows]][:, None]
+        logp_q = torch.where(quantised.to(logp.device), logp_q, logp)
+        return losses.deployed_penalty(logp, logp_q, lam, mask, denominator=tokens)
 
     def _sampled_version_logprobs(self, batch: Batch, logp_old: torch.Tensor) -> torch.Tensor:
         """log p_train of each rollout under the weights it was sampled with, where still kept."""

@@ -31,6 +31,7 @@ class WorkItem:
     is_eval: bool = False
     version: Optional[int] = None  # fixed sampling version (evaluation); None = decided at lease time
     attempts: int = 0
+    temperature: Optional[float] = None  # sampling temperature (None = algorithm.temperature; 0 = greedy)
 
     @property
     def indices(self) -> list[int]:

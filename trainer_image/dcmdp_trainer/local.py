@@ -35,7 +35,8 @@ class LocalPools:
         self.loaded: dict[str, int] = {}
         self._eval: list[StepPrompt] = []
         for pool in self.pools:
-            opts = dict(options or {}, device=pool.device) if pool.engine == "hf" else options
+            opts = (dict(options or {}, device=pool.device, quant_group_size=pool.quant_group_size)
+                    if pool.engine == "hf" else options)
             self.engines[pool.name] = make_engine(pool.engine, str(session.model_dir), pool.precision,
                                                   noise=pool.noise, seed=session.spec.algorithm.seed, options=opts)
 
@@ -50,11 +51,13 @@ class LocalPools:
             self.loaded[pool] = version
         return version
 
-    def _generate(self, pool, prompts: list[StepPrompt], n: int, step: int) -> list[Sample]:
+    def _generate(self, pool, prompts: list[StepPrompt], n: int, step: int,
+                  temperature: Optional[float] = None) -> list[Sample]:
         s = self.session
         return self.engines[pool.name].generate(
             [p.ids for p in prompts], [p.index for p in prompts],
-            SamplingParams(n=n, max_new_tokens=s.task.max_new_tokens, temperature=s.spec.algorithm.temperature,
+            SamplingParams(n=n, max_new_tokens=s.task.max_new_tokens,
+                           temperature=s.spec.algorithm.temperature if temperature is None else temperature,
                            seed=s.sampling_seed(step, pool.name)))
 
     # -- RolloutSource ---------------------------------------------------------------------------
@@ -89,6 +92,13 @@ class LocalPools:
         for pool in self.pools:
             self.sync(pool.name, pool.lag)
             out[pool.name] = self._generate(pool, self._eval, 1, -1)
+        return out
+
+    def eval_greedy_samples(self) -> dict[str, list[Sample]]:
+        out = {}
+        for pool in self.pools:
+            self.sync(pool.name, pool.lag)
+            out[pool.name] = self._generate(pool, self._eval, 1, -1, temperature=0.0)
         return out
 
     def finish(self) -> None:

@@ -19,7 +19,8 @@ LOGIT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _selective(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 for a float64 model)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets[..., None]).squeeze(-1)
@@ -28,7 +29,7 @@ def _selective(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, temperature: float,
                       chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """[B, L−1] fp32 log-probs of ``ids[:, 1:]`` given the prefix (teacher-forced).
+    """[B, L−1] fp32 log-probs of ``ids[:, 1:]`` given the prefix (teacher-forced; fp64 for a float64 model).
 
     ``model``: a Hugging Face causal LM (``get_decoder()``, ``get_output_embeddings()``) or a
     wrapper whose ``module`` is one (DeepSpeed's engine). ids/attn/pos: [B, L] long.

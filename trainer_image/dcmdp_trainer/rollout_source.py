@@ -32,8 +32,8 @@ class Batch:
 
 class RolloutSource(Protocol):
     """What the run loop asks of a rollout source. Called from the loop's thread, in this order:
-    ``start``; per step ``collect`` then ``published``; ``request_eval``/``eval_samples`` around
-    each evaluation; ``finish`` once every step is trained; ``close`` always."""
+    ``start``; per step ``collect`` then ``published``; ``request_eval``/``eval_samples``/
+    ``eval_greedy_samples`` around each evaluation; ``finish`` once every step is trained; ``close`` always."""
 
     def start(self) -> None:
         """The run begins at ``Session.step``: sampling may start."""
@@ -52,6 +52,10 @@ class RolloutSource(Protocol):
     def eval_samples(self) -> dict[str, list[Sample]]:
         """Each pool's samples (one per held-out prompt) of the evaluation requested last, by pool
         in manifest order."""
+
+    def eval_greedy_samples(self) -> dict[str, list[Sample]]:
+        """The same evaluation decoded greedily (temperature 0) by each pool's engine as deployed:
+        one sample per held-out prompt, by pool in manifest order."""
 
     def finish(self) -> None:
         """Every step is trained: no more work."""

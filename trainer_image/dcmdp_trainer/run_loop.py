@@ -10,7 +10,9 @@
 
 The evaluation records ``eval/accuracy_greedy`` (the trainer's weights, greedy),
 ``pool/<p>/eval/accuracy_sampled`` (each pool's engine as deployed, sampled at the run's
-temperature) and their mean ``eval/accuracy_sampled``. The loop owns the run's
+temperature) and their mean ``eval/accuracy_sampled``, and ``pool/<p>/eval/accuracy_engine_greedy``
+(each engine as deployed, greedy: the deployed policy's accuracy where the engine is the deployment)
+and their mean ``eval/accuracy_engine_greedy``. The loop owns the run's
 :class:`~dcmdp_trainer.run_state.RunState` (phase, recorded step, last row, checkpoint step,
 evaluation accuracy): what the status snapshot reports. Metric names: docs/metrics.md.
 """
@@ -114,8 +116,11 @@ class RunLoop:
         values = {"eval/accuracy_greedy": s.evaluate_greedy()}
         for pool, samples in self.source.eval_samples().items():
             values[f"pool/{pool}/eval/accuracy_sampled"] = s.accuracy(samples, prompts)
-        sampled = [v for k, v in values.items() if k.endswith("accuracy_sampled")]
-        values["eval/accuracy_sampled"] = sum(sampled) / len(sampled)
+        for pool, samples in self.source.eval_greedy_samples().items():
+            values[f"pool/{pool}/eval/accuracy_engine_greedy"] = s.accuracy(samples, prompts)
+        for key in ("accuracy_sampled", "accuracy_engine_greedy"):
+            per_pool = [v for k, v in values.items() if k.startswith("pool/") and k.endswith(key)]
+            values[f"eval/{key}"] = sum(per_pool) / len(per_pool)
         s.record_eval(values)
         self.state.update(eval_accuracy=values["eval/accuracy_sampled"])
         self._log("evaluated", step=s.step, **{k.replace("/", "_"): round(v, 4) for k, v in values.items()})

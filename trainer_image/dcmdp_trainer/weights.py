@@ -9,15 +9,11 @@ layout and one crc32 per bucket (computed the first time the bucket is filled, t
 every reader and by the broadcast) is cached: memory per reader is the one bucket it has in flight.
 
 There is one chunk size, the publisher's ``bucket_bytes``: a request for another is refused.
-
-Test hooks (environment, read once): ``DCMDP_TEST_CORRUPT_CHUNKS=N`` damages the bytes (not the
-crc) of the first chunk of each of the first N streams served; ``DCMDP_TEST_BREAK_STREAM=N`` aborts
-the first stream after N chunks. They exist to prove that workers detect and recover from both.
+(Tests damage and break streams from outside: ``dcmdp_testing.trainer_faults``.)
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -60,10 +56,6 @@ class WeightPublisher:
         self._snapshots: "OrderedDict[int, Mapping[str, torch.Tensor]]" = OrderedDict()
         self._prepared: dict[tuple[int, str], Prepared] = {}  # ≤ keep × len(WIRE_DTYPES), no tensor bytes
         self._lock = threading.Lock()
-        self._corrupt = int(os.environ.get("DCMDP_TEST_CORRUPT_CHUNKS", "0") or 0)
-        self._break = int(os.environ.get("DCMDP_TEST_BREAK_STREAM", "0") or 0)
-        self.corrupted_sent = 0
-        self.breaks_done = 0
 
     # -- publishing ------------------------------------------------------------------------------
     def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -124,13 +116,6 @@ class WeightPublisher:
             crc = prep.crcs[i] = bucket_crc(data if data.device.type == "cpu" else data.cpu())
         return crc
 
-    def claim_corruption(self) -> bool:
-        with self._lock:
-            if self.corrupted_sent < self._corrupt:
-                self.corrupted_sent += 1
-                return True
-            return False
-
     def check_request(self, version: int, offset: int = 0, chunk_size: int = 0, length: int = 0) -> None:
         """Refuse a ``WeightRequest`` that no snapshot could serve: raises ValueError naming the field.
 
@@ -167,12 +152,6 @@ class WeightPublisher:
         first = offset // size
         last = prep.layout.buckets if length <= 0 else min(prep.layout.buckets, -(-(offset + length) // size))
         buf = torch.empty(min(size, prep.layout.total_bytes), dtype=torch.uint8)
-        for sent, i in enumerate(range(first, last)):
-            if self._break and self.breaks_done == 0 and sent >= self._break:
-                self.breaks_done += 1
-                raise ConnectionAbortedError(f"test hook: stream broken after {sent} chunks")
+        for i in range(first, last):
             view, crc = self.bucket(prep, i, buf)
-            data = view.numpy().tobytes()
-            if sent == 0 and self._corrupt and self.claim_corruption():
-                data = bytes([data[0] ^ 0xFF]) + data[1:]
-            yield Chunk(prep.version, i * size, data, crc)
+            yield Chunk(prep.version, i * size, view.numpy().tobytes(), crc)

@@ -3,9 +3,12 @@
 Precisions (``dcmdp.precision`` says what each means): float ones cast the weights and
 activations to their ``compute`` dtype; a quantising one serves a copy of the fp32 master weights
 through its ``quantisation``'s quantiser (:data:`QUANTISERS`), redone after every update:
-``int8-dynamic`` (torch's ``quantize_dynamic`` of every Linear, CPU kernels) and ``fp8-e4m3``
+``int8-dynamic`` (torch's ``quantize_dynamic`` of every Linear, CPU kernels), ``fp8-e4m3``
 (*emulated*: Linear weights rounded through float8-e4m3 with a per-output-channel scale, compute
-in fp32 — the weight error of an FP8 checkpoint, not its kernels). ``noise`` adds Gaussian
+in fp32 — the weight error of an FP8 checkpoint, not its kernels) and ``int4-rtn`` (*emulated*:
+weight-only round-to-nearest int4, group-wise with ``quant_group_size`` weights per group, of
+every decoder Linear — embedding and LM head kept — by :mod:`dcmdp.int4`, the quantiser the
+trainer's ``deployed-penalty`` reproduces; compute in fp32). ``noise`` adds Gaussian
 logit noise of that σ before sampling, to emulate a worse engine at a chosen mismatch level.
 """
 
@@ -20,6 +23,7 @@ import torch
 from dcmdp.device import resolve_device
 from dcmdp.engine import EngineError, Sample, SamplingParams
 from dcmdp.generation import sample
+from dcmdp.int4 import DEFAULT_GROUP_SIZE, int4_roundtrip_model_
 from dcmdp.precision import PRECISIONS, TORCH_DTYPES, precision as precision_of
 
 
@@ -34,24 +38,34 @@ def fp8_roundtrip_(model: torch.nn.Module) -> None:
                 w.copy_((w / scale).to(torch.float8_e4m3fn).to(w.dtype) * scale)
 
 
-def int8_dynamic(master: torch.nn.Module) -> torch.nn.Module:
+def int8_dynamic(master: torch.nn.Module, group_size: int = 0) -> torch.nn.Module:
     """A copy of ``master`` with every Linear dynamically quantised to int8 (CPU kernels)."""
     with warnings.catch_warnings():  # torch deprecates the quantized-tensor API, still the CPU int8 path
         warnings.simplefilter("ignore", UserWarning)
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(master), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def fp8_e4m3(master: torch.nn.Module) -> torch.nn.Module:
+def fp8_e4m3(master: torch.nn.Module, group_size: int = 0) -> torch.nn.Module:
     """A copy of ``master`` with its Linear weights rounded through float8-e4m3 (:func:`fp8_roundtrip_`)."""
     model = copy.deepcopy(master)
     fp8_roundtrip_(model)
     return model
 
 
+def int4_rtn(master: torch.nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> torch.nn.Module:
+    """A copy of ``master`` with every decoder Linear weight replaced by its group-wise int4 round
+    trip (:func:`dcmdp.int4.int4_roundtrip_model_`, ``group_size`` weights per group)."""
+    model = copy.deepcopy(master)
+    int4_roundtrip_model_(model, group_size)
+    return model
+
+
 # quantisation kind (``dcmdp.precision.Precision.quantisation``) -> quantiser of the fp32 master
-QUANTISERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+# (its second argument: the pool's quantGroupSize, used by the group-wise kinds)
+QUANTISERS: dict[str, Callable[[torch.nn.Module, int], torch.nn.Module]] = {
     "int8-dynamic": int8_dynamic,
     "fp8-e4m3": fp8_e4m3,
+    "int4-rtn": int4_rtn,
 }
 
 
@@ -59,13 +73,16 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, precision: str = "fp32", noise: float = 0.0, seed: int = 0,
-                 threads: int = 0, device: str = "cpu", **_: object):
+                 threads: int = 0, device: str = "cpu", quant_group_size: int = DEFAULT_GROUP_SIZE, **_: object):
         from transformers import AutoModelForCausalLM
 
         from dcmdp.models.tokenizer import load_tokenizer
 
         if precision not in PRECISIONS:
             raise EngineError(f"hf engine: unsupported precision {precision!r} ({', '.join(PRECISIONS)})")
+        if int(quant_group_size) < 1:
+            raise EngineError(f"hf engine: quantGroupSize must be >= 1, got {quant_group_size}")
+        self.quant_group_size = int(quant_group_size)
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device, "spec.rollout.pools[].device")
@@ -82,7 +99,7 @@ class HFEngine:
 
     def _serving_model(self) -> torch.nn.Module:
         if self.spec.quantisation is not None:
-            return QUANTISERS[self.spec.quantisation](self.master).eval()
+            return QUANTISERS[self.spec.quantisation](self.master, self.quant_group_size).eval()
         if self.spec.compute == "fp32":
             return self.master
         return copy.deepcopy(self.master).to(getattr(torch, TORCH_DTYPES[self.spec.compute])).eval()

@@ -1,0 +1,134 @@
+"""What a run needs beyond its manifest, checked before it starts (``dcmdp validate``, ``dcmdp run``).
+
+The spec model checks the manifest alone. These checks load what the manifest points to, as the
+run will, and report what the run would otherwise refuse only once started (with a traceback at
+start-up, or mid-run at the first reward of a bad reference):
+
+* local paths exist (``spec.model.path``, ``spec.task.dataset.path``);
+* the tokenizer loads and has an EOS token (``spec.model``);
+* the task builds: every dataset line is a JSON object with ``prompt`` and ``answer``, at least
+  two problems, a user verifier imports (``spec.task.dataset.*``);
+* the chat template the task asks for exists (``spec.task.chatTemplate``);
+* with the ``math`` verifier, every reference answer holds a final answer math-verify can read;
+* (a warning) reference answers longer than ``maxNewTokens``, which no response can reproduce.
+
+A Hub model (``spec.model.name``) not yet in the cache is not downloaded here: its tokenizer
+checks are skipped with a warning (the run downloads it). Without the ML extra (no transformers)
+only the paths are checked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dcmdp.models.source import ModelSourceError, resolve_model_folder
+from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
+from dcmdp.spec import DCMDPRun
+from dcmdp.tasks import build_task
+from dcmdp.tasks.base import Problem
+from dcmdp.tasks.math_answer import reference_answer
+from dcmdp.tasks.prompt import prompt_format
+
+_FIELD = re.compile(r"^(spec(?:\.[A-Za-z]+)+): (.*)$", re.S)
+
+
+@dataclass
+class Findings:
+    """``problems``: (field, what is wrong), each of which the run would refuse; ``warnings``: text."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_paths(run: DCMDPRun) -> list[tuple[str, str]]:
+    """(field, problem) for each local path of the spec that does not exist (relative paths are read
+    from the current folder, as ``dcmdp run`` reads them)."""
+    problems = []
+    model, task = run.spec.model, run.spec.task
+    if model.path and not (Path(model.path) / "config.json").is_file():
+        what = "does not exist" if not Path(model.path).exists() else "has no config.json"
+        problems.append(("spec.model.path", f"{model.path} {what}"))
+    if task.dataset and not Path(task.dataset.path).is_file():
+        problems.append(("spec.task.dataset.path", f"no such file: {task.dataset.path}"))
+    return problems
+
+
+def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
+    """Every check of the module docstring. ``cluster``: the paths are mounted in the pods, so a
+    path missing here is no problem (and nothing behind it can be checked)."""
+    missing = check_paths(run)
+    if missing:
+        return Findings([] if cluster else missing)
+    out = Findings()
+    spec = run.spec
+    tokenizer: Optional[Any] = None
+    try:
+        tokenizer = (load_tokenizer(resolve_model_folder(spec.model, allow_download=False))
+                     if spec.model.loaded else build_tokenizer())
+    except ImportError:  # the core without transformers: nothing to load a tokenizer or a task with
+        return out
+    except ModelSourceError as exc:
+        if spec.model.path:
+            out.problems.append(_field_of(exc, "spec.model.path"))
+        else:
+            out.warnings.append(f"tokenizer not checked: {exc}")
+    except (OSError, ValueError) as exc:  # no EOS, an unreadable tokenizer
+        out.problems.append(_field_of(exc, "spec.model"))
+    try:
+        task = build_task(spec.task)
+    except (OSError, ValueError) as exc:  # malformed lines, too few problems, a verifier that does not import
+        out.problems.append(_field_of(exc, "spec.task"))
+        return out
+    if tokenizer is not None:
+        try:
+            prompt_format(spec.task).text(tokenizer, task.held_out()[0].prompt)
+        except ValueError as exc:
+            out.problems.append(_field_of(exc, "spec.task.chatTemplate"))
+    if spec.task.dataset is not None:
+        problems = task.problems()
+        if spec.task.dataset.verifier == "math":
+            out.problems += unreadable_references(problems)
+        if tokenizer is not None:
+            out.warnings += long_answers(problems, tokenizer, task.max_new_tokens)
+    return out
+
+
+def unreadable_references(problems: list[Problem]) -> list[tuple[str, str]]:
+    """(``spec.task.dataset.path``, how many and which) when the ``math`` verifier cannot read the
+    final answer of some references: every response to them would fail the run at its reward."""
+    try:
+        bad = [p for p in problems if not _readable(p.answer)]
+    except ImportError:  # math-verify (the ml extra) is missing: the run cannot use the verifier either
+        return []
+    if not bad:
+        return []
+    return [("spec.task.dataset.path",
+             f"{len(bad)} of {len(problems)} reference answers have no final answer the math verifier can read "
+             f"(first: {bad[0].answer[-60:]!r}); end each with '#### <answer>' or \\boxed{{<answer>}}")]
+
+
+def long_answers(problems: list[Problem], tokenizer: Any, limit: int) -> list[str]:
+    """A warning when reference answers are longer (in tokens, EOS included) than ``limit``
+    (``maxNewTokens``): a response can never reproduce them, so their reward is 0 every step."""
+    long = [p for p in problems if len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) + 1 > limit]
+    if not long:
+        return []
+    return [f"spec.task.maxNewTokens ({limit}): {len(long)} of {len(problems)} reference answers are "
+            f"longer (first: {long[0].answer[:60]!r}); a response that long is cut off before EOS"]
+
+
+def _readable(answer: str) -> bool:
+    try:
+        reference_answer(answer)
+    except ValueError:
+        return False
+    return True
+
+
+def _field_of(exc: Exception, default: str) -> tuple[str, str]:
+    """(field, message) of an error whose message starts with the field it names, else ``default``."""
+    m = _FIELD.match(str(exc))
+    return (m.group(1), m.group(2)) if m else (default, str(exc))

@@ -1,0 +1,117 @@
+"""What `dcmdp validate` and `dcmdp run` check before a run starts: what the run would refuse later
+(with a traceback at start-up, or at the first reward) is refused up front, exit 2, naming the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcmdp.cli import main
+from dcmdp.preflight import check_inputs
+from dcmdp.spec import parse_run
+from hf_folders import gsm8k_jsonl, gsm8k_problems, qwen_style
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("preflight")
+    good = qwen_style(base / "qwen")
+    no_eos = qwen_style(base / "no-eos")
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    return {"qwen": good, "no-eos": no_eos, "data": gsm8k_jsonl(base)}
+
+
+def manifest(model: Path, data: Path, **task) -> dict:
+    return {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "pre"},
+            "spec": {"model": {"path": str(model)},
+                     "task": {"name": "jsonl", "dataset": {"path": str(data), "verifier": "math"},
+                              "maxNewTokens": 32, "heldOut": 4, **task}}}
+
+
+def write(tmp_path: Path, doc: dict) -> str:
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return str(f)
+
+
+def refused(capsys, argv: list[str]) -> list[str]:
+    """Runs the CLI, expects exit 2 and ``error: <file> is invalid:`` (no traceback); returns the
+    ``<field>: <problem>`` lines that follow."""
+    assert main(argv) == 2
+    head, *lines = capsys.readouterr().err.strip().splitlines()
+    assert head == f"error: {argv[argv.index('-f') + 1]} is invalid:"
+    return [line.strip() for line in lines]
+
+
+def test_a_good_run_passes(folders, tmp_path, capsys):
+    assert check_inputs(parse_run(manifest(folders["qwen"], folders["data"]))).problems == []
+    assert main(["validate", "-f", write(tmp_path, manifest(folders["qwen"], folders["data"]))]) == 0
+
+
+def test_a_tokenizer_without_eos_is_refused_by_validate_and_run(folders, tmp_path, capsys):
+    f = write(tmp_path, manifest(folders["no-eos"], folders["data"]))
+    for argv in (["validate", "-f", f], ["run", "-f", f, "--out", str(tmp_path / "out"), "--inprocess"]):
+        lines = refused(capsys, argv)
+        assert lines == [f"spec.model: the tokenizer in {folders['no-eos']} has no eos_token "
+                         "(responses could never end)"]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_malformed_dataset_line_is_refused_naming_file_and_line(folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    rows = [json.dumps(p) for p in gsm8k_problems(6)]
+    rows[2] = '{"prompt": "no answer"}'
+    data.write_text("\n".join(rows) + "\n")
+    f = write(tmp_path, manifest(folders["qwen"], data))
+    for argv in (["validate", "-f", f], ["run", "-f", f, "--out", str(tmp_path / "out"), "--inprocess"]):
+        [line] = refused(capsys, argv)
+        assert line.startswith(f"spec.task.dataset.path: {data}:3: each line must be a JSON object "
+                               "with 'prompt' and 'answer' (KeyError")
+
+
+def test_unreadable_math_references_are_refused_with_their_count(folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    problems = gsm8k_problems(6)
+    problems[1]["answer"] = problems[4]["answer"] = "I do not know"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    f = write(tmp_path, manifest(folders["qwen"], data))
+    [line] = refused(capsys, ["validate", "-f", f])
+    assert line == ("spec.task.dataset.path: 2 of 6 reference answers have no final answer the math "
+                    "verifier can read (first: 'I do not know'); end each with '#### <answer>' or \\boxed{<answer>}")
+    # another verifier reads them as they are
+    assert main(["validate", "-f", write(tmp_path, manifest(folders["qwen"], data, dataset={
+        "path": str(data), "verifier": "exact"}))]) == 0
+
+
+def test_a_chat_template_the_tokenizer_lacks_is_refused(folders, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    shutil.copytree(folders["qwen"], plain)
+    (plain / "chat_template.jinja").unlink()
+    doc = manifest(plain, folders["data"], chatTemplate="tokenizer")
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, doc)])
+    assert line == "spec.task.chatTemplate: 'tokenizer' but the model's tokenizer has no chat_template"
+
+
+def test_cluster_paths_are_not_checked_here(tmp_path, capsys):
+    doc = manifest(tmp_path / "mounted-model", tmp_path / "mounted.jsonl")
+    assert main(["validate", "-f", write(tmp_path, doc), "--cluster"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
+    (["run", "--threads", "two"], "argument --threads: 'two' is not a whole number"),
+    (["run", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["sweep", "--threads", "0"], "argument --threads: must be >= 1 (got 0)"),
+    (["sweep", "--parallel", "-1"], "argument --parallel: must be >= 1 (got -1)"),
+])
+def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([argv[0], "-f", "examples/quickstart.yaml", *argv[1:]])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
