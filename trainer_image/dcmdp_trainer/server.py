@@ -240,6 +240,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             reply.group, reply.rank, reply.world_size = ticket.group, ticket.rank, ticket.world_size
             reply.store_port, reply.backend = self.hub.port, ticket.backend
             reply.timeout_ms = int(self.hub.timeout_s * 1000)
+            reply.join_timeout_ms = int(self.hub.join_timeout_s * 1000)
+            reply.part_bytes = ticket.part_bytes
         return reply
 
     def StreamWeights(self, request, context):
