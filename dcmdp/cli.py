@@ -58,18 +58,11 @@ def finished_summary(out: Path, total: int) -> Optional[dict[str, Any]]:
     return summary if isinstance(summary, dict) and int(summary.get("steps", 0)) >= total else None
 
 
-def refuse(problems: list[tuple[str, str]]) -> int:
-    """Print each (field, problem) on a line of its own; the exit code of bad input (2)."""
-    for path, problem in problems:
-        print(f"error: {path}: {problem}", file=sys.stderr)
-    return 2
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     found = check_inputs(run, cluster=args.cluster)
     if found.problems:
-        return refuse(found.problems)
+        raise SpecError(found.problems, str(args.file))
     for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
@@ -85,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     found = check_inputs(run)  # the dataset and tokenizer the run loads: refused here, not in a traceback
     if found.problems:
-        return refuse(found.problems)
+        raise SpecError(found.problems, str(args.file))
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
     if holds_run(out) and not (args.resume or args.overwrite):

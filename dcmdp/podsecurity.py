@@ -39,7 +39,7 @@ generated for that list (``python -m dcmdp.crd --allow NAME,...``): see docs/kub
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 ESCALATIONS: dict[str, str] = {
     "hostNamespaces": "host namespaces (hostNetwork, hostPID, hostIPC, hostPort)",
@@ -294,14 +294,14 @@ def _container(c: dict[str, Any], path: str, allowed: frozenset[str] = CONTAINER
             yield "secrets", f"{path}.envFrom[{j}].secretRef", "envFrom secretRef"
 
 
-def _volume(v: dict[str, Any], path: str, own_secret: Optional[str]) -> Found:
+def _volume(v: dict[str, Any], path: str, own_secrets: frozenset[str]) -> Found:
     for kind in sorted(set(v) - {"name"}):
         where = f"{path}.{kind}"
         if kind == "hostPath":
             yield "hostPath", where, "a hostPath volume"
         elif kind == "secret":
             name = v[kind].get("secretName") if isinstance(v[kind], dict) else None
-            if own_secret is None or name != own_secret:
+            if name not in own_secrets:
                 yield "secrets", where, "a secret volume"
         elif kind == "projected":
             projected = v[kind] if isinstance(v[kind], dict) else {}
@@ -326,7 +326,7 @@ def _annotations(annotations: Any, path: str) -> Found:
             yield "unconfined", path, f"annotation {key}: {value}"
 
 
-def _pod_fields(pod: dict[str, Any], path: str, allowed: frozenset[str], own_secret: Optional[str]) -> Found:
+def _pod_fields(pod: dict[str, Any], path: str, allowed: frozenset[str], own_secrets: frozenset[str]) -> Found:
     yield from _unknown(pod, allowed | set(GATED_POD_FIELDS), path)
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         if _true(pod, key):
@@ -338,7 +338,7 @@ def _pod_fields(pod: dict[str, Any], path: str, allowed: frozenset[str], own_sec
         yield "serviceAccount", f"{path}.automountServiceAccountToken", "automountServiceAccountToken true"
     yield from _security_context(pod.get("securityContext"), f"{path}.securityContext", container=False)
     for i, v in _dicts(pod.get("volumes")):
-        yield from _volume(v, f"{path}.volumes[{i}]", own_secret)
+        yield from _volume(v, f"{path}.volumes[{i}]", own_secrets)
     for key in CONTAINER_LISTS:
         for i, c in _dicts(pod.get(key)):
             yield from _container(c, f"{path}.{key}[{i}]")
@@ -349,19 +349,19 @@ def violations(
     path: str,
     allow: Iterable[str] = (),
     *,
-    own_secret: Optional[str] = None,
+    own_secrets: frozenset[str] = frozenset(),
     operator_fields: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """What in a pod template overlay (short form or full form ``{metadata, spec}``) or in a pod
     spec lies outside the allow-list, as ``(field path, message)`` pairs; those of an
     ``allow``\\ed escalation are left out. ``path`` is the template's own path
-    (``spec.trainer.template``). For the operator's final pod: ``own_secret`` names the run's own
-    Secret (a volume of it is the operator's), ``operator_fields`` the pod fields it sets itself."""
+    (``spec.trainer.template``). For the operator's final pod: ``own_secrets`` names the Secrets it
+    mounts itself (the run's token, its TLS key pair), ``operator_fields`` the pod fields it sets."""
     if not isinstance(template, dict):
         return []
     allowed = frozenset(allow)
     short = POD_FIELDS | SHORT_CONTAINER_FIELDS | TEMPLATE_METADATA_FIELDS | {"spec", "metadata"}
-    found = list(_pod_fields(template, path, (short if not operator_fields else POD_FIELDS) | operator_fields, own_secret))
+    found = list(_pod_fields(template, path, (short if not operator_fields else POD_FIELDS) | operator_fields, own_secrets))
     # The short form's main-container fields, checked as a container's.
     found += _container({k: template[k] for k in SHORT_CONTAINER_FIELDS if k in template}, path)
     found += _annotations(template.get("annotations"), f"{path}.annotations")
@@ -370,5 +370,5 @@ def violations(
         found += _unknown(meta, TEMPLATE_METADATA_FIELDS, f"{path}.metadata")
         found += _annotations(meta.get("annotations"), f"{path}.metadata.annotations")
     if isinstance(template.get("spec"), dict):
-        found += _pod_fields(template["spec"], f"{path}.spec", POD_FIELDS | operator_fields, own_secret)
+        found += _pod_fields(template["spec"], f"{path}.spec", POD_FIELDS | operator_fields, own_secrets)
     return [(p, refusal(esc, what)) for esc, p, what in found if esc not in allowed]

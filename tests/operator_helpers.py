@@ -96,7 +96,8 @@ class FakeTrainer(dcmdp_pb2_grpc.TrainerServicer):
     A wrong or missing token gets UNAUTHENTICATED, as the real trainer does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Optional[tuple[bytes, bytes]] = None) -> None:
+        """``tls``: (certificate, key) in PEM, to serve over TLS only."""
         self.statuses: dict[str, dict[str, Any]] = {}
         self.delay = 0.0  # seconds before answering (a slow trainer)
         self.calls = 0
@@ -104,7 +105,11 @@ class FakeTrainer(dcmdp_pb2_grpc.TrainerServicer):
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         dcmdp_pb2_grpc.add_TrainerServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
 
     def GetStatus(self, request: dcmdp_pb2.StatusRequest, context: grpc.ServicerContext) -> dcmdp_pb2.Status:
         if self.delay:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import kopf
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from dcmdp_operator import kube, reconcile
 from dcmdp_operator.config import OperatorConfig
 from dcmdp_testing.emulator import EmulatorThread
-from operator_helpers import Kube
+from certs import self_signed
+from operator_helpers import FakeTrainer, Kube
 
 NS = "rc"
 CONFIG = OperatorConfig(trainer_address="127.0.0.1:1", grpc_timeout_seconds=0.5)
@@ -24,13 +26,13 @@ def emu():
         yield e
 
 
-def reconcile_once(emu, name: str) -> reconcile.Result:
+def reconcile_once(emu, name: str, config: OperatorConfig = CONFIG) -> reconcile.Result:
     async def go() -> reconcile.Result:
         client = kube.Client()
         client.configure(kopf.ConnectionInfo(server=emu.url, token="x"))
         try:
             body = Kube(emu.url).get("DCMDPRun", NS, name)
-            return await reconcile.reconcile(body, client=client, config=CONFIG, trigger="test")
+            return await reconcile.reconcile(body, client=client, config=config, trigger="test")
         finally:
             await client.close()
     return asyncio.run(go())
@@ -102,3 +104,31 @@ def test_lost_secret_and_config_are_recreated_without_touching_the_rest(emu):
     result = reconcile_once(emu, "lost")  # looks like a new run: creates first, conflicts fall back
     assert sorted(result.writes) == [("ConfigMap", "lost-config", "created"), ("Secret", "lost-token", "created")]
     assert k.get("Job", NS, "lost-trainer")["metadata"]["resourceVersion"] == job_rv
+
+
+def test_tls_status_reads_use_the_runs_secret(emu, tmp_path):
+    """spec.tls: the pods get the key pair and the CA, the operator reads the status over TLS with
+    the CA from the Secret, and a missing Secret is reported, never answered in plaintext."""
+    k = Kube(emu.url)
+    cert, key = self_signed(tmp_path, ("secure-trainer-0.secure-trainer",))
+    make(k, "secure", {"tls": {"secretName": "secure-tls", "caKey": "tls.crt"}})
+    with FakeTrainer(tls=(cert.read_bytes(), key.read_bytes())) as trainer:
+        config = OperatorConfig(trainer_address=f"127.0.0.1:{trainer.port}", grpc_timeout_seconds=2)
+        reconcile_once(emu, "secure", config)
+        kids = k.children(NS, "secure")
+        trainer_pod = kids[("Job", "secure-trainer")]["spec"]["template"]["spec"]
+        assert trainer_pod["containers"][0]["command"][-4:] == ["--tls-cert", "/etc/dcmdp/tls/tls.crt", "--tls-key", "/etc/dcmdp/tls/tls.key"]
+        pool_pod = kids[("Deployment", "secure-rollout-default")]["spec"]["template"]["spec"]
+        assert pool_pod["containers"][0]["command"][-4:] == ["--tls-ca", "/etc/dcmdp/tls/ca.crt", "--server-name", "secure-trainer-0.secure-trainer"]
+        assert {"name": "dcmdp-tls", "secret": {"secretName": "secure-tls", "items": [{"key": "tls.crt", "path": "ca.crt"}]}} in pool_pod["volumes"]
+        k.patch("Job", NS, "secure-trainer", {"status": {"active": 1}}, sub="status")
+        result = reconcile_once(emu, "secure", config)
+        ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "TrainerUnreachable" and "Secret secure-tls has no key 'tls.crt' (no such Secret)" in ready["message"]
+        assert trainer.calls == 0  # nothing was sent in plaintext
+        token = base64.b64decode(k.get("Secret", NS, "secure-token")["data"]["token"]).decode()
+        trainer.statuses[token] = {"phase": "Running", "step": 4, "total_steps": 100}
+        k.create("Secret", NS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "secure-tls"}, "type": "kubernetes.io/tls",
+                                "data": {n: base64.b64encode(p.read_bytes()).decode() for n, p in (("tls.crt", cert), ("tls.key", key))}})
+        result = reconcile_once(emu, "secure", config)
+        assert result.status["step"] == 4 and result.status["trainerReachable"] is True

@@ -7,6 +7,7 @@ import socket
 import time
 
 from dcmdp_operator import trainer_client
+from certs import self_signed
 from operator_helpers import FakeTrainer
 
 STATUS = {
@@ -51,3 +52,20 @@ def test_a_trainer_that_is_down_or_slow_is_reported_not_raised():
         trainer.delay = 1.0
         st, err = asyncio.run(trainer_client.get_status(f"127.0.0.1:{trainer.port}", "tok", 0.2))
         assert st is None and "DEADLINE_EXCEEDED" in err
+
+
+def test_tls_verifies_the_trainer_and_never_falls_back_to_plaintext(tmp_path):
+    cert, key = self_signed(tmp_path / "a", ("r-trainer-0.r-trainer",))
+    other, _ = self_signed(tmp_path / "b", ("r-trainer-0.r-trainer",))
+    with FakeTrainer(tls=(cert.read_bytes(), key.read_bytes())) as trainer:
+        trainer.statuses["tok"] = STATUS
+        target = f"127.0.0.1:{trainer.port}"
+        st, err = asyncio.run(trainer_client.get_status(target, "tok", 5, tls_ca=cert.read_bytes(),
+                                                        server_name="r-trainer-0.r-trainer"))
+        assert err is None and st["step"] == 7
+        # plaintext to a TLS port, another CA, another name: no status, the reason named
+        for kwargs in ({}, {"tls_ca": other.read_bytes(), "server_name": "r-trainer-0.r-trainer"},
+                       {"tls_ca": cert.read_bytes(), "server_name": "evil"}):
+            st, err = asyncio.run(trainer_client.get_status(target, "tok", 2, **kwargs))
+            assert st is None and "UNAVAILABLE" in err, (kwargs, err)
+        assert trainer.calls == 1

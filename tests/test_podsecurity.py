@@ -195,7 +195,19 @@ def test_the_model_declares_exactly_the_allow_list() -> None:
 def test_the_final_pod_check_knows_the_operators_own_secret() -> None:
     """The run's token volume is the operator's; a user's volume of the same Secret is refused."""
     mine = {"volumes": [{"name": "dcmdp-token", "secret": {"secretName": "demo-token"}}], "restartPolicy": "Never"}
-    assert podsecurity.violations(mine, "p", own_secret="demo-token", operator_fields=children.OPERATOR_POD_FIELDS) == []
+    assert podsecurity.violations(mine, "p", own_secrets=frozenset({"demo-token"}), operator_fields=children.OPERATOR_POD_FIELDS) == []
     assert sorted(p for p, _ in podsecurity.violations(mine, "p")) == ["p.restartPolicy", "p.volumes[0].secret"]
     other = {"volumes": [{"name": "x", "secret": {"secretName": "other-token"}}]}
-    assert podsecurity.violations(other, "p", own_secret="demo-token")[0][0] == "p.volumes[0].secret"
+    assert podsecurity.violations(other, "p", own_secrets=frozenset({"demo-token"}))[0][0] == "p.volumes[0].secret"
+
+
+def test_tls_pods_mount_only_the_runs_own_secrets_and_stay_restricted() -> None:
+    m = manifest({}, {})
+    m["spec"]["tls"] = {"secretName": "demo-tls"}
+    objs = children.build(parse_run(m), META, token="t", config=CONFIG)
+    for pod in pod_templates(objs):
+        assert restricted(pod) == []
+        secrets = {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+        assert secrets == {"demo-token", "demo-tls"}
+    for obj in objs:
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)

@@ -41,11 +41,12 @@ def write(tmp_path: Path, doc: dict) -> str:
 
 
 def refused(capsys, argv: list[str]) -> list[str]:
-    """Runs the CLI, expects exit 2, returns its stderr lines (no traceback)."""
+    """Runs the CLI, expects exit 2 and ``error: <file> is invalid:`` (no traceback); returns the
+    ``<field>: <problem>`` lines that follow."""
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()
+    head, *lines = capsys.readouterr().err.strip().splitlines()
+    assert head == f"error: {argv[argv.index('-f') + 1]} is invalid:"
+    return [line.strip() for line in lines]
 
 
 def test_a_good_run_passes(folders, tmp_path, capsys):
@@ -57,7 +58,7 @@ def test_a_tokenizer_without_eos_is_refused_by_validate_and_run(folders, tmp_pat
     f = write(tmp_path, manifest(folders["no-eos"], folders["data"]))
     for argv in (["validate", "-f", f], ["run", "-f", f, "--out", str(tmp_path / "out"), "--inprocess"]):
         lines = refused(capsys, argv)
-        assert lines == [f"error: spec.model: the tokenizer in {folders['no-eos']} has no eos_token "
+        assert lines == [f"spec.model: the tokenizer in {folders['no-eos']} has no eos_token "
                          "(responses could never end)"]
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -70,7 +71,7 @@ def test_a_malformed_dataset_line_is_refused_naming_file_and_line(folders, tmp_p
     f = write(tmp_path, manifest(folders["qwen"], data))
     for argv in (["validate", "-f", f], ["run", "-f", f, "--out", str(tmp_path / "out"), "--inprocess"]):
         [line] = refused(capsys, argv)
-        assert line.startswith(f"error: spec.task.dataset.path: {data}:3: each line must be a JSON object "
+        assert line.startswith(f"spec.task.dataset.path: {data}:3: each line must be a JSON object "
                                "with 'prompt' and 'answer' (KeyError")
 
 
@@ -81,7 +82,7 @@ def test_unreadable_math_references_are_refused_with_their_count(folders, tmp_pa
     data.write_text("".join(json.dumps(p) + "\n" for p in problems))
     f = write(tmp_path, manifest(folders["qwen"], data))
     [line] = refused(capsys, ["validate", "-f", f])
-    assert line == ("error: spec.task.dataset.path: 2 of 6 reference answers have no final answer the math "
+    assert line == ("spec.task.dataset.path: 2 of 6 reference answers have no final answer the math "
                     "verifier can read (first: 'I do not know'); end each with '#### <answer>' or \\boxed{<answer>}")
     # another verifier reads them as they are
     assert main(["validate", "-f", write(tmp_path, manifest(folders["qwen"], data, dataset={
@@ -94,7 +95,7 @@ def test_a_chat_template_the_tokenizer_lacks_is_refused(folders, tmp_path, capsy
     (plain / "chat_template.jinja").unlink()
     doc = manifest(plain, folders["data"], chatTemplate="tokenizer")
     [line] = refused(capsys, ["validate", "-f", write(tmp_path, doc)])
-    assert line == "error: spec.task.chatTemplate: 'tokenizer' but the model's tokenizer has no chat_template"
+    assert line == "spec.task.chatTemplate: 'tokenizer' but the model's tokenizer has no chat_template"
 
 
 def test_cluster_paths_are_not_checked_here(tmp_path, capsys):

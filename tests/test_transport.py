@@ -4,8 +4,6 @@ the data plane's fallback; the broadcast itself: tests/test_broadcast.py)."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
@@ -22,6 +20,7 @@ from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+from certs import self_signed
 from runtime_helpers import tiny_run
 
 TOKEN = "s3cret-run-token"
@@ -148,29 +147,6 @@ def test_a_broken_stream_is_resumed_where_it_stopped(session):
     assert stats.bytes == stats.total_bytes  # resumed at the offset: nothing fetched twice
     for k, t in tensors.items():
         assert torch.equal(t, session.weights(0)[k].to(torch.bfloat16))
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "tls.crt", folder / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_tls_with_given_cert_and_key(session, tmp_path):

@@ -6,7 +6,10 @@ collector deletes them with the run):
 * ``<run>-token``        Secret: the per-run gRPC token (``token``), mounted in every pod as a file;
 * ``<run>-config``       ConfigMap: the resolved run manifest (``run.yaml``), mounted in the trainer;
 * ``<run>-trainer``      indexed Job (``replicas`` pods, restartPolicy Never: each pod failure is
-                         one restart, counted against ``failurePolicy.maxRestarts``);
+                         one restart, counted against ``failurePolicy.maxRestarts``); with more
+                         than one rank in all (``replicas × gpusPerReplica``, dcmdp.ranks) each
+                         pod runs ``torchrun`` for its ``gpusPerReplica`` ranks, rendezvousing
+                         at pod 0 (``<run>-trainer-0.<run>-trainer:29500``);
 * ``<run>-trainer``      headless Service (gRPC 50051, metrics 9090); pod 0 answers at
                          ``<run>-trainer-0.<run>-trainer:50051``;
 * ``<run>-rollout-<pool>`` one Deployment per rollout pool;
@@ -27,7 +30,7 @@ import secrets
 from typing import Any, Optional
 
 
-from dcmdp import names, podsecurity, yamlfile
+from dcmdp import names, podsecurity, ranks, yamlfile
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
 from dcmdp.status import TERMINAL_PHASES
 
@@ -39,7 +42,8 @@ CONFIG_KEY = "run.yaml"
 TOKEN_DIR = "/var/run/dcmdp"
 CONFIG_DIR = "/etc/dcmdp"
 CHECKPOINT_DIR = "/checkpoints"
-MASTER_PORT = 29500
+MASTER_PORT = 29500  # torchrun's rendezvous store and the trainer ranks' process group, on pod 0
+JOB_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 # label keys
 RUN_LABEL = "dcmdp.io/run"
@@ -112,18 +116,27 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def read_token(secret: Optional[dict[str, Any]]) -> Optional[str]:
-    """The token stored in an existing Secret (None when absent or unreadable)."""
+def read_secret_key(secret: Optional[dict[str, Any]], key: str) -> Optional[bytes]:
+    """The bytes under ``key`` of a Secret as read from the API server (None when absent or unreadable)."""
     if not secret:
         return None
-    raw = (secret.get("data") or {}).get(TOKEN_KEY)
+    raw = (secret.get("data") or {}).get(key)
     if raw:
         try:
-            token = base64.b64decode(raw, validate=True).decode()
-        except (ValueError, UnicodeDecodeError):
+            return base64.b64decode(raw, validate=True) or None
+        except ValueError:
             return None
-        return token or None
-    return (secret.get("stringData") or {}).get(TOKEN_KEY) or None
+    text = (secret.get("stringData") or {}).get(key)
+    return text.encode() if isinstance(text, str) and text else None
+
+
+def read_token(secret: Optional[dict[str, Any]]) -> Optional[str]:
+    """The token stored in an existing Secret (None when absent or unreadable)."""
+    raw = read_secret_key(secret, TOKEN_KEY)
+    try:
+        return raw.decode() if raw else None
+    except UnicodeDecodeError:
+        return None
 
 
 def read_accepted(configmap: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -328,6 +341,37 @@ def _token_volume(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return volume, mount
 
 
+TLS_DIR = "/etc/dcmdp/tls"
+TLS_VOLUME = "dcmdp-tls"
+
+
+def server_name(run: DCMDPRun, name: str) -> str:
+    """The name the trainer's certificate must carry (``spec.tls.serverName``, else pod 0's)."""
+    return run.spec.tls.server_name or trainer_host(name)
+
+
+def _with_tls(run: DCMDPRun, name: str, required: dict[str, Any], role: str) -> None:
+    """``spec.tls``: the trainer serves with the Secret's key pair; a worker verifies it against the
+    Secret's CA (in place, on the ``required`` parts of a pod)."""
+    tls = run.spec.tls
+    if not tls.secret_name:
+        return
+    if role == "trainer":
+        items = [{"key": k, "path": k} for k in ("tls.crt", "tls.key")]
+        args = ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    else:
+        items = [{"key": tls.ca_key, "path": "ca.crt"}]
+        args = ["--tls-ca", f"{TLS_DIR}/ca.crt", "--server-name", server_name(run, name)]
+    required["command"] = [*required["command"], *args]
+    required["volumes"] = [*required["volumes"], {"name": TLS_VOLUME, "secret": {"secretName": tls.secret_name, "items": items}}]
+    required["volumeMounts"] = [*required["volumeMounts"], {"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True}]
+
+
+def own_secrets(run: DCMDPRun, name: str) -> frozenset[str]:
+    """The Secrets the operator itself mounts in a run's pods."""
+    return frozenset({secret_name(name)} | ({run.spec.tls.secret_name} if run.spec.tls.secret_name else set()))
+
+
 def _base_pod(lbls: dict[str, str], container: str, image: str, config: OperatorConfig) -> dict[str, Any]:
     """The pod before the user's overlay: restricted security, no service-account token, a
     writable ``/tmp`` (emptyDir; the root filesystem is read-only; ``HOME`` points there)."""
@@ -341,7 +385,7 @@ def _base_pod(lbls: dict[str, str], container: str, image: str, config: Operator
     }
 
 
-def _secure(pod: dict[str, Any], path: str, config: OperatorConfig, own_secret: str) -> None:
+def _secure(pod: dict[str, Any], path: str, config: OperatorConfig, mounted_secrets: frozenset[str]) -> None:
     """After the overlay: every container (the user's sidecars too) gets the restricted security
     context under its own, and the merged pod is checked for escalations (in place)."""
     for key in podsecurity.CONTAINER_LISTS:
@@ -364,10 +408,10 @@ def _secure(pod: dict[str, Any], path: str, config: OperatorConfig, own_secret: 
             for c in pod["spec"].get(key) or []:
                 if "runAsUser" not in c["securityContext"]:
                     c["securityContext"].pop("runAsNonRoot", None)
-    # The final pod: the operator's own fields and the run's own Secret are its, the rest is the
+    # The final pod: the operator's own fields and the Secrets it mounts are its, the rest is the
     # user's and must be on the allow-list (or allowed by the admin).
     found = podsecurity.violations(
-        pod["spec"], path, config.allow_escalations, own_secret=own_secret, operator_fields=OPERATOR_POD_FIELDS
+        pod["spec"], path, config.allow_escalations, own_secrets=mounted_secrets, operator_fields=OPERATOR_POD_FIELDS
     ) + podsecurity.violations({"annotations": pod["metadata"].get("annotations")}, path, config.allow_escalations)
     if found:
         raise BuildError(*found[0])
@@ -397,16 +441,18 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
         ckpt_volume = {"name": "checkpoints", "persistentVolumeClaim": {"claimName": pvc_name(name)}}
     else:
         ckpt_volume = {"name": "checkpoints", "emptyDir": {}}
+    args = ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+            "--out", CHECKPOINT_DIR, "--resume"]
+    rank_env: list[dict[str, Any]] = []
+    command = ["dcmdp-trainer", *args]
+    if ranks.world_size(trainer) > 1:
+        # one rank per GPU, torchrun's way; the pods rendezvous at pod 0 through the headless Service
+        command = ranks.torchrun_command(trainer, node_rank="$(NODE_RANK)", master_addr=trainer_host(name),
+                                         master_port=MASTER_PORT, args=args)
+        rank_env = [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": JOB_INDEX_FIELD}}}]
     required = {
         "image": image,
-        "command": [
-            "dcmdp-trainer",
-            "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
-            "--port", str(GRPC_PORT),
-            "--metrics-port", str(METRICS_PORT),
-            "--out", CHECKPOINT_DIR,
-            "--resume",
-        ],
+        "command": command,
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -415,15 +461,7 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
             {"name": "DCMDP_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
             {"name": "DCMDP_RUN_NAME", "value": name},
             {"name": "DCMDP_ROLE", "value": "trainer"},
-            {"name": "WORLD_SIZE", "value": str(trainer.replicas)},
-            {
-                "name": "RANK",
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-                },
-            },
-            {"name": "MASTER_ADDR", "value": trainer_host(name)},
-            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            *rank_env,
             HOME_ENV,
         ],
         "volumeMounts": [
@@ -444,10 +482,11 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
         # The pod's hostname `<job>-<index>` becomes resolvable through the headless Service.
         "pod": {"restartPolicy": "Never", "subdomain": trainer_name(name)},
     }
+    _with_tls(run, name, required, "trainer")
     pod = _base_pod(lbls, "trainer", image, config)
     pod = podtemplate.apply_overlay(pod, trainer.template.overlay(), "trainer", "spec.trainer.template")
     _enforce(pod, "trainer", required, lbls)
-    _secure(pod, "spec.trainer.template", config, secret_name(name))
+    _secure(pod, "spec.trainer.template", config, own_secrets(run, name))
     _scheduling(run, name, pod)
 
     job_spec: dict[str, Any] = {
@@ -508,11 +547,12 @@ def _pool_deployment(
         "volumeMounts": [token_mount, TMP_MOUNT],
         "volumes": [token_volume, TMP_VOLUME],
     }
+    _with_tls(run, name, required, "rollout")
     pod = _base_pod(lbls, "rollout", image, config)
     path = f"spec.rollout.pools[{index}].template"
     pod = podtemplate.apply_overlay(pod, pool.template.overlay(), "rollout", path)
     _enforce(pod, "rollout", required, lbls)
-    _secure(pod, path, config, secret_name(name))
+    _secure(pod, path, config, own_secrets(run, name))
     _scheduling(run, name, pod)
     dep_meta = _metadata(pool_name(name, pool.name), meta, lbls)
     if run.spec.scheduling.gang == "kueue":

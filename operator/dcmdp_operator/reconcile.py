@@ -63,6 +63,24 @@ async def _patch_status(
     await client.merge_patch(kube.RUNS, meta["namespace"], meta["name"], {"status": new}, subresource="status")
 
 
+async def _trainer_status(
+    client: kube.Client, run: DCMDPRun, name: str, ns: str, token: str, config: OperatorConfig
+) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The trainer's GetStatus, over TLS when ``spec.tls`` names a Secret (its CA read each time,
+    so a renewed certificate is picked up; a Secret without it is reported, never plaintext)."""
+    target = config.trainer_target(name, ns)
+    tls = run.spec.tls
+    if not tls.secret_name:
+        return await trainer_client.get_status(target, token, config.grpc_timeout_seconds)
+    secret = await client.get(kube.RESOURCES["Secret"], ns, tls.secret_name)
+    ca = children.read_secret_key(secret, tls.ca_key)
+    if ca is None:
+        return None, f"spec.tls: Secret {tls.secret_name} has no key {tls.ca_key!r}" + ("" if secret else " (no such Secret)")
+    return await trainer_client.get_status(
+        target, token, config.grpc_timeout_seconds, tls_ca=ca, server_name=children.server_name(run, name)
+    )
+
+
 async def reconcile(
     body: dict[str, Any],
     *,
@@ -154,9 +172,7 @@ async def reconcile(
         # 4. the trainer's own view, when it has pods to answer
         job_status = (obs.job or {}).get("status") or {}
         if not effective.spec.suspend and (int(job_status.get("active") or 0) or int(job_status.get("ready") or 0)):
-            obs.trainer, obs.trainer_error = await trainer_client.get_status(
-                config.trainer_target(name, ns), token, config.grpc_timeout_seconds
-            )
+            obs.trainer, obs.trainer_error = await _trainer_status(client, effective, name, ns, token, config)
 
         # 5. status, written once (and not at all when nothing changed)
         result = finish(effective)

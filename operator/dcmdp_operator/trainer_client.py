@@ -1,6 +1,7 @@
 """Read a trainer's progress through its ``GetStatus`` RPC (``dcmdp/proto/dcmdp.proto``).
 
-The call carries the run's token (``authorization: Bearer <token>``). A trainer that is down, not
+The call carries the run's token (``authorization: Bearer <token>``), over TLS when the run asks
+for it (``spec.tls``: the CA from the run's Secret, never a plaintext fallback). A trainer that is down, not
 started yet, or slow never breaks a reconcile: :func:`get_status` returns ``(None, why)`` instead.
 """
 
@@ -30,10 +31,21 @@ def to_dict(msg: dcmdp_pb2.Status) -> dict[str, Any]:
     return out
 
 
-async def get_status(target: str, token: str, timeout: float) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-    """(status dict, None) or (None, why it could not be read)."""
+def _channel(target: str, tls_ca: Optional[bytes], server_name: Optional[str]) -> grpc.aio.Channel:
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(target)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options)
+
+
+async def get_status(
+    target: str, token: str, timeout: float, *, tls_ca: Optional[bytes] = None, server_name: Optional[str] = None
+) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(status dict, None) or (None, why it could not be read). ``tls_ca``: PEM CA certificates; when
+    given the call goes over TLS, the trainer's certificate verified against them for
+    ``server_name`` (default: the target's host)."""
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _channel(target, tls_ca, server_name) as channel:
             stub = dcmdp_pb2_grpc.TrainerStub(channel)
             reply = await stub.GetStatus(
                 dcmdp_pb2.StatusRequest(header=dcmdp_pb2.Header()),
