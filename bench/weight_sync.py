@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ WORKER = textwrap.dedent('''
     from dcmdp.transport.channel import open_channel
     from dcmdp_rollout.weights import receive_broadcast
     mode, port, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dtype = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     if mode == "tcp":
         n = int(arg)
         buf = bytearray(4 << 20)
@@ -63,11 +65,12 @@ WORKER = textwrap.dedent('''
         stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", arg))
         h = pb.Header(pool="bench", worker_id="w")
         t0 = time.time()
-        ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=1, dtype="fp32"), timeout=120)
+        ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=1, dtype=dtype), timeout=120)
         t1 = time.time()
-        _, st = receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda pairs: None)
+        _, st = receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda slices: None, slices=True)
         assert st.crc_errors == 0 and st.refetched == 0 and st.broadcast_bytes == st.total_bytes, st
-        print(json.dumps({"start": t1, "joined_s": t1 - t0, "end": time.time(), "bytes": st.bytes}))
+        print(json.dumps({"start": t1, "joined_s": t1 - t0, "end": time.time(), "bytes": st.bytes,
+                          "load_s": st.load_seconds, "connect_s": st.connect_seconds}))
 ''')
 
 
@@ -113,7 +116,7 @@ def finish(procs: list[subprocess.Popen]) -> list[dict]:
     return out
 
 
-def run_tcp(script: Path, data: bytes, n_workers: int, env) -> float:
+def run_tcp(script: Path, data: memoryview, n_workers: int, env) -> float:
     srv = socket.create_server(("127.0.0.1", 0))
     srv.listen(n_workers)
     procs = workers(script, [["tcp", str(srv.getsockname()[1]), str(len(data))]] * n_workers, env)
@@ -134,28 +137,33 @@ def run_tcp(script: Path, data: bytes, n_workers: int, env) -> float:
     return max(r["end"] for r in res) - min(r["start"] for r in res)
 
 
-def run_dataplane(script: Path, port: int, token: str, n_workers: int, env, hub) -> tuple[float, float, int]:
-    """(seconds, trainer cpu seconds, extra trainer RSS bytes)."""
+def run_dataplane(script: Path, port: int, token: str, n_workers: int, dtype: str, env, hub,
+                  base_rss: int) -> tuple[float, float, int, float, float]:
+    """(seconds, trainer cpu seconds, trainer peak RSS over ``base_rss`` in bytes, worker load seconds,
+    worker seconds joining the group)."""
     before = len(hub.results)
     peak = PeakRss()
     c0 = cpu_s()
-    procs = workers(script, [["dataplane", str(port), token]] * n_workers, env)
+    procs = workers(script, [["dataplane", str(port), token, dtype]] * n_workers, env)
     res = finish(procs)
     while len(hub.results) == before:
         time.sleep(0.01)
     cpu = cpu_s() - c0
-    extra = peak.stop()
+    peak.stop()
     r = hub.results[-1]
     if r.error or r.world_size != n_workers + 1:
         raise SystemExit(f"broadcast round failed: {r}")
-    return max(x["end"] for x in res) - min(x["start"] for x in res), cpu, extra
+    seconds = max(x["end"] for x in res) - min(x["start"] for x in res)
+    return seconds, cpu, peak.peak - base_rss, max(x["load_s"] for x in res), max(x["connect_s"] for x in res)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, nargs="+", default=[256, 1024], help="fp32 snapshot sizes")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="wire dtypes: fp32 (buckets sent as views of the weights), bf16 (cast into bucket buffers)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved data-plane/TCP pairs per cell (median)")
     ap.add_argument("--bucket-mib", type=int, default=4)
     args = ap.parse_args()
 
@@ -176,7 +184,8 @@ def main() -> None:
     session = Session(tiny_run(model={"warmStart": {"steps": 0}}), tmp / "run", threads=1)
     token = "bench-token"
     bucket = args.bucket_mib << 20
-    rows, ratios, cpu_per_gib, extra_buckets = [], [], [], []
+    payload = memoryview(bytes(max(args.mib) << 20))  # raw TCP sends ready-made bytes: allocated once, up front
+    rows, first_round = [], []
     ratio_bf16 = ratio_int8 = None
     for mib in args.mib:
         n = (mib << 20) // 4 // 16
@@ -189,9 +198,6 @@ def main() -> None:
         expect = {"n": 1}
         hub = BroadcastHub(publisher, "127.0.0.1", gather_s=30.0, expected=lambda dtype: expect["n"])
         server, port = start_server(coord, publisher, token, hub=hub)
-        prep = publisher.prepared(1, "fp32")
-        for i in range(prep.layout.buckets):  # the crcs, as the first broadcast of a version computes them
-            publisher.bucket(prep, i, torch.empty(bucket, dtype=torch.uint8))
         if ratio_bf16 is None:
             from dcmdp.proto import dcmdp_pb2 as pb
             from dcmdp.precision import wire_dtype
@@ -200,35 +206,56 @@ def main() -> None:
             fp32 = svc._manifest(pb.Header(), publisher.prepared(1, "fp32")).total_bytes
             ratio_bf16 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("bf16"))).total_bytes / fp32
             ratio_int8 = svc._manifest(pb.Header(), publisher.prepared(1, wire_dtype("int8"))).total_bytes / fp32
-        data = bytes(prep.layout.total_bytes)  # the raw-TCP side sends ready-made bytes of the same size
-        gib = prep.layout.total_bytes / (1 << 30)
-        for w in args.workers:
-            expect["n"] = w
-            dp, tcp, cpus, extras = [], [], [], []
-            for _ in range(args.repeats):
-                s, c, x = run_dataplane(script, port, token, w, env, hub)
-                dp.append(s)
-                cpus.append(c / (gib * w))
-                extras.append(x / bucket)
-                tcp.append(run_tcp(script, data, w, env))
-            ratio = min(tcp) / min(dp)
-            ratios.append(ratio)
-            cpu_per_gib.append(min(cpus))
-            extra_buckets.append(max(extras))
-            row = {"mib": mib, "workers": w, "dataplane_gib_s": round(gib * w / min(dp), 3),
-                   "tcp_gib_s": round(gib * w / min(tcp), 3), "transfer_over_tcp": round(ratio, 3),
-                   "trainer_cpu_s_per_gib": round(min(cpus), 3), "extra_mem_buckets": round(max(extras), 2)}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+        for dtype in args.dtypes:
+            prep = publisher.prepared(1, dtype)
+            for i in range(prep.layout.buckets):  # the crcs, as the first broadcast of a version computes them
+                publisher.bucket(prep, i, torch.empty(bucket, dtype=torch.uint8))
+        # One warm-up round (fp32: every part a view of the weights, the bucket buffers never touched)
+        # pays the process's one-time costs (gloo and gRPC threads, lazy imports); reported apart.
+        before = rss()
+        run_dataplane(script, port, token, 1, "fp32", env, hub, before)
+        first_round.append(rss() - before)
+        base_rss = rss()  # the hub's bucket buffers (kept for later rounds) are first written after this
+        for dtype in args.dtypes:
+            prep = publisher.prepared(1, dtype)
+            wire = prep.layout.total_bytes
+            gib = wire / (1 << 30)
+            for w in args.workers:
+                expect["n"] = w
+                pairs, cpus, extras, loads, connects = [], [], [], [], []
+                for k in range(args.repeats):  # interleaved, the order alternating: load drift hits both sides
+                    tcp_first = k % 2 == 1
+                    tcp = run_tcp(script, payload[:wire], w, env) if tcp_first else None
+                    s, c, x, load, connect = run_dataplane(script, port, token, w, dtype, env, hub, base_rss)
+                    if not tcp_first:
+                        tcp = run_tcp(script, payload[:wire], w, env)
+                    pairs.append((s, tcp))
+                    cpus.append(c / (gib * w))
+                    extras.append(x / bucket)
+                    loads.append(load / s)
+                    connects.append(connect)
+                ratio = statistics.median(t / d for d, t in pairs)
+                dp_s, tcp_s = statistics.median(d for d, _ in pairs), statistics.median(t for _, t in pairs)
+                row = {"mib": mib, "dtype": dtype, "workers": w, "wire_mib": round(wire / (1 << 20)),
+                       "dataplane_gib_s": round(gib * w / dp_s, 3), "tcp_gib_s": round(gib * w / tcp_s, 3),
+                       "transfer_over_tcp": round(ratio, 3), "pair_ratios": [round(t / d, 3) for d, t in pairs],
+                       "trainer_cpu_s_per_gib": round(statistics.median(cpus), 3),
+                       "extra_mem_buckets": round(max(extras), 2),
+                       "worker_load_share": round(statistics.median(loads), 2),
+                       "connect_s": round(statistics.median(connects), 3)}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
         server.stop(grace=None)
-        del big, publisher, hub, data
+        del big, publisher, hub
     session.metrics.close()
     result = {
         "bucket_mib": args.bucket_mib,
+        "repeats": args.repeats,
         "rows": rows,
-        "transfer_over_tcp": round(min(ratios), 3),
-        "cpu_s_per_gib": round(max(cpu_per_gib), 3),
-        "extra_mem_buckets": round(max(extra_buckets), 2),
+        "transfer_over_tcp": min(r["transfer_over_tcp"] for r in rows),
+        "cpu_s_per_gib": max(r["trainer_cpu_s_per_gib"] for r in rows),
+        "extra_mem_buckets": max(r["extra_mem_buckets"] for r in rows),
+        "first_round_mib": round(max(first_round) / (1 << 20), 2),
         "bytes_ratio_int8": round(ratio_int8, 4),
         "bytes_ratio_bf16": round(ratio_bf16, 4),
     }

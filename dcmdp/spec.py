@@ -791,6 +791,12 @@ class TrainerSpec(SpecModel):
 
     precision: TrainerPrecision = "fp32"
     replicas: int = Field(1, ge=1, le=4096)
+    gpus_per_replica: Optional[int] = Field(
+        None, ge=1, le=256,
+        description="Ranks (processes, one per GPU) each replica starts, torchrun's way; world = replicas × "
+        "gpusPerReplica, rank 0 serves gRPC. Default: the template's nvidia.com/gpu limit, else 1. More than one "
+        "rank in all trains data-parallel through DeepSpeed (ZeRO stage 0 when deepspeed.enabled is false).",
+    )
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process (0 = default).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     device: Device = Field(
@@ -1020,6 +1026,10 @@ class Metadata(SpecModel):
         return v
 
 
+RANKS_MESSAGE = ("more trainer ranks (replicas × gpusPerReplica) than a mini-batch has sequences (miniBatchSize × "
+                 "groupSize): every rank takes a share of each mini-batch")
+
+
 class DCMDPRun(SpecModel):
     api_version: Literal["dcmdp.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["DCMDPRun"] = KIND
@@ -1030,6 +1040,12 @@ class DCMDPRun(SpecModel):
     # The trainer's indexed-Job pod hostnames <run>-trainer-<index> must fit a 63-character label;
     # the pools' Deployments <run>-rollout-<pool> too (the API server sees metadata.name at the root).
     CEL = (
+        CelRule(
+            "self.spec.trainer.replicas * (has(self.spec.trainer.gpusPerReplica) ? self.spec.trainer.gpusPerReplica : 1)"
+            " <= self.spec.algorithm.miniBatchSize * self.spec.algorithm.groupSize",
+            f"spec.trainer.gpusPerReplica: {RANKS_MESSAGE}",
+            ".spec.trainer.gpusPerReplica",
+        ),
         CelRule(
             f"size(self.metadata.name) + {len(names.TRAINER_SUFFIX) + 1} + "
             f"size(string(self.spec.trainer.replicas - 1)) <= {names.MAX_LABEL}",
@@ -1048,6 +1064,16 @@ class DCMDPRun(SpecModel):
         err = names.trainer_hostname_error(self.metadata.name, self.spec.trainer.replicas)
         if err:
             raise _field_errors([("metadata.name", err)])
+        return self
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "DCMDPRun":
+        """The CEL rule's twin (a default from the template's GPU limit is checked when the trainer starts)."""
+        spec = self.spec
+        world = spec.trainer.replicas * (spec.trainer.gpus_per_replica or 1)
+        rows = spec.algorithm.mini_batch_size * spec.algorithm.group_size
+        if world > rows:
+            raise _field_errors([("spec.trainer.gpusPerReplica", RANKS_MESSAGE)])
         return self
 
     @model_validator(mode="after")

@@ -5,7 +5,8 @@
 * :func:`break_stream` ``(after)``: the first ``StreamWeights`` call that has more than ``after``
   chunks to send is aborted with UNAVAILABLE after sending ``after`` of them.
 * :func:`corrupt_buckets` ``(n)``: the first ``n`` buckets the broadcast hub sends
-  (``BroadcastHub._fill``) have their first byte flipped after their true crc32 is taken.
+  (``BroadcastHub._part``, the bucket's first part) have their first byte flipped after their true
+  crc32 is taken (in the hub's buffer: a part that is a view of the weights is copied there first).
 
 They prove that workers detect damaged bytes and resume broken streams. In a test, each is a
 context manager yielding its :class:`~dcmdp_testing.faults.Fault` (``struck`` counts the hits);
@@ -25,6 +26,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
 
 import grpc
+import torch
 
 from dcmdp_testing.faults import Fault, patched, run_module
 from dcmdp_trainer.broadcast import BroadcastHub
@@ -69,16 +71,18 @@ def break_stream(after: int, times: int = 1) -> Iterator[Fault]:
 @contextmanager
 def corrupt_buckets(times: int) -> Iterator[Fault]:
     fault = Fault(times)
-    real = BroadcastHub._fill
+    real = BroadcastHub._part
 
-    def _fill(self, prep, i, out):
-        data = real(self, prep, i, out)
-        if fault.strike():
-            self.publisher.crc(prep, i, data)  # the true crc, taken (and kept) before the damage
+    def _part(self, prep, i, lo, hi, out):
+        data = real(self, prep, i, lo, hi, out)
+        if lo == prep.layout.span(i)[0] and fault.strike():
+            self.publisher.bucket(prep, i, torch.empty(prep.layout.bucket_bytes, dtype=torch.uint8))  # true crc, kept
+            if data.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():  # a view of the weights
+                data = out[:hi - lo].copy_(data)
             data[0] = data[0] ^ 0xFF
         return data
 
-    with patched(BroadcastHub, "_fill", _fill):
+    with patched(BroadcastHub, "_part", _part):
         yield fault
 
 

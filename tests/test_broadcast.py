@@ -41,14 +41,14 @@ def session(tmp_path_factory):
 
 class Served:
     def __init__(self, session: Session, expected: int = 0, gather_s: float = 5.0, timeout_s: float = 10.0,
-                 bucket: int = BUCKET, extra_mib: int = 0):
+                 bucket: int = BUCKET, extra_mib: int = 0, join_timeout_s: float = 10.0):
         self.publisher = WeightPublisher(keep=2, skip=("lm_head.weight",), bucket_bytes=bucket)
         weights = dict(session.weights(0))
         if extra_mib:  # more bytes than socket buffers hold: a broadcast that cannot finish before a peer dies
             weights["extra.weight"] = torch.randn(extra_mib << 18, generator=torch.Generator().manual_seed(1))
         self.publisher.publish(0, weights)
         self.hub = BroadcastHub(self.publisher, "127.0.0.1", gather_s=gather_s, timeout_s=timeout_s,
-                                expected=lambda dtype: expected)
+                                join_timeout_s=join_timeout_s, expected=lambda dtype: expected)
         self.server, self.port = start_server(Coordinator(session, self.publisher), self.publisher, TOKEN, hub=self.hub)
         self.want = loopback(weights, "bf16", skip=("lm_head.weight",))  # what the in-process runner loads
 
@@ -190,6 +190,22 @@ def test_a_worker_killed_mid_broadcast_fails_the_round_not_the_others(served):
         doomed.kill()
 
 
+@pytest.mark.parametrize("served", [{"expected": 2, "timeout_s": 40.0, "join_timeout_s": 1.0}], indirect=True)
+def test_a_ticket_holder_that_never_connects_holds_the_round_only_for_the_join_timeout(served):
+    ghost, out = in_thread(served.join, "ghost")  # takes a ticket of the round, never connects to the group
+    t0 = time.monotonic()
+    tensors, stats = joined_and_received(served, "w")
+    waited = time.monotonic() - t0
+    served.check(tensors)  # fetched over the stream instead
+    assert stats.broadcast_bytes == 0 and stats.bytes == stats.total_bytes
+    assert "broadcast failed: fetching the rest over the stream" in stats.events
+    assert waited < 15, waited  # the join timeout (1 s) and the stream, not the 40 s data timeout
+    r = served.wait_round()
+    assert r.error and r.world_size == 3
+    ghost.join(5)
+    assert out["value"].group  # (the ghost did hold a ticket of that round)
+
+
 def test_a_peer_without_the_token_neither_joins_nor_rendezvouses(served):
     with pytest.raises(grpc.RpcError) as e:
         served.join("intruder", served.stub("wrong-token"))
@@ -201,7 +217,7 @@ def test_a_peer_without_the_token_neither_joins_nor_rendezvouses(served):
     # the store answers anyone, but the group name is a secret of JoinBroadcast: a guess rendezvouses with no one
     ticket_thread, out = in_thread(served.join, "w")
     with pytest.raises(RuntimeError):
-        open_group(client_store("127.0.0.1", served.hub.port, 2.0), "guessed-name", 1, 2, timeout_s=2.0)
+        open_group(client_store("127.0.0.1", served.hub.port, 2.0), "guessed-name", 1, 2, join_timeout_s=2.0)
     ticket_thread.join(30)
     served.check(served.receive("w", out["value"])[0])
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dcmdp.precision import TORCH_DTYPES
-from dcmdp.transport.buckets import (Assembler, WeightCastError, bucket_crc, check_cast, fill, iter_buckets, loopback,
-                                     plan)
+from dcmdp.transport.buckets import (Assembler, WeightCastError, bucket_crc, check_cast, direct, fill, fill_range,
+                                     iter_buckets, loopback, plan)
 from dcmdp.transport.tensors import WeightFormatError
 
 
@@ -77,6 +77,30 @@ def test_a_cast_that_overflows_is_an_error_naming_tensor_magnitude_and_dtype():
         check_cast(nan, plan(nan, "fp32"))
 
 
+def test_a_bucket_inside_one_tensor_of_the_wire_dtype_is_a_view_of_it_not_a_copy():
+    state = {"small": torch.randn(8), "big": torch.randn(128), "half": torch.randn(64).to(torch.bfloat16)}
+    lay = plan(state, "fp32", bucket_bytes=128)  # small: [0, 32); big: [64, 576); half (cast): [576, 832)
+    for i in range(lay.buckets):
+        view = direct(state, lay, i)
+        filled = fill(state, lay, i, torch.empty(128, dtype=torch.uint8))
+        if view is None:
+            continue
+        assert torch.equal(view, filled) and bucket_crc(view) == bucket_crc(filled)
+        assert state["big"].data_ptr() <= view.data_ptr() < state["big"].data_ptr() + 512  # the tensor's own bytes
+    assert [direct(state, lay, i) is not None for i in range(lay.buckets)] == [False, True, True, True, False, False,
+                                                                               False]
+    assert all(direct(state, plan(state, "bf16", bucket_bytes=128), i) is None for i in range(2))  # a cast: filled
+
+
+def test_parts_cut_a_bucket_and_their_crcs_chain_to_the_buckets():
+    state = state_dict()
+    lay = plan(state, "bf16", skip=("tied",), bucket_bytes=128)
+    assert lay.parts(0, 64) == [(0, 64), (64, 128)] and lay.parts(4, 64) == [(512, 576), (576, 584)]
+    whole = fill(state, lay, 4, torch.empty(128, dtype=torch.uint8)).clone()
+    crc = 0
+    for lo, hi in lay.parts(4, 64):
+        crc = bucket_crc(fill_range(state, lay, lo, hi, torch.empty(64, dtype=torch.uint8)), crc)
+    assert crc == bucket_crc(whole)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_loopback_is_what_a_receiver_assembles(dtype):
     """The in-process path: the same cast as the wire, as views of one buffer, skip honoured."""

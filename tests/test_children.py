@@ -124,16 +124,20 @@ def test_trainer_job_and_service():
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     main = pod["containers"][0]
     assert main["name"] == "trainer" and main["image"] == "reg/trainer:1"
+    # two pods × 1 GPU (the template's limit): torchrun in each, rendezvous at pod 0
     assert main["command"] == [
-        "dcmdp-trainer", "--config", "/etc/dcmdp/run.yaml", "--port", "50051", "--metrics-port", "9090",
-        "--out", "/checkpoints", "--resume",
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", "$(NODE_RANK)",
+        "--master-addr", "demo-trainer-0.demo-trainer", "--master-port", "29500", "--max-restarts", "0",
+        "--module", "dcmdp_trainer",
+        "--config", "/etc/dcmdp/run.yaml", "--port", "50051", "--metrics-port", "9090", "--out", "/checkpoints",
+        "--resume",
     ]
     assert main["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     env = {e["name"]: e for e in main["env"]}
     assert env["NCCL_DEBUG"]["value"] == "INFO"  # the user's env is kept beside the operator's
-    assert env["WORLD_SIZE"]["value"] == "2"
-    assert env["MASTER_ADDR"]["value"] == "demo-trainer-0.demo-trainer"
-    assert "job-completion-index" in env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(env)  # torchrun gives each rank its own
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     assert mounts == {"/var/run/dcmdp": "dcmdp-token", "/etc/dcmdp": "dcmdp-config", "/checkpoints": "checkpoints", "/tmp": "tmp"}
     vols = {v["name"]: v for v in pod["volumes"]}
@@ -150,6 +154,34 @@ def test_trainer_job_and_service():
     pvc = objs[("PersistentVolumeClaim", "demo-checkpoints")]["spec"]
     assert pvc["resources"]["requests"]["storage"] == "5Gi" and pvc["storageClassName"] == "fast"
     assert pvc["accessModes"] == ["ReadWriteMany"]  # two trainer pods share it
+
+
+@pytest.mark.parametrize("trainer, world, per_pod", [
+    ({"replicas": 1}, 1, 1),
+    ({"replicas": 1, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 8, 8),
+    ({"replicas": 3, "template": {"spec": {"containers": [
+        {"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": 4}}}]}}}, 12, 4),
+    ({"replicas": 2, "gpusPerReplica": 2, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 4, 2),
+])
+def test_trainer_pods_start_one_rank_per_gpu(trainer, world, per_pod):
+    """world = replicas × gpusPerReplica (default: the template's GPU limit); one rank alone runs
+    the trainer directly, more run torchrun with the pod's share, its node rank the Job index."""
+    objs = by_kind(children.build(run_of({"trainer": trainer}), META, token="t", config=CONFIG))
+    job = objs[("Job", "demo-trainer")]["spec"]
+    assert job["completions"] == job["parallelism"] == trainer["replicas"]
+    main = job["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in main["env"]}
+    cmd = main["command"]
+    if world == 1:
+        assert cmd[0] == "dcmdp-trainer" and "NODE_RANK" not in env
+        return
+    flags = dict(zip(cmd[1:cmd.index("--module")], cmd[2:cmd.index("--module")]))
+    assert cmd[0] == "torchrun" and cmd[cmd.index("--module") + 1] == "dcmdp_trainer"
+    assert int(flags["--nnodes"]) * int(flags["--nproc-per-node"]) == world
+    assert int(flags["--nproc-per-node"]) == per_pod
+    assert flags["--node-rank"] == "$(NODE_RANK)" and "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert flags["--master-addr"] == "demo-trainer-0.demo-trainer"  # pod 0 through the headless Service
+    assert cmd[-7:] == ["--port", "50051", "--metrics-port", "9090", "--out", "/checkpoints", "--resume"]
 
 
 def test_pool_deployments_take_their_own_template_image_and_command():

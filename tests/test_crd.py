@@ -409,11 +409,17 @@ def _cross_field(stored: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
     ]
     cases += _escalations(s)
     one_pool = lambda name: [(s + ("rollout", "pools"), [{"name": name, "replicas": 1}])]  # noqa: E731
+    big_mb = [(alg + ("promptsPerStep",), 1024), (alg + ("miniBatchSize",), 1024)]  # room for 1001 ranks
+    mb_rows = lambda m: [(alg + ("promptsPerStep",), m), (alg + ("miniBatchSize",), m), (alg + ("groupSize",), 2)]  # noqa: E731
     tt = s + ("trainer", "template")
     cases += [
         # names Kubernetes derives: <run>-trainer-<index> (pod hostname), <run>-rollout-<pool>
-        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p"), True, ""),
-        ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p"), False, "metadata.name"),
+        ("hostname 63 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1000)] + one_pool("p") + big_mb, True, ""),
+        ("hostname 64 by replicas", [(("metadata", "name"), "a" * 51), (s + ("trainer", "replicas"), 1001)] + one_pool("p") + big_mb, False, "metadata.name"),
+        # every trainer rank takes a share of each mini-batch (miniBatchSize × groupSize sequences)
+        ("ranks = mini-batch rows", [(s + ("trainer", "replicas"), 8), (s + ("trainer", "gpusPerReplica"), 8)] + mb_rows(32), True, ""),
+        ("ranks > mini-batch rows", [(s + ("trainer", "replicas"), 8), (s + ("trainer", "gpusPerReplica"), 8)] + mb_rows(31), False, "gpusPerReplica"),
+        ("replicas > mini-batch rows", [(s + ("trainer", "replicas"), 65), (s + ("trainer", "gpusPerReplica"), 1)] + mb_rows(32), False, "gpusPerReplica"),
         ("deployment 64", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 15), False, "pools"),
         ("deployment 63", [(("metadata", "name"), "a" * 40)] + one_pool("p" * 14), True, ""),
         ("name starts with a digit", [(("metadata", "name"), "1run")], False, "metadata.name"),

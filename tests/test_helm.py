@@ -267,6 +267,24 @@ def test_run_defaults_merge_under_each_run(helm_env: dict[str, str], tmp_path: P
     assert runs[0]["metadata"]["namespace"] == NS and runs[1]["metadata"]["labels"]["team"] == "b"
 
 
+def test_gpu_values_example_trains_one_rank_per_gpu(helm_env: dict[str, str], tmp_path: Path) -> None:
+    """examples/helm/gpu-values.yaml: its runs are on cuda with a micro-batch budget, and their
+    trainer pods start one rank per GPU (torchrun, 8 per pod)."""
+    from dcmdp_operator import children
+    from dcmdp_operator.config import OperatorConfig
+
+    values = yaml.safe_load((REPO / "examples" / "helm" / "gpu-values.yaml").read_text())
+    (doc,) = by_kind(render(helm_env, values=values, tmp=tmp_path), "DCMDPRun")
+    run = S.parse_run(doc)
+    t = run.spec.trainer
+    assert t.device == "cuda" and t.gpus_per_replica == 8 and t.micro_batch_tokens > 0 and t.replicas == 2
+    objs = children.build(run, {"name": run.metadata.name, "namespace": NS, "uid": "u"}, token="t",
+                          config=OperatorConfig(trainer_image="t:1", rollout_image="r:1"))
+    (job,) = [o for o in objs if o["kind"] == "Job"]
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8"]
+
+
 @pytest.mark.parametrize(
     "sets, field",
     [

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dcmdp import ranks
 from dcmdp import spec as S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,10 @@ def test_gpu_example_puts_trainer_and_pools_on_their_own_nodes() -> None:
     r = S.load_run(REPO / "examples" / "gpu-cluster.yaml")
     assert r.spec.trainer.precision == "bf16"
     assert r.spec.trainer.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
+    # a GPU cluster's trainer: on cuda, one rank per GPU of its pods, memory-bounded forwards
+    assert r.spec.trainer.device == "cuda" and r.spec.trainer.micro_batch_tokens > 0
+    assert r.spec.trainer.gpus_per_replica == ranks.template_gpus(r.spec.trainer.template.overlay()) == 8
+    assert ranks.world_size(r.spec.trainer) == 16
     assert [(p.engine, p.precision) for p in r.spec.rollout.pools] == [("vllm", "fp8"), ("vllm", "bf16")]
     for p in r.spec.rollout.pools:
         assert p.template.overlay()["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"

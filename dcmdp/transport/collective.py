@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
+    import torch
     import torch.distributed as dist
 
 
@@ -74,18 +75,20 @@ def client_store(host: str, port: int, timeout_s: float) -> "dist.TCPStore":
     return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, timeout_s: float,
+def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, join_timeout_s: float,
                backend: str = "gloo", peer_host: str = "127.0.0.1"):
     """A process group of ``world_size`` ranks rendezvousing under ``group`` in ``store``.
 
     ``backend`` is ``gloo`` (tensors on the CPU) or ``nccl`` (tensors on this process's CUDA
-    device); gloo binds to the interface that reaches ``peer_host``. Blocks until every rank
-    has joined or ``timeout_s`` passes (then raises)."""
+    device); gloo binds to the interface that reaches ``peer_host``. Blocks until every rank has
+    connected, or raises (``torch.distributed.DistStoreError``, a RuntimeError) after
+    ``join_timeout_s`` seconds: a ticket holder that never connects fails the group then, not at
+    the data timeout. Give every operation its own timeout (:func:`broadcast`)."""
     # optional and heavy (the ml extra): the core imports without it
     import torch.distributed as dist
 
     prefixed = dist.PrefixStore(group + "/", store)
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=join_timeout_s)  # gloo's rendezvous waits this long
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
@@ -96,6 +99,18 @@ def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, t
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
     raise ValueError(f"data plane backend must be gloo or nccl (got {backend!r})")
+
+
+def broadcast(pg, tensor: "torch.Tensor", timeout_s: float, root: int = 0):
+    """``pg.broadcast`` of ``tensor`` from ``root``, asynchronous (returns the Work), failing
+    after ``timeout_s`` seconds (a peer that died or stalls)."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = root, 0
+    opts.timeout = datetime.timedelta(seconds=timeout_s)
+    return pg.broadcast([tensor], opts)
 
 
 def close_group(pg) -> None:

@@ -27,14 +27,15 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
-from dcmdp.transport.collective import client_store, close_group, open_group
+from dcmdp.transport.collective import broadcast, client_store, close_group, open_group
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
 __all__ = ["fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-Sink = Callable[[list[tuple[str, torch.Tensor]]], None]
+Sink = Callable[[list], None]  # (name, tensor) pairs, or Slices
+RECEIVE_DEPTH = 4  # bucket buffers a worker receives into: receives posted ahead while earlier ones load
 
 
 class WeightFetchError(RuntimeError):
@@ -52,6 +53,8 @@ class FetchStats:
     resumes: int = 0
     broadcast_bytes: int = 0  # of ``bytes``: over the collective data plane
     refetched: int = 0  # buckets fetched over the stream after a broadcast lost or damaged them
+    load_seconds: float = 0.0  # spent checking crcs and loading buckets (in the loading thread, overlapped)
+    connect_seconds: float = 0.0  # spent joining the broadcast's group (the rendezvous)
     events: list[str] = field(default_factory=list)
 
 
@@ -72,23 +75,28 @@ class BucketReceiver:
     """Checks and loads buckets off the receiving thread, in arrival order.
 
     ``submit(i, data, crc)`` queues bucket ``i``: its crc32 is checked, then its completed tensors
-    go to ``sink``; ``data`` must stay untouched until ``wait_for(i)`` returns. A bucket that
+    go to ``sink`` (or, with ``slices``, its pieces as :class:`~dcmdp.transport.buckets.Slice`
+    views of ``data``, with no copy: for an engine that writes them into its weights in place); ``data`` must stay untouched until ``wait_for(i)`` returns. A bucket that
     fails its crc is remembered in ``bad`` and not loaded."""
 
-    def __init__(self, layout: Layout, sink: Sink, stats: FetchStats):
-        self.layout, self.sink, self.stats = layout, sink, stats
+    def __init__(self, layout: Layout, sink: Sink, stats: FetchStats, slices: bool = False):
+        self.layout, self.sink, self.stats, self.slices = layout, sink, stats, slices
         self.assembler = Assembler(layout)
         self.bad: set[int] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._futures: dict[int, Future] = {}
 
     def _load(self, i: int, data: torch.Tensor, crc: int) -> None:
-        if bucket_crc(data) != crc:
-            self.bad.add(i)
-            self.stats.crc_errors += 1
-            return
-        self.bad.discard(i)
-        self.sink(self.assembler.add(i, data))
+        t0 = time.perf_counter()
+        try:
+            if bucket_crc(data) != crc:
+                self.bad.add(i)
+                self.stats.crc_errors += 1
+                return
+            self.bad.discard(i)
+            self.sink(self.assembler.slices(i, data) if self.slices else self.assembler.add(i, data))
+        finally:
+            self.stats.load_seconds += time.perf_counter() - t0
 
     def submit(self, i: int, data: torch.Tensor, crc: int) -> None:
         self._futures[i] = self._pool.submit(self._load, i, data, crc)
@@ -177,12 +185,12 @@ def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receive
 
 
 def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Optional[Sink] = None,
-                  max_attempts: int = 8, timeout: Optional[float] = 600.0,
+                  slices: bool = False, max_attempts: int = 8, timeout: Optional[float] = 600.0,
                   on_event: Optional[Callable[[str, dict], None]] = None):
     """Fetch ``version`` (-1 = latest) in ``dtype`` over the gRPC stream.
 
-    Returns (tensors by name, FetchStats); with a ``sink`` the tensors go to it bucket by bucket
-    as they arrive and the dict is empty."""
+    Returns (tensors by name, FetchStats); with a ``sink`` the tensors (with ``slices``: the
+    buckets' Slices) go to it bucket by bucket as they arrive and the dict is empty."""
     stats = FetchStats(dtype=dtype)
     t0 = time.perf_counter()
 
@@ -195,7 +203,7 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Op
     layout = layout_of(manifest)
     stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
     out: dict[str, torch.Tensor] = {}
-    receiver = BucketReceiver(layout, sink or collect_into(out), stats)
+    receiver = BucketReceiver(layout, sink or collect_into(out), stats, slices=slices and sink is not None)
     try:
         stream_buckets(stub, header, manifest, receiver, list(range(layout.buckets)), stats,
                        max_attempts=max_attempts, timeout=timeout, event=event)
@@ -207,7 +215,7 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Op
 
 
 def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host: str, *, sink: Optional[Sink] = None,
-                      timeout: Optional[float] = 600.0, on_event: Optional[Callable[[str, dict], None]] = None):
+                      slices: bool = False, timeout: Optional[float] = 600.0, on_event: Optional[Callable[[str, dict], None]] = None):
     """Receive the broadcast ``ticket`` names; buckets it loses or damages come over the stream.
 
     Returns (tensors by name, FetchStats) like :func:`fetch_weights`."""
@@ -223,36 +231,42 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
     layout = layout_of(manifest)
     stats.version, stats.total_bytes = manifest.version, manifest.total_bytes
     out: dict[str, torch.Tensor] = {}
-    receiver = BucketReceiver(layout, sink or collect_into(out), stats)
+    receiver = BucketReceiver(layout, sink or collect_into(out), stats, slices=slices and sink is not None)
     timeout_s = max(1.0, ticket.timeout_ms / 1000)
+    join_s = max(1.0, ticket.join_timeout_ms / 1000) if ticket.join_timeout_ms else timeout_s
     pg = None
     try:
         try:
             store = client_store(ticket.store_host or host, ticket.store_port, timeout_s)
-            pg = open_group(store, ticket.group, ticket.rank, ticket.world_size, timeout_s=timeout_s,
+            pg = open_group(store, ticket.group, ticket.rank, ticket.world_size, join_timeout_s=join_s,
                             backend=ticket.backend or "gloo", peer_host=ticket.store_host or host)
+            stats.connect_seconds = time.perf_counter() - t0
             size = min(layout.bucket_bytes, layout.total_bytes)
-            bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-            crcs = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+            bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(RECEIVE_DEPTH)]
+            crcs = [torch.zeros(1, dtype=torch.int64) for _ in range(RECEIVE_DEPTH)]
             posted = {}
 
-            def post(i: int) -> None:  # bucket i's receive, queued ahead of time (gloo matches ops by order)
-                lo, hi = layout.span(i)
-                data = bufs[i % 2][:hi - lo]
-                posted[i] = (data, crcs[i % 2], pg.broadcast(data, 0), pg.broadcast(crcs[i % 2], 0))
+            part = ticket.part_bytes or layout.bucket_bytes
 
-            for i in range(min(2, layout.buckets)):
+            def post(i: int) -> None:  # bucket i's receives, queued ahead of time (gloo matches ops by order)
+                lo, hi = layout.span(i)
+                k = i % RECEIVE_DEPTH
+                data = bufs[k][:hi - lo]
+                works = [broadcast(pg, data[a - lo:b - lo], timeout_s) for a, b in layout.parts(i, part)]
+                posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
+
+            for i in range(min(RECEIVE_DEPTH, layout.buckets)):
                 post(i)
             for i in range(layout.buckets):
-                data, crc, work_data, work_crc = posted.pop(i)
-                work_data.wait()
-                work_crc.wait()
+                data, crc, works = posted.pop(i)
+                for w in works:
+                    w.wait()
                 stats.bytes += data.numel()
                 stats.broadcast_bytes += data.numel()
                 receiver.submit(i, data, int(crc.item()))
-                if i + 2 < layout.buckets:
-                    receiver.wait_for(i)  # checked and loaded: its buffer takes bucket i+2
-                    post(i + 2)
+                if i >= 1 and i - 1 + RECEIVE_DEPTH < layout.buckets:
+                    receiver.wait_for(i - 1)  # bucket i-1 checked and loaded: its buffer takes bucket i-1+depth
+                    post(i - 1 + RECEIVE_DEPTH)
             receiver.drain()
         except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
             event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])

@@ -156,17 +156,18 @@ class Worker:
             self._log("warning", what, **fields)
 
         in_place = self.engine is not None and hasattr(self.engine, "load_partial")
-        sink = None
+        sink, slices = None, False
         if in_place:
             self.version = -1  # fenced: a failure from here on leaves no usable version
             self.engine.begin_update()
-            sink = self.engine.load_partial
+            slices = hasattr(self.engine, "load_slices")  # bucket pieces written in place, never assembled
+            sink = self.engine.load_slices if slices else self.engine.load_partial
         ticket = self._join(version)
         if ticket is not None and ticket.group:
-            tensors, stats = receive_broadcast(self.stub, self.header(), ticket, self.host, sink=sink,
+            tensors, stats = receive_broadcast(self.stub, self.header(), ticket, self.host, sink=sink, slices=slices,
                                                timeout=600.0, on_event=on_event)
         else:
-            tensors, stats = fetch_weights(self.stub, self.header(), version, self.dtype, sink=sink,
+            tensors, stats = fetch_weights(self.stub, self.header(), version, self.dtype, sink=sink, slices=slices,
                                            timeout=600.0, on_event=on_event)
         self.metrics.sync_bytes.inc(stats.bytes)
         self.metrics.crc_errors.inc(stats.crc_errors)

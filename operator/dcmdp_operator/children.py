@@ -6,7 +6,10 @@ collector deletes them with the run):
 * ``<run>-token``        Secret: the per-run gRPC token (``token``), mounted in every pod as a file;
 * ``<run>-config``       ConfigMap: the resolved run manifest (``run.yaml``), mounted in the trainer;
 * ``<run>-trainer``      indexed Job (``replicas`` pods, restartPolicy Never: each pod failure is
-                         one restart, counted against ``failurePolicy.maxRestarts``);
+                         one restart, counted against ``failurePolicy.maxRestarts``); with more
+                         than one rank in all (``replicas × gpusPerReplica``, dcmdp.ranks) each
+                         pod runs ``torchrun`` for its ``gpusPerReplica`` ranks, rendezvousing
+                         at pod 0 (``<run>-trainer-0.<run>-trainer:29500``);
 * ``<run>-trainer``      headless Service (gRPC 50051, metrics 9090); pod 0 answers at
                          ``<run>-trainer-0.<run>-trainer:50051``;
 * ``<run>-rollout-<pool>`` one Deployment per rollout pool;
@@ -27,7 +30,7 @@ import secrets
 from typing import Any, Optional
 
 
-from dcmdp import names, podsecurity, yamlfile
+from dcmdp import names, podsecurity, ranks, yamlfile
 from dcmdp.spec import API_VERSION, KIND, DCMDPRun, PoolSpec, dump_run
 from dcmdp.status import TERMINAL_PHASES
 
@@ -39,7 +42,8 @@ CONFIG_KEY = "run.yaml"
 TOKEN_DIR = "/var/run/dcmdp"
 CONFIG_DIR = "/etc/dcmdp"
 CHECKPOINT_DIR = "/checkpoints"
-MASTER_PORT = 29500
+MASTER_PORT = 29500  # torchrun's rendezvous store and the trainer ranks' process group, on pod 0
+JOB_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 # label keys
 RUN_LABEL = "dcmdp.io/run"
@@ -437,16 +441,18 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
         ckpt_volume = {"name": "checkpoints", "persistentVolumeClaim": {"claimName": pvc_name(name)}}
     else:
         ckpt_volume = {"name": "checkpoints", "emptyDir": {}}
+    args = ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+            "--out", CHECKPOINT_DIR, "--resume"]
+    rank_env: list[dict[str, Any]] = []
+    command = ["dcmdp-trainer", *args]
+    if ranks.world_size(trainer) > 1:
+        # one rank per GPU, torchrun's way; the pods rendezvous at pod 0 through the headless Service
+        command = ranks.torchrun_command(trainer, node_rank="$(NODE_RANK)", master_addr=trainer_host(name),
+                                         master_port=MASTER_PORT, args=args)
+        rank_env = [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": JOB_INDEX_FIELD}}}]
     required = {
         "image": image,
-        "command": [
-            "dcmdp-trainer",
-            "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
-            "--port", str(GRPC_PORT),
-            "--metrics-port", str(METRICS_PORT),
-            "--out", CHECKPOINT_DIR,
-            "--resume",
-        ],
+        "command": command,
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -455,15 +461,7 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
             {"name": "DCMDP_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
             {"name": "DCMDP_RUN_NAME", "value": name},
             {"name": "DCMDP_ROLE", "value": "trainer"},
-            {"name": "WORLD_SIZE", "value": str(trainer.replicas)},
-            {
-                "name": "RANK",
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-                },
-            },
-            {"name": "MASTER_ADDR", "value": trainer_host(name)},
-            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            *rank_env,
             HOME_ENV,
         ],
         "volumeMounts": [

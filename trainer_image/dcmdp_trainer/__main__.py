@@ -8,9 +8,11 @@ The token comes from ``--token-file``, ``$DCMDP_TOKEN_FILE`` or ``$DCMDP_TOKEN``
 continues from the newest checkpoint in ``--out`` when there is one (and starts fresh when there
 is none, so a pod restarted by its Job resumes, and its first start begins). SIGTERM/SIGINT stop
 the run at the next step boundary and write a checkpoint. Exit codes: 0 finished, 1 failed,
-2 bad arguments/manifest, 143 stopped before the end. With ``spec.trainer.deepspeed.enabled`` and
-``WORLD_SIZE`` > 1 (env ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), rank 0 serves
-and trains, the other ranks train with it (see ``distributed.py``).
+2 bad arguments/manifest, 143 stopped before the end. With ``WORLD_SIZE`` > 1 (torchrun's env:
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; ``dcmdp.ranks``), rank 0
+serves and trains, the other ranks train with it through DeepSpeed (``distributed.py``; ZeRO stage
+0, plain data parallelism, unless ``spec.trainer.deepspeed`` is enabled). The other ranks ignore
+SIGTERM/SIGINT: rank 0 stops them once its final checkpoint is written.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if run.spec.trainer.deepspeed.enabled or world > 1:
         init_distributed(run, log)
     if rank > 0:
+        # rank 0 ends the followers (after the checkpoint a stop asks for, which needs them): a
+        # SIGTERM to the pod (torchrun passes it on to every rank) must not end them first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return follow(run, out, resume=resume, steps=args.steps, threads=threads, log=log)
     return serve(run, out, token=token, resume=resume, args=args, threads=threads, log=log)
 
@@ -176,7 +182,7 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
 
 
 def _distributed_kwargs(run) -> dict:
-    if run.spec.trainer.deepspeed.enabled:
+    if run.spec.trainer.deepspeed.enabled or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return session_kwargs(run)
     return {}
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO data parallelism for the trainer: ``spec.trainer.replicas`` ranks, one learner.
+"""DeepSpeed ZeRO data parallelism for the trainer: ``replicas × gpusPerReplica`` ranks (``dcmdp.ranks``), one learner.
 
 Rank 0 is the trainer process of the runtime (gRPC server, coordinator, checkpoints); ranks
 1..N-1 follow it. Each step rank 0 broadcasts the step's rollouts; every rank computes π_old, δ
@@ -39,6 +39,14 @@ class DistributedError(RuntimeError):
     pass
 
 
+def zero_stage(run: DCMDPRun) -> int:
+    """``spec.trainer.deepspeed.zeroStage`` when enabled; else 0: more than one rank
+    (``dcmdp.ranks.world_size``) without DeepSpeed asked for is plain data parallelism (the
+    gradients all-reduced, every rank a whole optimizer)."""
+    ds = run.spec.trainer.deepspeed
+    return ds.zero_stage if ds.enabled else 0
+
+
 def init_distributed(run: DCMDPRun, log=None) -> None:
     """Join the process group (idempotent)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
@@ -54,12 +62,14 @@ def init_distributed(run: DCMDPRun, log=None) -> None:
         return
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         os.environ.setdefault(var, default)
-    os.environ.setdefault("LOCAL_RANK", "0")  # one rank per pod; without it DeepSpeed looks for MPI
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ.setdefault("LOCAL_RANK", "0")  # torchrun sets it; without it DeepSpeed looks for MPI
+    backend = "nccl" if torch.cuda.is_available() and run.spec.trainer.device != "cpu" else "gloo"
+    if backend == "nccl":  # DeepSpeed places the engine on the current device: this rank's GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if log:
         log.info("process group joined", extra={"fields": {"rank": dist.get_rank(), "world": dist.get_world_size(),
-                                                           "backend": backend, "zero_stage": ds.zero_stage}})
+                                                           "backend": backend, "zero_stage": zero_stage(run)}})
 
 
 class DeepSpeedLearner(Learner):
@@ -70,17 +80,16 @@ class DeepSpeedLearner(Learner):
         import torch.distributed as dist
 
         super().__init__(run, model, pad_id, pools)
-        ds = run.spec.trainer.deepspeed
-        self.stage = ds.zero_stage
+        self.stage = zero_stage(run)
         config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": ds.zero_stage},
+            "zero_optimization": {"stage": self.stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        if self.algo.grad_clip > 0:
+        if self.algo.grad_clip > 0 and self.stage > 0:  # stage 0: clipped in optimizer_step
             config["gradient_clipping"] = self.algo.grad_clip
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.engine, self.module = engine, model
@@ -138,7 +147,8 @@ class DeepSpeedLearner(Learner):
         n = minibatch.stop - minibatch.start
         if n < self.world:
             raise DistributedError(f"a mini-batch of {n} sequences cannot be split over {self.world} ranks "
-                                   "(raise miniBatchSize or groupSize, or lower trainer.replicas)")
+                                   "(raise miniBatchSize or groupSize, or lower trainer.replicas × gpusPerReplica, "
+                                   "which defaults to the template's nvidia.com/gpu limit)")
         return torch.arange(minibatch.start + n * self.rank // self.world,
                             minibatch.start + n * (self.rank + 1) // self.world)
 
@@ -150,6 +160,11 @@ class DeepSpeedLearner(Learner):
         return True
 
     def optimizer_step(self) -> float:
+        """Stages 1–2: DeepSpeed's step and global norm. Stage 0 (plain data parallelism): DeepSpeed
+        clips without reporting the norm, so the learner's own step runs on the gradients the
+        engine's backward all-reduced (every rank the same norm)."""
+        if self.stage == 0:
+            return super().optimizer_step()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

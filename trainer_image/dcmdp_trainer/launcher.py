@@ -6,7 +6,10 @@ launcher follows the trainer's metrics.jsonl / eval.jsonl (the trainer writes th
 into the progress callbacks, so the progress bar, metrics.jsonl and plots are the same as the
 in-process runner's. Every child runs in its own process group and gets SIGTERM if the launcher
 dies (``PR_SET_PDEATHSIG``); Ctrl-C or a failing child stops them all (SIGTERM, then SIGKILL)
-and the run ends with an error. Child logs (JSON lines) are in ``OUT/logs/``.
+and the run ends with an error. Child logs (JSON lines) are in ``OUT/logs/``. A run of more than
+one trainer rank (``replicas × gpusPerReplica``, ``dcmdp.ranks``) starts them all here, as one
+node: torchrun's environment (``RANK`` = ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``),
+logs ``trainer-<rank>.log``.
 
 A ``vllm`` pool's workers run under the vLLM venv's Python: ``$DCMDP_VLLM_PYTHON`` or
 ``.venv-vllm/bin/python`` beside this venv (``make vllm-venv``).
@@ -28,6 +31,7 @@ from typing import Any, Callable, Optional
 
 
 from dcmdp import yamlfile
+from dcmdp.ranks import world_size
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.channel import open_channel
@@ -235,10 +239,11 @@ def run_processes(run: DCMDPRun, out_dir: Path, *, steps: Optional[int] = None, 
             trainer_cmd += ["--steps", str(steps)]
         if threads:
             trainer_cmd += ["--threads", str(threads)]
-        ranks = spec.trainer.replicas if spec.trainer.deepspeed.enabled else 1
+        ranks = world_size(spec.trainer)  # all on this machine: one node, LOCAL_RANK = RANK (torchrun's env)
         rank_env = {}
         if ranks > 1:
-            rank_env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": host, "MASTER_PORT": str(free_port(host))}
+            rank_env = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": host,
+                        "MASTER_PORT": str(free_port(host))}
         trainers = []
         for r in range(ranks):
             e = dict(env, **rank_env, RANK=str(r), LOCAL_RANK=str(r)) if ranks > 1 else env

@@ -115,6 +115,7 @@ class HFEngine:
         self._target = self.master.state_dict()  # tensors sharing the parameters' storage
         self._seen: set[str] = set()
         self._unexpected: list[str] = []
+        self._filled: dict[str, int] = {}  # elements written so far, by tensor (load_slices)
 
     def load_partial(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (and cast) each (name, tensor) into the master weights in place."""
@@ -126,6 +127,24 @@ class HFEngine:
                     continue
                 dst.copy_(t)
                 self._seen.add(name)
+
+    def load_slices(self, slices: Iterable) -> None:
+        """Copy (and cast) each :class:`~dcmdp.transport.buckets.Slice` (a run of a tensor's
+        flattened elements, a view of the bucket) straight into the master weights in place: a
+        tensor spanning buckets is never assembled first. A tensor counts as loaded once all its
+        elements have arrived."""
+        with torch.no_grad():
+            for sl in slices:
+                dst = self._target.get(sl.name)
+                n = sl.values.numel()
+                if dst is None or tuple(dst.shape) != tuple(sl.shape) or not dst.is_contiguous() \
+                        or sl.start + n > dst.numel():
+                    self._unexpected.append(sl.name)
+                    continue
+                dst.view(-1)[sl.start:sl.start + n].copy_(sl.values)
+                filled = self._filled[sl.name] = self._filled.get(sl.name, 0) + n
+                if filled == dst.numel():
+                    self._seen.add(sl.name)
 
     def finish_update(self, version: int) -> None:
         """Check every weight arrived, refresh the serving copy, take ``version``."""
