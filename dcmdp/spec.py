@@ -766,6 +766,17 @@ class PodTemplate(PodFields, ContainerFields):
 
     CEL = PodFields.CEL + TemplateMetadata.CEL
 
+    @model_validator(mode="before")
+    @classmethod
+    def _depth(cls, data: Any) -> Any:
+        """Refused before anything walks it recursively (serialising, diffing, the checks below)."""
+        path = podsecurity.too_deep(data)
+        if path is not None:
+            short = path if len(path) <= 60 else path[:60] + "…"
+            raise _field_errors([(path.split(".")[0].split("[")[0], f"nested deeper than {podsecurity.MAX_DEPTH} "
+                                  f"levels (at {short}): no pod field is")])
+        return data
+
     @model_validator(mode="after")
     def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
         allow = (info.context or {}).get("allow_escalations", ())
