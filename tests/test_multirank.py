@@ -140,3 +140,41 @@ def test_dcmdp_run_starts_gpus_per_replica_ranks(tmp_path):
         for key in ("loss/total", "optim/grad_norm", "discrepancy/prob_diff_mean", "pool/bf16/constraint/lambda",
                     "reward/mean"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
+
+
+def test_the_pods_torchrun_command_serves_and_stops_at_a_checkpoint(tmp_path):
+    """The trainer pod's command (torchrun, 2 ranks) with two workers: rank 0 serves and trains
+    with rank 1; a SIGTERM to torchrun (what Kubernetes sends the pod) reaches both ranks: rank 1
+    keeps following, rank 0 finishes its step, writes the checkpoint (gathering rank 1's state)
+    and stops rank 1."""
+    import secrets
+    import signal
+
+    from runtime_helpers import Procs, read_ready, rows, trainer_args, wait_for, worker_args, write_manifest
+
+    run = tiny_run(algorithm={"steps": 40}, trainer={"gpusPerReplica": 2})
+    config, token, out, ready = tmp_path / "run.yaml", tmp_path / "token", tmp_path / "out", tmp_path / "ready.json"
+    write_manifest(run, config)
+    token.write_text(secrets.token_urlsafe(16))
+    cmd = ranks.torchrun_command(run.spec.trainer, node_rank="0", master_addr="127.0.0.1", master_port=free_port(),
+                                 args=trainer_args(config, out, token, ready)[2:],
+                                 launcher=(sys.executable, "-m", "torch.distributed.run"))
+    procs = Procs(tmp_path)
+    try:
+        agent = procs.start("trainer", cmd[1:])
+        wait_for(lambda: read_ready(ready), 180, "the trainer serving", procs)
+        for pool in ("bf16", "int8"):
+            procs.start(f"worker-{pool}", worker_args(read_ready(ready)["port"], pool, 0, token))
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and len(rows(metrics)) >= 2, 240, "two steps", procs)
+        os.kill(agent.pid, signal.SIGTERM)  # the pod's PID 1, not its process group
+        agent.wait(timeout=120)
+        records = procs.log_records("trainer")
+        exits = [r for r in records if r.get("msg") == "trainer exits"]
+        done = [r for r in records if r.get("msg") == "rank done"]
+        assert [(r["rank"], r["code"]) for r in exits] == [(0, 143)], procs.log("trainer")[-3000:]
+        step = exits[0]["steps"]
+        assert [(r["rank"], r["steps"]) for r in done] == [(1, step)]  # rank 1 trained every step
+        assert (out / "checkpoints" / f"step-{step:08d}.pt").exists()
+    finally:
+        procs.close()

@@ -17,7 +17,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.auth import TokenClientInterceptor
 from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES
 from dcmdp.transport.channel import SERVER_RECEIVE_BYTES, open_channel
-from dcmdp_trainer.coordinator import WORKER_SILENT_S, Coordinator, TooManyWorkers
+from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server, submission_bytes
 from dcmdp_trainer.session import Session
 from dcmdp_trainer.weights import WeightPublisher
@@ -196,7 +196,7 @@ def test_worker_ids_are_validated_and_the_registry_is_bounded(served, session):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header.worker_id" in e.value.details()
     longest = "w" * 253
     s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id=longest), engine="hf"), timeout=10)
-    bound = max(64, 8 * sum(p.replicas for p in session.spec.rollout.pools))  # Coordinator.max_workers
+    bound = max(64, 8 * sum(p.replicas for p in session.spec.rollout.pools))  # Coordinator.registry.max_workers
     for i in range(bound - 1):
         s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id=f"bf16-{i}"), engine="hf"), timeout=10)
     with pytest.raises(grpc.RpcError) as e:
@@ -208,16 +208,3 @@ def test_worker_ids_are_validated_and_the_registry_is_bounded(served, session):
     s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="bf16-0"), engine="hf"), timeout=10)
     status = s.GetStatus(pb.StatusRequest(), timeout=10)
     assert len(status.workers) == bound and status.ByteSize() < 64 * 1024
-
-
-def test_workers_silent_for_long_make_room(session):
-    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
-    coord = Coordinator(session, publisher)
-    coord.max_workers = 2
-    coord.register("a", "bf16", "hf", "bf16")
-    coord.register("b", "bf16", "hf", "bf16")
-    with pytest.raises(TooManyWorkers):
-        coord.register("c", "bf16", "hf", "bf16")
-    coord.workers["a"].last_seen -= WORKER_SILENT_S + 1
-    coord.register("c", "bf16", "hf", "bf16")
-    assert sorted(coord.workers) == ["b", "c"]

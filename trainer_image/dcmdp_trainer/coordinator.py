@@ -12,7 +12,7 @@ evaluation is one work item per pool with the held-out prompts, at a fixed versi
 π_old is the trainer's weights at the start of the step: the PPO ratio and δ_t = |π_old − p_inf|
 both use it, so δ̄ includes the staleness of a lagging rollout.
 
-Also here: the worker registry (bounded; silent workers forgotten), the run's failure rules (a
+Also here: the worker registry (``worker_registry.py``), the run's failure rules (a
 malformed submission is rejected and its item leased again; the run fails after
 :data:`FAIL_AFTER_REJECTIONS` rejections of one cause in a row that cover the step's items, or
 when nothing is accepted for ``rollout.stallTimeoutSeconds``), and the status snapshot's inputs.
@@ -36,18 +36,8 @@ from dcmdp_trainer.staleness import Staleness
 from dcmdp_trainer.status_snapshot import TrainerStatus, WorkerInfo, pool_status, snapshot
 from dcmdp_trainer.submission import check_submission
 from dcmdp_trainer.weights import WeightPublisher
+from dcmdp_trainer.worker_registry import WorkerRegistry
 from dcmdp_trainer.work_split import split_prompts, work_items
-
-
-@dataclass
-class WorkerState:
-    worker_id: str
-    pool: str
-    engine: str = ""
-    precision: str = ""
-    version: int = -1
-    last_seen: float = 0.0  # wall clock (time.time)
-    told_finished: bool = False
 
 
 @dataclass
@@ -69,13 +59,6 @@ class Rejected(Exception):
         self.reason = reason
 
 
-class TooManyWorkers(Exception):
-    """The worker registry is full (:data:`Coordinator.max_workers` workers heard from within
-    :data:`WORKER_SILENT_S`): a new worker id is refused (the server answers RESOURCE_EXHAUSTED)."""
-
-
-# a worker not heard from for this long (s) may be forgotten to make room for a new one
-WORKER_SILENT_S = 300.0
 # the malformed submissions of one cause, with nothing accepted in between, before the run fails
 FAIL_AFTER_REJECTIONS = 3
 
@@ -110,9 +93,10 @@ class Coordinator:
         self.eval_keys: dict[str, str] = {}  # pool -> the work item of the evaluation requested last
         self.eval_greedy_keys: dict[str, str] = {}  # pool -> the greedy (temperature 0) item of that evaluation
         self.eval_round = 0
-        self.workers: dict[str, WorkerState] = {}
-        # the registry's bound: room for every replica restarting several times over
-        self.max_workers = max(64, 8 * sum(p.replicas for p in self.pools.values()))
+        # room for every replica restarting several times over
+        self.registry = WorkerRegistry(max(64, 8 * sum(p.replicas for p in self.pools.values())),
+                                       leases=self.book.outstanding)
+        self.workers = self.registry.workers
         self.dropped_stale = 0
         self.dropped_by_pool: dict[str, int] = {p: 0 for p in self.pools}
         self.dropped_since_step = 0
@@ -153,45 +137,22 @@ class Coordinator:
 
     # -- RPC-facing operations (called from gRPC threads) ----------------------------------------
     def register(self, worker_id: str, pool: str, engine: str, precision: str) -> None:
+        """Register a worker of ``pool``: KeyError for a pool without replicas, TooManyWorkers when
+        the registry is full."""
         if pool not in self.pools:
             known = ", ".join(self.pools) or "none"
             raise KeyError(f"unknown rollout pool {pool!r} (pools with replicas: {known})")
         with self.cond:
-            w = self._worker(worker_id, pool)
-            w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, time.time()
+            w = self.registry.entry(worker_id, pool)
+            w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, self.registry.clock()
         self._log("worker registered", worker=worker_id, pool=pool, engine=engine, precision=precision)
 
     def workers_receiving(self, dtype: str, within_s: float = 30.0) -> int:
         """Workers seen in the last ``within_s`` seconds whose pool receives weights in ``dtype``
         (the joiners a broadcast round of that dtype waits for)."""
-        now = time.time()
         with self.cond:
-            return sum(1 for w in self.workers.values() if w.pool in self.pools and now - w.last_seen <= within_s
-                       and wire_dtype(self.pools[w.pool].precision) == dtype)
-
-    def _worker(self, worker_id: str, pool: str) -> WorkerState:
-        """The registry entry of ``worker_id``, added when new (under cond). When the registry holds
-        :attr:`max_workers`, workers silent for :data:`WORKER_SILENT_S` s without a lease are
-        forgotten first; raises :class:`TooManyWorkers` when that frees no room."""
-        w = self.workers.get(worker_id)
-        if w is not None:
-            return w
-        if len(self.workers) >= self.max_workers:
-            now = time.time()
-            for wid in [wid for wid, old in self.workers.items()
-                        if now - old.last_seen > WORKER_SILENT_S and not self.book.outstanding(wid)]:
-                del self.workers[wid]
-            if len(self.workers) >= self.max_workers:
-                raise TooManyWorkers(f"{len(self.workers)} rollout workers heard from in the last "
-                                     f"{WORKER_SILENT_S:g} s (at most {self.max_workers}): worker "
-                                     f"{worker_id[:64]!r} refused")
-        w = self.workers[worker_id] = WorkerState(worker_id, pool)
-        return w
-
-    def _seen(self, worker_id: str, pool: str, version: int) -> WorkerState:
-        w = self._worker(worker_id, pool)
-        w.last_seen, w.version = time.time(), version
-        return w
+            return sum(1 for w in self.registry.heard_within(within_s)
+                       if w.pool in self.pools and wire_dtype(self.pools[w.pool].precision) == dtype)
 
     def acquire(self, worker_id: str, pool: str, version: int, wait: float = 0.0) -> tuple[Optional[LeaseRecord], bool]:
         """(a lease or None, finished). Waits up to ``wait`` s for work (a long poll), so an idle
@@ -201,7 +162,7 @@ class Coordinator:
         deadline = time.monotonic() + wait
         with self.cond:
             while True:
-                w = self._seen(worker_id, pool, version)
+                w = self.registry.seen(worker_id, pool, version)
                 if self.finished:
                     w.told_finished = True
                     self.cond.notify_all()
@@ -222,7 +183,7 @@ class Coordinator:
                sampling_s: float, tokens: int) -> int:
         """Count a lease's samples; raises :class:`Rejected` (with the reason) when they cannot be."""
         with self.cond:
-            self._seen(worker_id, pool, version)
+            self.registry.seen(worker_id, pool, version)
             verdict = self.book.check(lease_id, worker_id)
             if not verdict.accepted:
                 self.book.complete(lease_id, worker_id)  # counts the rejection reason
@@ -387,6 +348,11 @@ class Coordinator:
         with self.cond:
             return {pool: self.eval_results.pop(key) for pool, key in keys.items()}
 
+    def set_max_staleness(self, lag: int) -> None:
+        with self.cond:
+            self.staleness = self.staleness.with_max_staleness(lag)
+            self.cond.notify_all()  # a larger bound may queue more steps
+
     def finish(self) -> None:
         with self.cond:
             self.finished = True
@@ -400,12 +366,8 @@ class Coordinator:
         holding no live lease and silent for ``silent_s`` s (an idle worker long-polls every ≤ 2 s)
         is taken as dead and not waited for."""
         deadline = time.monotonic() + timeout
-
-        def alive(w: WorkerState) -> bool:
-            return time.time() - w.last_seen < silent_s or self.book.outstanding(w.worker_id) > 0
-
         with self.cond:
-            while any(not w.told_finished and alive(w) for w in self.workers.values()):
+            while self.registry.waiting_to_be_told(silent_s):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -417,7 +379,7 @@ class Coordinator:
         """Everything ``GetStatus`` reports, taken under the lock (``status_snapshot.py``)."""
         with self.cond:
             st = self.state.copy()
-            pools = [pool_status(name, st.last_row, workers=sum(1 for w in self.workers.values() if w.pool == name),
+            pools = [pool_status(name, st.last_row, workers=self.registry.in_pool(name),
                                  lag=st.lag_by_pool.get(name, 0.0), dropped=self.dropped_by_pool.get(name, 0))
                      for name in self.pools]
             workers = [WorkerInfo(worker_id=w.worker_id, pool=w.pool, weight_version=w.version,

@@ -23,10 +23,11 @@ from dcmdp.spec import dump_run
 from dcmdp.transport.buckets import WeightCastError
 from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.broadcast import BroadcastHub
-from dcmdp_trainer.coordinator import Coordinator, Rejected, TooManyWorkers
+from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.status_snapshot import to_proto
 from dcmdp_trainer.stream_guard import Slots, StallWatchdog
 from dcmdp_trainer.weights import WeightPublisher, WeightsUnavailable
+from dcmdp_trainer.worker_registry import TooManyWorkers
 
 # header.worker_id's longest accepted length (a Kubernetes object name's, DNS-1123 subdomain)
 MAX_WORKER_ID = 253
