@@ -1,11 +1,14 @@
 """Peak trainer memory: flat in rollouts per step (micro-batch budget) and in staleness × pools.
 
 Each configuration runs in its own process: the real trainer ``Session`` (model, learner, weight
-history) and the real ``WeightPublisher`` with ``keep = max lag + 1`` (as ``python -m dcmdp_trainer``
-sets it up), on a built-in Qwen3 model of ``--preset`` size. Every step trains on synthetic
-rollouts (prompts of 6–10 tokens, responses of 4–8, random log-probs and rewards, versions up to
-maxStaleness behind), publishes the new version, and streams it once per pool in the pool's wire
-dtype, as each pool's workers fetch it. The process's peak RSS (``ru_maxrss``) is its figure; on a
+history) and the real ``WeightPublisher`` set up as ``python -m dcmdp_trainer`` sets it up
+(``keep = max lag + 1``, the pools' lag windows, versions pinned by leases), on a built-in Qwen3
+model of ``--preset`` size. Every step trains on synthetic rollouts (prompts of 6–10 tokens,
+responses of 4–8, random log-probs and rewards, versions up to maxStaleness behind), publishes the
+new version, and streams it once per pool in the pool's wire dtype, as each pool's workers fetch
+it. Pins: at every publish each pool's workers may still fetch the previous version (what the
+runtime always pins: the coordinator's current version while the new one is published, as a
+lease issued just before may name it), so the previous version stays in memory until the next. The process's peak RSS (``ru_maxrss``) is its figure; on a
 GPU (``--device cuda``) torch's max allocated CUDA memory is reported beside it.
 
     base:      64 rollouts/step, maxStaleness 0, 1 pool (bf16), 5 steps
@@ -69,6 +72,7 @@ def child(args: argparse.Namespace) -> None:
 
     from dcmdp.engine import Rollout
     from dcmdp.models.tiny import num_parameters
+    from dcmdp_trainer.history import pool_lags
     from dcmdp_trainer.session import Session
     from dcmdp_trainer.weights import WeightPublisher
 
@@ -85,8 +89,11 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s = Session(run, Path(tmp), threads=args.threads)
         tied = bool(getattr(s.model.config, "tie_word_embeddings", False))
-        pub = WeightPublisher(keep=s.max_lag + 1, skip=("lm_head.weight",) if tied else ())
+        dtypes = [WIRE[p] for p in case["pools"]]
+        pub = WeightPublisher(keep=s.max_lag + 1, skip=("lm_head.weight",) if tied else (), dtypes=sorted(set(dtypes)),
+                              lags=pool_lags(run.spec.rollout.pools), held_elsewhere=lambda v: v in s.history)
         pub.publish(s.version, s.weights(s.version))
+        pub.pinned = lambda: {(s.version - 1, d) for d in dtypes}  # published: s.version; still named: the one before
         vocab = len(s.tokenizer)
         t0 = time.perf_counter()
         for _ in range(case["steps"]):
@@ -105,6 +112,7 @@ def child(args: argparse.Namespace) -> None:
                 for _ in pub.chunks(s.version, WIRE[pool]):
                     pass
         out = {"case": args.case, "peak_rss_mib": rss_mib(), "runtime_mib": runtime,
+               "kept_forms": {str(v): list(f) for v, f in pub.kept_forms().items()},
                "parameters": num_parameters(s.model), "step_s": (time.perf_counter() - t0) / case["steps"], **case}
         if s.learner.device.type == "cuda":
             out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -1,9 +1,10 @@
-"""DeepSpeed ZeRO-2 over two ranks (gloo, two real processes) takes the same step as one rank.
+"""DeepSpeed ZeRO-2 and ZeRO-3 over two ranks (gloo, two real processes) take the same step as one rank.
 
 The same model and the same batch of rollouts: the plain one-process learner here (one pass per
 mini-batch), and the DeepSpeed learner in two ranks, each accumulating micro-batches of ≤ 48 tokens. Losses, λ and every parameter agree after three DC-GRPO steps
 (two mini-batch updates each); a checkpoint gathered from both ranks' optimizer partitions and
-loaded into fresh engines continues with the same step.
+loaded into fresh engines continues with the same step. Under ZeRO-3 the weights compared are
+those the trainer publishes: gathered one parameter at a time from both ranks' partitions.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ CHILD = textwrap.dedent('''
     from dcmdp.models.tiny import build_model
     from dcmdp_trainer.distributed import DeepSpeedLearner, init_distributed
     torch.set_num_threads(1)
-    run = tiny_run(trainer={"replicas": 2, "deepspeed": {"enabled": True, "zeroStage": 2}, "microBatchTokens": 48})
+    stage = int(sys.argv[4])
+    run = tiny_run(trainer={"replicas": 2, "deepspeed": {"enabled": True, "zeroStage": stage}, "microBatchTokens": 48})
     init_distributed(run)
     data = torch.load(sys.argv[1], weights_only=False)
 
@@ -51,7 +53,7 @@ CHILD = textwrap.dedent('''
         rows = [a.train_step(data["rollouts"]) for _ in range(2)]
         state = copy.deepcopy(a.state_dict())  # state_dict() shares the live tensors, as torch's does
         rows.append(a.train_step(data["rollouts"]))
-        params_a = {k: v.clone() for k, v in a.module.state_dict().items()}
+        params_a = {k: v.clone() for k, v, _ in a.weights() if v is not None}  # what the trainer publishes
         a.shutdown()
     else:
         a.follow()
@@ -59,7 +61,7 @@ CHILD = textwrap.dedent('''
     if b.rank == 0:
         b.load_state_dict(state)
         row_b = b.train_step(data["rollouts"])
-        params_b = b.module.state_dict()
+        params_b = {k: v.clone() for k, v, _ in b.weights() if v is not None}
         b.shutdown()
         torch.save({"rows": rows, "row_b": row_b, "params": params_a,
                     "resume_diff": max(float((params_a[k] - params_b[k]).abs().max()) for k in params_a)},
@@ -89,7 +91,8 @@ def make_batch(run):
     return model.state_dict(), rollouts
 
 
-def test_zero2_on_two_gloo_ranks_matches_one_rank(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_gloo_ranks_matches_one_rank(tmp_path, stage):
     run = tiny_run()
     state, rollouts = make_batch(run)
     data = tmp_path / "batch.pt"
@@ -109,7 +112,7 @@ def test_zero2_on_two_gloo_ranks_matches_one_rank(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     tests_dir = str(Path(__file__).resolve().parent)
-    ranks = [subprocess.Popen([sys.executable, str(script), str(data), str(result), tests_dir],
+    ranks = [subprocess.Popen([sys.executable, str(script), str(data), str(result), tests_dir, str(stage)],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True) for r in range(2)]
     try:
@@ -128,21 +131,25 @@ def test_zero2_on_two_gloo_ranks_matches_one_rank(tmp_path):
         for key in a:  # δ̄, λ and rewards come from the whole batch on every rank: identical
             if key.startswith(("discrepancy/", "constraint/", "reward/", "pool/")) and key != "constraint/penalty":
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (k, key)
-    diff = max(float((got["params"][n] - p).abs().max()) for n, p in ref.model.state_dict().items())
+    want = ref.model.state_dict()
+    assert set(got["params"]) == set(want) - {"lm_head.weight"}  # the tied head is handed over once
+    diff = max(float((p - want[n]).abs().max()) for n, p in got["params"].items())
     assert diff < 1e-5, diff
     moved = max(float((state[n] - p).abs().max()) for n, p in ref.model.state_dict().items())
     assert moved > 100 * max(diff, 1e-7)  # the steps did move the weights
     assert got["resume_diff"] == 0.0  # the gathered checkpoint continues with exactly the same step
 
 
-def test_trainer_with_two_zero2_ranks_runs_as_the_inprocess_trainer(tmp_path):
-    """`dcmdp run` with trainer.replicas 2 and ZeRO-2: two trainer ranks, workers, same numbers."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_with_two_zero_ranks_runs_as_the_inprocess_trainer(tmp_path, stage):
+    """`dcmdp run` with trainer.replicas 2 and ZeRO-2/3: two trainer ranks, workers, same numbers
+    (ZeRO-3: the ranks gather together to publish, evaluate and checkpoint)."""
     from dcmdp_trainer.launcher import run_processes
     from dcmdp_trainer.local import run_inprocess
     from runtime_helpers import rows
 
     run = tiny_run(algorithm={"steps": 3}, checkpoint={"everySteps": 2},
-                   trainer={"replicas": 2, "deepspeed": {"enabled": True, "zeroStage": 2}})
+                   trainer={"replicas": 2, "deepspeed": {"enabled": True, "zeroStage": stage}})
     summary = run_processes(run, tmp_path / "ds", threads=1)
     assert {"trainer-0", "trainer-1"} <= set(summary["processes"])
     assert (tmp_path / "ds" / "checkpoints" / "step-00000003.pt").exists()
@@ -154,3 +161,16 @@ def test_trainer_with_two_zero2_ranks_runs_as_the_inprocess_trainer(tmp_path):
         for key in ("loss/total", "optim/grad_norm", "discrepancy/prob_diff_mean", "pool/bf16/constraint/lambda",
                     "pool/int8/constraint/lambda", "reward/mean"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("algorithm, field", [
+    ({"klCoef": 0.1}, "klCoef"),
+    ({"discrepancyReference": "sampled"}, "discrepancyReference"),
+    ({"constraint": {"mode": "deployed-penalty"}}, "deployed-penalty"),
+])
+def test_zero3_refuses_what_would_need_whole_replicas(algorithm, field):
+    from dcmdp_trainer.distributed import DistributedError, init_distributed
+
+    run = tiny_run(algorithm=algorithm, trainer={"deepspeed": {"enabled": True, "zeroStage": 3}})
+    with pytest.raises(DistributedError, match=field):
+        init_distributed(run)

@@ -337,3 +337,16 @@ def test_the_api_server_refuses_an_escalating_run_naming_the_field(env):
         env.kube.create("DCMDPRun", NS, body)
     assert "spec.trainer.template.spec.hostPID" in str(err.value)
     assert env.kube.get("DCMDPRun", NS, "mu") is None and not env.kube.children(NS, "mu")
+
+
+def test_a_template_nested_thousands_of_levels_deep_fails_with_a_status_and_an_event(env):
+    """Deeper than Python's default recursion limit: kopf still decodes and diffs it, the
+    handler runs, and the spec model refuses it naming the field (no children)."""
+    deep: dict = {}
+    for _ in range(2000):
+        deep = {"a": deep}
+    env.kube.create("DCMDPRun", NS, manifest("deep", trainer={"template": {"affinity": deep}}))
+    st = wait_for(lambda: run_status(env, "deep").get("phase") == "Failed" and run_status(env, "deep"), what="Failed")
+    assert st["reason"] == "InvalidSpec" and "spec.trainer.template.affinity: nested deeper than 32 levels" in st["message"]
+    assert wait_for(lambda: ("Warning", "Failed") in events_of(env, "deep"), what="the Failed event")
+    assert env.kube.children(NS, "deep") == {}

@@ -33,6 +33,7 @@ from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs, unsupported
+from dcmdp_trainer.history import pool_lags
 from dcmdp_trainer.observability import TrainerMetrics
 from dcmdp_trainer.rollout_source import Stopped
 from dcmdp_trainer.run_loop import RunLoop
@@ -125,10 +126,13 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         raise
     try:
         tied = bool(getattr(session.model.config, "tie_word_embeddings", False))
+        dtype_of = {p.name: wire_dtype(p.precision) for p in run.spec.rollout.pools}
         publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
-                                    dtypes=sorted({wire_dtype(p.precision) for p in run.spec.rollout.pools}))
+                                    dtypes=sorted(set(dtype_of.values())), lags=pool_lags(run.spec.rollout.pools),
+                                    held_elsewhere=lambda v: v in session.history)
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
+        publisher.pinned = lambda: lease_pins(coord, dtype_of)
         loop = RunLoop(session, coord, state=coord.state, runtime=runtime, log=log)
         # gloo has no TLS: under TLS the weights stay on the gRPC stream
         collective = args.data_plane == "collective" and not args.tls_cert
@@ -183,6 +187,16 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         log.info("trainer exits", extra={"fields": {"code": code, "steps": summary.get("steps"),
                                                     "lambdas": summary.get("lambdas")}})
     return code
+
+
+def lease_pins(coord, dtype_of: dict[str, str]) -> set[tuple[int, str]]:
+    """(version, wire dtype) a worker may still be sent to fetch: what leases and queued evaluation
+    items name, and the coordinator's current version (a lease may still name it while a newer one
+    is being published)."""
+    with coord.cond:
+        named = coord.book.named_versions()
+        current = coord.version
+    return {(v, dtype_of[pool]) for pool, v in named if pool in dtype_of} | {(current, d) for d in dtype_of.values()}
 
 
 def _distributed_kwargs(run) -> dict:

@@ -11,10 +11,17 @@ token mean over the whole mini-batch: N ranks take the same step as one
 (``tests/test_deepspeed.py``). Gradient clipping is DeepSpeed's, on the global norm. The loss keys
 in the metrics are summed over ranks: the mini-batch's.
 
-ZeRO stages 0, 1 and 2 are supported (stage 3 partitions the parameters themselves, and the
-runtime publishes full weights every step, which would need a gather per step: refused with a
-clear error). Checkpoints: rank 0 gathers every rank's optimizer partition into its checkpoint;
-on resume it broadcasts the checkpoint and every rank loads its own partition.
+ZeRO stages 0–3. Stage 3 partitions the parameters themselves: every forward and backward gathers
+a layer's parameters as it runs, so every rank runs the same number of micro-batch passes (a rank
+with fewer pads with idle passes whose loss is 0). Publishing (and a checkpoint's model) gathers
+the weights one parameter at a time (``deepspeed.zero.GatheredParameters``, every rank joining
+each gather), handing each to the caller, who copies it to the host, before the next: no device
+ever holds more than one gathered parameter beyond its partition (:meth:`DeepSpeedLearner.weights`).
+Stage 3 refuses ``algorithm.klCoef > 0``, ``discrepancyReference: sampled`` and
+``constraint.mode: deployed-penalty``: their reference, scratch and quantised models would be whole
+replicas on every rank. Checkpoints: rank 0 gathers every rank's
+optimizer partition (stage 3: with its fp32 master partition) into its checkpoint; on resume it
+broadcasts the checkpoint and every rank loads its own partition.
 
 Environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (torch.distributed's);
 backend gloo on CPU, NCCL on GPU. ``TORCH_EXTENSIONS_DIR`` keeps DeepSpeed's JIT builds (the CPU
@@ -24,13 +31,15 @@ shm op, ~22 s once per machine) in ``.cache/torch_extensions`` unless set.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from dcmdp.spec import DCMDPRun
-from dcmdp_trainer.learner import Learner
+from dcmdp_trainer import microbatch
+from dcmdp_trainer.learner import Learner, state_tensors
 
 LOSS_KEYS = ("loss/policy", "loss/constraint", "constraint/penalty", "loss/kl", "loss/total", "optim/clip_frac")
 
@@ -63,9 +72,16 @@ def init_distributed(run: DCMDPRun, log=None) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
     ds = run.spec.trainer.deepspeed
     if ds.enabled and ds.zero_stage == 3:
-        raise DistributedError("spec.trainer.deepspeed.zeroStage: 3 is not supported by the dcmdp trainer "
-                               "(it publishes full weights every step; stage 3 would gather them each time); "
-                               "use zeroStage 0, 1 or 2")
+        algo = run.spec.algorithm
+        if algo.kl_coef > 0:
+            raise DistributedError("spec.algorithm.klCoef > 0 needs a whole reference model on every rank: not "
+                                   "with spec.trainer.deepspeed.zeroStage 3 (use klCoef 0 or zeroStage ≤ 2)")
+        if algo.constraint.mode == "deployed-penalty":
+            raise DistributedError("spec.algorithm.constraint.mode: deployed-penalty swaps in quantised copies of "
+                                   "whole weights: not with spec.trainer.deepspeed.zeroStage 3 (use zeroStage ≤ 2)")
+        if algo.discrepancy_reference == "sampled":
+            raise DistributedError("spec.algorithm.discrepancyReference: sampled needs whole older weights on every "
+                                   "rank: not with spec.trainer.deepspeed.zeroStage 3 (use current or zeroStage ≤ 2)")
     import deepspeed
     import torch.distributed as dist
 
@@ -143,7 +159,13 @@ class DeepSpeedLearner(Learner):
             if kind == "train":
                 self._train_local(payload)
                 steps += 1
+            elif kind == "generate":
+                self.generate(payload[0], **payload[1])
+            elif kind == "weights":
+                for _ in self._gathered():
+                    pass
             elif kind == "state":
+                self._model_state()
                 self._gather_optimizer()
             elif kind == "load":
                 self._load_local(payload)
@@ -167,6 +189,28 @@ class DeepSpeedLearner(Learner):
         return torch.arange(minibatch.start + n * self.rank // self.world,
                             minibatch.start + n * (self.rank + 1) // self.world)
 
+    def forward_context(self):
+        """What ``engine.forward`` does first (our passes call the model's decoder and head, not the
+        engine): the ZeRO optimizer counts the previous backward as a micro-step (stage 3 otherwise
+        overwrites the accumulated gradient with each micro-batch's) and clears its per-pass flags."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer  # optional and heavy: only with DeepSpeed
+
+        if isinstance(self.optimizer, ZeROOptimizer):
+            self.optimizer.clear_backward_seen_flag()
+        return super().forward_context()
+
+    def align(self, micro: list[microbatch.MicroBatch]) -> list[microbatch.MicroBatch]:
+        """ZeRO-3 over several ranks: as many passes as the rank with the most (every pass gathers
+        each layer's parameters from every rank), the extra ones idle."""
+        if self.stage != 3 or self.world == 1:
+            return micro
+        import torch.distributed as dist
+
+        most = torch.tensor([len(micro)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        idle = microbatch.MicroBatch(micro[-1].rows[:1], micro[-1].width, idle=True)
+        return micro + [idle] * (int(most) - len(micro))
+
     def backward(self, loss: torch.Tensor, last: bool) -> bool:
         """× world: DeepSpeed averages the ranks' gradients, the mini-batch mean is their sum. Every
         rank takes part in every backward (a rank skipping alone would leave the others waiting)."""
@@ -183,6 +227,41 @@ class DeepSpeedLearner(Learner):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def generate(self, prompts: list[list[int]], **kwargs: Any):
+        """As :meth:`Learner.generate`; under ZeRO-3 every rank runs it (each forward gathers layers
+        from all ranks): rank 0 tells the others. Greedy or seeded, every rank takes the same steps."""
+        if self.stage == 3 and self.world > 1 and self.rank == 0:
+            self._broadcast(("generate", (prompts, kwargs)))
+        return super().generate(prompts, **kwargs)
+
+    # -- weights, one parameter at a time -----------------------------------------------------------
+    def weights(self) -> Iterator[tuple[str, Optional[torch.Tensor], Optional[str]]]:
+        """As :meth:`Learner.weights`; under ZeRO-3 each parameter is gathered (every rank joining:
+        rank 0 tells the others) for as long as the caller holds it, then released. Consume it whole."""
+        if self.stage != 3:
+            yield from super().weights()
+            return
+        if self.world > 1 and self.rank == 0:
+            self._broadcast(("weights", None))
+        yield from self._gathered()
+
+    def _gathered(self) -> Iterator[tuple[str, Optional[torch.Tensor], Optional[str]]]:
+        import deepspeed
+
+        def hold(t: torch.Tensor):  # a partitioned parameter is gathered; buffers are whole on every rank
+            return deepspeed.zero.GatheredParameters([t], modifier_rank=None) if hasattr(t, "ds_id") else nullcontext()
+
+        return state_tensors(self.module, hold)
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights on the host (ZeRO-3: gathered one parameter at a time; ties kept)."""
+        if self.stage != 3:
+            return self.module.state_dict()
+        out: dict[str, torch.Tensor] = {}
+        for name, t, same_as in self._gathered():
+            out[name] = out[same_as] if same_as is not None else t.detach().to("cpu", copy=True)
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _optimizer_state(self) -> dict[str, Any]:
@@ -204,10 +283,12 @@ class DeepSpeedLearner(Learner):
         """Rank 0: the model, every rank's optimizer partition, the multipliers."""
         if self.world > 1:
             self._broadcast(("state", None))
+            model = self._model_state()
             parts = self._gather_optimizer()
         else:
+            model = self._model_state()
             parts = [self._optimizer_state()]
-        return {"model": self.module.state_dict(), "optimizer": {"deepspeed_stage": self.stage, "ranks": parts},
+        return {"model": model, "optimizer": {"deepspeed_stage": self.stage, "ranks": parts},
                 "constraints": self.constraints.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -223,6 +304,10 @@ class DeepSpeedLearner(Learner):
         if opt["deepspeed_stage"] != self.stage or len(opt["ranks"]) != self.world:
             raise DistributedError(f"checkpoint of ZeRO stage {opt['deepspeed_stage']} over {len(opt['ranks'])} ranks; "
                                    f"this run has stage {self.stage} over {self.world}: keep them equal to resume")
+        if self.stage == 3:  # each rank's fp32 master partition restores its share of the weights
+            self.optimizer.load_state_dict(opt["ranks"], load_optimizer_states=True)
+            self.constraints.load_state_dict(state["constraints"])
+            return
         self.module.load_state_dict(state["model"])
         if self.stage in (1, 2):
             self.optimizer.load_state_dict(opt["ranks"], load_optimizer_states=True, load_from_fp32_weights=True)

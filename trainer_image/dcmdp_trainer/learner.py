@@ -23,7 +23,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ from dcmdp import losses
 from dcmdp.constraint import ConstraintSet, discrepancy_stats, token_discrepancy
 from dcmdp.device import resolve_device
 from dcmdp.engine import Rollout
+from dcmdp.generation import Generated, sample
 from dcmdp.spec import DCMDPRun
 from dcmdp_trainer import microbatch
 from dcmdp_trainer.deployed import deployed_group_size, deployed_logprobs
@@ -108,6 +109,24 @@ def micro_logprobs(model, batch: Batch, mb: microbatch.MicroBatch, temperature: 
                              batch.pos[mb.rows][:, cols], temperature)
 
 
+WeightItem = tuple[str, Optional[torch.Tensor], Optional[str]]
+
+
+def state_tensors(module: torch.nn.Module, hold: Optional[Callable[[torch.Tensor], Any]] = None) -> Iterator[WeightItem]:
+    """``module``'s state dict one tensor at a time: ``(name, tensor, None)``, or ``(name, None,
+    first)`` for a tensor tied to the earlier ``first`` (a tied LM head: yielded once). ``hold(t)``:
+    a context manager kept open while the caller holds ``t`` (ZeRO-3's gather); a tensor is valid
+    only until the next one is asked for."""
+    seen: dict[int, str] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            yield name, None, seen[id(t)]
+            continue
+        seen[id(t)] = name
+        with hold(t) if hold is not None else contextlib.nullcontext():
+            yield name, t.detach(), None
+
+
 class Learner:
     """The trainer's model, optimiser and multipliers; ``train_step`` is one RL step."""
 
@@ -159,6 +178,20 @@ class Learner:
     def local_rows(self, batch: Batch, minibatch: slice) -> torch.Tensor:
         """The rows of ``minibatch`` this process computes (all of them alone)."""
         return torch.arange(minibatch.start, minibatch.stop)
+
+    def weights(self) -> Iterator[WeightItem]:
+        """The weights to publish, one tensor at a time (:func:`state_tensors`); consume it whole."""
+        return state_tensors(getattr(self.model, "module", self.model))
+
+    def generate(self, prompts: list[list[int]], **kwargs: Any) -> Generated:
+        """``dcmdp.generation.sample`` with the trainer's own weights (evaluation), in eval mode."""
+        model = getattr(self.model, "module", self.model)
+        model.eval()
+        return sample(model, prompts, **kwargs)
+
+    def align(self, micro: list[microbatch.MicroBatch]) -> list[microbatch.MicroBatch]:
+        """A mini-batch's micro-batches as this process runs them (a ZeRO-3 rank pads to the others' count)."""
+        return micro
 
     def backward(self, loss: torch.Tensor, last: bool) -> bool:
         """Accumulate the gradient of one micro-batch's share of the mini-batch loss; False (nothing
@@ -253,7 +286,7 @@ class Learner:
             denominator = losses.aggregation_denominator(counted[chunk], algo.loss_aggregation)
             tokens = losses.aggregation_denominator(batch.mask[chunk])
             counted_tokens = losses.aggregation_denominator(counted[chunk])
-            micro = self.micro_batches(batch, self.local_rows(batch, chunk))
+            micro = self.align(self.micro_batches(batch, self.local_rows(batch, chunk)))
             part_sums = dict.fromkeys(sums, 0.0)
             finite = True
             for k, mb in enumerate(micro):
@@ -264,6 +297,9 @@ class Learner:
 
                 with self.forward_context():
                     logp = micro_logprobs(self.model, batch, mb, algo.temperature)
+                if mb.idle:  # only keeps this rank's passes in step with the others': no gradient, no metrics
+                    self.backward((logp * 0).sum(), last=k == len(micro) - 1)
+                    continue
                 m = part(batch.mask)
                 pg, info = losses.clipped_surrogate(
                     logp, part(logp_old), part(adv), part(counted), algo.clip_low, algo.clip_high,

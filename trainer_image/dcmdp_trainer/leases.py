@@ -153,6 +153,15 @@ class LeaseBook:
         return sum(1 for r in self.leases.values()
                    if r.state == ACTIVE and now <= r.expires and (worker is None or r.worker == worker))
 
+    def named_versions(self) -> set[tuple[str, int]]:
+        """(pool, weight version) of every active lease and of every queued item with a fixed
+        version (evaluation): the versions a worker may still be sent to fetch. An expired lease is
+        counted until :meth:`expire` runs: its worker may still be fetching."""
+        named = {(r.item.pool, r.version) for r in self.leases.values() if r.state == ACTIVE}
+        named |= {(pool, item.version) for pool, queue in self.pending.items() for item in queue
+                  if item.version is not None}
+        return named
+
     def queued(self, pool: Optional[str] = None) -> int:
         if pool is not None:
             return len(self.pending.get(pool, ()))

@@ -38,7 +38,7 @@ def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.T
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     hidden, targets = hidden[:, :-1, :], ids[:, 1:]
-    vocab = head.weight.shape[0]
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 partitions hold a slice
     step = max(1, chunk_elements // max(1, ids.shape[0] * vocab))
     parts = []
     for s in range(0, targets.shape[1], step):

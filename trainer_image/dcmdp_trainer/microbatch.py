@@ -24,6 +24,7 @@ import torch
 class MicroBatch:
     rows: torch.Tensor  # [n] long: batch row indices
     width: int  # columns kept: the last ``width`` of the padded batch
+    idle: bool = False  # a pass that only keeps a ZeRO-3 rank in step with the others (loss 0, not counted)
 
     @property
     def tokens(self) -> int:

@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from dcmdp.engine import Rollout, Sample
-from dcmdp.generation import sample
 from dcmdp.metrics import MetricsWriter, PrometheusSink, read_metrics
 from dcmdp.models.tiny import build_model, context_length, num_parameters, save_model, vocab_limit
 from dcmdp.spec import DCMDPRun, dump_run
@@ -100,8 +99,9 @@ class Session:
         older = 0
         if self.spec.algorithm.discrepancy_reference == "sampled":
             older = self.max_lag
-        if serve_lags:
-            older = max(older, max(p.lag for p in self.spec.rollout.pools))
+        if serve_lags:  # (adaptive staleness: pools may sample up to maxStaleness behind)
+            adaptive = self.spec.algorithm.max_staleness if self.spec.algorithm.adaptive_staleness else 0
+            older = max(older, adaptive, max(p.lag for p in self.spec.rollout.pools))
         self.keep_versions = 1 + older
         self.history: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
         self.step = 0
@@ -160,22 +160,40 @@ class Session:
 
     # -- weights -------------------------------------------------------------------------------
     def _publish(self) -> None:
-        """Snapshot the current weights (on the CPU) as ``self.version``; keep ``keep_versions``.
+        """Snapshot the current weights on the host as ``self.version``; keep ``keep_versions``.
 
-        Raises :class:`NonFiniteWeights` (naming a tensor) when any weight is NaN or inf."""
-        state = self._finite_weights()
-        self.history[self.version] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        The learner hands the weights over one tensor at a time (ZeRO-3: one gathered parameter at
+        a time), each copied to the host as it comes; a tied tensor is held once. Raises
+        :class:`NonFiniteWeights` (naming a tensor) when any weight is NaN or inf: nothing is kept."""
+        snapshot: dict[str, torch.Tensor] = {}
+        bad = None
+        for name, t, same_as in self.learner.weights():  # consumed whole: ZeRO-3 ranks gather together
+            if bad is not None:
+                continue
+            if same_as is not None:
+                snapshot[name] = snapshot[same_as]
+            elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = name
+            else:
+                snapshot[name] = t.to("cpu", copy=True)
+        if bad is not None:
+            raise self._non_finite(bad)
+        self.history[self.version] = snapshot
         while len(self.history) > self.keep_versions:
             self.history.popitem(last=False)
 
-    def _finite_weights(self) -> dict[str, torch.Tensor]:
-        """The model's state dict, or :class:`NonFiniteWeights` naming the first NaN/inf tensor."""
-        state = self.model.state_dict()
-        bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    def _non_finite(self, name: str) -> "NonFiniteWeights":
+        return NonFiniteWeights(f"weights of version {self.version} hold NaN/inf (first: {name}); "
+                                "not published or checkpointed")
+
+    def _check_finite(self) -> None:
+        """:class:`NonFiniteWeights` naming the first NaN/inf tensor of the live weights."""
+        bad = None
+        for name, t, _ in self.learner.weights():
+            if bad is None and t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = name
         if bad is not None:
-            raise NonFiniteWeights(f"weights of version {self.version} hold NaN/inf (first: {bad}); "
-                                   "not published or checkpointed")
-        return state
+            raise self._non_finite(bad)
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
         """The CPU snapshot of ``version`` (never changed afterwards), or the oldest kept."""
@@ -258,7 +276,7 @@ class Session:
         self.metrics.write(row)
 
     def save_checkpoint(self) -> Path:
-        self._finite_weights()
+        self._check_finite()
         return checkpoint.save(self.out, self.step, {
             "learner": self.learner.state_dict(), "version": self.version,
             "history": list(self.history.items()), "warmstart": self.warmstart,
@@ -282,9 +300,9 @@ class Session:
     def evaluate_greedy(self) -> float:
         """Held-out accuracy of the trainer's own weights, greedy decoding."""
         prompts = self.held_out_prompts()
-        self.model.eval()
-        out = sample(self.model, [p.ids for p in prompts], n=1, max_new_tokens=self.task.max_new_tokens,
-                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, temperature=0.0)
+        out = self.learner.generate([p.ids for p in prompts], n=1, max_new_tokens=self.task.max_new_tokens,
+                                    eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                                    temperature=0.0)
         samples = [Sample(p.index, r, lp) for p, r, lp in zip(prompts, out.responses, out.logprobs)]
         return self.accuracy(samples, prompts)
 

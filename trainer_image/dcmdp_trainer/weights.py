@@ -1,7 +1,11 @@
 """The weight publisher: versioned snapshots served in buckets cast to each pool's wire dtype.
 
-The trainer publishes the state dict of every new weight version; the publisher keeps the last
-``keep`` versions (as many as the staleness bound and the pools' lags can ask for). A reader asks
+The trainer publishes the state dict of every new weight version. The newest is served from that
+snapshot (shared, not copied). Older versions: given the pools' ``lags`` (wire dtype → largest
+lag), each is kept only in the wire dtypes a worker may still fetch it in (a lagged pool's window,
+or a version ``pinned`` by a lease or queued work), in the cheapest forms serving them, and never
+beyond ``keep`` versions (``dcmdp_trainer.history``); without ``lags`` the last ``keep`` versions
+are kept whole, as handed over. A reader asks
 for (version, dtype): the publisher plans the bucketed layout once (``dcmdp.transport.buckets``),
 proves the cast finite before a byte leaves (:class:`~dcmdp.transport.buckets.WeightCastError`
 otherwise), and fills each bucket straight from the snapshot when it is sent. Nothing but the
@@ -17,12 +21,16 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES, Layout, bucket_crc, check_cast, fill, plan
 from dcmdp.precision import WIRE_DTYPES
+from dcmdp_trainer.history import forms_for, narrow, wanted
+
+SOURCE = "source"  # the form of a version that is the snapshot as handed over: it serves every wire dtype
+Forms = dict[str, Mapping[str, torch.Tensor]]  # form (SOURCE or a 16-bit wire dtype) -> tensors
 
 
 class WeightsUnavailable(LookupError):
@@ -48,12 +56,23 @@ class Prepared:
 
 class WeightPublisher:
     def __init__(self, keep: int = 1, skip: tuple[str, ...] = (), bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtypes: tuple[str, ...] | list[str] = ()):
+                 dtypes: tuple[str, ...] | list[str] = (), lags: Optional[Mapping[str, int]] = None,
+                 pinned: Optional[Callable[[], Iterable[tuple[int, str]]]] = None,
+                 held_elsewhere: Optional[Callable[[int], bool]] = None):
+        """``keep``: versions kept at most (newest included); ``dtypes``: wire dtypes proven castable
+        at publish time; ``lags``: wire dtype → the largest lag of its pools (None: keep the last
+        ``keep`` versions whole); ``pinned()``: (version, wire dtype) pairs still named by leases or
+        queued work, asked at each publish (settable later: the coordinator comes after the first
+        publish); ``held_elsewhere(v)``: the trainer keeps version v's snapshot anyway (served from it,
+        never copied)."""
         self.keep = max(1, keep)
         self.dtypes = tuple(dtypes)  # wire dtypes proven castable at publish time
         self.skip = skip  # e.g. a tied lm_head.weight (the receiver re-ties it)
         self.bucket_bytes = bucket_bytes
-        self._snapshots: "OrderedDict[int, Mapping[str, torch.Tensor]]" = OrderedDict()
+        self.lags = dict(lags) if lags is not None else None
+        self.pinned = pinned
+        self.held_elsewhere = held_elsewhere
+        self._snapshots: "OrderedDict[int, Forms]" = OrderedDict()
         self._prepared: dict[tuple[int, str], Prepared] = {}  # ≤ keep × len(WIRE_DTYPES), no tensor bytes
         self._lock = threading.Lock()
 
@@ -65,12 +84,60 @@ class WeightPublisher:
         snapshot is not finite in one of ``dtypes``."""
         for dtype in self.dtypes:
             check_cast(state, plan(state, dtype, self.skip, self.bucket_bytes))
+        pins = list(self.pinned()) if self.pinned is not None else []  # outside our lock: it takes the coordinator's
         with self._lock:
-            self._snapshots[version] = state
-            while len(self._snapshots) > self.keep:
-                old, _ = self._snapshots.popitem(last=False)
-                for key in [k for k in self._prepared if k[0] == old]:
-                    del self._prepared[key]
+            self._snapshots[version] = {SOURCE: state}
+            older = {v: forms for v, forms in self._snapshots.items() if v < version}
+        kept = self._retain(version, older, pins)  # copies (if any) are made outside the lock
+        with self._lock:
+            for v in older:
+                if v in kept:
+                    self._snapshots[v] = kept[v]
+                else:
+                    self._snapshots.pop(v, None)
+            for key in list(self._prepared):
+                self._refresh(key)
+
+    def _retain(self, newest: int, older: dict[int, Forms], pins: list[tuple[int, str]]) -> dict[int, Forms]:
+        """The forms each older version is kept in from now on (versions absent: dropped)."""
+        recent = sorted(older)[-(self.keep - 1):] if self.keep > 1 else []
+        if self.lags is None:
+            return {v: older[v] for v in recent}
+        out: dict[int, Forms] = {}
+        for v, dtypes in wanted(newest, recent, self.lags, pins).items():
+            forms = older[v]
+            if SOURCE in forms and (self.held_elsewhere is not None and self.held_elsewhere(v)):
+                out[v] = {SOURCE: forms[SOURCE]}  # the trainer holds it anyway: nothing held twice
+                continue
+            target = forms_for(dtypes)
+            if SOURCE in forms:
+                out[v] = ({SOURCE: forms[SOURCE]} if target == ("fp32",) else
+                          {d: forms[d] if d in forms else narrow(forms[SOURCE], d) for d in target})
+            else:  # already narrowed: keep the copies still wanted (a dropped form never comes back)
+                left = {d: forms[d] for d in dtypes if d in forms}
+                if left:
+                    out[v] = left
+        return out
+
+    @staticmethod
+    def _serving(forms: Forms, dtype: str) -> Optional[Mapping[str, torch.Tensor]]:
+        return forms[dtype] if dtype in forms else forms.get(SOURCE)
+
+    def _refresh(self, key: tuple[int, str]) -> None:
+        """Point a cached layout at the form now serving it, or drop it (under the lock). A stream
+        or broadcast already under way keeps the state it started with until it ends."""
+        forms = self._snapshots.get(key[0])
+        state = self._serving(forms, key[1]) if forms is not None else None
+        prep = self._prepared[key]
+        if state is None:
+            del self._prepared[key]
+        elif state is not prep.state:  # same layout and bytes (the copy is the wire rounding): crcs kept
+            self._prepared[key] = Prepared(prep.version, state, prep.layout, prep.crcs)
+
+    def kept_forms(self) -> dict[int, tuple[str, ...]]:
+        """version → the forms it is kept in (``source`` and/or 16-bit wire dtypes), oldest first."""
+        with self._lock:
+            return {v: tuple(forms) for v, forms in self._snapshots.items()}
 
     @property
     def latest(self) -> int:
@@ -92,15 +159,18 @@ class WeightPublisher:
             found = self._prepared.get((version, dtype))
             if found is not None:
                 return found
-            if version not in self._snapshots:
+            forms = self._snapshots.get(version)
+            state = self._serving(forms, dtype) if forms is not None else None
+            if state is None:
                 kept = ", ".join(map(str, self._snapshots)) or "none"
-                raise WeightsUnavailable(f"weight version {version} is not kept (kept: {kept})")
-            state = self._snapshots[version]
+                what = "is not kept" if forms is None else f"is no longer kept in {dtype}"
+                raise WeightsUnavailable(f"weight version {version} {what} (kept: {kept})")
         layout = plan(state, dtype, self.skip, self.bucket_bytes)
         check_cast(state, layout)
         prep = Prepared(version, state, layout, [None] * layout.buckets)
         with self._lock:
-            if version in self._snapshots:
+            forms = self._snapshots.get(version)
+            if forms is not None and self._serving(forms, dtype) is state:
                 prep = self._prepared.setdefault((version, dtype), prep)
         return prep
 
