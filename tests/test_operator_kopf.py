@@ -350,3 +350,17 @@ def test_a_template_nested_thousands_of_levels_deep_fails_with_a_status_and_an_e
     assert st["reason"] == "InvalidSpec" and "spec.trainer.template.affinity: nested deeper than 32 levels" in st["message"]
     assert wait_for(lambda: ("Warning", "Failed") in events_of(env, "deep"), what="the Failed event")
     assert env.kube.children(NS, "deep") == {}
+
+
+def test_a_finished_run_is_current_for_kstatus_also_after_a_spec_change(env):
+    from test_status import kstatus
+
+    create(env, "kdone", 5)
+    env.kube.patch("Job", NS, "kdone-trainer", {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, sub="status")
+    wait_for(lambda: run_status(env, "kdone").get("phase") == "Succeeded", what="Succeeded")
+    assert kstatus(env.kube.get("DCMDPRun", NS, "kdone")) == "Current"
+    env.kube.patch("DCMDPRun", NS, "kdone", {"spec": {"ttlSecondsAfterFinished": 3600}})
+    obj = wait_for(lambda: (o := env.kube.get("DCMDPRun", NS, "kdone"))["status"]["observedGeneration"] == 2 and o,
+                   what="generation 2 observed")
+    assert obj["metadata"]["generation"] == 2 and kstatus(obj) == "Current"
+    assert cond(obj["status"], "Ready")["status"] == "True"
