@@ -847,6 +847,10 @@ class PoolSpec(SpecModel):
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vllm engine: GPUs each worker shards the model over (vLLM's "
+        "tensor_parallel_size; request as many GPUs in the pool's template resources)."
+    )
     tolerance: Union[float, Literal["auto"], None] = Field(
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
@@ -856,6 +860,18 @@ class PoolSpec(SpecModel):
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
     )
+
+    CEL = (
+        CelRule("!has(self.tensorParallelSize) || self.tensorParallelSize == 1 "
+                "|| (has(self.engine) && self.engine == 'vllm')",
+                "tensorParallelSize > 1 needs engine vllm", ".tensorParallelSize"),
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> "PoolSpec":
+        if self.tensor_parallel_size > 1 and self.engine != "vllm":
+            raise ValueError(f"tensorParallelSize > 1 needs engine vllm (engine is {self.engine!r})")
+        return self
 
 
 class RolloutSpec(SpecModel):

@@ -32,7 +32,7 @@ from dcmdp.transport.auth import TokenError, load_token
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
-from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs
+from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs, unsupported
 from dcmdp_trainer.history import pool_lags
 from dcmdp_trainer.observability import TrainerMetrics
 from dcmdp_trainer.rollout_source import Stopped
@@ -83,6 +83,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("no checkpoint to resume from: starting fresh", extra={"fields": {"out": str(out)}})
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     threads = args.threads or run.spec.trainer.threads
+    why = unsupported(run, world)
+    if why:
+        log.error(why)
+        return 2
     if run.spec.trainer.deepspeed.enabled or world > 1:
         init_distributed(run, log)
     if rank > 0:
