@@ -766,6 +766,17 @@ class PodTemplate(PodFields, ContainerFields):
 
     CEL = PodFields.CEL + TemplateMetadata.CEL
 
+    @model_validator(mode="before")
+    @classmethod
+    def _depth(cls, data: Any) -> Any:
+        """Refused before anything walks it recursively (serialising, diffing, the checks below)."""
+        path = podsecurity.too_deep(data)
+        if path is not None:
+            short = path if len(path) <= 60 else path[:60] + "…"
+            raise _field_errors([(path.split(".")[0].split("[")[0], f"nested deeper than {podsecurity.MAX_DEPTH} "
+                                  f"levels (at {short}): no pod field is")])
+        return data
+
     @model_validator(mode="after")
     def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
         allow = (info.context or {}).get("allow_escalations", ())
@@ -836,6 +847,10 @@ class PoolSpec(SpecModel):
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vllm engine: GPUs each worker shards the model over (vLLM's "
+        "tensor_parallel_size; request as many GPUs in the pool's template resources)."
+    )
     tolerance: Union[float, Literal["auto"], None] = Field(
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
@@ -845,6 +860,18 @@ class PoolSpec(SpecModel):
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
     )
+
+    CEL = (
+        CelRule("!has(self.tensorParallelSize) || self.tensorParallelSize == 1 "
+                "|| (has(self.engine) && self.engine == 'vllm')",
+                "tensorParallelSize > 1 needs engine vllm", ".tensorParallelSize"),
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> "PoolSpec":
+        if self.tensor_parallel_size > 1 and self.engine != "vllm":
+            raise ValueError(f"tensorParallelSize > 1 needs engine vllm (engine is {self.engine!r})")
+        return self
 
 
 class RolloutSpec(SpecModel):

@@ -3,9 +3,10 @@
     evaluate (step 0 only)
     while steps remain:
         batch = source.collect(step)                 # the step's groups (in-process or remote)
-        row = session.train_step(batch.rollouts)     # one DC-GRPO step; a checkpoint on schedule
-        source.published()                           # version + 1 reaches the pools / workers
+        row = session.train_step(batch.rollouts)     # one DC-GRPO step: weights version + 1
         adaptive staleness: the next step's lag from the pools' λ (staleness.adaptive_lag)
+        checkpoint on schedule (checkpoint.everySteps; the last one at Session.close)
+        source.published()                           # the new version reaches the pools / workers
         evaluate on schedule (eval.everySteps, and after the last step)
         log the row (metrics.jsonl, TensorBoard, Prometheus), update the status, on_step(row)
 
@@ -96,6 +97,9 @@ class RunLoop:
             if self.adaptive:  # the lag this step's rollouts were allowed, then the next step's
                 row["staleness/lag"] = self.lag
                 row["staleness/lag_next"] = self.adapt_staleness()
+            checkpointed = s.checkpoint_due
+            if checkpointed:
+                s.save_checkpoint()
             self.source.published()
             lags = version_lags(batch.rollouts, s.version - 1)
             row["time/step_s"] = time.perf_counter() - t0
@@ -108,11 +112,9 @@ class RunLoop:
             s.log(row)
             if self.runtime:
                 self.runtime.step(row, lags)
-            ck = spec.checkpoint.every_steps
-            written = bool(ck and s.step % ck == 0 and s.step < s.total_steps)  # Session.train_step wrote it
             # only now does the status report the step: its metrics are out
             self.state.update(last_row=row, step=s.step, lag_by_pool=lags,
-                              **({"checkpoint_step": s.step} if written else {}))
+                              **({"checkpoint_step": s.step} if checkpointed else {}))
             self._log("step trained", step=row["step"], version=s.version, reward=row.get("reward/mean"),
                       prob_diff_mean=row.get("discrepancy/prob_diff_mean"),
                       wait_s=round(row.get("time/wait_s", 0.0), 4), train_s=round(row["time/train_s"], 4),
