@@ -239,3 +239,11 @@ def test_kstatus_sees_a_running_run_in_progress_and_a_finished_one_current_or_fa
     assert verdict(done, generation=2) == "InProgress"
     later = S.compute(run_of(), Observed(job=job(conditions=[{"type": "Complete", "status": "True"}])), done, 2, at(3))
     assert later["observedGeneration"] == 2 and verdict(later, generation=2) == "Current"
+
+
+def test_figures_are_rounded_for_the_printer_columns_and_absent_until_reported():
+    raw = {**TRAINER, "prob_diff_mean": 0.001014180634790906, "reward_mean": None,
+           "pools": [{**TRAINER["pools"][0], "lambda": 0.027582105455750114}]}
+    st = S.compute(run_of(), Observed(job=job(active=1, ready=1), trainer=raw), None, 1, T0)
+    assert st["probDiffMean"] == 0.001014 and st["reward"] is None
+    assert st["pools"][0]["lambda"] == 0.02758 and st["lambdas"].startswith("bf16=0.0276")

@@ -43,9 +43,16 @@ def timestamp(now: dt.datetime) -> str:
     return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Significant digits of the figures the status shows (printer columns print a float whole:
+# `0.001014180634790906`); the exact values are in the metrics.
+SIGNIFICANT_DIGITS = 4
+
+
 def _number(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+    """A reported figure as the status shows it: a float rounded to :data:`SIGNIFICANT_DIGITS`
+    significant digits (None when not finite), anything else as is."""
+    if isinstance(v, float):
+        return float(f"{v:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(v) else None
     return v
 
 

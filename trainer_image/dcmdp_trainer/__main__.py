@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     ap.add_argument("--metrics-port", type=int, default=-1, help="Prometheus port (0 = any free port, -1 = off)")
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
-    ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, plots")
+    ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, summary.json (plots: dcmdp plot DIR)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, if any")
     ap.add_argument("--token-file", default=None, help="run token file (else $DCMDP_TOKEN_FILE / $DCMDP_TOKEN)")
     ap.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
