@@ -71,6 +71,10 @@ def test_adaptive_staleness_in_process_samples_at_the_lag_lambda_allows(tmp_path
     for prev, row in zip(rows, rows[1:]):
         assert row["staleness/lag"] == prev["staleness/lag_next"]
         assert prev["staleness/lag_next"] == adaptive_lag(row["pool/n/constraint/lambda"], 1.0, 3)
+    from test_metrics import documented
+
+    assert [k for r in rows for k in r if not documented(k)] == []  # docs/metrics.md names every key
+    assert "eval/accuracy_engine_greedy" in rows[-1]
     for row in rows:  # the version lag the rollouts really had (limited by the versions there are)
         assert row["version/lag_max"] == min(row["staleness/lag"], row["step"])
         assert row["throughput/steps_per_min"] > 0
