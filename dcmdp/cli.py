@@ -23,6 +23,7 @@ from dcmdp.cli_args import at_least
 from dcmdp.plots import plot_run
 from dcmdp.preflight import check_inputs
 from dcmdp.progress import RunProgress, summary_table
+from dcmdp.ranks import gpus_per_replica
 from dcmdp.runners import installed, runner
 from dcmdp.spec import SpecError, dump_run, load_run
 from dcmdp.sweep import cli as sweep_cli
@@ -69,8 +70,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(yamlfile.dumps(dump_run(run)))
     else:
         pools = ", ".join(f"{p.name} ({p.engine}/{p.precision}×{p.replicas})" for p in run.spec.rollout.pools)
+        t = run.spec.trainer
         print(f"{args.file}: valid {run.kind} {run.metadata.name!r}: {run.spec.algorithm.name}, "
-              f"{run.spec.algorithm.steps} steps, pools {pools}")
+              f"{run.spec.algorithm.steps} steps, trainer {t.replicas}×{gpus_per_replica(t)} ranks, pools {pools}")
     return 0
 
 

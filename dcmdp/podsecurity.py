@@ -39,7 +39,7 @@ generated for that list (``python -m dcmdp.crd --allow NAME,...``): see docs/kub
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 ESCALATIONS: dict[str, str] = {
     "hostNamespaces": "host namespaces (hostNetwork, hostPID, hostIPC, hostPort)",
@@ -184,7 +184,26 @@ PROFILE_ANNOTATIONS = (
 CONFINED_ANNOTATION_VALUES = ("runtime/default", "docker/default")  # or localhost/<profile>
 CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 
+# No pod field nests deeper than about a dozen levels; a template deeper than this is refused before
+# anything walks it recursively (kube-apiserver stores JSON nested up to 10000 levels).
+MAX_DEPTH = 32
+
 Found = Iterator[tuple[str, str, str]]  # (escalation, field path, what)
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> Optional[str]:
+    """The path (relative, ``a.b[0]``) of the first node of ``value`` nested deeper than ``limit``
+    levels, or None. Iterative: any depth is safe to check."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > limit:
+            return path
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+    return None
 
 
 def check_allow(allow: Iterable[str], source: str = "podSecurity.allow") -> frozenset[str]:

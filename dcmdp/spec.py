@@ -321,7 +321,12 @@ class AlgorithmSpec(SpecModel):
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global grad-norm clip (0 = off).")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     steps: int = Field(100, ge=1, le=10_000_000)
-    max_staleness: int = Field(0, ge=0, le=1024, description="Weight versions a rollout may lag.")
+    max_staleness: int = Field(0, ge=0, le=1024, description="Weight versions a rollout may lag (with "
+                               "adaptiveStaleness: the ceiling K_max of the adaptive lag).")
+    adaptive_staleness: bool = Field(
+        False, description="dc-grpo: set the allowed lag each step from the pools' multiplier, "
+        "lag = round(maxStaleness·(1 − λ/λmax)) with λ the largest pool λ: the full lag while the constraint is "
+        "slack, none once λ reaches λmax (the in-process runner samples at that lag).")
     discrepancy_reference: Literal["current", "sampled"] = Field(
         "current",
         description="p_train in δ: 'current' = the trainer's weights at the start of the step (staleness "
@@ -375,6 +380,11 @@ class AlgorithmSpec(SpecModel):
         ),
         CelRule("self.corrections.all(c, self.corrections.exists_one(d, d == c))", "corrections must not repeat", ".corrections"),
         CelRule("!('tis' in self.corrections && 'mis' in self.corrections)", "corrections tis and mis are alternatives; pick one", ".corrections"),
+        CelRule(
+            "!self.adaptiveStaleness || (self.name == 'dc-grpo' && self.maxStaleness >= 1)",
+            "adaptiveStaleness needs name: dc-grpo (the lag follows its multiplier) and maxStaleness >= 1 (the ceiling)",
+            ".adaptiveStaleness",
+        ),
     )
 
     @model_validator(mode="after")
@@ -389,6 +399,9 @@ class AlgorithmSpec(SpecModel):
             raise ValueError("corrections must not repeat")
         if {"tis", "mis"} <= set(self.corrections):
             raise ValueError("corrections tis and mis are alternatives; pick one")
+        if self.adaptive_staleness and not (self.name == "dc-grpo" and self.max_staleness >= 1):
+            raise ValueError("adaptiveStaleness needs name: dc-grpo (the lag follows its multiplier) and "
+                             "maxStaleness >= 1 (the ceiling)")
         return self
 
     @property
@@ -753,6 +766,17 @@ class PodTemplate(PodFields, ContainerFields):
 
     CEL = PodFields.CEL + TemplateMetadata.CEL
 
+    @model_validator(mode="before")
+    @classmethod
+    def _depth(cls, data: Any) -> Any:
+        """Refused before anything walks it recursively (serialising, diffing, the checks below)."""
+        path = podsecurity.too_deep(data)
+        if path is not None:
+            short = path if len(path) <= 60 else path[:60] + "…"
+            raise _field_errors([(path.split(".")[0].split("[")[0], f"nested deeper than {podsecurity.MAX_DEPTH} "
+                                  f"levels (at {short}): no pod field is")])
+        return data
+
     @model_validator(mode="after")
     def _no_escalation(self, info: ValidationInfo) -> "PodTemplate":
         allow = (info.context or {}).get("allow_escalations", ())
@@ -823,6 +847,10 @@ class PoolSpec(SpecModel):
         "auto", description="hf engine: where the model and sampling run (auto: cuda when present). vLLM "
         "places itself."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vllm engine: GPUs each worker shards the model over (vLLM's "
+        "tensor_parallel_size; request as many GPUs in the pool's template resources)."
+    )
     tolerance: Union[float, Literal["auto"], None] = Field(
         None, description="Per-pool c (defaults to algorithm.constraint.tolerance)."
     )
@@ -832,6 +860,18 @@ class PoolSpec(SpecModel):
     _tolerance = field_validator("tolerance", mode="before")(
         classmethod(lambda cls, v: None if v is None else _tolerance(v))
     )
+
+    CEL = (
+        CelRule("!has(self.tensorParallelSize) || self.tensorParallelSize == 1 "
+                "|| (has(self.engine) && self.engine == 'vllm')",
+                "tensorParallelSize > 1 needs engine vllm", ".tensorParallelSize"),
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> "PoolSpec":
+        if self.tensor_parallel_size > 1 and self.engine != "vllm":
+            raise ValueError(f"tensorParallelSize > 1 needs engine vllm (engine is {self.engine!r})")
+        return self
 
 
 class RolloutSpec(SpecModel):

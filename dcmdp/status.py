@@ -24,7 +24,7 @@ from pydantic.alias_generators import to_camel
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})  # final: nothing runs any more
-CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended", "Reconciling", "Stalled")
 
 
 def _trainer(proto_field: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from functools import lru_cache
 from typing import Any, Iterator, Optional
 
@@ -34,8 +35,10 @@ import jsonschema
 from celpy import celtypes, json_to_cel
 
 from dcmdp import crd as C
+from dcmdp import podsecurity
 
 Errors = list[tuple[str, str]]
+FREE_FORM_CEL_DEPTH = 64
 
 
 def _fmt(parts: Any) -> str:
@@ -144,7 +147,9 @@ def _list_map_errors(value: Any, schema: dict[str, Any], path: list[Any]) -> Ite
 # ------------------------------------------------------------------------------------------ CEL
 @lru_cache(maxsize=None)
 def _program(rule: str) -> Any:
-    env = celpy.Environment()
+    limit = sys.getrecursionlimit()
+    env = celpy.Environment()  # sets the process's recursion limit to 2500: put back a higher one
+    sys.setrecursionlimit(max(limit, sys.getrecursionlimit()))
     return env.program(env.compile(rule))
 
 
@@ -167,6 +172,11 @@ def _cel_value(value: Any, schema: dict[str, Any]) -> Any:
         return celtypes.StringType(value)
     if kind == "boolean":
         return celtypes.BoolType(value)
+    if podsecurity.too_deep(value, FREE_FORM_CEL_DEPTH) is not None:
+        # A free-form node (a pod template's affinity, say) nested deeper than any rule reads:
+        # handed to CEL as an empty map (its presence is what `has()` sees) rather than converted
+        # recursively once per enclosing rule.
+        return celtypes.MapType({})
     return json_to_cel(value)
 
 

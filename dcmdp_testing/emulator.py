@@ -28,6 +28,7 @@ import asyncio
 import copy
 import datetime as dt
 import itertools
+import sys
 import threading
 import uuid
 from typing import Any, Optional
@@ -399,6 +400,9 @@ class EmulatorThread:
             await self._stop.wait()
 
     def __enter__(self) -> "EmulatorThread":
+        # kube-apiserver takes objects nested thousands of levels deep; so does the emulator
+        # (KMock decodes, copies and patches them recursively).
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
         self._thread.start()
         self._ready.wait(30)
         if self._error is not None:

@@ -23,6 +23,12 @@ def test_validate_accepts_the_quickstart(capsys):
     assert "valid DCMDPRun 'quickstart'" in capsys.readouterr().out
 
 
+def test_validate_names_the_trainer_ranks(capsys):
+    """replicas × gpusPerReplica: the GPU example's two 8-GPU pods."""
+    assert main(["validate", "-f", "examples/gpu-cluster.yaml", "--cluster"]) == 0
+    assert "trainer 2×8 ranks" in capsys.readouterr().out
+
+
 def test_validate_prints_the_resolved_manifest(capsys):
     assert main(["validate", "-f", "examples/quickstart.yaml", "--print"]) == 0
     out = capsys.readouterr().out

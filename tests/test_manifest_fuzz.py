@@ -42,6 +42,14 @@ def _parent(doc: Any, path: tuple) -> Any:
     return doc
 
 
+BAD_NAMES = ["1run", "Run", "a" * 52, "-a", "run_1"]
+# Objects passed on as written (pod template fields of dcmdp.podsecurity's allow-list that are free-form).
+FREE_FORM = {"resources", "affinity", "tolerations", "topologySpreadConstraints", "dnsConfig", "hostAliases",
+             "imagePullSecrets", "os", "readinessGates", "resourceClaims", "schedulingGates", "resizePolicy",
+             "emptyDir", "configMap", "persistentVolumeClaim", "ephemeral", "downwardAPI", "fieldRef",
+             "resourceFieldRef", "configMapKeyRef", "configMapRef", "clusterTrustBundle"}
+
+
 def _mutate(rng: random.Random, doc: dict) -> tuple[dict, bool]:
     """(mutated manifest, whether it is certainly invalid)."""
     doc = copy.deepcopy(doc)
@@ -57,11 +65,16 @@ def _mutate(rng: random.Random, doc: dict) -> tuple[dict, bool]:
             del parent[path[-1]]
         elif op < 0.85 and isinstance(parent, dict) and path[0] in ("spec", "metadata") and len(path) > 1:
             parent["bogusField" + str(rng.randint(0, 9))] = 1
-            invalid = path[:2] != ("metadata", "labels") and path[:2] != ("metadata", "annotations") \
-                and "podTemplate" not in path and "engineOptions" not in path and "resources" not in path
         else:
-            doc.setdefault("metadata", {})["name"] = rng.choice(["1run", "Run", "a" * 52, "-a", "run_1"])
+            doc.setdefault("metadata", {})["name"] = rng.choice(BAD_NAMES)
+    # Judged on the result: a later mutation may have removed what an earlier one broke.
+    for path in _paths(doc):
+        if str(path[-1]).startswith("bogusField") and path[:2] not in (("metadata", "labels"), ("metadata", "annotations")) \
+                and not FREE_FORM & set(path[:-1]) and "engineOptions" not in path:
             invalid = True
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and meta.get("name") in BAD_NAMES:
+        invalid = True
     return doc, invalid
 
 

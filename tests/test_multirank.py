@@ -130,15 +130,16 @@ def test_dcmdp_run_starts_gpus_per_replica_ranks(tmp_path):
     from dcmdp_trainer.local import run_inprocess
     from runtime_helpers import rows
 
-    run = tiny_run(algorithm={"steps": 2}, trainer={"gpusPerReplica": 2})
+    algo = {"steps": 2, "klCoef": 0.5}  # the KL reference: rank 0's warm-started model, on every rank
+    run = tiny_run(algorithm=algo, trainer={"gpusPerReplica": 2})
     summary = run_processes(run, tmp_path / "ranks", threads=1)
     assert {"trainer-0", "trainer-1"} <= set(summary["processes"])
-    run_inprocess(tiny_run(algorithm={"steps": 2}), tmp_path / "ref", threads=1)
+    run_inprocess(tiny_run(algorithm=algo), tmp_path / "ref", threads=1)
     got, ref = rows(tmp_path / "ranks" / "metrics.jsonl"), rows(tmp_path / "ref" / "metrics.jsonl")
     assert [r["step"] for r in got] == [0, 1]
     for a, b in zip(ref, got):
-        for key in ("loss/total", "optim/grad_norm", "discrepancy/prob_diff_mean", "pool/bf16/constraint/lambda",
-                    "reward/mean"):
+        for key in ("loss/total", "loss/kl", "optim/grad_norm", "discrepancy/prob_diff_mean",
+                    "pool/bf16/constraint/lambda", "reward/mean"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
 
 

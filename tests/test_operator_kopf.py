@@ -337,3 +337,30 @@ def test_the_api_server_refuses_an_escalating_run_naming_the_field(env):
         env.kube.create("DCMDPRun", NS, body)
     assert "spec.trainer.template.spec.hostPID" in str(err.value)
     assert env.kube.get("DCMDPRun", NS, "mu") is None and not env.kube.children(NS, "mu")
+
+
+def test_a_template_nested_thousands_of_levels_deep_fails_with_a_status_and_an_event(env):
+    """Deeper than Python's default recursion limit: kopf still decodes and diffs it, the
+    handler runs, and the spec model refuses it naming the field (no children)."""
+    deep: dict = {}
+    for _ in range(2000):
+        deep = {"a": deep}
+    env.kube.create("DCMDPRun", NS, manifest("deep", trainer={"template": {"affinity": deep}}))
+    st = wait_for(lambda: run_status(env, "deep").get("phase") == "Failed" and run_status(env, "deep"), what="Failed")
+    assert st["reason"] == "InvalidSpec" and "spec.trainer.template.affinity: nested deeper than 32 levels" in st["message"]
+    assert wait_for(lambda: ("Warning", "Failed") in events_of(env, "deep"), what="the Failed event")
+    assert env.kube.children(NS, "deep") == {}
+
+
+def test_a_finished_run_is_current_for_kstatus_also_after_a_spec_change(env):
+    from test_status import kstatus
+
+    create(env, "kdone", 5)
+    env.kube.patch("Job", NS, "kdone-trainer", {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, sub="status")
+    wait_for(lambda: run_status(env, "kdone").get("phase") == "Succeeded", what="Succeeded")
+    assert kstatus(env.kube.get("DCMDPRun", NS, "kdone")) == "Current"
+    env.kube.patch("DCMDPRun", NS, "kdone", {"spec": {"ttlSecondsAfterFinished": 3600}})
+    obj = wait_for(lambda: (o := env.kube.get("DCMDPRun", NS, "kdone"))["status"]["observedGeneration"] == 2 and o,
+                   what="generation 2 observed")
+    assert obj["metadata"]["generation"] == 2 and kstatus(obj) == "Current"
+    assert cond(obj["status"], "Ready")["status"] == "True"

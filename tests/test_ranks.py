@@ -60,3 +60,18 @@ def test_more_ranks_than_a_mini_batch_has_sequences_is_refused():
         with pytest.raises(SpecError, match=r"spec.trainer.gpusPerReplica: more trainer ranks"):
             parse_run(manifest)
         assert [path for path, _ in admit(manifest)[1]] == ["spec.trainer.gpusPerReplica"], trainer
+
+
+def test_the_trainer_refuses_a_sampled_reference_over_several_ranks(tmp_path, monkeypatch, capfd):
+    """Only rank 0 keeps the weight history δ against the sampled version needs: exit 2 at start,
+    naming the field, before any rank joins the process group."""
+    from dcmdp_trainer.__main__ import main
+    from runtime_helpers import tiny_run, write_manifest
+
+    config = write_manifest(tiny_run(algorithm={"discrepancyReference": "sampled"}, trainer={"gpusPerReplica": 2}),
+                            tmp_path / "run.yaml")
+    monkeypatch.setenv("DCMDP_TOKEN", "t")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "spec.algorithm.discrepancyReference: sampled is not supported over 2 trainer ranks" in capfd.readouterr().err

@@ -7,7 +7,7 @@ from dcmdp.engine import Sample
 from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.rollout_source import RunFailed
 from dcmdp_trainer.session import Session
-from dcmdp_trainer.staleness import Staleness
+from dcmdp_trainer.staleness import Staleness, adaptive_lag
 from dcmdp_trainer.weights import WeightPublisher
 from runs import tiny_run
 
@@ -39,6 +39,50 @@ def test_negative_figures_are_refused_naming_the_field():
         Staleness(-1, {})
     with pytest.raises(ValueError, match=r"pools\[a\].lag"):
         Staleness(0, {"a": -1})
+
+
+def test_adaptive_lag_is_proportional_to_the_multipliers_slack():
+    # lag = clip(floor(K (1 − λ/λmax) + 1/2), 0, K)
+    assert [adaptive_lag(lam, 1.0, 3) for lam in (0.0, 0.1, 0.2, 0.5, 0.6, 0.9, 1.0)] == [3, 3, 2, 2, 1, 0, 0]
+    assert adaptive_lag(5.0, 10.0, 4) == 2 and adaptive_lag(2.5, 10.0, 4) == 3
+    assert adaptive_lag(0.3, 0.0, 3) == 3  # λmax = 0: the multiplier can never bind
+    assert adaptive_lag(1.0, 1.0, 0) == 0
+    with pytest.raises(ValueError, match="maxStaleness"):
+        adaptive_lag(0.0, 1.0, -1)
+    with pytest.raises(ValueError, match="not finite"):
+        adaptive_lag(float("nan"), 1.0, 3)
+    rule = Staleness(3, {"a": 0}).with_max_staleness(1)
+    assert rule.bound("a") == 1 and rule.last_step(4, total_steps=100) == 5
+
+
+def test_adaptive_staleness_in_process_samples_at_the_lag_lambda_allows(tmp_path):
+    """The in-process runner: each step's rollouts lag exactly the lag set from the previous
+    step's λ, and metrics.jsonl lets anyone check the law from the file's own values."""
+    from dcmdp.metrics import read_metrics
+    from dcmdp_trainer.local import run_inprocess
+
+    run = tiny_run(algorithm={"steps": 7, "maxStaleness": 3, "adaptiveStaleness": True,
+                              "constraint": {"tolerance": 1e-9, "lambdaLR": 100.0, "lambdaInit": 0.0}},
+                   rollout={"pools": [{"name": "n", "precision": "fp32", "noise": 1.0}]})
+    run_inprocess(run, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    lags = [r["staleness/lag"] for r in rows]
+    assert lags[0] == 3 and lags[-1] == 0  # λ starts at 0 (full lag), is pushed to λmax (no lag)
+    for prev, row in zip(rows, rows[1:]):
+        assert row["staleness/lag"] == prev["staleness/lag_next"]
+        assert prev["staleness/lag_next"] == adaptive_lag(row["pool/n/constraint/lambda"], 1.0, 3)
+    for row in rows:  # the version lag the rollouts really had (limited by the versions there are)
+        assert row["version/lag_max"] == min(row["staleness/lag"], row["step"])
+        assert row["throughput/steps_per_min"] > 0
+
+
+def test_adaptive_staleness_needs_dc_grpo_and_a_ceiling():
+    from dcmdp.spec import SpecError
+
+    with pytest.raises(SpecError, match="adaptiveStaleness"):
+        tiny_run(algorithm={"name": "grpo", "maxStaleness": 2, "adaptiveStaleness": True})
+    with pytest.raises(SpecError, match="adaptiveStaleness"):
+        tiny_run(algorithm={"adaptiveStaleness": True})
 
 
 # -- the rule and the lease clock in the remote source -------------------------------------------

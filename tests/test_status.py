@@ -200,3 +200,50 @@ def test_ttl():
     done = {"phase": "Failed", "completionTime": "2026-01-01T12:00:00Z"}
     assert S.is_due_for_deletion(run, done, at(10)) == 20
     assert S.is_due_for_deletion(run, done, at(31)) == -1
+
+
+def kstatus(obj: dict) -> str:
+    """kstatus's verdict on a custom resource, after sigs.k8s.io/cli-utils pkg/kstatus/status
+    (generic.go, checkGenericProperties; what Flux's health checks use): Terminating when being
+    deleted; InProgress while status.observedGeneration lags metadata.generation; then the first
+    `Reconciling` True -> InProgress, `Stalled` True -> Failed; else Current."""
+    if obj["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    st = obj.get("status") or {}
+    if st.get("observedGeneration", obj["metadata"]["generation"]) != obj["metadata"]["generation"]:
+        return "InProgress"
+    for c in st.get("conditions") or []:
+        if c["type"] == "Reconciling" and c["status"] == "True":
+            return "InProgress"
+        if c["type"] == "Stalled" and c["status"] == "True":
+            return "Failed"
+    return "Current"
+
+
+def test_kstatus_sees_a_running_run_in_progress_and_a_finished_one_current_or_failed():
+    def verdict(st, generation=1):
+        return kstatus({"metadata": {"generation": generation}, "status": st})
+
+    pending = S.compute(run_of(), Observed(job=job()), None, 1, T0)
+    running = S.compute(run_of(), Observed(job=job(active=1, ready=1), deployments={"bf16": dep(2, 2), "int8": dep(1, 1)}, trainer=TRAINER), pending, 1, at(1))
+    done = S.compute(run_of(), Observed(job=job(conditions=[{"type": "Complete", "status": "True"}])), running, 1, at(2))
+    failed = S.compute(run_of(), Observed(job=job(active=0, failed=4)), running, 1, at(2))
+    suspended = S.compute(run_of(suspend=True), Observed(job=job()), running, 1, at(2))
+    rejected = S.compute(run_of(), Observed(job=job(), error=("ChildRejected", "the API server refused Job x")), pending, 1, at(1))
+    assert [verdict(s) for s in (pending, running, done, failed, suspended, rejected)] == [
+        "InProgress", "InProgress", "Current", "Failed", "Current", "Failed"]
+    # a finished run is Ready (what `kubectl wait --for=condition=Ready` and kstatus readers expect)
+    assert cond(done, "Ready")["status"] == "True" and cond(done, "Ready")["reason"] == done["reason"] == "Completed"
+    assert cond(failed, "Stalled")["reason"] == "TooManyRestarts"
+    # a spec change after the end: InProgress until the operator observes the new generation
+    assert verdict(done, generation=2) == "InProgress"
+    later = S.compute(run_of(), Observed(job=job(conditions=[{"type": "Complete", "status": "True"}])), done, 2, at(3))
+    assert later["observedGeneration"] == 2 and verdict(later, generation=2) == "Current"
+
+
+def test_figures_are_rounded_for_the_printer_columns_and_absent_until_reported():
+    raw = {**TRAINER, "prob_diff_mean": 0.001014180634790906, "reward_mean": None,
+           "pools": [{**TRAINER["pools"][0], "lambda": 0.027582105455750114}]}
+    st = S.compute(run_of(), Observed(job=job(active=1, ready=1), trainer=raw), None, 1, T0)
+    assert st["probDiffMean"] == 0.001014 and st["reward"] is None
+    assert st["pools"][0]["lambda"] == 0.02758 and st["lambdas"].startswith("bf16=0.0276")

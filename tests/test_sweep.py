@@ -216,3 +216,28 @@ def test_a_vllm_source_runs_its_cells_with_the_process_runner(tmp_path: Path) ->
     assert (cell / "logs" / "rollout-engine-0.log").exists()  # a separate worker process ran the pool
     deltas = [r["discrepancy/prob_diff_mean"] for r in read_metrics(cell / "metrics.jsonl")]
     assert len(deltas) == 2 and all(1e-5 < d < 5e-2 for d in deltas), deltas
+
+
+BUDGET = REPO / "bench" / "sweeps" / "budget.yaml"
+
+
+@pytest.mark.slow
+def test_the_committed_budget_quick_grid_runs(tmp_path: Path) -> None:
+    """``dcmdp sweep -f bench/sweeps/budget.yaml --quick`` (issue 16's grid in small), as committed:
+    every cell finishes; the int4 engine's greedy accuracy is recorded beside the trainer's from the
+    warm start on; the deployed penalty is measured; the adaptive source logs a lag within its
+    ceiling that follows λ; the report ranks by the engine's greedy accuracy."""
+    out = tmp_path / "quick"
+    doc_before = (REPO / "docs" / "results.md").read_text()
+    assert main(["sweep", "-f", str(BUDGET), "--quick", "--out", str(out), "--quiet"]) == 0
+    p = W.plan(W.load_sweep(BUDGET), part="quick")
+    cells = {(c["source"], c["algorithm"]): c for c in json.loads((out / "report" / "results.json").read_text())["cells"]}
+    assert set(cells) == {(c.source, c.algorithm) for c in p.cells} and len(cells) >= 4
+    for c in cells.values():
+        assert c["steps"] == p.steps and c["engine_greedy_start"] is not None and c["steps_per_min"] > 0
+    deployed = read_metrics(out / "cells/int4/deployed/seed0/metrics.jsonl")
+    assert all(r["constraint/penalty"] > 0 for r in deployed)  # the int4 policy differs from the trainer's
+    adaptive = read_metrics(out / "cells/fp8-adaptive/dc-penalty/seed0/metrics.jsonl")
+    assert all(0 <= r["staleness/lag"] <= 3 for r in adaptive) and adaptive[0]["staleness/lag"] == 3  # λ0 = 0.1
+    assert "engine greedy" in (out / "report" / "table.md").read_text()
+    assert (REPO / "docs" / "results.md").read_text() == doc_before

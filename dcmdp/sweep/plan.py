@@ -110,10 +110,10 @@ def plan(sweep: DCMDPSweep, *, part: Optional[str] = None, source: str = "sweep"
     ordered = [a for a in algorithms if a.name in refs] + [a for a in algorithms if a.name not in refs]
     cells: list[Cell] = []
     for src in sources:
-        for algo in ordered:
-            if algo.sources is not None and src.name not in algo.sources:
-                continue
-            for seed in seeds:
+        for seed in seeds:
+            for algo in ordered:
+                if algo.sources is not None and src.name not in algo.sources:
+                    continue
                 m = cell_manifest(sweep, src, algo, seed, n_steps, eval_every)
                 try:
                     parse_run(m, f"cell {src.name}/{algo.name}/seed{seed}")
@@ -123,8 +123,9 @@ def plan(sweep: DCMDPSweep, *, part: Optional[str] = None, source: str = "sweep"
                 deps = ([f"{src.name}/{algo.tolerance.relative_to}/seed{k}" for k in seeds]
                         if algo.tolerance else [])
                 cells.append(Cell(src.name, algo.name, seed, m, algo.tolerance, deps))
-    # source by source, reference algorithms first (the scheduler fills in cells that do not
-    # wait for a calibration while the references run), so the table fills column by column
+    # source by source, then seed by seed (a grid stopped early has every row at the same seeds),
+    # reference algorithms first (the scheduler fills in cells that do not wait for a calibration
+    # while the references run), so the table fills column by column
     # a row or column without a cell in this plan (an algorithm restricted to other sources) is left out
     algorithms = [a for a in algorithms if any(c.algorithm == a.name for c in cells)]
     sources = [x for x in sources if any(c.source == x.name for c in cells)]

@@ -210,6 +210,8 @@ class Worker:
         if self.pool_spec.engine == "hf":
             options.setdefault("device", self.pool_spec.device)
             options.setdefault("quant_group_size", self.pool_spec.quant_group_size)
+        if self.pool_spec.engine == "vllm":
+            options.setdefault("tensor_parallel_size", self.pool_spec.tensor_parallel_size)
         if self.pool_spec.engine == "hf" and self.threads:
             options.setdefault("threads", self.threads)
         engine = make_engine(self.pool_spec.engine, str(self.model_dir), self.pool_spec.precision,

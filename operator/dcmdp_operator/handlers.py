@@ -13,6 +13,7 @@ import copy
 import datetime as dt
 import logging
 import os
+import sys
 from typing import Any
 
 import kopf
@@ -24,6 +25,13 @@ from .config import CONFIG
 
 VERSION = "v1alpha1"
 RESOURCE = (API_GROUP, VERSION, PLURAL)
+
+
+# kube-apiserver stores objects nested far deeper than Python's default recursion limit (1000)
+# lets kopf decode, copy and diff them; a run with a template a few thousand levels deep must reach
+# the handler (the spec model refuses it there, with a status and an Event).
+RECURSION_LIMIT = 20_000
+sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 @kopf.on.startup()

@@ -5,8 +5,9 @@ status (its ``GetStatus`` RPC, or None while it cannot be reached), the refused 
 error (invalid spec, name conflict), the previous status and the run's ``metadata.generation``.
 
 Phases: Pending → Running → Succeeded | Failed; Suspended while ``spec.suspend``. Succeeded and
-Failed are final. Conditions ``Ready``, ``Progressing``, ``Succeeded``, ``Failed``, ``Suspended``
-have the shape of ``metav1.Condition`` (type, status, reason, message, lastTransitionTime,
+Failed are final. Conditions ``Ready`` (true while Running with its pools ready, and once
+Succeeded), ``Progressing``, ``Succeeded``, ``Failed``, ``Suspended``, and kstatus's ``Reconciling``
+(Pending or Running) and ``Stalled`` (Failed, or a spec the operator cannot carry out) have the shape of ``metav1.Condition`` (type, status, reason, message, lastTransitionTime,
 observedGeneration); ``lastTransitionTime`` moves only when a condition's status flips. Numbers the
 trainer reports (step, reward, δ̄, λ, per-pool figures; which ones: ``dcmdp.status``) keep their
 last known value while the trainer cannot be reached.
@@ -21,6 +22,10 @@ from typing import Any, Optional
 
 from dcmdp.spec import DCMDPRun
 from dcmdp.status import POOL_FIELDS, TERMINAL_PHASES, TRAINER_FIELDS, lambdas_text
+
+# Ready reasons that wait for a person, not for time (kstatus: Stalled).
+STALLED_REASONS = frozenset({"InvalidSpec", "SpecChangeRefused", "ChildConflict", "ChildRejected"})
+
 
 @dataclasses.dataclass
 class Observed:
@@ -38,9 +43,16 @@ def timestamp(now: dt.datetime) -> str:
     return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Significant digits of the figures the status shows (printer columns print a float whole:
+# `0.001014180634790906`); the exact values are in the metrics.
+SIGNIFICANT_DIGITS = 4
+
+
 def _number(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+    """A reported figure as the status shows it: a float rounded to :data:`SIGNIFICANT_DIGITS`
+    significant digits (None when not finite), anything else as is."""
+    if isinstance(v, float):
+        return float(f"{v:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(v) else None
     return v
 
 
@@ -185,6 +197,8 @@ def compute(
                  f"new run): {', '.join(obs.refused)}")
     elif obs.error is not None:
         ready = (False, obs.error[0], obs.error[1])
+    elif phase == "Succeeded":
+        ready = (True, reason, message)  # done: what the spec asked for is there (kstatus: Current)
     elif phase != "Running":
         ready = (False, reason, message)
     elif trainer is None:
@@ -196,6 +210,9 @@ def compute(
     else:
         ready = (True, "Ready", message)
     progressing = phase in ("Pending", "Running")
+    # kstatus (Flux's health checks): Reconciling true -> InProgress, Stalled true -> Failed, else
+    # Current once observedGeneration is the generation.
+    stalled = phase == "Failed" or (not ready[0] and ready[1] in STALLED_REASONS)
     conds = [
         _condition("Ready", *ready, previous, gen, ts),
         _condition("Progressing", progressing, reason if progressing else phase, message if progressing else "", previous, gen, ts),
@@ -205,6 +222,10 @@ def compute(
                    message if phase == "Failed" else "", previous, gen, ts),
         _condition("Suspended", phase == "Suspended", "Suspended" if phase == "Suspended" else "NotSuspended",
                    message if phase == "Suspended" else "", previous, gen, ts),
+        _condition("Reconciling", progressing and not stalled, reason if progressing else phase,
+                   message if progressing and not stalled else "", previous, gen, ts),
+        _condition("Stalled", stalled, ready[1] if stalled else "NotStalled", ready[2] if stalled else "",
+                   previous, gen, ts),
     ]
     out["conditions"] = conds
     return out

@@ -32,7 +32,7 @@ from dcmdp.transport.auth import TokenError, load_token
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
-from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs
+from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs, unsupported
 from dcmdp_trainer.history import pool_lags
 from dcmdp_trainer.observability import TrainerMetrics
 from dcmdp_trainer.rollout_source import Stopped
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     ap.add_argument("--metrics-port", type=int, default=-1, help="Prometheus port (0 = any free port, -1 = off)")
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
-    ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, plots")
+    ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, summary.json (plots: dcmdp plot DIR)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, if any")
     ap.add_argument("--token-file", default=None, help="run token file (else $DCMDP_TOKEN_FILE / $DCMDP_TOKEN)")
     ap.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
@@ -83,6 +83,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("no checkpoint to resume from: starting fresh", extra={"fields": {"out": str(out)}})
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     threads = args.threads or run.spec.trainer.threads
+    why = unsupported(run, world)
+    if why:
+        log.error(why)
+        return 2
     if run.spec.trainer.deepspeed.enabled or world > 1:
         init_distributed(run, log)
     if rank > 0:

@@ -348,6 +348,11 @@ class Coordinator:
         with self.cond:
             return {pool: self.eval_results.pop(key) for pool, key in keys.items()}
 
+    def set_max_staleness(self, lag: int) -> None:
+        with self.cond:
+            self.staleness = self.staleness.with_max_staleness(lag)
+            self.cond.notify_all()  # a larger bound may queue more steps
+
     def finish(self) -> None:
         with self.cond:
             self.finished = True

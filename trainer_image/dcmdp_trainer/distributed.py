@@ -56,6 +56,17 @@ def zero_stage(run: DCMDPRun) -> int:
     return ds.zero_stage if ds.enabled else 0
 
 
+def unsupported(run: DCMDPRun, world: int) -> Optional[str]:
+    """Why ``run`` cannot train over ``world`` ranks, or None. ``discrepancyReference: sampled``
+    needs the weight history, which only rank 0 keeps: the other ranks would compute δ against
+    π_old on their rows, and so take a different step."""
+    if world > 1 and run.spec.algorithm.discrepancy_reference == "sampled":
+        return (f"spec.algorithm.discrepancyReference: sampled is not supported over {world} trainer ranks "
+                "(only rank 0 keeps the weight history); use current, or one rank "
+                "(trainer.replicas × gpusPerReplica = 1)")
+    return None
+
+
 def init_distributed(run: DCMDPRun, log=None) -> None:
     """Join the process group (idempotent)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
@@ -112,6 +123,10 @@ class DeepSpeedLearner(Learner):
         self.model = engine  # forward, eval() and train() go through the engine
         self.optimizer = optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.reference is not None and self.rank > 0:
+            # the KL reference is rank 0's model as the learner starts (a follower builds its own,
+            # without the warm start): the weights DeepSpeed's engine just broadcast from rank 0
+            self.reference.load_state_dict(self.module.state_dict())
 
     # -- rank 0 drives, the others follow ----------------------------------------------------------
     def _broadcast(self, obj: Any = None) -> Any:

@@ -34,6 +34,7 @@ class LocalPools:
         self.engines: dict[str, RolloutEngine] = {}
         self.loaded: dict[str, int] = {}
         self._eval: list[StepPrompt] = []
+        self.adaptive_lag = 0  # adaptive staleness: the lag every pool samples at (at least its own lag)
         for pool in self.pools:
             opts = (dict(options or {}, device=pool.device, quant_group_size=pool.quant_group_size)
                     if pool.engine == "hf" else options)
@@ -72,7 +73,7 @@ class LocalPools:
             mine = shares.get(pool.name)
             if not mine:
                 continue
-            version = self.sync(pool.name, pool.lag)
+            version = self.sync(pool.name, max(pool.lag, self.adaptive_lag))
             ts = time.perf_counter()
             # an in-process engine has no one to retry: an implausible sample stops the run
             samples = require_plausible(self._generate(pool, mine, s.spec.algorithm.group_size, step), pool.name,
@@ -83,6 +84,9 @@ class LocalPools:
 
     def published(self) -> None:
         pass  # each engine loads the version it needs when it next samples
+
+    def set_max_staleness(self, lag: int) -> None:
+        self.adaptive_lag = lag  # in-process staleness is forced: the pools sample that far behind
 
     def request_eval(self, prompts: list[StepPrompt]) -> None:
         self._eval = prompts

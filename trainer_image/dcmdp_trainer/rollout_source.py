@@ -45,6 +45,10 @@ class RolloutSource(Protocol):
     def published(self) -> None:
         """The trainer's weights advanced to ``Session.version`` (a step was trained)."""
 
+    def set_max_staleness(self, lag: int) -> None:
+        """Adaptive staleness: rollouts of the steps sampled from now on may lag ``lag`` versions
+        (a remote source bounds its leases by it; the in-process one samples at that lag)."""
+
     def request_eval(self, prompts: list[StepPrompt]) -> None:
         """An evaluation of the held-out ``prompts`` begins (a remote source hands it out now, so
         the workers sample while the trainer evaluates greedily)."""

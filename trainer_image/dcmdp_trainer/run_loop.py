@@ -3,8 +3,10 @@
     evaluate (step 0 only)
     while steps remain:
         batch = source.collect(step)                 # the step's groups (in-process or remote)
-        row = session.train_step(batch.rollouts)     # one DC-GRPO step; a checkpoint on schedule
-        source.published()                           # version + 1 reaches the pools / workers
+        row = session.train_step(batch.rollouts)     # one DC-GRPO step: weights version + 1
+        adaptive staleness: the next step's lag from the pools' λ (staleness.adaptive_lag)
+        checkpoint on schedule (checkpoint.everySteps; the last one at Session.close)
+        source.published()                           # the new version reaches the pools / workers
         evaluate on schedule (eval.everySteps, and after the last step)
         log the row (metrics.jsonl, TensorBoard, Prometheus), update the status, on_step(row)
 
@@ -26,6 +28,7 @@ from dcmdp.engine import Rollout
 from dcmdp_trainer.rollout_source import RolloutSource, Stopped
 from dcmdp_trainer.run_state import RunState
 from dcmdp_trainer.session import Session, StepPrompt
+from dcmdp_trainer.staleness import adaptive_lag
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -55,6 +58,19 @@ class RunLoop:
         self.on_step, self.on_eval = on_step, on_eval
         self.runtime, self.log = runtime, log
         self._held_out: Optional[list[StepPrompt]] = None
+        self.adaptive = session.spec.algorithm.adaptive_staleness
+        self.lag: Optional[int] = None  # adaptive staleness: the lag allowed for the step being sampled
+
+    def adapt_staleness(self) -> Optional[int]:
+        """Adaptive staleness: the lag the pools' λ now allows (``staleness.adaptive_lag``, λ the
+        largest pool multiplier), handed to the source as its maxStaleness; None when off."""
+        if not self.adaptive:
+            return None
+        algo = self.session.spec.algorithm
+        lams = self.session.learner.constraints.lambdas().values()
+        self.lag = adaptive_lag(max(lams, default=0.0), algo.constraint.lambda_max, algo.max_staleness)
+        self.source.set_max_staleness(self.lag)
+        return self.lag
 
     def run(self) -> None:
         """Train every remaining step. A failure sets the state's phase ``Failed`` with the
@@ -70,6 +86,7 @@ class RunLoop:
     def _run(self) -> None:
         s, spec = self.session, self.session.spec
         self.state.update(phase="Running")
+        self.adapt_staleness()
         self.source.start()
         if s.step == 0:
             self.evaluate()
@@ -77,9 +94,16 @@ class RunLoop:
             t0 = time.perf_counter()
             batch = self.source.collect(s.step)
             row = s.train_step(batch.rollouts, batch.metrics)
+            if self.adaptive:  # the lag this step's rollouts were allowed, then the next step's
+                row["staleness/lag"] = self.lag
+                row["staleness/lag_next"] = self.adapt_staleness()
+            checkpointed = s.checkpoint_due
+            if checkpointed:
+                s.save_checkpoint()
             self.source.published()
             lags = version_lags(batch.rollouts, s.version - 1)
             row["time/step_s"] = time.perf_counter() - t0
+            row["throughput/steps_per_min"] = 60.0 / max(row["time/step_s"], 1e-9)
             if "throughput/tokens" in batch.metrics:
                 row["throughput/tokens_per_s"] = batch.metrics["throughput/tokens"] / max(row["time/step_s"], 1e-9)
             every = spec.eval.every_steps
@@ -88,11 +112,9 @@ class RunLoop:
             s.log(row)
             if self.runtime:
                 self.runtime.step(row, lags)
-            ck = spec.checkpoint.every_steps
-            written = bool(ck and s.step % ck == 0 and s.step < s.total_steps)  # Session.train_step wrote it
             # only now does the status report the step: its metrics are out
             self.state.update(last_row=row, step=s.step, lag_by_pool=lags,
-                              **({"checkpoint_step": s.step} if written else {}))
+                              **({"checkpoint_step": s.step} if checkpointed else {}))
             self._log("step trained", step=row["step"], version=s.version, reward=row.get("reward/mean"),
                       prob_diff_mean=row.get("discrepancy/prob_diff_mean"),
                       wait_s=round(row.get("time/wait_s", 0.0), 4), train_s=round(row["time/train_s"], 4),

@@ -1,12 +1,13 @@
 """A training session: everything the trainer owns for one run, whoever delivers the rollouts.
 
-The in-process runner (``local.py``) and the gRPC trainer server call the same methods:
+The run loop (``run_loop.py``) calls these, whichever rollout source it drives:
 
     s = Session(run, out_dir, resume=...)          # model, tokenizer, task, warm start, learner
     s.model_dir                                     # HF folder engines are built from
     s.prompts(step)                                 # the step's prompts, seeded from (seed, step)
     s.rollouts(samples, prompts, pool, version)     # rewards from the task's verifier
-    row = s.train_step(rollouts, extra)             # one RL step: metrics row, checkpoint, new version
+    row = s.train_step(rollouts, extra)             # one RL step: metrics row, new version
+    if s.checkpoint_due: s.save_checkpoint()        # on schedule (checkpoint.everySteps)
     s.weights(version)                              # a published weight snapshot (kept for lags)
     s.evaluate(...)                                 # held-out accuracy
     s.close()                                       # final checkpoint, plots, summary
@@ -99,8 +100,9 @@ class Session:
         older = 0
         if self.spec.algorithm.discrepancy_reference == "sampled":
             older = self.max_lag
-        if serve_lags:
-            older = max(older, max(p.lag for p in self.spec.rollout.pools))
+        if serve_lags:  # (adaptive staleness: pools may sample up to maxStaleness behind)
+            adaptive = self.spec.algorithm.max_staleness if self.spec.algorithm.adaptive_staleness else 0
+            older = max(older, adaptive, max(p.lag for p in self.spec.rollout.pools))
         self.keep_versions = 1 + older
         self.history: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
         self.step = 0
@@ -266,10 +268,14 @@ class Session:
         self.step += 1
         self.version += 1
         self._publish()
-        every = self.spec.checkpoint.every_steps
-        if every and self.step % every == 0 and self.step < self.total_steps:
-            self.save_checkpoint()
         return row
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """Whether a checkpoint is due after the step just trained: every ``checkpoint.everySteps``
+        steps before the last (the last step's is written by :meth:`close`)."""
+        every = self.spec.checkpoint.every_steps
+        return bool(every and self.step % every == 0 and self.step < self.total_steps)
 
     def log(self, row: dict[str, Any]) -> None:
         self.metrics.write(row)

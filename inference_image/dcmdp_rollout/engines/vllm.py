@@ -152,13 +152,14 @@ class VLLMEngine:
     Options (``**options``): ``weight_sync`` ("inplace" | "restart", default "inplace"),
     ``max_model_len`` (default: the model's), ``kv_cache_gib`` (CPU KV cache, default 1),
     ``gpu_memory_utilization`` (GPU, default 0.5), ``enforce_eager`` (default True on CPU, False
-    on GPU), ``max_num_seqs`` (default vLLM's).
+    on GPU), ``max_num_seqs`` (default vLLM's), ``tensor_parallel_size`` (the pool's
+    ``tensorParallelSize``, default 1). See :func:`llm_args`.
     """
 
     name = "vllm"
     _live: Optional["VLLMEngine"] = None  # the engine holding vLLM's process-wide state
     OPTIONS = ("weight_sync", "max_model_len", "kv_cache_gib", "gpu_memory_utilization",
-               "enforce_eager", "max_num_seqs")
+               "enforce_eager", "max_num_seqs", "tensor_parallel_size")
 
     def __init__(self, model_dir: str, precision: str = "bf16", noise: float = 0.0, seed: int = 0,
                  **options: Any):
@@ -226,20 +227,7 @@ class VLLMEngine:
     def _start(self, folder: Path):
         from vllm import LLM
 
-        on_cpu, opts = self.on_cpu, self._options
-        kwargs: dict[str, Any] = dict(
-            model=str(folder), tokenizer=str(self._source), dtype=self.mapping.dtype, seed=self.seed, logprobs_mode="processed_logprobs",
-            generation_config="vllm", enforce_eager=bool(opts.get("enforce_eager", on_cpu)),
-            enable_prefix_caching=True,
-        )
-        if self.mapping.quantization is not None:
-            kwargs["quantization"] = self.mapping.quantization
-        if "max_model_len" in opts:
-            kwargs["max_model_len"] = int(opts["max_model_len"])
-        if "max_num_seqs" in opts:
-            kwargs["max_num_seqs"] = int(opts["max_num_seqs"])
-        if not on_cpu:
-            kwargs["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization", 0.5))
+        kwargs = llm_args(folder, self._source, self.mapping, self.seed, self._options, on_cpu=self.on_cpu)
         try:
             llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many types; name the folder and precision
@@ -372,6 +360,49 @@ class VLLMEngine:
                     raise EngineError(f"vllm engine: request ended with {c.finish_reason!r}")
                 samples.append(Sample(int(index), tokens, logprobs, str(c.finish_reason)))
         return samples
+
+
+def llm_args(model: Path, tokenizer: Path, mapping, seed: int, options: Mapping[str, Any], *,
+             on_cpu: bool) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for a pool: the precision's mapping
+    (``dcmdp.precision``: ``dtype``, and ``quantization`` — ``fp8`` is vLLM's online FP8 on a GPU),
+    the logprob contract (``processed_logprobs``, ``generation_config="vllm"``), prefix caching,
+    and the pool's engine options: ``tensor_parallel_size`` (the pool's ``tensorParallelSize``:
+    vLLM shards every layer over that many GPUs of the worker's pod; each shard takes its slice of
+    a weight update in vLLM's own ``reload_weights``), ``gpu_memory_utilization`` (GPU only,
+    default 0.5), ``enforce_eager`` (default: True on a CPU, False on a GPU, where CUDA graphs
+    are captured), ``max_model_len``, ``max_num_seqs``. Pure: no vLLM import.
+
+    Raises EngineError naming the option when ``tensor_parallel_size`` is not an integer >= 1."""
+    try:
+        tp = int(options.get("tensor_parallel_size", 1))
+    except (TypeError, ValueError):
+        tp = 0
+    if tp < 1 or str(options.get("tensor_parallel_size", 1)).strip() != str(tp):
+        raise EngineError(f"vllm engine: option tensor_parallel_size must be an integer >= 1 "
+                          f"(got {options.get('tensor_parallel_size')!r})")
+    kwargs: dict[str, Any] = dict(
+        model=str(model), tokenizer=str(tokenizer), dtype=mapping.dtype, seed=int(seed),
+        logprobs_mode="processed_logprobs", generation_config="vllm",
+        enforce_eager=_flag(options.get("enforce_eager", on_cpu)), enable_prefix_caching=True,
+        tensor_parallel_size=tp,
+    )
+    if mapping.quantization is not None:
+        kwargs["quantization"] = mapping.quantization
+    if "max_model_len" in options:
+        kwargs["max_model_len"] = int(options["max_model_len"])
+    if "max_num_seqs" in options:
+        kwargs["max_num_seqs"] = int(options["max_num_seqs"])
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = float(options.get("gpu_memory_utilization", 0.5))
+    return kwargs
+
+
+def _flag(value: Any) -> bool:
+    """A boolean option, also as the string ``--engine-option KEY=VALUE`` gives."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _to_checkpoint_format(state_dict: Mapping[str, torch.Tensor],
