@@ -1,25 +1,31 @@
 """Weight sync trainer → workers over loopback: the collective data plane vs raw TCP, same bytes.
 
-For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32) and worker count (1 and 2):
+For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32), wire dtype (``--dtypes``:
+fp32, whose buckets are views of the weights, and bf16, cast from them) and worker count (1, 2):
 
 * **data plane**: the real trainer service with its broadcast hub (``dcmdp_trainer.broadcast``):
   worker processes call ``JoinBroadcast`` and run the real receive
-  (``dcmdp_rollout.weights.receive_broadcast``: gloo broadcast into two bucket buffers, crc32 of
-  every bucket checked, tensors assembled) into a sink that drops them; the trainer fills every
-  bucket straight from the snapshot (no packed copy) while the previous one is on the wire;
+  (``dcmdp_rollout.weights.receive_broadcast``: gloo broadcast into four bucket buffers, crc32 of
+  every bucket checked, the buckets' slices handed to a sink that drops them); the trainer sends
+  each bucket in two halves, a view of the snapshot or cast into its pair of half-bucket buffers
+  while the other half is on the wire. The trainer's crc32 of each bucket is computed before the
+  timed rounds (it is cached per (version, dtype) after a version's first broadcast);
 * **raw TCP**: the same number of worker processes each reading the same number of bytes from a
   plain socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into``, no checks).
 
 Time = first byte asked for → last worker done (wall clock of the processes on one machine).
-Runs alternate, best of ``--repeats`` each. Also measured during the data-plane runs: the
-trainer's CPU seconds (user + sys of its process) per GiB delivered, and its extra resident memory
-(peak RSS over the RSS before the sync, sampled every 5 ms) in buckets. The bytes ratios are the
-wire bytes of an int8 and a bf16 pool (wire dtype bf16) over those of an fp32 pool, from the
-manifests the trainer serves.
+Each cell runs ``--repeats`` interleaved data-plane/TCP pairs, the order alternating, and reports
+the median of the pairs' ratios (robust to the load drift of a shared machine). Also measured
+during the data-plane runs: the trainer's CPU seconds (user + sys of its process) per GiB
+delivered, and its extra resident memory (peak RSS, sampled every 5 ms, over the RSS after one
+warm-up round that touches no bucket buffer; the warm-up's one-time growth is ``first_round_mib``)
+in buckets. The bytes ratios are the wire bytes of an int8 and a bf16 pool (wire dtype bf16) over
+those of an fp32 pool, from the manifests the trainer serves.
 
-    .venv/bin/python bench/weight_sync.py [--mib 256 1024] [--workers 1 2] [--repeats 2] [--bucket-mib 4]
+    .venv/bin/python bench/weight_sync.py [--mib 256 1024] [--workers 1 2] [--dtypes fp32 bf16] [--repeats 3]
+                                          [--bucket-mib 4]
 
-Last line: one JSON object (``transfer_over_tcp`` is the worst over sizes and worker counts).
+Last line: one JSON object (``transfer_over_tcp`` is the worst over sizes, dtypes and worker counts).
 """
 
 from __future__ import annotations

@@ -110,3 +110,45 @@ def test_lease_book_names_active_leases_and_fixed_queued_versions():
     assert book.named_versions() == {("fp32", 3), ("bf16", 7)}
     book.complete(rec.lease_id, "w1")
     assert book.named_versions() == {("fp32", 3)}
+
+
+def test_the_runtime_pins_what_leases_name_until_they_end(tmp_path):
+    """The publisher as ``python -m dcmdp_trainer`` wires it to the real coordinator: a version
+    stays while a lease names it (in its pool's wire dtype), and goes once the lease has ended."""
+    from dcmdp.precision import wire_dtype
+    from dcmdp_trainer.__main__ import lease_pins
+    from dcmdp_trainer.coordinator import Coordinator
+    from dcmdp_trainer.history import pool_lags
+    from dcmdp_trainer.session import Session
+    from runs import tiny_run
+
+    run = tiny_run(algorithm={"maxStaleness": 3, "steps": 8},
+                   rollout={"pools": [{"name": "a", "precision": "bf16"}, {"name": "b", "precision": "fp32"}]})
+    s = Session(run, tmp_path, threads=1)
+    dtype_of = {p.name: wire_dtype(p.precision) for p in run.spec.rollout.pools}
+    pub = WeightPublisher(keep=s.max_lag + 1, dtypes=sorted(set(dtype_of.values())),
+                          lags=pool_lags(run.spec.rollout.pools), held_elsewhere=lambda v: v in s.history)
+    pub.publish(s.version, s.weights(s.version))
+    coord = Coordinator(s, pub)
+    pub.pinned = lambda: lease_pins(coord, dtype_of)
+    coord.state.update(phase="Running")
+    coord.start()
+    coord.register("w", "a", "hf", "bf16")
+    lease, _ = coord.acquire("w", "a", 0)
+    assert lease.version == 0
+
+    def publish() -> None:
+        with torch.no_grad():
+            next(s.model.parameters()).add_(1.0)
+        s.version += 1
+        s._publish()
+        coord.published()
+
+    publish()  # v1: v0 is named by the lease and is the version the coordinator handed out until now
+    assert pub.kept_forms() == {0: (SOURCE,), 1: (SOURCE,)}
+    publish()  # v2: only pool a's lease names v0 now: a bf16 copy of it
+    assert pub.kept_forms() == {0: ("bf16",), 1: (SOURCE,), 2: (SOURCE,)}
+    assert coord.book.complete(lease.lease_id, "w").accepted
+    publish()  # v3: nothing names v0 or v1 any more
+    assert pub.kept_forms() == {2: (SOURCE,), 3: (SOURCE,)}
+    s.metrics.close()

@@ -89,7 +89,7 @@ class BucketReceiver:
     def _load(self, i: int, data: torch.Tensor, crc: int) -> None:
         t0 = time.perf_counter()
         try:
-            if bucket_crc(data) != crc:
+            if bucket_crc(data if data.device.type == "cpu" else data.cpu()) != crc:
                 self.bad.add(i)
                 self.stats.crc_errors += 1
                 return
@@ -242,8 +242,9 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                             backend=ticket.backend or "gloo", peer_host=ticket.store_host or host)
             stats.connect_seconds = time.perf_counter() - t0
             size = min(layout.bucket_bytes, layout.total_bytes)
-            bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(RECEIVE_DEPTH)]
-            crcs = [torch.zeros(1, dtype=torch.int64) for _ in range(RECEIVE_DEPTH)]
+            device = "cuda" if ticket.backend == "nccl" else "cpu"  # NCCL moves device memory only
+            bufs = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(RECEIVE_DEPTH)]
+            crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(RECEIVE_DEPTH)]
             posted = {}
 
             part = ticket.part_bytes or layout.bucket_bytes
