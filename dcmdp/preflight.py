@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dcmdp import ranks
 from dcmdp.models.source import ModelSourceError, resolve_model_folder
 from dcmdp.models.tokenizer import build_tokenizer, load_tokenizer
 from dcmdp.spec import DCMDPRun
@@ -56,13 +57,27 @@ def check_paths(run: DCMDPRun) -> list[tuple[str, str]]:
     return problems
 
 
+def starved_pools(run: DCMDPRun) -> list[str]:
+    """Pools with replicas that get no prompt in a step: the prompts are shared in proportion to
+    replicas (``dcmdp_trainer/work_split.py``), so with fewer ``promptsPerStep`` than such pools the
+    last ones are never trained on, and their tolerance constrains nothing."""
+    active = [p.name for p in run.spec.rollout.pools if p.replicas > 0]
+    prompts = run.spec.algorithm.prompts_per_step
+    if len(active) <= prompts:
+        return []
+    return [f"spec.algorithm.promptsPerStep: {prompts} prompts per step for {len(active)} pools with replicas: "
+            f"pools {', '.join(active[prompts:])} get no prompts, so they are never trained on or constrained"]
+
+
 def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
     """Every check of the module docstring. ``cluster``: the paths are mounted in the pods, so a
     path missing here is no problem (and nothing behind it can be checked)."""
+    mismatch = ranks.gpus_mismatch(run.spec.trainer)
+    gpus = [(ranks.GPUS_FIELD, mismatch)] if mismatch else []
     missing = check_paths(run)
     if missing:
-        return Findings([] if cluster else missing)
-    out = Findings()
+        return Findings(gpus + ([] if cluster else missing), starved_pools(run))
+    out = Findings(list(gpus), starved_pools(run))
     spec = run.spec
     tokenizer: Optional[Any] = None
     try:

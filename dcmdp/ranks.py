@@ -46,6 +46,24 @@ def gpus_per_replica(trainer: TrainerSpec) -> int:
     return template_gpus(trainer.template.overlay()) or 1
 
 
+GPUS_FIELD = "spec.trainer.gpusPerReplica"
+
+
+def gpus_mismatch(trainer: TrainerSpec) -> Optional[str]:
+    """Why ``gpusPerReplica`` and the template's ``nvidia.com/gpu`` limit disagree, or None.
+
+    One rank per GPU: more ranks than the pod's GPUs fail on device selection (and each Job restart
+    counts against ``failurePolicy.maxRestarts``), fewer leave GPUs idle. Checked by ``dcmdp
+    validate``/``run`` (:mod:`dcmdp.preflight`) and the operator before anything is created; not a
+    CRD rule because the limit may be written in the template's short or full form, as int or string.
+    """
+    gpus = template_gpus(trainer.template.overlay())
+    if trainer.gpus_per_replica is None or gpus is None or gpus == trainer.gpus_per_replica:
+        return None
+    return (f"{trainer.gpus_per_replica} ranks per pod but the trainer template's {GPU_RESOURCE} limit is "
+            f"{gpus}: one rank per GPU, make them equal (or leave gpusPerReplica out to take the limit)")
+
+
 def world_size(trainer: TrainerSpec) -> int:
     """Ranks of the run: ``replicas × gpus_per_replica``."""
     return trainer.replicas * gpus_per_replica(trainer)

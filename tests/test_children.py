@@ -156,12 +156,20 @@ def test_trainer_job_and_service():
     assert pvc["accessModes"] == ["ReadWriteMany"]  # two trainer pods share it
 
 
+def test_more_or_fewer_ranks_than_the_pods_gpus_is_refused_before_anything_is_created():
+    run = run_of({"trainer": {"gpusPerReplica": 4, "template": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}})
+    with pytest.raises(children.BuildError, match=r"spec.trainer.gpusPerReplica: 4 ranks per pod but the "
+                                                  r"trainer template's nvidia.com/gpu limit is 2"):
+        children.build(run, META, token="t", config=CONFIG)
+
+
 @pytest.mark.parametrize("trainer, world, per_pod", [
     ({"replicas": 1}, 1, 1),
     ({"replicas": 1, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 8, 8),
     ({"replicas": 3, "template": {"spec": {"containers": [
         {"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": 4}}}]}}}, 12, 4),
-    ({"replicas": 2, "gpusPerReplica": 2, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 4, 2),
+    ({"replicas": 2, "gpusPerReplica": 2, "template": {"resources": {"limits": {"nvidia.com/gpu": "2"}}}}, 4, 2),
+    ({"replicas": 2, "gpusPerReplica": 2}, 4, 2),  # CPU ranks (gloo): no GPU limit
 ])
 def test_trainer_pods_start_one_rank_per_gpu(trainer, world, per_pod):
     """world = replicas × gpusPerReplica (default: the template's GPU limit); one rank alone runs

@@ -103,6 +103,25 @@ def test_cluster_paths_are_not_checked_here(tmp_path, capsys):
     assert main(["validate", "-f", write(tmp_path, doc), "--cluster"]) == 0
 
 
+def test_ranks_that_disagree_with_the_trainers_gpu_limit_are_refused(tmp_path, capsys):
+    doc = manifest(tmp_path / "mounted-model", tmp_path / "mounted.jsonl")
+    doc["spec"]["trainer"] = {"gpusPerReplica": 4, "template": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}
+    for flags in ([], ["--cluster"]):
+        lines = refused(capsys, ["validate", "-f", write(tmp_path, doc), *flags])
+        assert lines[0].startswith("spec.trainer.gpusPerReplica: 4 ranks per pod but the trainer template's "
+                                   "nvidia.com/gpu limit is 2")
+
+
+def test_pools_that_get_no_prompts_are_named_in_a_warning(tmp_path):
+    doc = manifest(tmp_path / "mounted-model", tmp_path / "mounted.jsonl")
+    doc["spec"]["algorithm"] = {"promptsPerStep": 2, "miniBatchSize": 2}
+    doc["spec"]["rollout"] = {"pools": [{"name": n, "precision": "bf16"} for n in ("a", "b", "c", "d")]
+                              + [{"name": "idle", "replicas": 0}]}
+    found = check_inputs(parse_run(doc), cluster=True)
+    assert found.warnings == ["spec.algorithm.promptsPerStep: 2 prompts per step for 4 pools with replicas: "
+                              "pools c, d get no prompts, so they are never trained on or constrained"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
     (["run", "--threads", "two"], "argument --threads: 'two' is not a whole number"),

@@ -25,7 +25,8 @@ def trainer(**over):
     ({"template": {"resources": {"requests": {"nvidia.com/gpu": "8"}}}}, 1),  # a limit, not a request
     ({"template": {"resources": {"limits": {"nvidia.com/gpu": "500m"}}}}, 1),  # not whole GPUs
     ({"template": {"resources": {"limits": {"nvidia.com/gpu": "0"}}}}, 1),
-    ({"gpusPerReplica": 2, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 2),  # explicit wins
+    ({"gpusPerReplica": 8, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, 8),  # both, equal
+    ({"gpusPerReplica": 2}, 2),  # no GPU limit (CPU ranks on gloo)
 ])
 def test_gpus_per_replica_defaults_from_the_templates_gpu_limit(over, gpus):
     t = trainer(**over)
@@ -37,6 +38,22 @@ def test_gpus_per_replica_defaults_from_the_templates_gpu_limit(over, gpus):
 def test_gpus_per_replica_is_checked(value):
     with pytest.raises(SpecError, match="spec.trainer.gpusPerReplica"):
         trainer(gpusPerReplica=value)
+
+
+@pytest.mark.parametrize("over, mismatch", [
+    ({"gpusPerReplica": 4, "template": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}, "4 ranks per pod but the "
+     "trainer template's nvidia.com/gpu limit is 2"),
+    ({"gpusPerReplica": 1, "template": {"spec": {"containers": [
+        {"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}}, "1 ranks per pod but the "
+     "trainer template's nvidia.com/gpu limit is 8"),
+    ({"gpusPerReplica": 8, "template": {"resources": {"limits": {"nvidia.com/gpu": "8"}}}}, None),
+    ({"gpusPerReplica": 4}, None),
+    ({"template": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}, None),
+])
+def test_gpus_per_replica_must_match_the_templates_gpu_limit(over, mismatch):
+    """One rank per GPU: more ranks than GPUs fail on device selection, fewer leave GPUs idle."""
+    found = ranks.gpus_mismatch(trainer(**over))
+    assert (found is None) if mismatch is None else found.startswith(mismatch)
 
 
 def test_torchrun_command_starts_one_rank_per_gpu_of_the_replica():

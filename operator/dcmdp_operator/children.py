@@ -445,6 +445,9 @@ def _trainer_job(run: DCMDPRun, meta: dict[str, Any], config: OperatorConfig, ph
             "--out", CHECKPOINT_DIR, "--resume"]
     rank_env: list[dict[str, Any]] = []
     command = ["dcmdp-trainer", *args]
+    mismatch = ranks.gpus_mismatch(trainer)
+    if mismatch:
+        raise BuildError(ranks.GPUS_FIELD, mismatch)
     if ranks.world_size(trainer) > 1:
         # one rank per GPU, torchrun's way; the pods rendezvous at pod 0 through the headless Service
         command = ranks.torchrun_command(trainer, node_rank="$(NODE_RANK)", master_addr=trainer_host(name),
