@@ -72,7 +72,7 @@ def test_a_malformed_dataset_line_is_refused_naming_file_and_line(folders, tmp_p
     for argv in (["validate", "-f", f], ["run", "-f", f, "--out", str(tmp_path / "out"), "--inprocess"]):
         [line] = refused(capsys, argv)
         assert line.startswith(f"spec.task.dataset.path: {data}:3: each line must be a JSON object "
-                               "with 'prompt' and 'answer' (KeyError")
+                               "with a non-empty string 'prompt' and a string or number 'answer' (KeyError")
 
 
 def test_unreadable_math_references_are_refused_with_their_count(folders, tmp_path, capsys):

@@ -56,6 +56,37 @@ def test_jsonl_errors_name_the_field_and_line(tmp_path):
         resolve_verifier("no.such.module:fn")
 
 
+@pytest.mark.parametrize("line, cause", [
+    ('{"prompt": null, "answer": null}', "'prompt' is None"),
+    ('{"prompt": "   ", "answer": "1"}', "'prompt' is '   '"),
+    ('{"prompt": "a", "answer": null}', "'answer' is None"),
+    ('{"prompt": "a", "answer": [1]}', "'answer' is [1]"),
+    ('{"prompt": "a", "answer": true}', "'answer' is True"),
+    ('["a", "1"]', "a list, not an object"),
+    ("[" * 100_000, "RecursionError"),
+    ('{"prompt": "a", "answer": ' + "9" * 5000 + "}", "ValueError"),
+])
+def test_jsonl_lines_that_are_not_problems_are_refused_naming_the_line(tmp_path, line, cause):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "answer": 1}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"spec.task.dataset.path: .*bad.jsonl:2: ") as err:
+        build_task(TaskSpec(name="jsonl", dataset={"path": str(f)}))
+    assert cause in str(err.value)
+
+
+def test_jsonl_file_errors_name_the_cause(tmp_path):
+    with pytest.raises(ValueError, match="is not a regular file"):
+        build_task(TaskSpec(name="jsonl", dataset={"path": str(tmp_path)}))
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8"):
+        build_task(TaskSpec(name="jsonl", dataset={"path": str(f)}))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\n{"prompt": "b", "answer": "2"}\n')
+    task = build_task(TaskSpec(name="jsonl", dataset={"path": str(bom)}))
+    assert sorted(p.answer for p in task.problems()) == ["1", "2"]
+
+
 def test_verifiers():
     assert exact_match(" 12", "12") == 1.0 and exact_match("13", "12") == 0.0
     assert numeric_match("x", "1") == 0.0 and numeric_match("1e0", "1") == 1.0

@@ -18,17 +18,24 @@ class JsonlTask:
         file = Path(path)
         if not file.exists():
             raise FileNotFoundError(f"spec.task.dataset.path: no such file: {file}")
+        if not file.is_file():
+            raise ValueError(f"spec.task.dataset.path: {file} is not a regular file")
+        try:
+            text = file.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is accepted
+        except UnicodeDecodeError as exc:
+            line = file.read_bytes()[:exc.start].count(b"\n") + 1
+            raise ValueError(f"spec.task.dataset.path: {file}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
         problems: list[Problem] = []
-        for lineno, line in enumerate(file.read_text().splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                problems.append(Problem(str(obj["prompt"]), str(obj["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                problems.append(_problem(json.loads(line)))
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
                 raise ValueError(
-                    f"spec.task.dataset.path: {file}:{lineno}: each line must be a JSON object "
-                    f"with 'prompt' and 'answer' ({type(exc).__name__}: {exc})"
+                    f"spec.task.dataset.path: {file}:{lineno}: each line must be a JSON object with a "
+                    f"non-empty string 'prompt' and a string or number 'answer' ({type(exc).__name__}: "
+                    f"{str(exc)[:200]})"
                 ) from None
         if len(problems) < 2:
             raise ValueError(f"spec.task.dataset.path: {file} holds {len(problems)} problems; need >= 2")
@@ -67,3 +74,17 @@ class JsonlTask:
     def reward(self, response: str, answer: str) -> Any:
         """The verifier's value as returned (the trainer checks it is a finite number)."""
         return self._verifier(response, answer)
+
+
+def _problem(obj: Any) -> Problem:
+    """One dataset line as a problem. Raises TypeError/ValueError/KeyError when it is not an object
+    with a non-empty string ``prompt`` and a string or number ``answer`` (a null would become the
+    text "None" and be trained on)."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"a {type(obj).__name__}, not an object")
+    prompt, answer = obj["prompt"], obj["answer"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"'prompt' is {prompt!r:.40}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"'answer' is {answer!r:.40}")
+    return Problem(prompt, str(answer))
