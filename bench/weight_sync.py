@@ -12,6 +12,9 @@ fp32, whose buckets are views of the weights, and bf16, cast from them) and work
   timed rounds (it is cached per (version, dtype) after a version's first broadcast);
 * **raw TCP**: the same number of worker processes each reading the same number of bytes from a
   plain socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into``, no checks).
+* **raw TCP with the cast** (bf16 cells only, reported as ``transfer_over_tcp_cast`` beside the
+  headline): the sender casts each half-bucket from the same fp32 snapshot into a buffer, then sends
+  it to every worker: the cost of a bf16 wire from fp32 weights without the data plane.
 
 Time = first byte asked for → last worker done (wall clock of the processes on one machine).
 Each cell runs ``--repeats`` interleaved data-plane/TCP pairs, the order alternating, and reports
@@ -143,6 +146,34 @@ def run_tcp(script: Path, data: memoryview, n_workers: int, env) -> float:
     return max(r["end"] for r in res) - min(r["start"] for r in res)
 
 
+def run_tcp_cast(script: Path, state: dict, chunk_bytes: int, n_workers: int, env) -> float:
+    """Raw TCP whose sender casts: each ``chunk_bytes`` of bf16 is cast (one ``copy_``) from the fp32
+    snapshot into a buffer, then ``sendall`` to every worker in turn; no checks. What a hand-rolled
+    socket pays for a bf16 wire from fp32 weights."""
+    import torch
+
+    wire = sum(t.numel() for t in state.values()) * 2
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.listen(n_workers)
+    procs = workers(script, [["tcp", str(srv.getsockname()[1]), str(wire)]] * n_workers, env)
+    conns = [srv.accept()[0] for _ in range(n_workers)]
+    buf = torch.empty(chunk_bytes // 2, dtype=torch.bfloat16)
+    step = buf.numel()
+    for t in state.values():
+        flat = t.reshape(-1)
+        for lo in range(0, flat.numel(), step):
+            part = buf[:min(step, flat.numel() - lo)]
+            part.copy_(flat[lo:lo + part.numel()])
+            data = memoryview(part.view(torch.uint8).numpy())
+            for c in conns:
+                c.sendall(data)
+    res = finish(procs)
+    for c in conns:
+        c.close()
+    srv.close()
+    return max(r["end"] for r in res) - min(r["start"] for r in res)
+
+
 def run_dataplane(script: Path, port: int, token: str, n_workers: int, dtype: str, env, hub,
                   base_rss: int) -> tuple[float, float, int, float, float]:
     """(seconds, trainer cpu seconds, trainer peak RSS over ``base_rss`` in bytes, worker load seconds,
@@ -228,7 +259,7 @@ def main() -> None:
             gib = wire / (1 << 30)
             for w in args.workers:
                 expect["n"] = w
-                pairs, cpus, extras, loads, connects = [], [], [], [], []
+                pairs, cpus, extras, loads, connects, cast_pairs = [], [], [], [], [], []
                 for k in range(args.repeats):  # interleaved, the order alternating: load drift hits both sides
                     tcp_first = k % 2 == 1
                     tcp = run_tcp(script, payload[:wire], w, env) if tcp_first else None
@@ -236,6 +267,8 @@ def main() -> None:
                     if not tcp_first:
                         tcp = run_tcp(script, payload[:wire], w, env)
                     pairs.append((s, tcp))
+                    if dtype == "bf16":  # the same cast on the TCP side (reported beside the headline)
+                        cast_pairs.append((s, run_tcp_cast(script, big, bucket // 2, w, env)))
                     cpus.append(c / (gib * w))
                     extras.append(x / bucket)
                     loads.append(load / s)
@@ -249,6 +282,9 @@ def main() -> None:
                        "extra_mem_buckets": round(max(extras), 2),
                        "worker_load_share": round(statistics.median(loads), 2),
                        "connect_s": round(statistics.median(connects), 3)}
+                if cast_pairs:
+                    row["transfer_over_tcp_cast"] = round(statistics.median(t / d for d, t in cast_pairs), 3)
+                    row["tcp_cast_gib_s"] = round(gib * w / statistics.median(t for _, t in cast_pairs), 3)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         server.stop(grace=None)
@@ -261,6 +297,8 @@ def main() -> None:
         "transfer_over_tcp": min(r["transfer_over_tcp"] for r in rows),
         "cpu_s_per_gib": max(r["trainer_cpu_s_per_gib"] for r in rows),
         "extra_mem_buckets": max(r["extra_mem_buckets"] for r in rows),
+        "transfer_over_tcp_cast": min((r["transfer_over_tcp_cast"] for r in rows if "transfer_over_tcp_cast" in r),
+                                      default=None),
         "first_round_mib": round(max(first_round) / (1 << 20), 2),
         "bytes_ratio_int8": round(ratio_int8, 4),
         "bytes_ratio_bf16": round(ratio_bf16, 4),

@@ -35,7 +35,7 @@ CHILD = textwrap.dedent('''
     sys.path.insert(0, sys.argv[3])
     from runtime_helpers import tiny_run
     from dcmdp.models.tiny import build_model
-    from dcmdp_trainer.distributed import DeepSpeedLearner, init_distributed
+    from dcmdp_trainer.distributed import DeepSpeedLearner, exit_process, init_distributed
     torch.set_num_threads(1)
     stage = int(sys.argv[4])
     run = tiny_run(trainer={"replicas": 2, "deepspeed": {"enabled": True, "zeroStage": stage}, "microBatchTokens": 48})
@@ -68,6 +68,7 @@ CHILD = textwrap.dedent('''
                    sys.argv[2])
     else:
         b.follow()
+    exit_process(0)  # as dcmdp_trainer ends a rank (a gloo group left to the interpreter's teardown can abort)
 ''')
 
 

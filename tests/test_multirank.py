@@ -40,7 +40,7 @@ CHILD = textwrap.dedent('''
     import json, os, sys, torch
     from runtime_helpers import tiny_run
     from dcmdp.models.tiny import build_model
-    from dcmdp_trainer.distributed import DeepSpeedLearner, init_distributed
+    from dcmdp_trainer.distributed import DeepSpeedLearner, exit_process, init_distributed
 
     data_path, out, trainer = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)
@@ -59,6 +59,7 @@ CHILD = textwrap.dedent('''
         learner.shutdown()
     else:
         learner.follow()
+    exit_process(0)  # as dcmdp_trainer ends a rank (a gloo group left to the interpreter's teardown can abort)
 ''')
 
 
@@ -89,7 +90,7 @@ def test_ranks_take_the_same_step_as_one_rank(tmp_path, reference, topology, tra
     (tmp_path / "multirank_child.py").write_text(CHILD)
     out = tmp_path / "result.pt"
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(TESTS)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(TESTS)]))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # torchrun's to set

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +31,7 @@ from dcmdp.transport.auth import TokenError, load_token
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
-from dcmdp_trainer.distributed import follow, init_distributed, session_kwargs, unsupported
+from dcmdp_trainer.distributed import exit_process, follow, init_distributed, session_kwargs, unsupported
 from dcmdp_trainer.history import pool_lags
 from dcmdp_trainer.observability import TrainerMetrics
 from dcmdp_trainer.rollout_source import Stopped
@@ -212,4 +211,4 @@ def _distributed_done(session) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # a rank of a process group skips the interpreter's teardown (see there)
