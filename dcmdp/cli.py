@@ -21,7 +21,7 @@ from typing import Any, Optional
 from dcmdp import yamlfile
 from dcmdp.cli_args import at_least
 from dcmdp.plots import plot_run
-from dcmdp.preflight import check_inputs
+from dcmdp.preflight import check_inputs, check_paths
 from dcmdp.progress import RunProgress, summary_table
 from dcmdp.ranks import gpus_per_replica
 from dcmdp.runners import installed, runner
@@ -63,7 +63,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run = load_run(args.file)
     found = check_inputs(run, cluster=args.cluster)
     if found.problems:
-        raise SpecError(found.problems, str(args.file))
+        error = SpecError(found.problems, str(args.file))
+        if not args.cluster and set(check_paths(run)) & set(found.problems):
+            error.hint = ("paths are read on this machine; for a manifest whose paths are mounted in the "
+                          "cluster's pods, use `dcmdp validate --cluster`")
+        raise error
     for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:
@@ -99,7 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if mode not in installed():
         mode = "inprocess"
     fn = runner(mode)
-    with RunProgress(total, enabled=not args.quiet) as bar:
+    warm = run.spec.model.warm_start_steps
+    before = (f"a {warm}-step supervised warm start of the model (no output until it ends)"
+              if warm and not args.resume else "")
+    with RunProgress(total, enabled=not args.quiet, before=before) as bar:
         summary = fn(run, out, steps=args.steps, resume=args.resume, on_step=bar.step, on_eval=bar.eval,
                      threads=args.threads)
     plots = plot_run(out)
@@ -155,6 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.fn(args)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "hint", None):
+            print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,9 @@ start-up, or mid-run at the first reward of a bad reference):
 
 * local paths exist (``spec.model.path``, ``spec.task.dataset.path``);
 * the tokenizer loads and has an EOS token (``spec.model``);
+* a loaded model's ``config.json`` names an architecture transformers builds as a causal LM
+  (``spec.model``): its ``model_type`` is known, and no custom code is needed;
+* every prompt, formatted as the run formats it, has at least one token (``spec.task``);
 * the task builds: every dataset line is a JSON object with ``prompt`` and ``answer``, at least
   two problems, a user verifier imports (``spec.task.dataset.*``);
 * the chat template the task asks for exists (``spec.task.chatTemplate``);
@@ -92,6 +95,10 @@ def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
             out.warnings.append(f"tokenizer not checked: {exc}")
     except (OSError, ValueError) as exc:  # no EOS, an unreadable tokenizer
         out.problems.append(_field_of(exc, "spec.model"))
+    if tokenizer is not None and spec.model.loaded:
+        why = architecture_problem(resolve_model_folder(spec.model, allow_download=False))
+        if why:
+            out.problems.append(("spec.model.path" if spec.model.path else "spec.model.name", why))
     try:
         task = build_task(spec.task)
     except (OSError, ValueError) as exc:  # malformed lines, too few problems, a verifier that does not import
@@ -102,6 +109,8 @@ def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
             prompt_format(spec.task).text(tokenizer, task.held_out()[0].prompt)
         except ValueError as exc:
             out.problems.append(_field_of(exc, "spec.task.chatTemplate"))
+        else:
+            out.problems += empty_prompts(task, spec.task, tokenizer)
     if spec.task.dataset is not None:
         problems = task.problems()
         if spec.task.dataset.verifier == "math":
@@ -109,6 +118,39 @@ def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
         if tokenizer is not None:
             out.warnings += long_answers(problems, tokenizer, task.max_new_tokens)
     return out
+
+
+def architecture_problem(folder: Path) -> Optional[str]:
+    """Why transformers cannot build the model in ``folder`` as a causal LM (``AutoModelForCausalLM``,
+    without custom code, as the run loads it), or None. Reads ``config.json`` only."""
+    # optional and heavy (the ml extra): the core imports without it
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - any error reading a user's config is the finding (transformers and
+        # huggingface_hub raise OSError, ValueError, KeyError or their own validation errors)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{folder}/config.json: transformers cannot read it: {first[:300]}"
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return (f"{folder}/config.json: model_type {config.model_type!r} has no causal-LM class in transformers "
+                f"(architectures: {getattr(config, 'architectures', None)})")
+    return None
+
+
+def empty_prompts(task: Any, task_spec: Any, tokenizer: Any) -> list[tuple[str, str]]:
+    """(field, which) when some prompts, formatted as the run formats them, have no token: the model
+    would be asked to continue nothing. Checks the dataset's problems (all of them) or the built-in
+    task's held-out set."""
+    fmt = prompt_format(task_spec)
+    problems = task.problems() if task_spec.dataset is not None else task.held_out()
+    empty = [p for p in problems if not _has_tokens(fmt, tokenizer, p.prompt)]
+    if not empty:
+        return []
+    where = "spec.task.dataset.path" if task_spec.dataset is not None else "spec.task"
+    return [(where, f"{len(empty)} of {len(problems)} prompts have no tokens once formatted "
+                    f"(first: {empty[0].prompt[:60]!r}); give every prompt some text")]
 
 
 def unreadable_references(problems: list[Problem]) -> list[tuple[str, str]]:
@@ -133,6 +175,13 @@ def long_answers(problems: list[Problem], tokenizer: Any, limit: int) -> list[st
         return []
     return [f"spec.task.maxNewTokens ({limit}): {len(long)} of {len(problems)} reference answers are "
             f"longer (first: {long[0].answer[:60]!r}); a response that long is cut off before EOS"]
+
+
+def _has_tokens(fmt: Any, tokenizer: Any, prompt: str) -> bool:
+    try:
+        return bool(fmt.ids(tokenizer, prompt))
+    except ValueError:
+        return False
 
 
 def _readable(answer: str) -> bool:

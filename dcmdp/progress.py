@@ -10,9 +10,16 @@ from rich.table import Table
 
 
 class RunProgress:
-    def __init__(self, total: int, start: int = 0, console: Optional[Console] = None, enabled: bool = True):
+    """The bar on a terminal. Elsewhere (a pipe, a CI log, ``make demo > log``) rich draws no live bar,
+    so a plain line is printed when the run starts (with ``before``: what happens before the first
+    step, e.g. the warm start) and every ``every`` steps, and the last step's line at the end."""
+
+    def __init__(self, total: int, start: int = 0, console: Optional[Console] = None, enabled: bool = True,
+                 *, before: str = "", every: int = 10):
         self.console = console or Console(stderr=True)
         self.enabled = enabled
+        self.total, self.start, self.before, self.every = total, start, before, max(1, every)
+        self.plain = enabled and not self.console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -23,14 +30,24 @@ class RunProgress:
 
     def __enter__(self) -> "RunProgress":
         self.progress.__enter__()
+        if self.plain:
+            self.console.print(f"run: steps {self.start + 1}-{self.total}" + (f"; first {self.before}" if self.before
+                                                                              else ""), highlight=False)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.plain and self.last and (self.last["step"] + 1) % self.every:
+            self._line(self.last)
         self.progress.__exit__(*exc)
 
     def step(self, row: dict[str, Any]) -> None:
         self.last = row
         self.progress.update(self.task, completed=row["step"] + 1, stats=step_stats(row))
+        if self.plain and (row["step"] + 1) % self.every == 0:
+            self._line(row)
+
+    def _line(self, row: dict[str, Any]) -> None:
+        self.console.print(f"step {row['step'] + 1}/{self.total}: {step_stats(row)}", highlight=False)
 
     def eval(self, row: dict[str, Any]) -> None:
         acc = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("eval/")}

@@ -1118,11 +1118,13 @@ class DCMDPRun(SpecModel):
 
 # ------------------------------------------------------------------------------------- loading
 class SpecError(ValueError):
-    """A manifest failed validation. ``errors`` is a list of (field path, message)."""
+    """A manifest failed validation. ``errors`` is a list of (field path, message); ``hint``, when
+    set, a line on what to do (printed after the errors)."""
 
     def __init__(self, errors: list[tuple[str, str]], source: str = "manifest"):
         self.errors = errors
         self.source = source
+        self.hint: Optional[str] = None
         lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
         super().__init__(f"{source} is invalid:\n{lines}")
 
@@ -1198,6 +1200,12 @@ def load_run(path: Union[str, Path]) -> DCMDPRun:
         raise SpecError([("kind", f"{len(runs)} documents of kind {KIND} in the file: one manifest per file")],
                         str(path))
     if not runs:
+        if len(docs) == 1 and isinstance(docs[0], dict) and "kind" not in docs[0] and (
+                {"runs", "runDefaults"} & set(docs[0])):
+            raise SpecError([("(file)", "these are Helm values for the dcmdp chart (runs/runDefaults), not a "
+                                        f"{KIND} manifest: `helm template dcmdp helm/dcmdp -f {path}` renders the "
+                                        "runs (checked against the chart's values.schema.json); `dcmdp validate` "
+                                        "takes one rendered run")], str(path))
         if len(docs) == 1:
             return parse_run(docs[0], str(path))
         raise SpecError([("kind", f"no document of kind {KIND} in the file")], str(path))

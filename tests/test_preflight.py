@@ -98,9 +98,68 @@ def test_a_chat_template_the_tokenizer_lacks_is_refused(folders, tmp_path, capsy
     assert line == "spec.task.chatTemplate: 'tokenizer' but the model's tokenizer has no chat_template"
 
 
+@pytest.mark.parametrize("config, why", [
+    ({"model_type": "not-a-model"}, "transformers cannot read it"),
+    ({"model_type": "vit", "architectures": ["ViTModel"]},
+     "model_type 'vit' has no causal-LM class in transformers (architectures: ['ViTModel'])"),
+])
+def test_a_config_transformers_cannot_build_as_a_causal_lm_is_refused(folders, tmp_path, capsys, config, why):
+    odd = tmp_path / "odd"
+    shutil.copytree(folders["qwen"], odd)
+    (odd / "config.json").write_text(json.dumps(config))
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, manifest(odd, folders["data"]))])
+    assert line.startswith(f"spec.model.path: {odd}/config.json: {why}"), line
+
+
+def test_a_verifier_with_the_wrong_signature_is_refused(folders, tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_verifiers.py").write_text("def judge(response):\n    return 1.0\n\n"
+                                              "def fine(response, answer, *, strict=False):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = manifest(folders["qwen"], folders["data"], dataset={"path": str(folders["data"]),
+                                                              "verifier": "my_verifiers:judge"})
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, doc)])
+    assert line == "spec.task.dataset.verifier: 'my_verifiers:judge' must take (response, answer), its signature is judge(response)"
+    doc["spec"]["task"]["dataset"]["verifier"] = "my_verifiers:fine"
+    assert main(["validate", "-f", write(tmp_path, doc)]) == 0
+
+
+def test_a_prompt_with_no_tokens_is_refused_before_and_during_the_run(folders):
+    from types import SimpleNamespace
+
+    from dcmdp.models.tokenizer import load_tokenizer
+    from dcmdp.preflight import empty_prompts
+    from dcmdp.tasks.base import Problem
+    from dcmdp.tasks.prompt import PromptFormat
+
+    tok = load_tokenizer(folders["qwen"])  # no BOS: an empty prompt has no token without a chat template
+    with pytest.raises(ValueError, match="^spec.task: the prompt '' has no tokens once formatted"):
+        PromptFormat().ids(tok, "")
+    assert PromptFormat("tokenizer").ids(tok, "")  # the template's tokens
+    task = SimpleNamespace(problems=lambda: [Problem("1+1=", "2"), Problem("", "0"), Problem("", "1")])
+    spec = SimpleNamespace(dataset=object(), chat_template="none", system_prompt=None)
+    assert empty_prompts(task, spec, tok) == [("spec.task.dataset.path", "2 of 3 prompts have no tokens once "
+                                               "formatted (first: ''); give every prompt some text")]
+
+
 def test_cluster_paths_are_not_checked_here(tmp_path, capsys):
     doc = manifest(tmp_path / "mounted-model", tmp_path / "mounted.jsonl")
     assert main(["validate", "-f", write(tmp_path, doc), "--cluster"]) == 0
+
+
+def test_missing_paths_hint_at_the_cluster_flag(capsys):
+    assert main(["validate", "-f", "examples/gpu-cluster.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[1] == "  spec.model.path: /models/Qwen3-1.7B does not exist"
+    assert err[-1] == ("hint: paths are read on this machine; for a manifest whose paths are mounted in the "
+                       "cluster's pods, use `dcmdp validate --cluster`")
+    assert main(["validate", "--cluster", "-f", "examples/gpu-cluster.yaml"]) == 0
+
+
+def test_helm_values_are_named_as_such(capsys):
+    assert main(["validate", "-f", "examples/helm/gpu-values.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[1].startswith("  (file): these are Helm values for the dcmdp chart (runs/runDefaults), not a "
+                             "DCMDPRun manifest: `helm template dcmdp helm/dcmdp -f examples/helm/gpu-values.yaml`")
 
 
 def test_ranks_that_disagree_with_the_trainers_gpu_limit_are_refused(tmp_path, capsys):
@@ -132,5 +191,25 @@ def test_pools_that_get_no_prompts_are_named_in_a_warning(tmp_path):
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main([argv[0], "-f", "examples/quickstart.yaml", *argv[1:]])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--threads", "-3"],
+     "argument --threads: must be >= 0 (got -3)"),
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--steps", "0"],
+     "argument --steps: must be >= 1 (got 0)"),
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--port", "-1"],
+     "argument --port: must be >= 0 (got -1)"),
+    ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
+    ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--replica", "-1"], "argument --replica: must be >= 0 (got -1)"),
+])
+def test_the_images_entry_points_refuse_bad_numbers(module, argv, message, capsys):
+    import importlib
+
+    entry = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit:
+        entry.build_parser().parse_args(argv)
     assert exit.value.code == 2
     assert message in capsys.readouterr().err

@@ -1,6 +1,11 @@
-"""The progress bar's line: each pool's δ̄, c and applied λ (never the run-level multiplier)."""
+"""The progress bar's line: each pool's δ̄, c and applied λ (never the run-level multiplier); off a
+terminal (a pipe, a CI log) plain lines replace the live bar."""
 
-from dcmdp.progress import step_stats
+import io
+
+from rich.console import Console
+
+from dcmdp.progress import RunProgress, step_stats
 
 
 def test_the_bar_shows_each_pools_applied_lambda():
@@ -12,3 +17,27 @@ def test_the_bar_shows_each_pools_applied_lambda():
     assert step_stats(row) == ("reward 0.500 | bf16 δ̄ 1.2e-03 c 2.0e-03 λ 0.144 | "
                                "int8 δ̄ 3.1e-03 c — λ 0.118")  # c while `auto` calibrates: —
     assert "0.281" not in step_stats(row)
+
+
+def row(step: int) -> dict:
+    return {"step": step, "reward/mean": 0.5, "pool/bf16/discrepancy/prob_diff_mean": 1.2e-3,
+            "pool/bf16/constraint/tolerance": 2e-3, "pool/bf16/constraint/lambda": 0.144}
+
+
+def test_off_a_terminal_it_prints_the_start_every_tenth_step_and_the_last():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with RunProgress(25, console=console, before="a 130-step supervised warm start") as bar:
+        for k in range(25):
+            bar.step(row(k))
+    lines = [line for line in out.getvalue().splitlines() if line.startswith(("run:", "step "))]
+    stats = step_stats(row(0))
+    assert lines == ["run: steps 1-25; first a 130-step supervised warm start",
+                     f"step 10/25: {stats}", f"step 20/25: {stats}", f"step 25/25: {stats}"]
+
+
+def test_quiet_prints_nothing():
+    out = io.StringIO()
+    with RunProgress(5, console=Console(file=out, force_terminal=False), enabled=False) as bar:
+        bar.step(row(0))
+    assert out.getvalue() == ""

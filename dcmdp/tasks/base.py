@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -104,4 +105,13 @@ def resolve_verifier(name: str) -> Verifier:
         raise ValueError(f"spec.task.dataset.verifier: cannot import {name!r}: {exc}") from None
     if not callable(fn):
         raise ValueError(f"spec.task.dataset.verifier: {name!r} is not callable")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or extension callable: nothing to inspect
+        return fn
+    try:
+        signature.bind("response", "answer")
+    except TypeError:
+        raise ValueError(f"spec.task.dataset.verifier: {name!r} must take (response, answer), "
+                         f"its signature is {name.partition(':')[2]}{signature}") from None
     return fn

@@ -40,11 +40,19 @@ class PromptFormat:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        """Prompt token ids (list of int, never None entries)."""
+        """Prompt token ids (list of int, never None entries, at least one).
+
+        Raises ValueError naming ``spec.task`` when the formatted prompt has no token (an empty
+        prompt without a chat template or BOS): the model would be asked to continue nothing."""
         if self.chat_template == "none":
             bos = tokenizer.bos_token_id
-            return ([bos] if bos is not None else []) + encode(tokenizer, prompt)
-        return encode(tokenizer, self.text(tokenizer, prompt))
+            ids = ([bos] if bos is not None else []) + encode(tokenizer, prompt)
+        else:
+            ids = encode(tokenizer, self.text(tokenizer, prompt))
+        if not ids:
+            raise ValueError(f"spec.task: the prompt {prompt[:60]!r} has no tokens once formatted; "
+                             "give every prompt some text")
+        return ids
 
 
 def prompt_format(task_spec: Any) -> PromptFormat:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dcmdp import jsonlog
+from dcmdp.cli_args import at_least
 from dcmdp.precision import wire_dtype
 from dcmdp.spec import SpecError, load_run
 from dcmdp.transport.auth import TokenError, load_token
@@ -44,16 +45,16 @@ from dcmdp_trainer.weights import WeightPublisher
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
     ap.add_argument("--config", required=True, help="DCMDPRun manifest (YAML)")
-    ap.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    ap.add_argument("--metrics-port", type=int, default=-1, help="Prometheus port (0 = any free port, -1 = off)")
+    ap.add_argument("--port", type=at_least(0), default=50051, help="gRPC port (0 = any free port)")
+    ap.add_argument("--metrics-port", type=at_least(-1), default=-1, help="Prometheus port (0 = any free port, -1 = off)")
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
     ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, summary.json (plots: dcmdp plot DIR)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, if any")
     ap.add_argument("--token-file", default=None, help="run token file (else $DCMDP_TOKEN_FILE / $DCMDP_TOKEN)")
     ap.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
     ap.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
-    ap.add_argument("--steps", type=int, default=None, help="override spec.algorithm.steps")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = spec.trainer.threads or default)")
+    ap.add_argument("--steps", type=at_least(1), default=None, help="override spec.algorithm.steps")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = spec.trainer.threads or default)")
     ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
     ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
                     help="how weights reach workers: a torch.distributed broadcast (gloo/NCCL; not under TLS) "
@@ -71,9 +72,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         run = load_run(args.config)
     except (TokenError, SpecError) as exc:
         log.error(str(exc))
-        return 2
-    if args.steps is not None and args.steps < 1:
-        log.error("--steps must be >= 1")
         return 2
 
     out = Path(args.out)
