@@ -180,3 +180,52 @@ def test_the_pods_torchrun_command_serves_and_stops_at_a_checkpoint(tmp_path):
         assert (out / "checkpoints" / f"step-{step:08d}.pt").exists()
     finally:
         procs.close()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_rank_killed_mid_run_fails_the_pod_at_once(tmp_path):
+    """A follower rank killed mid-run (OOM, a lost GPU): torchrun ends the other rank and exits
+    non-zero within seconds (the pod fails and the Job's failurePolicy takes over), nothing is left
+    running and nothing waits on a collective for gloo's 30-minute timeout."""
+    import secrets
+    import signal
+    import time
+
+    from runtime_helpers import Procs, read_ready, rows, trainer_args, wait_for, worker_args, write_manifest
+
+    run = tiny_run(algorithm={"steps": 40}, trainer={"gpusPerReplica": 2})
+    config, token, out, ready = tmp_path / "run.yaml", tmp_path / "token", tmp_path / "out", tmp_path / "ready.json"
+    write_manifest(run, config)
+    token.write_text(secrets.token_urlsafe(16))
+    cmd = ranks.torchrun_command(run.spec.trainer, node_rank="0", master_addr="127.0.0.1", master_port=free_port(),
+                                 args=trainer_args(config, out, token, ready)[2:],
+                                 launcher=(sys.executable, "-m", "torch.distributed.run"))
+    procs = Procs(tmp_path)
+    try:
+        agent = procs.start("trainer", cmd[1:])
+        wait_for(lambda: read_ready(ready), 180, "the trainer serving", procs)
+        rank0 = read_ready(ready)["pid"]
+        for pool in ("bf16", "int8"):
+            procs.start(f"worker-{pool}", worker_args(read_ready(ready)["port"], pool, 0, token))
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and len(rows(metrics)) >= 2, 240, "two steps", procs)
+        children = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        followers = [pid for pid in children if pid != rank0]
+        assert rank0 in children and len(followers) == 1, (rank0, children)
+        t0 = time.monotonic()
+        os.kill(followers[0], signal.SIGKILL)
+        code = agent.wait(timeout=120)
+        took = time.monotonic() - t0
+        assert code != 0 and took < 60, (code, took, procs.log("trainer")[-3000:])
+        wait_for(lambda: not running(rank0), 10, "rank 0 ended with torchrun", procs)
+        print(f"rank 1 killed: torchrun exited {code} after {took:.1f} s")
+    finally:
+        procs.close()
