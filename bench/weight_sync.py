@@ -12,6 +12,9 @@ fp32, whose buckets are views of the weights, and bf16, cast from them) and work
   timed rounds (it is cached per (version, dtype) after a version's first broadcast);
 * **raw TCP**: the same number of worker processes each reading the same number of bytes from a
   plain socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into``, no checks).
+* **raw gloo** (1-worker cells, ``gloo_raw_over_tcp`` beside the headline): the same bytes in the
+  same half-bucket broadcasts over a plain group of the data plane's connections, nothing else:
+  the transport's own ceiling;
 * **raw TCP with the cast** (bf16 cells only, reported as ``transfer_over_tcp_cast`` beside the
   headline): the sender casts each half-bucket from the same fp32 snapshot into a buffer, then sends
   it to every worker: the cost of a bf16 wire from fp32 weights without the data plane.
@@ -70,6 +73,21 @@ WORKER = textwrap.dedent('''
                 raise SystemExit("short read")
             got += k
         print(json.dumps({"start": t0, "end": time.time(), "bytes": got}))
+    elif mode == "gloo":
+        from dcmdp.transport.collective import broadcast, client_store, open_group
+        n, part = int(arg), int(sys.argv[4])
+        pg = open_group(client_store("127.0.0.1", port, 60), "raw", 1, 2, join_timeout_s=60)
+        bufs = [torch.empty(part, dtype=torch.uint8) for _ in range(4)]
+        parts = [(lo, min(lo + part, n)) for lo in range(0, n, part)]
+        t0 = time.time()
+        posted = {}
+        for k, (lo, hi) in enumerate(parts):
+            if k >= 4:
+                posted.pop(k - 4).wait()
+            posted[k] = broadcast(pg, bufs[k % 4][:hi - lo], 60)
+        for w in posted.values():
+            w.wait()
+        print(json.dumps({"start": t0, "end": time.time(), "bytes": n}))
     else:
         stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", arg))
         h = pb.Header(pool="bench", worker_id="w")
@@ -174,6 +192,26 @@ def run_tcp_cast(script: Path, state: dict, chunk_bytes: int, n_workers: int, en
     return max(r["end"] for r in res) - min(r["start"] for r in res)
 
 
+def run_gloo_raw(script: Path, data, part: int, env) -> float:
+    """The transport alone: one worker, a plain gloo broadcast group (``open_group``, the data
+    plane's connections), ``data`` sent in ``part``-byte broadcasts, two in flight, four receives
+    posted ahead; no crc, no cast, no load thread, no gRPC. The data plane's ceiling."""
+    from dcmdp.transport.collective import broadcast, master_store, open_group
+
+    store = master_store("127.0.0.1", 60)
+    procs = workers(script, [["gloo", str(store.port), str(data.numel()), str(part)]], env)
+    pg = open_group(store, "raw", 0, 2, join_timeout_s=60)
+    inflight = []
+    for lo in range(0, data.numel(), part):
+        if len(inflight) >= 2:
+            inflight.pop(0).wait()
+        inflight.append(broadcast(pg, data[lo:lo + part], 60))
+    for w in inflight:
+        w.wait()
+    res = finish(procs)
+    return max(r["end"] for r in res) - min(r["start"] for r in res)
+
+
 def run_dataplane(script: Path, port: int, token: str, n_workers: int, dtype: str, env, hub,
                   base_rss: int) -> tuple[float, float, int, float, float]:
     """(seconds, trainer cpu seconds, trainer peak RSS over ``base_rss`` in bytes, worker load seconds,
@@ -221,7 +259,7 @@ def main() -> None:
     session = Session(tiny_run(model={"warmStart": {"steps": 0}}), tmp / "run", threads=1)
     token = "bench-token"
     bucket = args.bucket_mib << 20
-    payload = memoryview(bytes(max(args.mib) << 20))  # raw TCP sends ready-made bytes: allocated once, up front
+    payload = memoryview(bytearray(max(args.mib) << 20))  # raw TCP sends ready-made bytes: allocated once, up front
     rows, first_round = [], []
     ratio_bf16 = ratio_int8 = None
     for mib in args.mib:
@@ -259,7 +297,7 @@ def main() -> None:
             gib = wire / (1 << 30)
             for w in args.workers:
                 expect["n"] = w
-                pairs, cpus, extras, loads, connects, cast_pairs = [], [], [], [], [], []
+                pairs, cpus, extras, loads, connects, cast_pairs, gloo_pairs = [], [], [], [], [], [], []
                 for k in range(args.repeats):  # interleaved, the order alternating: load drift hits both sides
                     tcp_first = k % 2 == 1
                     tcp = run_tcp(script, payload[:wire], w, env) if tcp_first else None
@@ -267,6 +305,9 @@ def main() -> None:
                     if not tcp_first:
                         tcp = run_tcp(script, payload[:wire], w, env)
                     pairs.append((s, tcp))
+                    if w == 1:  # the transport alone, same bytes and parts (reported beside the headline)
+                        wire_view = torch.frombuffer(payload[:wire], dtype=torch.uint8)
+                        gloo_pairs.append((s, run_gloo_raw(script, wire_view, bucket // 2, env)))
                     if dtype == "bf16":  # the same cast on the TCP side (reported beside the headline)
                         cast_pairs.append((s, run_tcp_cast(script, big, bucket // 2, w, env)))
                     cpus.append(c / (gib * w))
@@ -282,6 +323,9 @@ def main() -> None:
                        "extra_mem_buckets": round(max(extras), 2),
                        "worker_load_share": round(statistics.median(loads), 2),
                        "connect_s": round(statistics.median(connects), 3)}
+                if gloo_pairs:
+                    row["gloo_raw_gib_s"] = round(gib / statistics.median(t for _, t in gloo_pairs), 3)
+                    row["gloo_raw_over_tcp"] = round(statistics.median(t / g for (_, t), (_, g) in zip(pairs, gloo_pairs)), 3)
                 if cast_pairs:
                     row["transfer_over_tcp_cast"] = round(statistics.median(t / d for d, t in cast_pairs), 3)
                     row["tcp_cast_gib_s"] = round(gib * w / statistics.median(t for _, t in cast_pairs), 3)

@@ -14,6 +14,7 @@ learns the group name, so it cannot rendezvous with a broadcast (see docs/runtim
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
     import torch
     import torch.distributed as dist
+
+
+# TCP connections (gloo "devices", each with its own I/O loop) per pair of ranks; gloo spreads
+# consecutive operations over them. One connection moved 2.4-3.0 GiB/s of 2-8 MiB broadcasts on
+# idle loopback, four 3.6-4.8 (raw TCP: 5.7). Every rank of a group must use the same number.
+GLOO_CONNECTIONS = int(os.environ.get("DCMDP_GLOO_CONNECTIONS", "4"))
 
 
 def local_address_towards(host: str) -> str:
@@ -92,7 +99,8 @@ def open_group(store: "dist.Store", group: str, rank: int, world_size: int, *, j
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(peer_host))]
+        address = local_address_towards(peer_host)
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address) for _ in range(GLOO_CONNECTIONS)]
         return dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
