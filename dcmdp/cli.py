@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcmdp import yamlfile
-from dcmdp.cli_args import at_least
+from dcmdp.cli_args import threads
 from dcmdp.plots import plot_run
 from dcmdp.preflight import check_inputs, check_paths
 from dcmdp.progress import RunProgress, summary_table
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     again.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
     r.add_argument("--inprocess", action="store_true", help="trainer and engines in this process (no gRPC)")
-    r.add_argument("--threads", type=at_least(0), default=0, help="torch threads per process (0 = default)")
+    r.add_argument("--threads", type=threads(), default=0, help="torch threads per process (0 = default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 

@@ -83,9 +83,17 @@ def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
     out = Findings(list(gpus), starved_pools(run))
     spec = run.spec
     tokenizer: Optional[Any] = None
+    model_field = "spec.model.path" if spec.model.path else "spec.model.name"
     try:
-        tokenizer = (load_tokenizer(resolve_model_folder(spec.model, allow_download=False))
-                     if spec.model.loaded else build_tokenizer())
+        if spec.model.loaded:
+            folder = resolve_model_folder(spec.model, allow_download=False)
+            why = architecture_problem(folder)  # config.json first: the tokenizer reads it too
+            if why:
+                out.problems.append((model_field, why))
+            else:
+                tokenizer = load_tokenizer(folder)
+        else:
+            tokenizer = build_tokenizer()
     except ImportError:  # the core without transformers: nothing to load a tokenizer or a task with
         return out
     except ModelSourceError as exc:
@@ -93,12 +101,9 @@ def check_inputs(run: DCMDPRun, *, cluster: bool = False) -> Findings:
             out.problems.append(_field_of(exc, "spec.model.path"))
         else:
             out.warnings.append(f"tokenizer not checked: {exc}")
-    except (OSError, ValueError) as exc:  # no EOS, an unreadable tokenizer
-        out.problems.append(_field_of(exc, "spec.model"))
-    if tokenizer is not None and spec.model.loaded:
-        why = architecture_problem(resolve_model_folder(spec.model, allow_download=False))
-        if why:
-            out.problems.append(("spec.model.path" if spec.model.path else "spec.model.name", why))
+    except Exception as exc:  # noqa: BLE001 - no EOS, an unreadable tokenizer: any error is the finding
+        out.problems.append(_field_of(exc, "spec.model") if isinstance(exc, ValueError) and _FIELD.match(str(exc))
+                            else (model_field, f"the tokenizer does not load: {_first_line(exc)}"))
     try:
         task = build_task(spec.task)
     except (OSError, ValueError) as exc:  # malformed lines, too few problems, a verifier that does not import
@@ -128,11 +133,10 @@ def architecture_problem(folder: Path) -> Optional[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any error reading a user's config is the finding (transformers and
-        # huggingface_hub raise OSError, ValueError, KeyError or their own validation errors)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"{folder}/config.json: transformers cannot read it: {first[:300]}"
+        # huggingface_hub raise OSError, ValueError, KeyError, TypeError, RecursionError or their own errors)
+        return f"{folder}/config.json: transformers cannot read it (without custom code): {_first_line(exc)}"
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return (f"{folder}/config.json: model_type {config.model_type!r} has no causal-LM class in transformers "
                 f"(architectures: {getattr(config, 'architectures', None)})")
@@ -150,7 +154,7 @@ def empty_prompts(task: Any, task_spec: Any, tokenizer: Any) -> list[tuple[str, 
         return []
     where = "spec.task.dataset.path" if task_spec.dataset is not None else "spec.task"
     return [(where, f"{len(empty)} of {len(problems)} prompts have no tokens once formatted "
-                    f"(first: {empty[0].prompt[:60]!r}); give every prompt some text")]
+                    f"(e.g. {empty[0].prompt[:60]!r}); give every prompt some text")]
 
 
 def unreadable_references(problems: list[Problem]) -> list[tuple[str, str]]:
@@ -175,6 +179,11 @@ def long_answers(problems: list[Problem], tokenizer: Any, limit: int) -> list[st
         return []
     return [f"spec.task.maxNewTokens ({limit}): {len(long)} of {len(problems)} reference answers are "
             f"longer (first: {long[0].answer[:60]!r}); a response that long is cut off before EOS"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def _has_tokens(fmt: Any, tokenizer: Any, prompt: str) -> bool:

@@ -123,6 +123,55 @@ def test_a_verifier_with_the_wrong_signature_is_refused(folders, tmp_path, capsy
     assert main(["validate", "-f", write(tmp_path, doc)]) == 0
 
 
+@pytest.mark.parametrize("config", ["[1, 2, 3]", '"qwen3"', "null", '{"model_type": ["qwen3"]}',
+                                    '{"model_type": "qwen3", "hidden_size": NaN}', "[" * 100000 + "]" * 100000])
+def test_a_config_json_that_is_not_a_config_is_refused_without_a_traceback(folders, tmp_path, capsys, config):
+    odd = tmp_path / "odd"
+    shutil.copytree(folders["qwen"], odd)
+    (odd / "config.json").write_text(config)
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, manifest(odd, folders["data"]))])
+    assert line.startswith(f"spec.model.path: {odd}/config.json: transformers cannot read it (without custom code): ")
+
+
+def test_a_folder_that_needs_custom_code_is_refused_and_its_code_never_runs(folders, tmp_path, capsys):
+    odd = tmp_path / "custom"
+    shutil.copytree(folders["qwen"], odd)
+    marker = tmp_path / "ran"
+    (odd / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                 "from transformers import PretrainedConfig\n"
+                                 "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    config = json.loads((odd / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (odd / "config.json").write_text(json.dumps(config))
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, manifest(odd, folders["data"]))])
+    assert line.startswith(f"spec.model.path: {odd}/config.json: transformers cannot read it (without custom code)")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("raise RuntimeError('boom at import')\n", "importing 'bad_verifier' failed: RuntimeError: boom at import"),
+    ("def f(:\n", "importing 'bad_verifier' failed: SyntaxError"),
+    ("import sys\nsys.exit(3)\n", "importing 'bad_verifier' failed: SystemExit: 3"),
+    ("class f:\n    def __init__(self, response, answer):\n        pass\n",
+     "'bad_verifier:f' must be a function returning a number, not a class, a generator or a coroutine function"),
+    ("def f(response, answer):\n    yield 1.0\n",
+     "'bad_verifier:f' must be a function returning a number, not a class, a generator or a coroutine function"),
+    ("async def f(response, answer):\n    return 1.0\n",
+     "'bad_verifier:f' must be a function returning a number, not a class, a generator or a coroutine function"),
+])
+def test_a_verifier_that_fails_at_import_or_is_not_a_function_is_refused(folders, tmp_path, capsys, monkeypatch,
+                                                                         source, message):
+    import sys
+
+    (tmp_path / "bad_verifier.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_verifier", raising=False)
+    doc = manifest(folders["qwen"], folders["data"], dataset={"path": str(folders["data"]),
+                                                              "verifier": "bad_verifier:f"})
+    [line] = refused(capsys, ["validate", "-f", write(tmp_path, doc)])
+    assert line.startswith(f"spec.task.dataset.verifier: {message}"), line
+
+
 def test_a_prompt_with_no_tokens_is_refused_before_and_during_the_run(folders):
     from types import SimpleNamespace
 
@@ -138,7 +187,7 @@ def test_a_prompt_with_no_tokens_is_refused_before_and_during_the_run(folders):
     task = SimpleNamespace(problems=lambda: [Problem("1+1=", "2"), Problem("", "0"), Problem("", "1")])
     spec = SimpleNamespace(dataset=object(), chat_template="none", system_prompt=None)
     assert empty_prompts(task, spec, tok) == [("spec.task.dataset.path", "2 of 3 prompts have no tokens once "
-                                               "formatted (first: ''); give every prompt some text")]
+                                               "formatted (e.g. ''); give every prompt some text")]
 
 
 def test_cluster_paths_are_not_checked_here(tmp_path, capsys):
@@ -204,6 +253,18 @@ def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
      "argument --port: must be >= 0 (got -1)"),
     ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--threads", "-3"], "argument --threads: must be >= 0 (got -3)"),
     ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--replica", "-1"], "argument --replica: must be >= 0 (got -1)"),
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--port", "70000"],
+     "argument --port: must be <= 65535 (got 70000)"),
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--metrics-port", "-2"],
+     "argument --metrics-port: must be >= -1 (got -2)"),
+    ("dcmdp_trainer.__main__", ["--config", "x.yaml", "--out", "o", "--threads", "99999999999999999999"],
+     "argument --threads: must be <= 4096 (got 99999999999999999999)"),
+    ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--metrics-port", "70000"],
+     "argument --metrics-port: must be <= 65535 (got 70000)"),
+    ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--give-up-after", "nan"],
+     "argument --give-up-after: must be a finite number of seconds > 0 (got nan)"),
+    ("dcmdp_rollout.__main__", ["--trainer", "h:1", "--give-up-after", "-1"],
+     "argument --give-up-after: must be a finite number of seconds > 0 (got -1)"),
 ])
 def test_the_images_entry_points_refuse_bad_numbers(module, argv, message, capsys):
     import importlib

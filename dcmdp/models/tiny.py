@@ -49,7 +49,8 @@ def build_model(spec: ModelSpec, seed: int = 0):
     if spec.loaded:
         folder = resolve_model_folder(spec)
         tokenizer = load_tokenizer(folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, TORCH_DTYPES[spec.dtype]))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, TORCH_DTYPES[spec.dtype]),
+                                                     trust_remote_code=False)
         return model, tokenizer
     tokenizer = build_tokenizer()
     config = build_config(spec, tokenizer)

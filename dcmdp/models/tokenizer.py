@@ -43,7 +43,7 @@ def load_tokenizer(folder: Union[str, Path]):
     # optional and heavy (the ml extra): the core imports without it
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # never run a folder's code
     tok.padding_side = "left"
     if tok.eos_token_id is None:
         raise ValueError(f"spec.model: the tokenizer in {folder} has no eos_token (responses could never end)")

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from dcmdp.cli_args import at_least
+from dcmdp.cli_args import MAX_THREADS, at_least
 from dcmdp.spec import SpecError
 from dcmdp.sweep.cells import cell_done
 from dcmdp.sweep.plan import filter_cells, load_sweep, plan
@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     w.add_argument("--part", default=None, help="run one named part of the grid (spec.parts)")
     w.add_argument("--out", default=None, help="cell folder (default runs/sweeps/<name>[-<part>|-quick])")
     w.add_argument("--parallel", type=at_least(1), default=None, help="cells at once (default spec.parallel)")
-    w.add_argument("--threads", type=at_least(1), default=None, help="torch threads per cell (default spec.threads)")
+    w.add_argument("--threads", type=at_least(1, MAX_THREADS), default=None, help="torch threads per cell (default spec.threads)")
     w.add_argument("--steps", type=int, default=None, help="override the steps per cell (smoke tests)")
     w.add_argument("--only", default=None, help="comma-separated SOURCE/ALGORITHM filters (either may be *)")
     w.add_argument("--report-dir", default=None, help="where the tables and PNGs go (default spec.report.dir)")

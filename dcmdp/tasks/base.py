@@ -95,7 +95,9 @@ def resolve_verifier(name: str) -> Verifier:
     The contract of a user verifier: ``fn(response: str, answer: str) -> float``, where ``response``
     is the decoded response (EOS and special tokens stripped) and ``answer`` the dataset's reference;
     it returns a finite number (1.0 / 0.0 for right / wrong is usual) and is deterministic and
-    thread-safe (the trainer may call it from several threads)."""
+    thread-safe (the trainer may call it from several threads). The checks here (it imports, is a
+    plain function, binds ``(response, answer)``) are about mistakes, not safety: the function runs
+    with the trainer's rights (docs/kubernetes.md, security model)."""
     if name in BUILTIN_VERIFIERS:
         return BUILTIN_VERIFIERS[name]
     module, _, attr = name.partition(":")
@@ -103,8 +105,15 @@ def resolve_verifier(name: str) -> Verifier:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"spec.task.dataset.verifier: cannot import {name!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the module failed at import: a syntax error, a raise, an exit
+        raise ValueError(f"spec.task.dataset.verifier: importing {module!r} failed: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
     if not callable(fn):
         raise ValueError(f"spec.task.dataset.verifier: {name!r} is not callable")
+    if inspect.isclass(fn) or inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) \
+            or inspect.isasyncgenfunction(fn):
+        raise ValueError(f"spec.task.dataset.verifier: {name!r} must be a function returning a number, "
+                         "not a class, a generator or a coroutine function")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin or extension callable: nothing to inspect

@@ -19,7 +19,7 @@ import socket
 import sys
 from typing import Any, Optional
 
-from dcmdp.cli_args import at_least
+from dcmdp.cli_args import at_least, port, positive_seconds, threads
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--token-file", default=None, help="run token file (else $DCMDP_TOKEN_FILE / $DCMDP_TOKEN)")
     ap.add_argument("--tls-ca", default=None, help="CA (or self-signed certificate) to verify the trainer's TLS")
     ap.add_argument("--server-name", default=None, help="TLS name to expect (when HOST differs from the certificate)")
-    ap.add_argument("--metrics-port", type=at_least(-1), default=-1, help="Prometheus port (0 = any free port, -1 = off)")
+    ap.add_argument("--metrics-port", type=port(allow_off=True), default=-1, help="Prometheus port (0 = any free port, -1 = off)")
     ap.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
-    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = default)")
-    ap.add_argument("--give-up-after", type=float, default=300.0, help="seconds without the trainer before exiting")
+    ap.add_argument("--threads", type=threads(), default=0, help="torch threads (0 = default)")
+    ap.add_argument("--give-up-after", type=positive_seconds, default=300.0, help="seconds without the trainer before exiting")
     ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
                     help="receive weights over the trainer's broadcast when it offers one (else the gRPC stream), "
                          "or always over the gRPC stream")

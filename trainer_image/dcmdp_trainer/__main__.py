@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dcmdp import jsonlog
-from dcmdp.cli_args import at_least
+from dcmdp.cli_args import at_least, port, threads
 from dcmdp.precision import wire_dtype
 from dcmdp.spec import SpecError, load_run
 from dcmdp.transport.auth import TokenError, load_token
@@ -45,8 +45,8 @@ from dcmdp_trainer.weights import WeightPublisher
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp-trainer", description="DC-GRPO trainer gRPC server")
     ap.add_argument("--config", required=True, help="DCMDPRun manifest (YAML)")
-    ap.add_argument("--port", type=at_least(0), default=50051, help="gRPC port (0 = any free port)")
-    ap.add_argument("--metrics-port", type=at_least(-1), default=-1, help="Prometheus port (0 = any free port, -1 = off)")
+    ap.add_argument("--port", type=port(), default=50051, help="gRPC port (0 = any free port)")
+    ap.add_argument("--metrics-port", type=port(allow_off=True), default=-1, help="Prometheus port (0 = any free port, -1 = off)")
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
     ap.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, summary.json (plots: dcmdp plot DIR)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, if any")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
     ap.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
     ap.add_argument("--steps", type=at_least(1), default=None, help="override spec.algorithm.steps")
-    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = spec.trainer.threads or default)")
+    ap.add_argument("--threads", type=threads(), default=0, help="torch threads (0 = spec.trainer.threads or default)")
     ap.add_argument("--ready-file", default=None, help="write {port, metrics_port, step, pid} here once serving")
     ap.add_argument("--data-plane", choices=("collective", "stream"), default="collective",
                     help="how weights reach workers: a torch.distributed broadcast (gloo/NCCL; not under TLS) "

@@ -93,7 +93,7 @@ class HFEngine:
                               f"only: set the pool's device: cpu, or precision {others or 'bf16'}/bf16")
         self.precision, self.noise, self.seed = precision, float(noise), seed
         self.tokenizer = load_tokenizer(model_dir)
-        self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(self.device)
+        self.master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval().to(self.device)
         self.version = 0
         self.model = self._serving_model()
 
