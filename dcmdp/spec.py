@@ -327,6 +327,14 @@ class AlgorithmSpec(SpecModel):
         False, description="dc-grpo: set the allowed lag each step from the pools' multiplier, "
         "lag = round(maxStaleness·(1 − λ/λmax)) with λ the largest pool λ: the full lag while the constraint is "
         "slack, none once λ reaches λmax (the in-process runner samples at that lag).")
+    @field_validator("max_staleness", mode="before")
+    @classmethod
+    def _max_staleness(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            raise ValueError("'auto' is spelt `adaptiveStaleness: true` with `maxStaleness: K`, the ceiling of the "
+                             "lag the multiplier sets (lag = round(K·(1 − λ/λmax))); maxStaleness stays a number")
+        return v
+
     discrepancy_reference: Literal["current", "sampled"] = Field(
         "current",
         description="p_train in δ: 'current' = the trainer's weights at the start of the step (staleness "

@@ -260,3 +260,13 @@ def test_policy_loss_conventions_parse_with_todays_defaults() -> None:
 def test_policy_loss_convention_errors_name_the_field(field: str, value: Any, word: str) -> None:
     errs = errors_of(run({"algorithm": {field: value}}))
     assert any(path == f"spec.algorithm.{field}" and word in msg for path, msg in errs), errs
+
+
+def test_max_staleness_auto_points_at_adaptive_staleness():
+    doc = {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "x"},
+           "spec": {"algorithm": {"maxStaleness": "auto"}}}
+    [(field, message)] = errors_of(doc)
+    assert field == "spec.algorithm.maxStaleness"
+    assert message.startswith("'auto' is spelt `adaptiveStaleness: true` with `maxStaleness: K`")
+    doc["spec"]["algorithm"] = {"name": "dc-grpo", "maxStaleness": 3, "adaptiveStaleness": True}
+    assert S.parse_run(doc).spec.algorithm.adaptive_staleness
