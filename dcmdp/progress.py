@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from rich.console import Console
@@ -17,13 +18,15 @@ class RunProgress:
     def __init__(self, total: int, start: int = 0, console: Optional[Console] = None, enabled: bool = True,
                  *, before: str = "", every: int = 10):
         self.console = console or Console(stderr=True)
+        if not self.console.is_terminal:
+            self.console.soft_wrap = True  # a log file gets whole lines, not 80-column fragments
         self.enabled = enabled
         self.total, self.start, self.before, self.every = total, start, before, max(1, every)
         self.plain = enabled and not self.console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not enabled, transient=False,
+            console=self.console, disable=not enabled or self.plain, transient=False,
         )
         self.task = self.progress.add_task("DC-GRPO", total=total, completed=start, stats="")
         self.last: dict[str, Any] = {}
@@ -47,7 +50,8 @@ class RunProgress:
             self._line(row)
 
     def _line(self, row: dict[str, Any]) -> None:
-        self.console.print(f"step {row['step'] + 1}/{self.total}: {step_stats(row)}", highlight=False)
+        self.console.print(f"{time.strftime('%H:%M:%S')} step {row['step'] + 1}/{self.total}: {step_stats(row)}",
+                           highlight=False)
 
     def eval(self, row: dict[str, Any]) -> None:
         acc = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("eval/")}

@@ -26,14 +26,16 @@ def row(step: int) -> dict:
 
 def test_off_a_terminal_it_prints_the_start_every_tenth_step_and_the_last():
     out = io.StringIO()
-    console = Console(file=out, force_terminal=False, width=200)
+    console = Console(file=out, force_terminal=False, width=40)  # narrower than a line
     with RunProgress(25, console=console, before="a 130-step supervised warm start") as bar:
         for k in range(25):
             bar.step(row(k))
-    lines = [line for line in out.getvalue().splitlines() if line.startswith(("run:", "step "))]
+    import re
+
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in out.getvalue().splitlines()]
     stats = step_stats(row(0))
     assert lines == ["run: steps 1-25; first a 130-step supervised warm start",
-                     f"step 10/25: {stats}", f"step 20/25: {stats}", f"step 25/25: {stats}"]
+                     f"step 10/25: {stats}", f"step 20/25: {stats}", f"step 25/25: {stats}"]  # no bar, no wrap
 
 
 def test_quiet_prints_nothing():
