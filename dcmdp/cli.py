@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="check a manifest without running it")
-    v.add_argument("-f", "--file", required=True)
+    v.add_argument("-f", "--file", required=True, help="DCMDPRun manifest (YAML; - for standard input)")
     v.add_argument("--print", action="store_true", help="print the resolved manifest (defaults filled in)")
     v.add_argument("--cluster", action="store_true",
                    help="the manifest runs in a cluster: its paths are mounted in the pods, not checked here")

@@ -8,6 +8,7 @@ and the reason: see :func:`load_run` and :class:`SpecError`.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args
@@ -1160,15 +1161,40 @@ def _field_errors(found: list[tuple[str, str]]) -> ValueError:
     return ValueError("".join(f"{path}: {msg}{FIELD_ERRORS}" for path, msg in found))
 
 
-def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
+def _fields_at(root: Optional[type[BaseModel]], loc: tuple[Any, ...]) -> list[str]:
+    """The manifest names (aliases) of the model fields at ``loc`` below ``root`` (list indices and
+    union branches skipped), or [] where the path leaves the typed models."""
+    model = root
+    for part in loc:
+        if model is None:
+            return []
+        if not isinstance(part, str):
+            continue
+        field = next((f for name, f in model.model_fields.items() if (f.alias or name) == part), None)
+        if field is None:
+            continue  # a union branch's name in the location
+        candidates = [field.annotation, *get_args(field.annotation)]
+        for arg in list(candidates):
+            candidates += get_args(arg)
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return [f.alias or name for name, f in model.model_fields.items()] if model is not None else []
+
+
+def validation_errors(exc: ValidationError, root: Optional[type[BaseModel]] = None) -> list[tuple[str, str]]:
     """pydantic's errors as ``(field path, message)`` pairs, a path written like a manifest's
-    (``spec.rollout.pools[1].name``), the first message per path (what :class:`SpecError` holds)."""
+    (``spec.rollout.pools[1].name``), the first message per path (what :class:`SpecError` holds).
+    With ``root`` (the model validated), an unknown field names the closest known one."""
     seen: dict[str, str] = {}
     for err in exc.errors():
         path = _path(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; fields are camelCase)"
+            close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(root, tuple(err["loc"][:-1])), n=1,
+                                              cutoff=0.7)
+            if close:
+                camel = "; fields are camelCase" if "_" in str(err["loc"][-1]) else ""
+                msg = f"unknown field (did you mean {close[0]}?{camel})"
         for part in filter(None, msg.split(FIELD_ERRORS)):
             m = _FIELD_ERROR.match(part) if FIELD_ERRORS in msg or path == "(root)" else None
             if m:  # a validator named fields below its own: report each at its path
@@ -1189,7 +1215,7 @@ def parse_run(data: Any, source: str = "manifest", *, allow_escalations: frozens
         # may still construct models with snake_case keywords.
         return DCMDPRun.model_validate(data, by_name=False, context={"allow_escalations": allow_escalations})
     except ValidationError as exc:
-        raise SpecError(validation_errors(exc), source) from None
+        raise SpecError(validation_errors(exc, DCMDPRun), source) from None
 
 
 def load_run(path: Union[str, Path]) -> DCMDPRun:
@@ -1212,8 +1238,8 @@ def load_run(path: Union[str, Path]) -> DCMDPRun:
                 {"runs", "runDefaults"} & set(docs[0])):
             raise SpecError([("(file)", "these are Helm values for the dcmdp chart (runs/runDefaults), not a "
                                         f"{KIND} manifest: `helm template dcmdp helm/dcmdp -f {path}` renders the "
-                                        "runs (checked against the chart's values.schema.json); `dcmdp validate` "
-                                        "takes one rendered run")], str(path))
+                                        "runs (checked against the chart's values.schema.json); pipe one run into "
+                                        "`dcmdp validate --cluster -f -`")], str(path))
         if len(docs) == 1:
             return parse_run(docs[0], str(path))
         raise SpecError([("kind", f"no document of kind {KIND} in the file")], str(path))

@@ -18,6 +18,7 @@ would read back as a number, bool or null (a pool named ``2e3``, ``true`` or ``n
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Union
 
@@ -137,18 +138,23 @@ def loads(text: str) -> list[Any]:
 
 
 def read_text(path: Union[str, Path]) -> str:
-    """The UTF-8 text of a file. Raises :class:`YAMLFileError` (directory, unreadable, too large,
-    not UTF-8) or FileNotFoundError."""
-    path = Path(path)
-    if path.is_dir():
-        raise YAMLFileError(f"{path} is a directory, not a file", "(file)")
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise YAMLFileError(f"cannot read {path}: {exc.strerror or exc}", "(file)") from None
+    """The UTF-8 text of a file, or of standard input for ``-`` (``helm template … | dcmdp validate
+    -f -``). Raises :class:`YAMLFileError` (directory, unreadable, too large, not UTF-8) or
+    FileNotFoundError."""
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(MAX_BYTES + 1)
+        path = Path("<stdin>")
+    else:
+        path = Path(path)
+        if path.is_dir():
+            raise YAMLFileError(f"{path} is a directory, not a file", "(file)")
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise YAMLFileError(f"cannot read {path}: {exc.strerror or exc}", "(file)") from None
     if len(data) > MAX_BYTES:
         raise YAMLFileError(f"{path} is larger than {MAX_BYTES} bytes", "(file)")
     try:

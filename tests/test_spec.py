@@ -270,3 +270,15 @@ def test_max_staleness_auto_points_at_adaptive_staleness():
     assert message.startswith("'auto' is spelt `adaptiveStaleness: true` with `maxStaleness: K`")
     doc["spec"]["algorithm"] = {"name": "dc-grpo", "maxStaleness": 3, "adaptiveStaleness": True}
     assert S.parse_run(doc).spec.algorithm.adaptive_staleness
+
+
+def test_an_unknown_field_names_the_closest_known_one():
+    doc = {"apiVersion": "dcmdp.io/v1alpha1", "kind": "DCMDPRun", "metadata": {"name": "x"},
+           "spec": {"algorithm": {"groupSise": 4, "constraint": {"lamdaInit": 0.1}},
+                    "rollout": {"pools": [{"name": "a", "precison": "bf16"}]}, "zzz": 1}}
+    assert sorted(errors_of(doc)) == [
+        ("spec.algorithm.constraint.lamdaInit", "unknown field (did you mean lambdaInit?)"),
+        ("spec.algorithm.groupSise", "unknown field (did you mean groupSize?)"),
+        ("spec.rollout.pools[0].precison", "unknown field (did you mean precision?)"),
+        ("spec.zzz", "unknown field (check the spelling; fields are camelCase)"),
+    ]

@@ -120,3 +120,13 @@ def test_operator_configmap_round_trips():
     back = read_accepted(cm)
     assert back == data
     assert [p["name"] for p in back["spec"]["rollout"]["pools"]] == ["2e3", "true"]
+
+
+def test_a_dash_reads_standard_input(monkeypatch):
+    import io
+    import sys
+
+    from dcmdp import yamlfile
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a: 1\n---\nb: [2]\n")))
+    assert yamlfile.read_documents("-") == [{"a": 1}, {"b": [2]}]

@@ -80,7 +80,7 @@ def parse_sweep(data: Any, source: str = "sweep") -> DCMDPSweep:
     try:
         sweep = DCMDPSweep.model_validate(data, by_name=False)
     except ValidationError as exc:
-        raise SpecError(validation_errors(exc), source) from None
+        raise SpecError(validation_errors(exc, DCMDPSweep), source) from None
     plan(sweep, source=source)  # every cell's manifest must be valid before anything runs
     for part in ([*sweep.spec.parts, "quick"] if sweep.spec.quick else list(sweep.spec.parts)):
         plan(sweep, part=part, source=source)

@@ -142,6 +142,8 @@ class Coordinator:
         if pool not in self.pools:
             known = ", ".join(self.pools) or "none"
             raise KeyError(f"unknown rollout pool {pool!r} (pools with replicas: {known})")
+        spec = self.pools[pool]  # a first Register comes before the worker has its pool's spec: say what it will run
+        engine, precision = engine or spec.engine, precision or spec.precision
         with self.cond:
             w = self.registry.entry(worker_id, pool)
             w.pool, w.engine, w.precision, w.last_seen = pool, engine, precision, self.registry.clock()
