@@ -120,8 +120,10 @@ def test_fuzzed_manifests_are_rejected_clearly_or_round_trip(tmp_path, capsys):
         if code == 2:
             counts["rejected"] += 1
             assert "is invalid:" in err, (case, err)
-            errors = [line.strip().split(": ", 1) for line in err.split("is invalid:", 1)[1].splitlines() if line.strip()]
+            lines = [line for line in err.split("is invalid:", 1)[1].splitlines() if line.strip()]
+            errors = [line.strip().split(": ", 1) for line in lines if line.startswith("  ")]  # "  field: message"
             assert errors, (case, err)
+            assert all(line.startswith(("  ", "hint: ")) for line in lines), (case, err)  # then at most a hint
             for path, msg in (e + [""] if len(e) == 1 else e for e in errors):
                 assert path.split(".")[0].split("[")[0] in TOP and msg, (case, path, msg)
             continue
