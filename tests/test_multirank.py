@@ -144,15 +144,12 @@ def test_dcmdp_run_starts_gpus_per_replica_ranks(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
 
 
-def test_the_pods_torchrun_command_serves_and_stops_at_a_checkpoint(tmp_path):
-    """The trainer pod's command (torchrun, 2 ranks) with two workers: rank 0 serves and trains
-    with rank 1; a SIGTERM to torchrun (what Kubernetes sends the pod) reaches both ranks: rank 1
-    keeps following, rank 0 finishes its step, writes the checkpoint (gathering rank 1's state)
-    and stops rank 1."""
+def start_pod_after_two_steps(tmp_path, procs):
+    """The trainer pod's command (torchrun, 2 ranks) and two workers started under ``procs``;
+    returns (torchrun's process, the run folder, rank 0's pid) once two steps are written."""
     import secrets
-    import signal
 
-    from runtime_helpers import Procs, read_ready, rows, trainer_args, wait_for, worker_args, write_manifest
+    from runtime_helpers import read_ready, rows, trainer_args, wait_for, worker_args, write_manifest
 
     run = tiny_run(algorithm={"steps": 40}, trainer={"gpusPerReplica": 2})
     config, token, out, ready = tmp_path / "run.yaml", tmp_path / "token", tmp_path / "out", tmp_path / "ready.json"
@@ -161,14 +158,27 @@ def test_the_pods_torchrun_command_serves_and_stops_at_a_checkpoint(tmp_path):
     cmd = ranks.torchrun_command(run.spec.trainer, node_rank="0", master_addr="127.0.0.1", master_port=free_port(),
                                  args=trainer_args(config, out, token, ready)[2:],
                                  launcher=(sys.executable, "-m", "torch.distributed.run"))
+    agent = procs.start("trainer", cmd[1:])
+    wait_for(lambda: read_ready(ready), 180, "the trainer serving", procs)
+    for pool in ("bf16", "int8"):
+        procs.start(f"worker-{pool}", worker_args(read_ready(ready)["port"], pool, 0, token))
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(rows(metrics)) >= 2, 240, "two steps", procs)
+    return agent, out, read_ready(ready)["pid"]
+
+
+def test_the_pods_torchrun_command_serves_and_stops_at_a_checkpoint(tmp_path):
+    """The trainer pod's command (torchrun, 2 ranks) with two workers: rank 0 serves and trains
+    with rank 1; a SIGTERM to torchrun (what Kubernetes sends the pod) reaches both ranks: rank 1
+    keeps following, rank 0 finishes its step, writes the checkpoint (gathering rank 1's state)
+    and stops rank 1."""
+    import signal
+
+    from runtime_helpers import Procs
+
     procs = Procs(tmp_path)
     try:
-        agent = procs.start("trainer", cmd[1:])
-        wait_for(lambda: read_ready(ready), 180, "the trainer serving", procs)
-        for pool in ("bf16", "int8"):
-            procs.start(f"worker-{pool}", worker_args(read_ready(ready)["port"], pool, 0, token))
-        metrics = out / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(rows(metrics)) >= 2, 240, "two steps", procs)
+        agent, out, _ = start_pod_after_two_steps(tmp_path, procs)
         os.kill(agent.pid, signal.SIGTERM)  # the pod's PID 1, not its process group
         agent.wait(timeout=120)
         records = procs.log_records("trainer")
@@ -195,28 +205,14 @@ def test_a_rank_killed_mid_run_fails_the_pod_at_once(tmp_path):
     """A follower rank killed mid-run (OOM, a lost GPU): torchrun ends the other rank and exits
     non-zero within seconds (the pod fails and the Job's failurePolicy takes over), nothing is left
     running and nothing waits on a collective for gloo's 30-minute timeout."""
-    import secrets
     import signal
     import time
 
-    from runtime_helpers import Procs, read_ready, rows, trainer_args, wait_for, worker_args, write_manifest
+    from runtime_helpers import Procs, wait_for
 
-    run = tiny_run(algorithm={"steps": 40}, trainer={"gpusPerReplica": 2})
-    config, token, out, ready = tmp_path / "run.yaml", tmp_path / "token", tmp_path / "out", tmp_path / "ready.json"
-    write_manifest(run, config)
-    token.write_text(secrets.token_urlsafe(16))
-    cmd = ranks.torchrun_command(run.spec.trainer, node_rank="0", master_addr="127.0.0.1", master_port=free_port(),
-                                 args=trainer_args(config, out, token, ready)[2:],
-                                 launcher=(sys.executable, "-m", "torch.distributed.run"))
     procs = Procs(tmp_path)
     try:
-        agent = procs.start("trainer", cmd[1:])
-        wait_for(lambda: read_ready(ready), 180, "the trainer serving", procs)
-        rank0 = read_ready(ready)["pid"]
-        for pool in ("bf16", "int8"):
-            procs.start(f"worker-{pool}", worker_args(read_ready(ready)["port"], pool, 0, token))
-        metrics = out / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(rows(metrics)) >= 2, 240, "two steps", procs)
+        agent, _, rank0 = start_pod_after_two_steps(tmp_path, procs)
         children = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
         followers = [pid for pid in children if pid != rank0]
         assert rank0 in children and len(followers) == 1, (rank0, children)
