@@ -1,17 +1,22 @@
 """Weight sync trainer → workers over loopback: the collective data plane vs raw TCP, same bytes.
 
 For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32), wire dtype (``--dtypes``:
-fp32, whose buckets are views of the weights, and bf16, cast from them) and worker count (1, 2):
+fp32, whose buckets are views of the weights, and bf16, cast from them) and worker count (1, 2),
+with long-lived worker processes (a pool's workers live for the run and receive every version):
 
 * **data plane**: the real trainer service with its broadcast hub (``dcmdp_trainer.broadcast``):
-  worker processes call ``JoinBroadcast`` and run the real receive
-  (``dcmdp_rollout.weights.receive_broadcast``: gloo broadcast into four bucket buffers, crc32 of
-  every bucket checked, the buckets' slices handed to a sink that drops them); the trainer sends
-  each bucket in two halves, a view of the snapshot or cast into its pair of half-bucket buffers
-  while the other half is on the wire. The trainer's crc32 of each bucket is computed before the
-  timed rounds (it is cached per (version, dtype) after a version's first broadcast);
-* **raw TCP**: the same number of worker processes each reading the same number of bytes from a
-  plain socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into``, no checks).
+  each worker calls ``JoinBroadcast`` (saying which group it holds) and runs the real receive
+  (``dcmdp_rollout.weights.receive_broadcast`` through its ``BroadcastLink``: gloo broadcast into
+  four bucket buffers, crc32 of every bucket checked, the buckets' slices handed to a sink that
+  drops them); the trainer sends each bucket in two halves, a view of the snapshot or cast into
+  its pair of half-bucket buffers while the other half is on the wire. A cell's first round opens
+  the workers' group (reported apart as ``cold_round_s``/``cold_over_tcp``); the timed rounds
+  reuse it, as every version after a worker's first does. The trainer's crc32 of each bucket is
+  computed before the timed rounds (it is cached per (version, dtype) after a version's first
+  broadcast);
+* **raw TCP**: the same worker processes each reading the same number of bytes from a plain
+  socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into`` a 4 MiB buffer,
+  no checks).
 * **raw gloo** (1-worker cells, ``gloo_raw_over_tcp`` beside the headline): the same bytes in the
   same half-bucket broadcasts over a plain group of the data plane's connections, nothing else:
   the transport's own ceiling;
@@ -21,17 +26,19 @@ fp32, whose buckets are views of the weights, and bf16, cast from them) and work
 
 Time = first byte asked for → last worker done (wall clock of the processes on one machine).
 Each cell runs ``--repeats`` interleaved data-plane/TCP pairs, the order alternating, and reports
-the median of the pairs' ratios (robust to the load drift of a shared machine). Also measured
-during the data-plane runs: the trainer's CPU seconds (user + sys of its process) per GiB
-delivered, and its extra resident memory (peak RSS, sampled every 5 ms, over the RSS after one
-warm-up round that touches no bucket buffer; the warm-up's one-time growth is ``first_round_mib``)
-in buckets. The bytes ratios are the wire bytes of an int8 and a bf16 pool (wire dtype bf16) over
-those of an fp32 pool, from the manifests the trainer serves.
+the median of the pairs' ratios (robust to the load drift of a shared machine). Also measured:
+the CPU seconds (user + sys) of the trainer and every worker in a data-plane round over those of a
+TCP round (``cpu_over_tcp``: when the processes outnumber the cores, the ratio of times follows
+it), the trainer's CPU seconds per GiB delivered, and its extra resident memory (peak RSS, sampled
+every 5 ms, over the RSS after one warm-up round that touches no bucket buffer; the warm-up's
+one-time growth is ``first_round_mib``) in buckets. The bytes ratios are the wire bytes of an int8
+and a bf16 pool (wire dtype bf16) over those of an fp32 pool, from the manifests the trainer serves.
 
     .venv/bin/python bench/weight_sync.py [--mib 256 1024] [--workers 1 2] [--dtypes fp32 bf16] [--repeats 3]
-                                          [--bucket-mib 4]
+                                          [--bucket-mib 16]
 
-Last line: one JSON object (``transfer_over_tcp`` is the worst over sizes, dtypes and worker counts).
+Last line: one JSON object (``transfer_over_tcp`` is the worst over sizes, dtypes and worker
+counts; ``transfer_over_tcp_by_cell`` lists every cell).
 """
 
 from __future__ import annotations
@@ -53,29 +60,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES  # noqa: E402
+
 WORKER = textwrap.dedent('''
-    import json, socket, sys, time
+    import json, resource, socket, sys, time
     import torch
     from dcmdp.proto import dcmdp_pb2 as pb, dcmdp_pb2_grpc
     from dcmdp.transport.channel import open_channel
+    from dcmdp_rollout.broadcast_link import BroadcastLink
     from dcmdp_rollout.weights import receive_broadcast
-    mode, port, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    dtype = sys.argv[4] if len(sys.argv) > 4 else "fp32"
-    if mode == "tcp":
-        n = int(arg)
-        buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        s = socket.create_connection(("127.0.0.1", port))
-        t0, got = time.time(), 0
-        while got < n:
-            k = s.recv_into(view[:min(len(buf), n - got)])
-            if not k:
-                raise SystemExit("short read")
-            got += k
-        print(json.dumps({"start": t0, "end": time.time(), "bytes": got}))
-    elif mode == "gloo":
+    if sys.argv[1] == "gloo":  # one raw gloo round in a process of its own
         from dcmdp.transport.collective import broadcast, client_store, open_group
-        n, part = int(arg), int(sys.argv[4])
+        port, n, part = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
         pg = open_group(client_store("127.0.0.1", port, 60), "raw", 1, 2, join_timeout_s=60)
         bufs = [torch.empty(part, dtype=torch.uint8) for _ in range(4)]
         parts = [(lo, min(lo + part, n)) for lo in range(0, n, part)]
@@ -87,17 +83,45 @@ WORKER = textwrap.dedent('''
             posted[k] = broadcast(pg, bufs[k % 4][:hi - lo], 60)
         for w in posted.values():
             w.wait()
-        print(json.dumps({"start": t0, "end": time.time(), "bytes": n}))
-    else:
-        stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", arg))
-        h = pb.Header(pool="bench", worker_id="w")
-        t0 = time.time()
-        ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=1, dtype=dtype), timeout=120)
-        t1 = time.time()
-        _, st = receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda slices: None, slices=True)
-        assert st.crc_errors == 0 and st.refetched == 0 and st.broadcast_bytes == st.total_bytes, st
-        print(json.dumps({"start": t1, "joined_s": t1 - t0, "end": time.time(), "bytes": st.bytes,
-                          "load_s": st.load_seconds, "connect_s": st.connect_seconds}))
+        print(json.dumps({"start": t0, "end": time.time(), "bytes": n}), flush=True)
+        raise SystemExit(0)
+    # a long-lived worker: one round per command on stdin, as a pool worker receives every version
+    port, token, name = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", token))
+    h = pb.Header(pool="bench", worker_id=name)
+    link = BroadcastLink()  # the worker's group and buffers, kept between rounds
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    for line in sys.stdin:
+        cmd = line.split()
+        c0 = cpu()
+        if cmd[0] == "tcp":
+            n = int(cmd[2])
+            s = socket.create_connection(("127.0.0.1", int(cmd[1])))
+            t0, got = time.time(), 0
+            while got < n:
+                k = s.recv_into(view[:min(len(buf), n - got)])
+                if not k:
+                    raise SystemExit("short read")
+                got += k
+            s.close()
+            print(json.dumps({"start": t0, "end": time.time(), "bytes": got, "cpu_s": cpu() - c0}), flush=True)
+        elif cmd[0] == "dp":
+            t0 = time.time()
+            ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=1, dtype=cmd[1], held_group=link.held),
+                                        timeout=120)
+            t1 = time.time()
+            _, st = receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda slices: None, slices=True, link=link)
+            assert st.crc_errors == 0 and st.refetched == 0 and st.broadcast_bytes == st.total_bytes, st
+            print(json.dumps({"start": t1, "joined_s": t1 - t0, "end": time.time(), "bytes": st.bytes,
+                              "load_s": st.load_seconds, "connect_s": st.connect_seconds,
+                              "reused": st.reused_group, "cpu_s": cpu() - c0}), flush=True)
+        else:
+            break
+    link.close()
 ''')
 
 
@@ -129,42 +153,64 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def workers(script: Path, args: list[list[str]], env) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, str(script), *a], stdout=subprocess.PIPE, env=env) for a in args]
+class Workers:
+    """``n`` long-lived worker processes, each running one round per command (a pool's workers:
+    they live for the run and receive every version)."""
+
+    def __init__(self, script: Path, n: int, port: int, token: str, env):
+        self.procs = [subprocess.Popen([sys.executable, str(script), "worker", str(port), token, f"w{i}"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for i in range(n)]
+
+    def send(self, cmd: str) -> None:
+        for p in self.procs:
+            p.stdin.write((cmd + "\n").encode())
+            p.stdin.flush()
+
+    def results(self) -> list[dict]:
+        out = []
+        for p in self.procs:
+            line = p.stdout.readline()
+            if not line:
+                raise SystemExit(f"bench worker failed (exit {p.wait(30)})")
+            out.append(json.loads(line))
+        return out
+
+    def close(self) -> None:
+        self.send("quit")
+        for p in self.procs:
+            p.stdin.close()
+            if p.wait(60):
+                raise SystemExit(f"bench worker failed (exit {p.returncode})")
 
 
-def finish(procs: list[subprocess.Popen]) -> list[dict]:
-    out = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=600)
-        if p.returncode:
-            raise SystemExit(f"bench worker failed (exit {p.returncode})")
-        out.append(json.loads(stdout.decode().strip().splitlines()[-1]))
-    return out
+def span(res: list[dict]) -> float:
+    return max(r["end"] for r in res) - min(r["start"] for r in res)
 
 
-def run_tcp(script: Path, data: memoryview, n_workers: int, env) -> float:
+def run_tcp(pool: Workers, data: memoryview) -> tuple[float, float]:
+    """Raw TCP: each worker reads ``data`` from a socket of its own (one sender thread per worker).
+    (seconds, the workers' CPU seconds)."""
     srv = socket.create_server(("127.0.0.1", 0))
-    srv.listen(n_workers)
-    procs = workers(script, [["tcp", str(srv.getsockname()[1]), str(len(data))]] * n_workers, env)
+    srv.listen(len(pool.procs))
+    pool.send(f"tcp {srv.getsockname()[1]} {len(data)}")
 
     def send(conn):
         with conn:
             conn.sendall(data)
 
     threads = []
-    for _ in range(n_workers):
+    for _ in pool.procs:
         conn, _ = srv.accept()
         threads.append(threading.Thread(target=send, args=(conn,)))
         threads[-1].start()
-    res = finish(procs)
+    res = pool.results()
     for t in threads:
         t.join()
     srv.close()
-    return max(r["end"] for r in res) - min(r["start"] for r in res)
+    return span(res), sum(r["cpu_s"] for r in res)
 
 
-def run_tcp_cast(script: Path, state: dict, chunk_bytes: int, n_workers: int, env) -> float:
+def run_tcp_cast(pool: Workers, state: dict, chunk_bytes: int) -> float:
     """Raw TCP whose sender casts: each ``chunk_bytes`` of bf16 is cast (one ``copy_``) from the fp32
     snapshot into a buffer, then ``sendall`` to every worker in turn; no checks. What a hand-rolled
     socket pays for a bf16 wire from fp32 weights."""
@@ -172,9 +218,9 @@ def run_tcp_cast(script: Path, state: dict, chunk_bytes: int, n_workers: int, en
 
     wire = sum(t.numel() for t in state.values()) * 2
     srv = socket.create_server(("127.0.0.1", 0))
-    srv.listen(n_workers)
-    procs = workers(script, [["tcp", str(srv.getsockname()[1]), str(wire)]] * n_workers, env)
-    conns = [srv.accept()[0] for _ in range(n_workers)]
+    srv.listen(len(pool.procs))
+    pool.send(f"tcp {srv.getsockname()[1]} {wire}")
+    conns = [srv.accept()[0] for _ in pool.procs]
     buf = torch.empty(chunk_bytes // 2, dtype=torch.bfloat16)
     step = buf.numel()
     for t in state.values():
@@ -185,21 +231,23 @@ def run_tcp_cast(script: Path, state: dict, chunk_bytes: int, n_workers: int, en
             data = memoryview(part.view(torch.uint8).numpy())
             for c in conns:
                 c.sendall(data)
-    res = finish(procs)
+    res = pool.results()
     for c in conns:
         c.close()
     srv.close()
-    return max(r["end"] for r in res) - min(r["start"] for r in res)
+    return span(res)
 
 
 def run_gloo_raw(script: Path, data, part: int, env) -> float:
-    """The transport alone: one worker, a plain gloo broadcast group (``open_group``, the data
-    plane's connections), ``data`` sent in ``part``-byte broadcasts, two in flight, four receives
-    posted ahead; no crc, no cast, no load thread, no gRPC. The data plane's ceiling."""
+    """The transport alone: one worker process, a plain gloo broadcast group (``open_group``, the
+    data plane's connections), ``data`` sent in ``part``-byte broadcasts, two in flight, four
+    receives posted ahead; no crc, no cast, no load thread, no gRPC; timed after the rendezvous,
+    into buffers the process just allocated. The data plane's ceiling."""
     from dcmdp.transport.collective import broadcast, master_store, open_group
 
     store = master_store("127.0.0.1", 60)
-    procs = workers(script, [["gloo", str(store.port), str(data.numel()), str(part)]], env)
+    proc = subprocess.Popen([sys.executable, str(script), "gloo", str(store.port), str(data.numel()), str(part)],
+                            stdout=subprocess.PIPE, env=env)
     pg = open_group(store, "raw", 0, 2, join_timeout_s=60)
     inflight = []
     for lo in range(0, data.numel(), part):
@@ -208,28 +256,30 @@ def run_gloo_raw(script: Path, data, part: int, env) -> float:
         inflight.append(broadcast(pg, data[lo:lo + part], 60))
     for w in inflight:
         w.wait()
-    res = finish(procs)
-    return max(r["end"] for r in res) - min(r["start"] for r in res)
+    out, _ = proc.communicate(timeout=600)
+    if proc.returncode:
+        raise SystemExit(f"bench worker failed (exit {proc.returncode})")
+    return span([json.loads(out.decode().splitlines()[-1])])
 
 
-def run_dataplane(script: Path, port: int, token: str, n_workers: int, dtype: str, env, hub,
-                  base_rss: int) -> tuple[float, float, int, float, float]:
-    """(seconds, trainer cpu seconds, trainer peak RSS over ``base_rss`` in bytes, worker load seconds,
-    worker seconds joining the group)."""
+def run_dataplane(pool: Workers, dtype: str, hub, base_rss: int) -> tuple[float, float, int, float, float, bool, float]:
+    """One broadcast round to every worker of ``pool``: (seconds, trainer cpu seconds, trainer peak
+    RSS over ``base_rss`` in bytes, worker load seconds, worker seconds joining the group, whether
+    every worker reused its group, the workers' CPU seconds)."""
     before = len(hub.results)
     peak = PeakRss()
     c0 = cpu_s()
-    procs = workers(script, [["dataplane", str(port), token, dtype]] * n_workers, env)
-    res = finish(procs)
+    pool.send(f"dp {dtype}")
+    res = pool.results()
     while len(hub.results) == before:
-        time.sleep(0.01)
+        time.sleep(0.001)
     cpu = cpu_s() - c0
     peak.stop()
     r = hub.results[-1]
-    if r.error or r.world_size != n_workers + 1:
+    if r.error or r.world_size != len(pool.procs) + 1:
         raise SystemExit(f"broadcast round failed: {r}")
-    seconds = max(x["end"] for x in res) - min(x["start"] for x in res)
-    return seconds, cpu, peak.peak - base_rss, max(x["load_s"] for x in res), max(x["connect_s"] for x in res)
+    return (span(res), cpu, peak.peak - base_rss, max(x["load_s"] for x in res), max(x["connect_s"] for x in res),
+            all(x["reused"] for x in res), sum(x["cpu_s"] for x in res))
 
 
 def main() -> None:
@@ -239,7 +289,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="wire dtypes: fp32 (buckets sent as views of the weights), bf16 (cast into bucket buffers)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved data-plane/TCP pairs per cell (median)")
-    ap.add_argument("--bucket-mib", type=int, default=4)
+    ap.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
     args = ap.parse_args()
 
     import torch
@@ -288,7 +338,9 @@ def main() -> None:
         # One warm-up round (fp32: every part a view of the weights, the bucket buffers never touched)
         # pays the process's one-time costs (gloo and gRPC threads, lazy imports); reported apart.
         before = rss()
-        run_dataplane(script, port, token, 1, "fp32", env, hub, before)
+        warm = Workers(script, 1, port, token, env)
+        run_dataplane(warm, "fp32", hub, before)
+        warm.close()
         first_round.append(rss() - before)
         base_rss = rss()  # the hub's bucket buffers (kept for later rounds) are first written after this
         for dtype in args.dtypes:
@@ -297,19 +349,30 @@ def main() -> None:
             gib = wire / (1 << 30)
             for w in args.workers:
                 expect["n"] = w
+                pool = Workers(script, w, port, token, env)
+                cold = run_dataplane(pool, dtype, hub, base_rss)  # the workers' first round: opens their group
                 pairs, cpus, extras, loads, connects, cast_pairs, gloo_pairs = [], [], [], [], [], [], []
+                cpu_ratios = []
                 for k in range(args.repeats):  # interleaved, the order alternating: load drift hits both sides
                     tcp_first = k % 2 == 1
-                    tcp = run_tcp(script, payload[:wire], w, env) if tcp_first else None
-                    s, c, x, load, connect = run_dataplane(script, port, token, w, dtype, env, hub, base_rss)
+                    if tcp_first:
+                        c0 = cpu_s()
+                        tcp, tcp_workers_cpu = run_tcp(pool, payload[:wire])
+                        tcp_cpu = cpu_s() - c0 + tcp_workers_cpu
+                    s, c, x, load, connect, reused, workers_cpu = run_dataplane(pool, dtype, hub, base_rss)
+                    if not reused:
+                        raise SystemExit("a worker did not reuse its group in a steady-state round")
                     if not tcp_first:
-                        tcp = run_tcp(script, payload[:wire], w, env)
+                        c0 = cpu_s()
+                        tcp, tcp_workers_cpu = run_tcp(pool, payload[:wire])
+                        tcp_cpu = cpu_s() - c0 + tcp_workers_cpu
                     pairs.append((s, tcp))
+                    cpu_ratios.append((c + workers_cpu) / tcp_cpu)
                     if w == 1:  # the transport alone, same bytes and parts (reported beside the headline)
                         wire_view = torch.frombuffer(payload[:wire], dtype=torch.uint8)
                         gloo_pairs.append((s, run_gloo_raw(script, wire_view, bucket // 2, env)))
                     if dtype == "bf16":  # the same cast on the TCP side (reported beside the headline)
-                        cast_pairs.append((s, run_tcp_cast(script, big, bucket // 2, w, env)))
+                        cast_pairs.append((s, run_tcp_cast(pool, big, bucket // 2)))
                     cpus.append(c / (gib * w))
                     extras.append(x / bucket)
                     loads.append(load / s)
@@ -320,15 +383,19 @@ def main() -> None:
                        "dataplane_gib_s": round(gib * w / dp_s, 3), "tcp_gib_s": round(gib * w / tcp_s, 3),
                        "transfer_over_tcp": round(ratio, 3), "pair_ratios": [round(t / d, 3) for d, t in pairs],
                        "trainer_cpu_s_per_gib": round(statistics.median(cpus), 3),
-                       "extra_mem_buckets": round(max(extras), 2),
+                       "extra_mem_buckets": round(max(0.0, *extras), 2),  # (below the base: no growth)
                        "worker_load_share": round(statistics.median(loads), 2),
-                       "connect_s": round(statistics.median(connects), 3)}
+                       "connect_s": round(statistics.median(connects), 3),
+                       "cold_round_s": round(cold[0], 4), "cold_connect_s": round(cold[4], 4),
+                       "cold_over_tcp": round(tcp_s / cold[0], 3),
+                       "cpu_over_tcp": round(statistics.median(cpu_ratios), 3)}
                 if gloo_pairs:
                     row["gloo_raw_gib_s"] = round(gib / statistics.median(t for _, t in gloo_pairs), 3)
                     row["gloo_raw_over_tcp"] = round(statistics.median(t / g for (_, t), (_, g) in zip(pairs, gloo_pairs)), 3)
                 if cast_pairs:
                     row["transfer_over_tcp_cast"] = round(statistics.median(t / d for d, t in cast_pairs), 3)
                     row["tcp_cast_gib_s"] = round(gib * w / statistics.median(t for _, t in cast_pairs), 3)
+                pool.close()
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         server.stop(grace=None)
@@ -339,6 +406,9 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
         "transfer_over_tcp": min(r["transfer_over_tcp"] for r in rows),
+        "transfer_over_tcp_by_cell": {f'{r["mib"]}MiB/{r["dtype"]}/{r["workers"]}w': r["transfer_over_tcp"]
+                                      for r in rows},
+        "cpu_over_tcp": max(r["cpu_over_tcp"] for r in rows),
         "cpu_s_per_gib": max(r["trainer_cpu_s_per_gib"] for r in rows),
         "extra_mem_buckets": max(r["extra_mem_buckets"] for r in rows),
         "transfer_over_tcp_cast": min((r["transfer_over_tcp_cast"] for r in rows if "transfer_over_tcp_cast" in r),

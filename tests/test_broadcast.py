@@ -19,6 +19,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
 from dcmdp.transport.collective import client_store, open_group
+from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
 from dcmdp_trainer.broadcast import BroadcastHub
@@ -55,12 +56,14 @@ class Served:
     def stub(self, token: str = TOKEN):
         return dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{self.port}", token))
 
-    def join(self, worker: str, stub=None) -> pb.BroadcastTicket:
+    def join(self, worker: str, stub=None, held: str = "") -> pb.BroadcastTicket:
         return (stub or self.stub()).JoinBroadcast(
-            pb.WeightRequest(header=pb.Header(pool="bf16", worker_id=worker), version=0, dtype="bf16"), timeout=30)
+            pb.WeightRequest(header=pb.Header(pool="bf16", worker_id=worker), version=0, dtype="bf16", held_group=held),
+            timeout=30)
 
-    def receive(self, worker: str, ticket: pb.BroadcastTicket):
-        return receive_broadcast(self.stub(), pb.Header(pool="bf16", worker_id=worker), ticket, "127.0.0.1")
+    def receive(self, worker: str, ticket: pb.BroadcastTicket, link: BroadcastLink | None = None):
+        return receive_broadcast(self.stub(), pb.Header(pool="bf16", worker_id=worker), ticket, "127.0.0.1",
+                                 link=link)
 
     def check(self, tensors) -> None:
         assert set(tensors) == set(self.want)
@@ -132,6 +135,64 @@ def test_a_late_joiner_is_served_over_the_stream(served):
     served.check(served.receive("later", again)[0])
 
 
+def linked_round(served: Served, worker: str, link: BroadcastLink, held: str | None = None):
+    """One round for ``worker`` through ``link`` (telling the trainer ``held``, by default the
+    group the link holds): (ticket, stats)."""
+    ticket = served.join(worker, held=link.held if held is None else held)
+    tensors, stats = served.receive(worker, ticket, link)
+    served.check(tensors)
+    assert stats.broadcast_bytes == stats.total_bytes and stats.refetched == 0
+    return ticket, stats
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_worker_keeps_its_group_from_one_version_to_the_next(served):
+    link = BroadcastLink()
+    try:
+        tickets = []
+        for k in range(3):
+            ticket, stats = linked_round(served, "w", link)
+            assert stats.reused_group == (k > 0)  # opened once, then reused: no rendezvous
+            assert served.wait_round(k + 1).error == ""
+            tickets.append(ticket)
+        assert len({t.group for t in tickets}) == 1 and {t.rank for t in tickets} == {1}
+        assert link.held == tickets[0].group and served.hub.kept_groups() == 1
+        restarted = BroadcastLink()  # the same worker id, restarted: it holds nothing, so it gets a new group
+        try:
+            ticket, stats = linked_round(served, "w", restarted)
+            assert ticket.group != tickets[0].group and not stats.reused_group
+            assert served.wait_round(4).error == "" and served.hub.kept_groups() == 1  # the old one was closed
+        finally:
+            restarted.close()
+        ticket, stats = linked_round(served, "w", link)  # the first link's group is gone: it gets another
+        assert ticket.group not in (tickets[0].group, restarted.held) and not stats.reused_group
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_group_is_kept_only_for_its_exact_workers_holding_its_name(served):
+    a, b = BroadcastLink(), BroadcastLink()
+    try:
+        served.hub.expected = lambda dtype: 2
+        pair = [in_thread(linked_round, served, f"w{i}", link) for i, link in enumerate((a, b))]
+        for t, out in pair:
+            t.join(60)
+            assert "error" not in out, out.get("error")
+        group = a.held
+        assert group and b.held == group
+        served.hub.expected = lambda dtype: 1
+        ticket, stats = linked_round(served, "w0", a)  # w1 left: not the same workers, a new group
+        assert ticket.group != group and not stats.reused_group and ticket.world_size == 2
+        ticket2, stats = linked_round(served, "w0", a, held="not-" + a.held)  # a name it does not hold
+        assert ticket2.group != ticket.group and not stats.reused_group
+        ticket3, stats = linked_round(served, "w0", a)
+        assert ticket3.group == ticket2.group and stats.reused_group
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_corrupted_bucket_is_detected_and_fetched_again(session):
     s = Served(session, expected=1)
     try:
@@ -158,7 +219,7 @@ h = pb.Header(pool="bf16", worker_id="doomed")
 print("ready", flush=True)
 ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=0, dtype="bf16"), timeout=30)
 print("joined", flush=True)
-import dcmdp_rollout.weights as w
+import dcmdp_rollout.broadcast_link as w
 opened = w.open_group
 def open_and_die(*args, **kwargs):  # killed once in the group, as the broadcast starts
     opened(*args, **kwargs)
@@ -202,6 +263,7 @@ def test_a_ticket_holder_that_never_connects_holds_the_round_only_for_the_join_t
     assert waited < 15, waited  # the join timeout (1 s) and the stream, not the 40 s data timeout
     r = served.wait_round()
     assert r.error and r.world_size == 3
+    assert served.hub.kept_groups() == 0  # a group whose round failed is never used again
     ghost.join(5)
     assert out["value"].group  # (the ghost did hold a ticket of that round)
 

@@ -131,20 +131,22 @@ class SubmitReply(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., accepted_samples: _Optional[int] = ...) -> None: ...
 
 class WeightRequest(_message.Message):
-    __slots__ = ("header", "version", "dtype", "offset", "chunk_size", "length")
+    __slots__ = ("header", "version", "dtype", "offset", "chunk_size", "length", "held_group")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HELD_GROUP_FIELD_NUMBER: _ClassVar[int]
     header: Header
     version: int
     dtype: str
     offset: int
     chunk_size: int
     length: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    held_group: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ..., length: _Optional[int] = ..., held_group: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "shape", "dtype", "offset", "nbytes")

@@ -27,7 +27,8 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
-from dcmdp.transport.collective import broadcast, client_store, close_group, open_group
+from dcmdp.transport.collective import broadcast
+from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
 __all__ = ["fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
@@ -54,7 +55,8 @@ class FetchStats:
     broadcast_bytes: int = 0  # of ``bytes``: over the collective data plane
     refetched: int = 0  # buckets fetched over the stream after a broadcast lost or damaged them
     load_seconds: float = 0.0  # spent checking crcs and loading buckets (in the loading thread, overlapped)
-    connect_seconds: float = 0.0  # spent joining the broadcast's group (the rendezvous)
+    connect_seconds: float = 0.0  # spent joining the broadcast's group (the rendezvous; ~0 when reused)
+    reused_group: bool = False  # the broadcast went over the group kept from the worker's last one
     events: list[str] = field(default_factory=list)
 
 
@@ -215,9 +217,13 @@ def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Op
 
 
 def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host: str, *, sink: Optional[Sink] = None,
-                      slices: bool = False, timeout: Optional[float] = 600.0, on_event: Optional[Callable[[str, dict], None]] = None):
+                      slices: bool = False, timeout: Optional[float] = 600.0, on_event: Optional[Callable[[str, dict], None]] = None,
+                      link: Optional[BroadcastLink] = None):
     """Receive the broadcast ``ticket`` names; buckets it loses or damages come over the stream.
 
+    ``link``: the worker's :class:`~dcmdp_rollout.broadcast_link.BroadcastLink`, whose group and
+    buffers are reused when the ticket names the group it holds, and kept for the next broadcast
+    when this one completes (None: a group and buffers for this broadcast alone).
     Returns (tensors by name, FetchStats) like :func:`fetch_weights`."""
     stats = FetchStats(dtype=ticket.manifest.dtype)
     t0 = time.perf_counter()
@@ -234,17 +240,16 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
     receiver = BucketReceiver(layout, sink or collect_into(out), stats, slices=slices and sink is not None)
     timeout_s = max(1.0, ticket.timeout_ms / 1000)
     join_s = max(1.0, ticket.join_timeout_ms / 1000) if ticket.join_timeout_ms else timeout_s
-    pg = None
+    own = link is None
+    link = link or BroadcastLink()
+    completed = False
     try:
         try:
-            store = client_store(ticket.store_host or host, ticket.store_port, timeout_s)
-            pg = open_group(store, ticket.group, ticket.rank, ticket.world_size, join_timeout_s=join_s,
-                            backend=ticket.backend or "gloo", peer_host=ticket.store_host or host)
+            pg, stats.reused_group = link.group(ticket, host, timeout_s, join_s)
             stats.connect_seconds = time.perf_counter() - t0
             size = min(layout.bucket_bytes, layout.total_bytes)
             device = "cuda" if ticket.backend == "nccl" else "cpu"  # NCCL moves device memory only
-            bufs = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(RECEIVE_DEPTH)]
-            crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(RECEIVE_DEPTH)]
+            bufs, crcs = link.buffers(RECEIVE_DEPTH, size, device)
             posted = {}
 
             part = ticket.part_bytes or layout.bucket_bytes
@@ -268,12 +273,13 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 if i >= 1 and i - 1 + RECEIVE_DEPTH < layout.buckets:
                     receiver.wait_for(i - 1)  # bucket i-1 checked and loaded: its buffer takes bucket i-1+depth
                     post(i - 1 + RECEIVE_DEPTH)
+            completed = True  # every operation of the round done: the group is in step with the trainer's
             receiver.drain()
         except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
             event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])
         finally:
-            if pg is not None:
-                close_group(pg)
+            if own or not completed:
+                link.drop()  # (a group left mid-round is out of step: never reused)
         missing = receiver.missing()
         if missing:
             stats.refetched = len(missing)

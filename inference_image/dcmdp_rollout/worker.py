@@ -34,6 +34,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import parse_run
 from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.observability import WorkerMetrics
+from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import fetch_weights, receive_broadcast
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED: "the trainer rejected the run token",
@@ -55,6 +56,7 @@ class Worker:
         self.threads = threads
         self.give_up_after = give_up_after
         self.data_plane = data_plane
+        self.link = BroadcastLink()  # the broadcast group and buffers kept between versions
         self.host = target.rsplit(":", 1)[0].strip("[]")
         self.engine_options = dict(engine_options or {})
         self.metrics = metrics or WorkerMetrics(pool, worker_id)
@@ -120,6 +122,7 @@ class Worker:
         if self.model_dir is not None:
             shutil.rmtree(self.model_dir, ignore_errors=True)
             self.model_dir = None
+        self.link.close()
         self.channel.close()
 
     def _register(self) -> None:
@@ -165,7 +168,7 @@ class Worker:
         ticket = self._join(version)
         if ticket is not None and ticket.group:
             tensors, stats = receive_broadcast(self.stub, self.header(), ticket, self.host, sink=sink, slices=slices,
-                                               timeout=600.0, on_event=on_event)
+                                               timeout=600.0, on_event=on_event, link=self.link)
         else:
             tensors, stats = fetch_weights(self.stub, self.header(), version, self.dtype, sink=sink, slices=slices,
                                            timeout=600.0, on_event=on_event)
@@ -192,8 +195,8 @@ class Worker:
         if not self.data_plane:
             return None
         try:
-            return self.stub.JoinBroadcast(pb.WeightRequest(header=self.header(), version=version, dtype=self.dtype),
-                                           timeout=RPC_TIMEOUT)
+            return self.stub.JoinBroadcast(pb.WeightRequest(header=self.header(), version=version, dtype=self.dtype,
+                                                            held_group=self.link.held), timeout=RPC_TIMEOUT)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise

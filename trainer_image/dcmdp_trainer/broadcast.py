@@ -3,10 +3,18 @@
 A worker that needs version v in dtype d calls ``JoinBroadcast``. The first caller opens a round
 for (v, d); the round gathers joiners for up to ``gather_s`` seconds (or until every worker that
 ``expected(d)`` counts has joined), then closes: every joiner gets the same secret group name,
-its rank and the world size, and the trainer (rank 0) broadcasts the buckets over a fresh
+its rank and the world size, and the trainer (rank 0) broadcasts the buckets over a
 torch.distributed group (``dcmdp.transport.collective``). A worker that asks while a round of
 (v, d) is broadcasting is told to use the gRPC stream (the late joiner's fallback); one that asks
 after it ended opens a new round.
+
+Groups are kept between rounds, as vLLM keeps its weight-update group: a group is opened for a set
+of workers (by pool and worker id) the first time they broadcast together, and the next round of
+exactly those workers reuses it when every one of them says it still holds it (``held_group`` in
+its request) — no rendezvous, connection set-up or teardown per version. Any other round gets a
+new group (new secret name): a worker that joined, left, restarted or lost its end. A kept group
+that shares a worker with a newer one, failed a round, or was not used for ``keep_idle_s`` is
+closed (off the caller's thread: tearing a gloo group down takes tens of milliseconds).
 
 A bucket that lies inside one tensor already in the wire dtype goes on the wire as a view of it
 (no copy); every other bucket is cast and copied straight from the snapshot into one of a pair of
@@ -26,9 +34,11 @@ workers detect and re-fetch them.
 
 from __future__ import annotations
 
+import atexit
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -36,9 +46,14 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import broadcast, close_group, master_store, open_group
+from dcmdp.transport.collective import broadcast, close_group, master_store, open_group, release_group
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
+
+
+# Parts on the wire at once: a cast part holds one of the two buffers; a part that is a view of
+# the snapshot holds none, so up to this many go out back to back (4 gloo work threads serve them).
+PARTS_IN_FLIGHT = 4
 
 
 def part_bytes(bucket_bytes: int) -> int:
@@ -58,15 +73,30 @@ class Ticket:
     part_bytes: int
 
 
+@dataclass(eq=False)
+class Group:
+    """A broadcast group of the trainer (rank 0) and ``members`` (ranks 1..n, by ``pool/worker``
+    id), kept open between rounds of the same workers."""
+    name: str
+    members: tuple[str, ...]
+    backend: str
+    pg: object = None  # the process group, once a round has rendezvoused
+    busy: bool = False  # a round is broadcasting over it
+    retired: bool = False  # superseded while busy: closed when its round ends
+    used: float = field(default_factory=time.monotonic)
+
+
 @dataclass
 class Round:
     key: tuple[int, str]
-    group: str
     prepared: Prepared
-    joined: int = 0
-    pools: list[str] = field(default_factory=list)  # the pool of each joiner, by rank - 1
+    members: list[str] = field(default_factory=list)  # the member id of each joiner, in join order
+    held: list[str] = field(default_factory=list)  # the group each joiner says it holds
+    pools: list[str] = field(default_factory=list)  # the pool of each joiner
     closed: bool = False
     opened: float = field(default_factory=time.monotonic)
+    group: Optional[Group] = None  # set when the round closes
+    ranks: list[int] = field(default_factory=list)  # the rank of each joiner in ``group``
 
 
 @dataclass
@@ -83,18 +113,22 @@ class RoundResult:
 class BroadcastHub:
     def __init__(self, publisher: WeightPublisher, host: str = "127.0.0.1", *, gather_s: float = 0.5,
                  timeout_s: float = 60.0, join_timeout_s: float = 10.0, expected: Optional[Callable[[str], int]] = None,
-                 on_round: Optional[Callable[[RoundResult], None]] = None):
+                 on_round: Optional[Callable[[RoundResult], None]] = None, keep_idle_s: float = 600.0):
         self.publisher = publisher
         self.host = host
         self.gather_s, self.timeout_s, self.join_timeout_s = gather_s, timeout_s, join_timeout_s
+        self.keep_idle_s = keep_idle_s
         self.expected = expected
         self.on_round = on_round
         self.store = master_store(host, timeout_s)
         self.port = self.store.port
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, str], Round] = {}
+        self._groups: dict[frozenset[str], Group] = {}  # kept groups, by their members
         self.results: list[RoundResult] = []
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
+        self._releasing: list[threading.Thread] = []  # teardowns of retired groups under way
+        _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     def _take_pair(self, size: int, device: str) -> list[torch.Tensor]:
         with self._cond:
@@ -112,57 +146,114 @@ class BroadcastHub:
         """nccl when the snapshot lives on a CUDA device, else gloo."""
         return "nccl" if any(t.is_cuda for t in prep.state.values()) else "gloo"
 
-    def join(self, version: int, dtype: str, pool: str = "") -> Optional[Ticket]:
+    def join(self, version: int, dtype: str, pool: str = "", worker: str = "", held: str = "") -> Optional[Ticket]:
         """A ticket for the round of (version, dtype), after the round's gathering closes; None
-        when a broadcast of it is already under way (stream it instead). Raises what
-        :meth:`WeightPublisher.prepared` raises."""
+        when a broadcast of it is already under way (stream it instead). ``worker``: the joiner's
+        id within ``pool`` (without one, its group is never kept); ``held``: the group the joiner
+        still holds open from an earlier round. Raises what :meth:`WeightPublisher.prepared` raises."""
         prep = self.publisher.prepared(version, dtype)
         key = (prep.version, dtype)
+        member = f"{pool}/{worker}" if worker else f"anonymous/{secrets.token_hex(8)}"
         with self._cond:
             r = self._rounds.get(key)
             if r is not None and r.closed:
                 return None
             if r is None:
-                r = self._rounds[key] = Round(key, secrets.token_hex(16), prep)
+                r = self._rounds[key] = Round(key, prep)
                 threading.Thread(target=self._run, args=(r,), name=f"broadcast-v{key[0]}-{dtype}", daemon=True).start()
-            r.joined += 1
+            k = len(r.members)
+            r.members.append(member)
+            r.held.append(held)
             r.pools.append(pool)
-            rank = r.joined
             self._cond.notify_all()
             while not r.closed:
                 self._cond.wait()
-            return Ticket(r.group, rank, r.joined + 1, prep, self.backend_of(prep), part_bytes(prep.layout.bucket_bytes))
+            assert r.group is not None
+            return Ticket(r.group.name, r.ranks[k], len(r.members) + 1, prep, r.group.backend,
+                          part_bytes(prep.layout.bucket_bytes))
 
     def _gathered(self, r: Round) -> bool:
         want = self.expected(r.key[1]) if self.expected else 0
-        return want > 0 and r.joined >= want
+        return want > 0 and len(r.members) >= want
+
+    def _group_for(self, r: Round) -> tuple[Group, list[int]]:
+        """(the group of a closing round, each joiner's rank in it): the kept group of exactly these
+        workers when every one of them holds it and no round is using it, else a new one (under
+        the lock)."""
+        backend = self.backend_of(r.prepared)
+        members = frozenset(r.members)
+        now = time.monotonic()
+        g = self._groups.get(members)
+        if (g is not None and not g.busy and g.pg is not None and g.backend == backend
+                and len(members) == len(r.members) and all(h == g.name for h in r.held)):
+            g.busy, g.used = True, now
+            return g, [g.members.index(m) + 1 for m in r.members]
+        new = Group(secrets.token_hex(16), tuple(r.members), backend, busy=True)
+        for k, old in list(self._groups.items()):  # its workers now hold the new group; idle ones are dropped
+            if k & members or now - old.used > self.keep_idle_s:
+                del self._groups[k]
+                self._retire(old)
+        if len(members) == len(r.members):  # (a worker id twice: never kept)
+            self._groups[members] = new
+        return new, list(range(1, len(r.members) + 1))
+
+    def _retire(self, g: Group) -> None:
+        """Close ``g`` now, or when the round using it ends (under the lock)."""
+        g.retired = True
+        if not g.busy:
+            pg, g.pg = g.pg, None
+            if pg is not None:
+                self._releasing = [t for t in self._releasing if t.is_alive()]
+                self._releasing.append(release_group(pg))
 
     def _run(self, r: Round) -> None:
         with self._cond:
             deadline = r.opened + self.gather_s
             while not self._gathered(r) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
+            r.group, r.ranks = self._group_for(r)
             r.closed = True
             self._cond.notify_all()
-            world = r.joined + 1
-        t0, sent, error = time.perf_counter(), 0, ""
+            world = len(r.members) + 1
+        t0, sent, error, ok = time.perf_counter(), 0, "", False
         try:
             sent = self._broadcast(r, world)
+            ok = True
         except RuntimeError as exc:  # a peer died or stalled: it (and the others) fetch over the stream
             error = str(exc).splitlines()[0][:300]
         finally:
             with self._cond:
                 self._rounds.pop(r.key, None)
+                g = r.group
+                assert g is not None
+                g.busy, g.used = False, time.monotonic()
+                if not ok:  # out of step with its peers, or broken: never used again
+                    if self._groups.get(frozenset(g.members)) is g:
+                        del self._groups[frozenset(g.members)]
+                    g.retired = True
+                if g.retired:
+                    self._retire(g)
         result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
         self.results.append(result)
         if self.on_round:
             self.on_round(result)
 
+    def kept_groups(self) -> int:
+        """Groups kept open for their workers' next round."""
+        with self._cond:
+            return sum(g.pg is not None for g in self._groups.values())
+
     def _broadcast(self, r: Round, world: int) -> int:
-        prep, layout = r.prepared, r.prepared.layout
-        backend = self.backend_of(prep)
-        pg = open_group(self.store, r.group, 0, world, join_timeout_s=self.join_timeout_s, backend=backend,
-                        peer_host=self.host)
+        prep, layout, g = r.prepared, r.prepared.layout, r.group
+        backend = g.backend
+        if g.pg is None:
+            try:
+                g.pg = open_group(self.store, g.name, 0, world, join_timeout_s=self.join_timeout_s, backend=backend,
+                                  peer_host=self.host)
+            except RuntimeError:
+                g.retired = True  # a rendezvous that failed: never kept
+                raise
+        pg = g.pg
         device = "cuda" if backend == "nccl" else "cpu"
         part = part_bytes(layout.bucket_bytes)
         bufs = self._take_pair(part, device)
@@ -181,12 +272,17 @@ class BroadcastHub:
                 running = 0
                 for lo, hi in layout.parts(i, part):
                     slot = ("buf", k % 2)
-                    free(slot)  # at most two parts in flight: the buffer the op two parts ago read is free
+                    free(slot)  # the buffer the op two cast parts ago read is free
+                    while len(inflight) >= PARTS_IN_FLIGHT:
+                        inflight.popleft()[0].wait()
                     data = self._part(prep, i, lo, hi, bufs[k % 2])
+                    if data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
+                        k += 1  # cast into the buffer: the next cast part takes the other one
+                    else:
+                        slot = None  # a view of the snapshot: no buffer to hold
                     if not cached:  # (computed once per (version, dtype), then kept)
                         running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
                     inflight.append((broadcast(pg, data, self.timeout_s), slot))
-                    k += 1
                     sent += hi - lo
                 crc = prep.crcs[i]
                 if crc is None:
@@ -198,8 +294,9 @@ class BroadcastHub:
                 inflight.popleft()[0].wait()
             self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
             return sent
-        finally:
-            close_group(pg)
+        except RuntimeError:
+            close_group(pg)  # every peer fails now, not at its timeout
+            raise
 
     def _part(self, prep: Prepared, i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Stream bytes [lo, hi) of bucket ``i``: a view of their tensor when no cast or copy is
@@ -208,4 +305,22 @@ class BroadcastHub:
         return view if view is not None else fill_range(prep.state, prep.layout, lo, hi, out)
 
     def close(self) -> None:
+        """Close every kept group (a round under way closes its own when it ends); returns once
+        they are torn down."""
+        with self._cond:
+            for k, g in list(self._groups.items()):
+                del self._groups[k]
+                self._retire(g)
+            releasing, self._releasing = self._releasing, []
+        for t in releasing:
+            t.join()
         self.store = None  # type: ignore[assignment]
+
+
+_LIVE: "weakref.WeakSet[BroadcastHub]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_hubs() -> None:
+    for hub in list(_LIVE):
+        hub.close()

@@ -232,7 +232,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         """A ticket to the broadcast of (version, dtype); an empty group says: stream it."""
         self._ready(context)
         prep = self._prepared(request, context)
-        ticket = (self.hub.join(prep.version, prep.layout.dtype, request.header.pool or "?")
+        ticket = (self.hub.join(prep.version, prep.layout.dtype, request.header.pool or "?",
+                                worker=request.header.worker_id, held=request.held_group)
                   if self.hub is not None else None)
         reply = pb.BroadcastTicket(header=self._header(request.header, prep.version),
                                    manifest=self._manifest(request.header, prep))

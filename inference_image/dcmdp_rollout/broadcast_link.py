@@ -1,0 +1,97 @@
+"""The worker's end of the collective data plane, kept from one weight broadcast to the next.
+
+A rollout worker receives every new weight version. Opening a torch.distributed group for each
+one (rendezvous on the trainer's store, ``GLOO_CONNECTIONS`` TCP connections per peer) and
+tearing it down after (gloo joins its I/O threads: 20-40 ms measured on loopback) costs more than
+moving a 256 MiB snapshot; and bucket buffers allocated per version are page-faulted again every
+time. So, as vLLM keeps its weight-update group for the life of the engine, the worker keeps its
+group and its receive buffers: it tells the trainer which group it holds (``held_group`` in
+``JoinBroadcast``), and the trainer reuses that group when the round has exactly the same workers
+(``dcmdp_trainer.broadcast``); otherwise the ticket names a new group, and the old one is closed.
+
+A group that failed (a peer died, a timeout, an error while receiving) is closed at once and never
+used again: gloo matches operations by their order, so a group is only reusable when both ends
+completed every operation of the last round.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from typing import Optional
+
+import torch
+
+from dcmdp.proto import dcmdp_pb2 as pb
+from dcmdp.transport.collective import client_store, open_group, release_group
+
+__all__ = ["BroadcastLink"]
+
+
+class BroadcastLink:
+    """The group this worker holds open and its receive buffers (one link per worker process).
+
+    Not thread-safe: one receive at a time (a worker loads one version at a time)."""
+
+    def __init__(self) -> None:
+        self._pg = None
+        self._store = None
+        self._key: Optional[tuple] = None
+        self._bufs: list[torch.Tensor] = []
+        self._crcs: list[torch.Tensor] = []
+        self._releasing: list[threading.Thread] = []  # teardowns of dropped groups under way
+        _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
+
+    @property
+    def held(self) -> str:
+        """The name of the group held open ("" when none): what ``JoinBroadcast`` is told."""
+        return self._key[0] if self._pg is not None and self._key is not None else ""
+
+    def group(self, ticket: pb.BroadcastTicket, host: str, timeout_s: float, join_timeout_s: float):
+        """(the process group ``ticket`` names, whether it was already open). Opens it (and closes
+        the one held) unless it is the group held, with the same rank and size. Raises what
+        :func:`~dcmdp.transport.collective.open_group` raises (a RuntimeError: the rendezvous failed)."""
+        store_host = ticket.store_host or host
+        key = (ticket.group, ticket.rank, ticket.world_size, ticket.backend or "gloo", store_host, ticket.store_port)
+        if self._pg is not None and key == self._key:
+            return self._pg, True
+        self.drop()
+        store = client_store(store_host, ticket.store_port, timeout_s)
+        self._pg = open_group(store, ticket.group, ticket.rank, ticket.world_size, join_timeout_s=join_timeout_s,
+                              backend=ticket.backend or "gloo", peer_host=store_host)
+        self._store, self._key = store, key
+        return self._pg, False
+
+    def buffers(self, count: int, size: int, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``count`` uint8 bucket buffers of at least ``size`` bytes on ``device`` and as many int64
+        crc slots, kept for the next broadcast (allocated again only when too small)."""
+        if (len(self._bufs) != count or self._bufs[0].numel() < size or self._bufs[0].device.type != device):
+            self._bufs = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(count)]
+            self._crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(count)]
+        return self._bufs, self._crcs
+
+    def drop(self) -> None:
+        """Close the group held (peers blocked in it fail now); its teardown runs in a thread of
+        its own (joined by :meth:`close`). The buffers are kept."""
+        pg, self._pg, self._store, self._key = self._pg, None, None, None
+        self._releasing = [t for t in self._releasing if t.is_alive()]
+        if pg is not None:
+            self._releasing.append(release_group(pg))
+
+    def close(self) -> None:
+        """Drop the group and the buffers; returns once every group this link held is torn down."""
+        self.drop()
+        for t in self._releasing:
+            t.join()
+        self._releasing = []
+        self._bufs, self._crcs = [], []
+
+
+_LIVE: "weakref.WeakSet[BroadcastLink]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_links() -> None:
+    for link in list(_LIVE):
+        link.close()
