@@ -75,10 +75,10 @@ class Ticket:
 
 @dataclass(eq=False)
 class Group:
-    """A broadcast group of the trainer (rank 0) and ``members`` (ranks 1..n, by ``pool/worker``
-    id), kept open between rounds of the same workers."""
+    """A broadcast group of the trainer (rank 0) and ``members`` (ranks 1..n, by (pool, worker id)),
+    kept open between rounds of the same workers."""
     name: str
-    members: tuple[str, ...]
+    members: tuple[tuple[str, str], ...]
     backend: str
     pg: object = None  # the process group, once a round has rendezvoused
     busy: bool = False  # a round is broadcasting over it
@@ -90,7 +90,7 @@ class Group:
 class Round:
     key: tuple[int, str]
     prepared: Prepared
-    members: list[str] = field(default_factory=list)  # the member id of each joiner, in join order
+    members: list[tuple[str, str]] = field(default_factory=list)  # (pool, worker id) of each joiner, in join order
     held: list[str] = field(default_factory=list)  # the group each joiner says it holds
     pools: list[str] = field(default_factory=list)  # the pool of each joiner
     closed: bool = False
@@ -124,7 +124,7 @@ class BroadcastHub:
         self.port = self.store.port
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, str], Round] = {}
-        self._groups: dict[frozenset[str], Group] = {}  # kept groups, by their members
+        self._groups: dict[frozenset[tuple[str, str]], Group] = {}  # kept groups, by their members
         self.results: list[RoundResult] = []
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
         self._releasing: list[threading.Thread] = []  # teardowns of retired groups under way
@@ -153,7 +153,7 @@ class BroadcastHub:
         still holds open from an earlier round. Raises what :meth:`WeightPublisher.prepared` raises."""
         prep = self.publisher.prepared(version, dtype)
         key = (prep.version, dtype)
-        member = f"{pool}/{worker}" if worker else f"anonymous/{secrets.token_hex(8)}"
+        member = (pool, worker) if worker else ("", secrets.token_hex(8))  # anonymous: never matches again
         with self._cond:
             r = self._rounds.get(key)
             if r is not None and r.closed:
