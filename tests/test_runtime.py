@@ -206,7 +206,8 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_workers_reconnect(tmp_pa
         assert procs.items[name].pid == pid and procs.wait(name, 60) == 0
         msgs = [r.get("msg") for r in procs.log_records(name)]
         # it noticed the crash (the port closed, or the restarted trainer still starting) and re-registered
-        assert {"trainer unreachable: retrying", "trainer starting: waiting"} & set(msgs), msgs
+        assert {"trainer unreachable: retrying", "trainer starting: waiting",
+                "trainer restarted: registering again"} & set(msgs), msgs
         assert "registered again" in msgs, msgs
 
     after = rows(out / "metrics.jsonl")

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Header(_message.Message):
-    __slots__ = ("weight_version", "pool", "worker_id")
+    __slots__ = ("weight_version", "pool", "worker_id", "trainer_instance")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
     pool: str
     worker_id: str
-    def __init__(self, weight_version: _Optional[int] = ..., pool: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    trainer_instance: str
+    def __init__(self, weight_version: _Optional[int] = ..., pool: _Optional[str] = ..., worker_id: _Optional[str] = ..., trainer_instance: _Optional[str] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("name", "content")

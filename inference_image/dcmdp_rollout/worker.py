@@ -69,6 +69,7 @@ class Worker:
         self.model_dir: Optional[Path] = None
         self.dtype = "fp32"
         self.leases_done = 0
+        self.trainer_instance = ""  # the trainer process this worker registered with
         self.failing_since: Optional[float] = None
         self.stop = False
 
@@ -135,6 +136,7 @@ class Worker:
             raise RuntimeError(f"the trainer now serves run {reply.run_name!r}, not {self.run_name!r}")
         first = self.run_name is None
         self.run_name = reply.run_name
+        self.trainer_instance = reply.header.trainer_instance
         run = parse_run(json.loads(reply.manifest_json), "the trainer's manifest")
         self.pool_spec = next(p for p in run.spec.rollout.pools if p.name == self.pool)
         self.seed = run.spec.algorithm.seed
@@ -227,6 +229,14 @@ class Worker:
         while not self.stop:
             lease = self.stub.AcquireLease(pb.LeaseRequest(header=self.header()), timeout=RPC_TIMEOUT)
             self.failing_since = None
+            restarted = lease.header.trainer_instance
+            if restarted and self.trainer_instance and restarted != self.trainer_instance:
+                # a new trainer process (restarted from its checkpoint) that this worker never saw
+                # fail: its weight fetches may have resumed across the restart. Register again, as
+                # after an error (same run, else stop); the lease is not taken: ask again.
+                self._log("warning", "trainer restarted: registering again", target=self.target)
+                self._register()
+                continue
             if lease.finished:
                 self._log("info", "run finished: exiting", leases=self.leases_done)
                 return

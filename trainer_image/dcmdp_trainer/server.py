@@ -9,6 +9,7 @@ and the server goes on. The run token is checked before any handler runs (``dcmd
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self.long_polls = threading.BoundedSemaphore(long_poll_slots)
         self.run, self.total_steps = run, total_steps
         self.started = time.time()
+        self.instance = secrets.token_hex(8)  # in every reply header: workers notice a restarted trainer
         self.coord: Optional[Coordinator] = None
         if coord is not None:
             self.attach(coord, publisher)
@@ -121,7 +123,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
 
     def _header(self, h: pb.Header, version: Optional[int] = None) -> pb.Header:
         return pb.Header(weight_version=self.coord.version if version is None else version,
-                         pool=h.pool, worker_id=h.worker_id)
+                         pool=h.pool, worker_id=h.worker_id, trainer_instance=self.instance)
 
     @staticmethod
     def _check_worker(h: pb.Header, context) -> None:
