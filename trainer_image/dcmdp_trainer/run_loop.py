@@ -5,10 +5,11 @@
         batch = source.collect(step)                 # the step's groups (in-process or remote)
         row = session.train_step(batch.rollouts)     # one DC-GRPO step: weights version + 1
         adaptive staleness: the next step's lag from the pools' λ (staleness.adaptive_lag)
-        checkpoint on schedule (checkpoint.everySteps; the last one at Session.close)
         source.published()                           # the new version reaches the pools / workers
         evaluate on schedule (eval.everySteps, and after the last step)
-        log the row (metrics.jsonl, TensorBoard, Prometheus), update the status, on_step(row)
+        log the row (metrics.jsonl, TensorBoard, Prometheus)
+        checkpoint on schedule (checkpoint.everySteps; the last one at Session.close)
+        update the status, on_step(row)
 
 The evaluation records ``eval/accuracy_greedy`` (the trainer's weights, greedy),
 ``pool/<p>/eval/accuracy_sampled`` (each pool's engine as deployed, sampled at the run's
@@ -97,9 +98,6 @@ class RunLoop:
             if self.adaptive:  # the lag this step's rollouts were allowed, then the next step's
                 row["staleness/lag"] = self.lag
                 row["staleness/lag_next"] = self.adapt_staleness()
-            checkpointed = s.checkpoint_due
-            if checkpointed:
-                s.save_checkpoint()
             self.source.published()
             lags = version_lags(batch.rollouts, s.version - 1)
             row["time/step_s"] = time.perf_counter() - t0
@@ -110,6 +108,11 @@ class RunLoop:
             if (every and s.step % every == 0) or s.finished:
                 row.update(self.evaluate())
             s.log(row)
+            # after the row: a kill in between resumes from the previous checkpoint and trims the rows
+            # after it (the other order lost this step's row for good)
+            checkpointed = s.checkpoint_due
+            if checkpointed:
+                s.save_checkpoint()
             if self.runtime:
                 self.runtime.step(row, lags)
             # only now does the status report the step: its metrics are out
