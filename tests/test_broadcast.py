@@ -20,7 +20,7 @@ from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
 from dcmdp.transport.collective import client_store, open_group
 from dcmdp_rollout.broadcast_link import BroadcastLink
-from dcmdp_rollout.weights import fetch_weights, receive_broadcast
+from dcmdp_rollout.weights import LoadError, fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator
@@ -138,10 +138,15 @@ def test_a_late_joiner_is_served_over_the_stream(served):
 def linked_round(served: Served, worker: str, link: BroadcastLink, held: str | None = None):
     """One round for ``worker`` through ``link`` (telling the trainer ``held``, by default the
     group the link holds): (ticket, stats)."""
+    n = len(served.hub.results)
     ticket = served.join(worker, held=link.held if held is None else held)
+    assert ticket.group, "no broadcast under way: the ticket must name a group"
     tensors, stats = served.receive(worker, ticket, link)
     served.check(tensors)
     assert stats.broadcast_bytes == stats.total_bytes and stats.refetched == 0
+    deadline = time.monotonic() + 30
+    while len(served.hub.results) <= n and time.monotonic() < deadline:  # the trainer's side ended too
+        time.sleep(0.01)
     return ticket, stats
 
 
@@ -191,6 +196,51 @@ def test_a_group_is_kept_only_for_its_exact_workers_holding_its_name(served):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_joiner_without_a_worker_id_gets_no_kept_group(served):
+    link = BroadcastLink()
+    try:
+        linked_round(served, "", link)
+        assert served.hub.kept_groups() == 0
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("served", [{"expected": 2, "timeout_s": 30.0, "join_timeout_s": 1.0}], indirect=True)
+def test_a_ticket_holder_that_never_receives_on_a_kept_group_holds_the_round_only_for_the_join_timeout(served):
+    a, b = BroadcastLink(), BroadcastLink()
+    try:
+        pair = [in_thread(linked_round, served, f"w{i}", link) for i, link in enumerate((a, b))]
+        for t, out in pair:
+            t.join(60)
+            assert "error" not in out, out.get("error")
+        ghost, out = in_thread(served.join, "w1", None, b.held)  # takes its ticket on the kept group, never receives
+        t0 = time.monotonic()
+        ticket = served.join("w0", held=a.held)
+        tensors, stats = served.receive("w0", ticket, a)
+        served.check(tensors)  # over the stream
+        assert stats.reused_group and stats.broadcast_bytes == 0
+        assert time.monotonic() - t0 < 10  # the 1 s join timeout, not the 30 s data timeout
+        ghost.join(5)
+        assert out["value"].group == ticket.group
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_engine_error_while_loading_is_raised_not_taken_for_a_lost_bucket(session):
+    s = Served(session, expected=1)
+    try:
+        def sink(pieces):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        ticket = s.join("w")
+        with pytest.raises(LoadError, match="CUDA out of memory"):
+            receive_broadcast(s.stub(), pb.Header(pool="bf16", worker_id="w"), ticket, "127.0.0.1", sink=sink)
+    finally:
+        s.stop()
 
 
 def test_a_corrupted_bucket_is_detected_and_fetched_again(session):

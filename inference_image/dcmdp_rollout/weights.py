@@ -31,7 +31,7 @@ from dcmdp.transport.collective import broadcast
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
-__all__ = ["fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "WeightFetchError"]
+__all__ = ["fetch_weights", "receive_broadcast", "BucketReceiver", "FetchStats", "LoadError", "WeightFetchError"]
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -41,6 +41,11 @@ RECEIVE_DEPTH = 4  # bucket buffers a worker receives into: receives posted ahea
 
 class WeightFetchError(RuntimeError):
     pass
+
+
+class LoadError(Exception):
+    """The sink (the engine's loader) failed on a bucket: the update is not complete. Not a
+    RuntimeError, so it is never mistaken for a transport failure and the bucket re-fetched."""
 
 
 @dataclass
@@ -96,7 +101,11 @@ class BucketReceiver:
                 self.stats.crc_errors += 1
                 return
             self.bad.discard(i)
-            self.sink(self.assembler.slices(i, data) if self.slices else self.assembler.add(i, data))
+            pieces = self.assembler.slices(i, data) if self.slices else self.assembler.add(i, data)
+            try:
+                self.sink(pieces)
+            except Exception as exc:  # the engine's error, not the transport's: never taken for a lost bucket
+                raise LoadError(f"loading bucket {i} into the engine failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.stats.load_seconds += time.perf_counter() - t0
 
@@ -261,8 +270,14 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 works = [broadcast(pg, data[a - lo:b - lo], timeout_s) for a, b in layout.parts(i, part)]
                 posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
 
+            start = torch.full((1,), -1, dtype=torch.int64, device=device)
+            started = broadcast(pg, start, join_s)  # the round's first operation: its version
             for i in range(min(RECEIVE_DEPTH, layout.buckets)):
                 post(i)
+            started.wait()
+            if int(start.item()) != manifest.version:
+                raise RuntimeError(f"broadcast group out of step: the trainer sends version {int(start.item())}, "
+                                   f"the ticket names {manifest.version}")
             for i in range(layout.buckets):
                 data, crc, works = posted.pop(i)
                 for w in works:

@@ -54,6 +54,7 @@ from dcmdp_trainer.weights import Prepared, WeightPublisher
 # Parts on the wire at once: a cast part holds one of the two buffers; a part that is a view of
 # the snapshot holds none, so up to this many go out back to back (4 gloo work threads serve them).
 PARTS_IN_FLIGHT = 4
+MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is closed
 
 
 def part_bytes(bucket_bytes: int) -> int:
@@ -96,6 +97,7 @@ class Round:
     closed: bool = False
     opened: float = field(default_factory=time.monotonic)
     group: Optional[Group] = None  # set when the round closes
+    done: bool = False  # its last operation completed, or it failed
     ranks: list[int] = field(default_factory=list)  # the rank of each joiner in ``group``
 
 
@@ -128,6 +130,7 @@ class BroadcastHub:
         self.results: list[RoundResult] = []
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
         self._releasing: list[threading.Thread] = []  # teardowns of retired groups under way
+        self._threads: list[threading.Thread] = []  # round threads (joined by close)
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     def _take_pair(self, size: int, device: str) -> list[torch.Tensor]:
@@ -153,7 +156,7 @@ class BroadcastHub:
         still holds open from an earlier round. Raises what :meth:`WeightPublisher.prepared` raises."""
         prep = self.publisher.prepared(version, dtype)
         key = (prep.version, dtype)
-        member = (pool, worker) if worker else ("", secrets.token_hex(8))  # anonymous: never matches again
+        member = (pool, worker) if worker else ("", "")  # anonymous: its rounds' groups are never kept
         with self._cond:
             r = self._rounds.get(key)
             if r is not None and r.closed:
@@ -168,7 +171,8 @@ class BroadcastHub:
             self._cond.notify_all()
             while not r.closed:
                 self._cond.wait()
-            assert r.group is not None
+            if r.group is None:  # the round could not get a group: stream
+                return None
             return Ticket(r.group.name, r.ranks[k], len(r.members) + 1, prep, r.group.backend,
                           part_bytes(prep.layout.bucket_bytes))
 
@@ -187,15 +191,28 @@ class BroadcastHub:
         if (g is not None and not g.busy and g.pg is not None and g.backend == backend
                 and len(members) == len(r.members) and all(h == g.name for h in r.held)):
             g.busy, g.used = True, now
+            self._sweep(now)
             return g, [g.members.index(m) + 1 for m in r.members]
         new = Group(secrets.token_hex(16), tuple(r.members), backend, busy=True)
-        for k, old in list(self._groups.items()):  # its workers now hold the new group; idle ones are dropped
-            if k & members or now - old.used > self.keep_idle_s:
+        for k, old in list(self._groups.items()):  # its workers now hold the new group
+            if k & members:
                 del self._groups[k]
                 self._retire(old)
-        if len(members) == len(r.members):  # (a worker id twice: never kept)
+        if len(members) == len(r.members) and ("", "") not in members:  # (a worker id twice, or none: not kept)
             self._groups[members] = new
+        else:
+            new.retired = True  # closed when its round ends
+        self._sweep(now)
         return new, list(range(1, len(r.members) + 1))
+
+    def _sweep(self, now: float) -> None:
+        """Close kept groups idle for ``keep_idle_s`` and, beyond ``MAX_KEPT_GROUPS``, the least
+        recently used (under the lock): the groups of workers that left."""
+        idle = sorted(((g.used, k) for k, g in self._groups.items() if not g.busy), key=lambda x: x[0])
+        excess = len(self._groups) - MAX_KEPT_GROUPS
+        for n, (used, k) in enumerate(idle):
+            if now - used > self.keep_idle_s or n < excess:
+                self._retire(self._groups.pop(k))
 
     def _retire(self, g: Group) -> None:
         """Close ``g`` now, or when the round using it ends (under the lock)."""
@@ -208,35 +225,54 @@ class BroadcastHub:
 
     def _run(self, r: Round) -> None:
         with self._cond:
+            self._threads = [t for t in self._threads if t.is_alive()] + [threading.current_thread()]
             deadline = r.opened + self.gather_s
             while not self._gathered(r) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
-            r.group, r.ranks = self._group_for(r)
-            r.closed = True
-            self._cond.notify_all()
+            kept = self._groups.get(frozenset(r.members))
+            until = time.monotonic() + 1.0  # the same workers' previous round may be finishing
+            while kept is not None and kept.busy and (left := until - time.monotonic()) > 0:
+                self._cond.wait(left)
+                kept = self._groups.get(frozenset(r.members))
+            try:
+                r.group, r.ranks = self._group_for(r)
+            except Exception:  # noqa: BLE001 - never leave the joiners waiting: they stream instead
+                self._rounds.pop(r.key, None)
+                raise
+            finally:
+                r.closed = True
+                self._cond.notify_all()
             world = len(r.members) + 1
-        t0, sent, error, ok = time.perf_counter(), 0, "", False
+        t0, sent, error = time.perf_counter(), 0, ""
         try:
             sent = self._broadcast(r, world)
-            ok = True
         except RuntimeError as exc:  # a peer died or stalled: it (and the others) fetch over the stream
             error = str(exc).splitlines()[0][:300]
         finally:
-            with self._cond:
-                self._rounds.pop(r.key, None)
-                g = r.group
-                assert g is not None
-                g.busy, g.used = False, time.monotonic()
-                if not ok:  # out of step with its peers, or broken: never used again
-                    if self._groups.get(frozenset(g.members)) is g:
-                        del self._groups[frozenset(g.members)]
-                    g.retired = True
-                if g.retired:
-                    self._retire(g)
+            self._end(r, ok=False)  # (after a success: already ended, nothing to do)
         result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
         self.results.append(result)
         if self.on_round:
             self.on_round(result)
+
+    def _end(self, r: Round, ok: bool) -> None:
+        """The round is over: a new one of its (version, dtype) may open, its group may be reused
+        (``ok``) or is closed. Idempotent."""
+        with self._cond:
+            if r.done:
+                return
+            r.done = True
+            self._rounds.pop(r.key, None)
+            g = r.group
+            assert g is not None
+            g.busy, g.used = False, time.monotonic()
+            if not ok:  # out of step with its peers, or broken: never used again
+                if self._groups.get(frozenset(g.members)) is g:
+                    del self._groups[frozenset(g.members)]
+                g.retired = True
+            if g.retired:
+                self._retire(g)
+            self._cond.notify_all()
 
     def kept_groups(self) -> int:
         """Groups kept open for their workers' next round."""
@@ -258,6 +294,11 @@ class BroadcastHub:
         part = part_bytes(layout.bucket_bytes)
         bufs = self._take_pair(part, device)
         try:
+            # The round's first operation: its version, within the join timeout. Every rank must
+            # post it (a kept group has no rendezvous to fail instead), and a worker checks the value:
+            # a group out of step with the trainer fails here, before any bucket.
+            start = torch.full((1,), prep.version, dtype=torch.int64, device=device)
+            broadcast(pg, start, self.join_timeout_s).wait()
             crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2)]
             inflight: deque = deque()  # (work, what it reads: ("buf", k) | ("crc", k) | None)
             sent = 0
@@ -293,6 +334,7 @@ class BroadcastHub:
             while inflight:
                 inflight.popleft()[0].wait()
             self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
+            self._end(r, ok=True)  # at once: a worker done receiving may already ask for the next version
             return sent
         except RuntimeError:
             close_group(pg)  # every peer fails now, not at its timeout
@@ -304,9 +346,16 @@ class BroadcastHub:
         view = direct_range(prep.state, prep.layout, lo, hi)
         return view if view is not None else fill_range(prep.state, prep.layout, lo, hi, out)
 
-    def close(self) -> None:
-        """Close every kept group (a round under way closes its own when it ends); returns once
-        they are torn down."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close every kept group; abort the rounds under way (their peers stream) and wait up to
+        ``timeout_s`` for their threads; returns once the groups are torn down."""
+        with self._cond:
+            for r in list(self._rounds.values()):
+                if r.group is not None and r.group.pg is not None:
+                    close_group(r.group.pg)
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for t in threads:
+            t.join(timeout_s)
         with self._cond:
             for k, g in list(self._groups.items()):
                 del self._groups[k]
