@@ -12,9 +12,13 @@ Groups are kept between rounds, as vLLM keeps its weight-update group: a group i
 of workers (by pool and worker id) the first time they broadcast together, and the next round of
 exactly those workers reuses it when every one of them says it still holds it (``held_group`` in
 its request) — no rendezvous, connection set-up or teardown per version. Any other round gets a
-new group (new secret name): a worker that joined, left, restarted or lost its end. A kept group
-that shares a worker with a newer one, failed a round, or was not used for ``keep_idle_s`` is
-closed (off the caller's thread: tearing a gloo group down takes tens of milliseconds).
+new group (new secret name): a worker that joined, left, restarted or lost its end; a joiner
+without a worker id never has its group kept. A kept group that shares a worker with a newer one,
+failed a round, was not used for ``keep_idle_s`` or is beyond the ``MAX_KEPT_GROUPS`` most recently
+used is closed (off the caller's thread: tearing a gloo group down takes tens of milliseconds).
+Every round starts with one operation carrying its version, within ``join_timeout_s``: on a kept
+group, which has no rendezvous, a ticket holder that never receives fails the round then, and a
+worker whose group is out of step sees a wrong version and streams.
 
 A bucket that lies inside one tensor already in the wire dtype goes on the wire as a view of it
 (no copy); every other bucket is cast and copied straight from the snapshot into one of a pair of
