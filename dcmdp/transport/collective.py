@@ -13,6 +13,7 @@ learns the group name, so it cannot rendezvous with a broadcast (see docs/runtim
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -136,14 +137,29 @@ def close_group(pg) -> None:
                 continue
 
 
-def release_group(pg) -> threading.Thread:
+_releasing: list[threading.Thread] = []  # teardowns under way (joined by wait_released)
+_releasing_lock = threading.Lock()
+
+
+def release_group(pg) -> None:
     """Abort ``pg`` now (peers blocked in it fail at once) and drop the caller's reference to it in
-    a thread of its own, returned: the teardown joins gloo's I/O threads, 20-40 ms on loopback that
-    the caller need not wait for. The caller must hold no other reference; join the thread before
-    the process exits (a group destroyed while the interpreter shuts down aborts the process)."""
+    a thread of its own: the teardown joins gloo's I/O threads, 20-40 ms on loopback that the
+    caller need not wait for. The caller must hold no other reference. :func:`wait_released`
+    (also run at exit: a group destroyed while the interpreter shuts down aborts the process)
+    waits for every teardown."""
     close_group(pg)
     holder = [pg]
     del pg
     t = threading.Thread(target=holder.clear, name="dcmdp-group-release", daemon=True)
+    with _releasing_lock:
+        _releasing[:] = [x for x in _releasing if x.is_alive()] + [t]
     t.start()
-    return t
+
+
+@atexit.register
+def wait_released() -> None:
+    """Return once every group handed to :func:`release_group` is torn down."""
+    with _releasing_lock:
+        pending = list(_releasing)
+    for t in pending:
+        t.join()

@@ -17,14 +17,13 @@ completed every operation of the last round.
 from __future__ import annotations
 
 import atexit
-import threading
 import weakref
 from typing import Optional
 
 import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
-from dcmdp.transport.collective import client_store, open_group, release_group
+from dcmdp.transport.collective import client_store, open_group, release_group, wait_released
 
 __all__ = ["BroadcastLink"]
 
@@ -40,7 +39,6 @@ class BroadcastLink:
         self._key: Optional[tuple] = None
         self._bufs: list[torch.Tensor] = []
         self._crcs: list[torch.Tensor] = []
-        self._releasing: list[threading.Thread] = []  # teardowns of dropped groups under way
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     @property
@@ -73,18 +71,15 @@ class BroadcastLink:
 
     def drop(self) -> None:
         """Close the group held (peers blocked in it fail now); its teardown runs in a thread of
-        its own (joined by :meth:`close`). The buffers are kept."""
+        its own (waited for by :meth:`close`). The buffers are kept."""
         pg, self._pg, self._store, self._key = self._pg, None, None, None
-        self._releasing = [t for t in self._releasing if t.is_alive()]
         if pg is not None:
-            self._releasing.append(release_group(pg))
+            release_group(pg)
 
     def close(self) -> None:
-        """Drop the group and the buffers; returns once every group this link held is torn down."""
+        """Drop the group and the buffers; returns once the groups it dropped are torn down."""
         self.drop()
-        for t in self._releasing:
-            t.join()
-        self._releasing = []
+        wait_released()
         self._bufs, self._crcs = [], []
 
 

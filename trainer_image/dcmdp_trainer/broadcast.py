@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import broadcast, close_group, master_store, open_group, release_group
+from dcmdp.transport.collective import broadcast, close_group, master_store, open_group, release_group, wait_released
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -133,7 +133,6 @@ class BroadcastHub:
         self._groups: dict[frozenset[tuple[str, str]], Group] = {}  # kept groups, by their members
         self.results: list[RoundResult] = []
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
-        self._releasing: list[threading.Thread] = []  # teardowns of retired groups under way
         self._threads: list[threading.Thread] = []  # round threads (joined by close)
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
@@ -224,8 +223,7 @@ class BroadcastHub:
         if not g.busy:
             pg, g.pg = g.pg, None
             if pg is not None:
-                self._releasing = [t for t in self._releasing if t.is_alive()]
-                self._releasing.append(release_group(pg))
+                release_group(pg)
 
     def _run(self, r: Round) -> None:
         with self._cond:
@@ -364,9 +362,7 @@ class BroadcastHub:
             for k, g in list(self._groups.items()):
                 del self._groups[k]
                 self._retire(g)
-            releasing, self._releasing = self._releasing, []
-        for t in releasing:
-            t.join()
+        wait_released()
         self.store = None  # type: ignore[assignment]
 
 
