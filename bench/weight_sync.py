@@ -1,7 +1,9 @@
 """Weight sync trainer → workers over loopback: the collective data plane vs raw TCP, same bytes.
 
-For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32), wire dtype (``--dtypes``:
-fp32, whose buckets are views of the weights, and bf16, cast from them) and worker count (1, 2),
+For each snapshot size (``--mib``, default 256 and 1024 MiB of fp32, in 16 tensors), wire dtype
+(``--dtypes``: fp32, a half-bucket sent as a view of the weights where it lies inside one tensor and
+copied where it spans two — with 64 MiB buckets, every half of the 1024 MiB snapshot is a view and
+every half of the 256 MiB one a copy — and bf16, cast from them) and worker count (1, 2),
 with long-lived worker processes (a pool's workers live for the run and receive every version):
 
 * **data plane**: the real trainer service with its broadcast hub (``dcmdp_trainer.broadcast``):
@@ -30,8 +32,8 @@ the median of the pairs' ratios (robust to the load drift of a shared machine). 
 the CPU seconds (user + sys) of the trainer and every worker in a data-plane round over those of a
 TCP round (``cpu_over_tcp``: when the processes outnumber the cores, the ratio of times follows
 it), the trainer's CPU seconds per GiB delivered, and its extra resident memory (peak RSS, sampled
-every 5 ms, over the RSS after one warm-up round that touches no bucket buffer; the warm-up's
-one-time growth is ``first_round_mib``) in buckets. The bytes ratios are the wire bytes of an int8
+every 5 ms, over the RSS before the first round of the snapshot: it includes the process's one-time
+growth in that round, gloo's and gRPC's threads, reported alone as ``first_round_mib``) in buckets. The bytes ratios are the wire bytes of an int8
 and a bf16 pool (wire dtype bf16) over those of an fp32 pool, from the manifests the trainer serves.
 
     .venv/bin/python bench/weight_sync.py [--mib 256 1024] [--workers 1 2] [--dtypes fp32 bf16] [--repeats 3]
@@ -335,14 +337,15 @@ def main() -> None:
             prep = publisher.prepared(1, dtype)
             for i in range(prep.layout.buckets):  # the crcs, as the first broadcast of a version computes them
                 publisher.bucket(prep, i, torch.empty(bucket, dtype=torch.uint8))
-        # One warm-up round (fp32: every part a view of the weights, the bucket buffers never touched)
-        # pays the process's one-time costs (gloo and gRPC threads, lazy imports); reported apart.
+        # One warm-up round pays the process's one-time costs (gloo and gRPC threads, lazy imports): its
+        # growth is reported apart, and counted in the extra memory (it may be the bucket buffers: a
+        # half-bucket that spans two tensors is copied even for an fp32 wire).
         before = rss()
         warm = Workers(script, 1, port, token, env)
         run_dataplane(warm, "fp32", hub, before)
         warm.close()
         first_round.append(rss() - before)
-        base_rss = rss()  # the hub's bucket buffers (kept for later rounds) are first written after this
+        base_rss = before  # (conservative: the one-time growth above counts as extra memory)
         for dtype in args.dtypes:
             prep = publisher.prepared(1, dtype)
             wire = prep.layout.total_bytes

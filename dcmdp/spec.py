@@ -834,6 +834,13 @@ class TrainerSpec(SpecModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead of keeping them."
     )
+    weight_bucket_mib: int = Field(  # = buckets.DEFAULT_BUCKET_BYTES (which imports torch; a test keeps them equal)
+        64, ge=1, le=128, alias="weightBucketMiB",
+        description="MiB of the buckets new weights move in to the pools: one broadcast bucket, one weight-stream "
+        "chunk, one crc32. Larger means fewer operations per version; the memory it costs: the trainer holds one "
+        "bucket per broadcast under way and one per weight stream (at most 8), each worker four (on its GPU with "
+        "NCCL).",
+    )
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(
         default_factory=PodTemplate, description="Pod template overlay: nodeSelector, tolerations, resources…"

@@ -117,3 +117,10 @@ def test_loopback_is_what_a_receiver_assembles(dtype):
 def test_loopback_refuses_a_cast_that_is_not_finite():
     with pytest.raises(WeightCastError, match="tensor huge: largest magnitude 1e\\+06"):
         loopback({"huge": torch.tensor([1.0, -1e6])}, "fp16")
+
+
+def test_the_spec_default_bucket_is_the_transport_default():
+    from dcmdp.spec import TrainerSpec
+    from dcmdp.transport.buckets import DEFAULT_BUCKET_BYTES
+
+    assert TrainerSpec().weight_bucket_mib << 20 == DEFAULT_BUCKET_BYTES

@@ -110,7 +110,7 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path, monkeypatch
 
 def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, procs):
     # 16 steps: long enough for the stale client below to get a lease, even on a slow machine
-    run = tiny_run(algorithm={"steps": 16},
+    run = tiny_run(algorithm={"steps": 16}, trainer={"weightBucketMiB": 1},
                    rollout={"leaseTimeoutSeconds": 3, "batchPrompts": 2,
                             "pools": [{"name": "bf16", "precision": "bf16", "replicas": 2},
                                       {"name": "int8", "precision": "int8"}]})
@@ -154,6 +154,8 @@ def test_killed_worker_leases_are_reissued_and_stale_rollouts_dropped(tmp_path, 
     stub = dcmdp_pb2_grpc.TrainerStub(open_channel(f"127.0.0.1:{port}", token))
     header = pb.Header(pool="bf16", worker_id="stale-client")
     stub.Register(pb.RegisterRequest(header=header, engine="hf", precision="bf16"), timeout=10)
+    manifest = stub.GetWeightManifest(pb.WeightRequest(header=header, version=-1, dtype="bf16"), timeout=10)
+    assert manifest.chunk_size == 1 << 20  # the spec's bucket size (default 64 MiB) reached the publisher
     lease = wait_for(lambda: (lambda l: l if l.lease_id and not l.eval else None)(
         stub.AcquireLease(pb.LeaseRequest(header=header), timeout=10)), 60, "a lease for the stale client")
     assert lease.header.weight_version >= 1

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
     import torch
 
-DEFAULT_BUCKET_BYTES = 16 << 20  # the one chunk size of the gRPC stream, and the broadcast bucket (bench/weight_sync.py)
+DEFAULT_BUCKET_BYTES = 64 << 20  # the one chunk size of the gRPC stream and the broadcast bucket (spec: trainer.weightBucketMiB)
 
 
 class WeightCastError(ValueError):

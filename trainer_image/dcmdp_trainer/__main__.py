@@ -126,7 +126,8 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         dtype_of = {p.name: wire_dtype(p.precision) for p in run.spec.rollout.pools}
         publisher = WeightPublisher(keep=session.max_lag + 1, skip=("lm_head.weight",) if tied else (),
                                     dtypes=sorted(set(dtype_of.values())), lags=pool_lags(run.spec.rollout.pools),
-                                    held_elsewhere=lambda v: v in session.history)
+                                    held_elsewhere=lambda v: v in session.history,
+                                    bucket_bytes=run.spec.trainer.weight_bucket_mib << 20)
         publisher.publish(session.version, session.weights(session.version))
         coord = Coordinator(session, publisher, log=log, runtime=runtime)
         publisher.pinned = lambda: lease_pins(coord, dtype_of)
