@@ -26,7 +26,7 @@ import grpc
 
 from dcmdp.transport.auth import TokenAuthInterceptor, TokenClientInterceptor
 
-MAX_MESSAGE_BYTES = 256 << 20  # a weight chunk (one bucket, 16 MiB by default) plus framing, with room to spare
+MAX_MESSAGE_BYTES = 256 << 20  # a weight chunk (one bucket: 64 MiB by default, at most 128) plus framing, with room
 SERVER_RECEIVE_BYTES = 4 << 20
 MAX_STREAMS_PER_CONNECTION = 16
 
