@@ -188,3 +188,22 @@ def test_a_starting_trainer_reports_initializing_until_attached(session):
         assert s.GetStatus(pb.StatusRequest(), timeout=5).phase == "Initializing"  # until the loop runs
     finally:
         server.stop(grace=None)
+
+
+def test_the_largest_bucket_the_spec_allows_streams_within_the_message_limit(session):
+    """``spec.trainer.weightBucketMiB`` ≤ 128: a 128 MiB chunk and its framing fit gRPC's 256 MiB
+    message limit on both ends (a 160 MiB tensor: one full chunk and a partial one)."""
+    from dcmdp.spec import TrainerSpec
+
+    bucket = next(m.le for m in TrainerSpec.model_fields["weight_bucket_mib"].metadata if hasattr(m, "le")) << 20
+    big = {"w": torch.randn(40 << 20, generator=torch.Generator().manual_seed(0))}  # 160 MiB of fp32
+    publisher = WeightPublisher(keep=2, bucket_bytes=bucket)
+    publisher.publish(0, session.weights(0))
+    publisher.publish(1, big)
+    server, port = start_server(Coordinator(session, publisher), publisher, TOKEN)
+    try:
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 1, "fp32")
+    finally:
+        server.stop(grace=None)
+    assert stats.total_bytes == 160 << 20 and stats.bytes == stats.total_bytes and stats.crc_errors == 0
+    assert torch.equal(tensors["w"], big["w"])
