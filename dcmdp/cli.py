@@ -3,6 +3,7 @@
     dcmdp run -f run.yaml [--steps N] [--out DIR] [--resume | --overwrite] [--inprocess]
     dcmdp validate -f run.yaml
     dcmdp plot DIR
+    dcmdp export RUN_DIR --to DIR [--step N] [--dtype auto|bf16|fp16|fp32] [--overwrite]
     dcmdp sweep -f sweep.yaml [--quick | --part NAME] [--out DIR] [--parallel N] [--report-only]
 
 The runners are found through the ``dcmdp.runners`` entry points, so the core never imports the
@@ -24,7 +25,7 @@ from dcmdp.plots import plot_run
 from dcmdp.preflight import check_inputs, check_paths
 from dcmdp.progress import RunProgress, summary_table
 from dcmdp.ranks import gpus_per_replica
-from dcmdp.runners import installed, runner
+from dcmdp.runners import installed, runner, tool
 from dcmdp.spec import SpecError, dump_run, load_run
 from dcmdp.sweep import cli as sweep_cli
 
@@ -122,6 +123,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    export_run = tool("export")
+    try:
+        result = export_run(Path(args.run_dir), Path(args.to), step=args.step, dtype=args.dtype,
+                            overwrite=args.overwrite)
+    except RuntimeError as exc:  # ExportError: the message names the cause
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result.folder}: step {result.step} ({result.checkpoint}), {result.parameters:,} parameters in "
+          f"{result.dtype}, {result.bytes / 2**20:.1f} MiB of safetensors")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dcmdp", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -148,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="(re)draw the PNG plots of a run folder")
     p.add_argument("dir")
     p.set_defaults(fn=cmd_plot)
+
+    e = sub.add_parser("export", help="write a run's trained weights as a Hugging Face model folder")
+    e.add_argument("run_dir", help="the run's output folder (what `dcmdp run --out` wrote)")
+    e.add_argument("--to", required=True, help="the model folder to write")
+    e.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest intact)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weight dtype (auto: the starting model's)")
+    e.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+    e.set_defaults(fn=cmd_export)
 
     sweep_cli.add_parser(sub)
     return ap

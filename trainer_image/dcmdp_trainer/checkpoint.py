@@ -127,12 +127,13 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path.name}: sha256 differs from its record (corrupted)")
 
 
-def read(path: Path) -> dict[str, Any]:
+def read(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     """The verified state of one checkpoint (tensors, containers and numbers only); does not
-    touch the RNGs. Raises :class:`CheckpointError`."""
+    touch the RNGs. ``mmap``: tensors stay in the file, read when used (an exporter that needs the
+    weights only never reads the optimizer state into memory). Raises :class:`CheckpointError`."""
     verify(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # pickle/zip errors of every kind: the file is not a usable checkpoint
         raise CheckpointError(f"{path.name}: cannot be loaded ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not {"step", "rng", "learner"} <= state.keys():
@@ -155,17 +156,20 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_latest(out: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest intact checkpoint and its state (RNGs restored). Each broken newer one is
-    skipped with a warning naming it and the cause. Raises FileNotFoundError when there is no
-    checkpoint, :class:`CheckpointError` (listing every one) when none is intact."""
+def load_latest(out: Path, *, restore: bool = True, mmap: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint and its state (RNGs restored unless ``restore`` is False;
+    ``mmap`` as in :func:`read`). Each broken newer one is skipped with a warning naming it and the
+    cause. Raises FileNotFoundError when there is no checkpoint, :class:`CheckpointError` (listing
+    every one) when none is intact."""
     found = candidates(out)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(out)}")
     broken = []
     for path in found:
         try:
-            state = load(path)
+            state = read(path, mmap=mmap)
+            if restore:
+                restore_rng(state)
         except CheckpointError as exc:
             broken.append(str(exc))
             log.warning("broken checkpoint skipped", extra={"fields": {"checkpoint": str(path), "cause": str(exc)}})

@@ -1,0 +1,107 @@
+"""``dcmdp export``: a run's trained weights as a Hugging Face folder that transformers loads, from
+a real (tiny, in-process) run; refusals name their cause and write nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dcmdp.cli import main
+from dcmdp_trainer import checkpoint
+from dcmdp_trainer.local import run_inprocess
+from runtime_helpers import tiny_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    run_inprocess(tiny_run(algorithm={"steps": 2}, model={"warmStart": {"steps": 0}}), out, threads=1)
+    return out
+
+
+def trained(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.read(checkpoint.latest(run_dir))["learner"]["model"]
+
+
+def test_the_export_loads_in_transformers_with_the_trained_weights(run_dir, tmp_path, capsys):
+    to = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--to", str(to)]) == 0
+    assert f"{to}: step 2" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(str(to))
+    start = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
+    weights = trained(run_dir)
+    got = model.state_dict()
+    assert set(got) == set(weights)
+    assert all(torch.equal(got[k], weights[k]) for k in weights)  # the starting model's dtype: fp32
+    assert any(not torch.equal(start.state_dict()[k], weights[k]) for k in weights)  # it did train
+    tok = AutoTokenizer.from_pretrained(str(to))
+    assert tok("1+2=")["input_ids"] == AutoTokenizer.from_pretrained(str(run_dir / "model"))("1+2=")["input_ids"]
+    ids = torch.tensor([tok("1+2=")["input_ids"]])
+    assert torch.isfinite(model(ids).logits).all()
+    record = json.loads((to / "dcmdp_export.json").read_text())
+    assert record["run"] == "tiny" and record["step"] == 2 and record["checkpoint"] == "step-00000002.pt"
+    assert record["sha256"] == checkpoint.sha256_file(run_dir / "checkpoints" / "step-00000002.pt")
+    assert record["dtype"] == "float32" and record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert not list(tmp_path.glob(".hf.*"))  # no temporary folder left behind
+
+
+def test_a_bf16_export_holds_the_weights_rounded_to_bf16(run_dir, tmp_path):
+    to = tmp_path / "bf16"
+    assert main(["export", str(run_dir), "--to", str(to), "--dtype", "bf16"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(to), dtype="auto")
+    assert json.loads((to / "config.json").read_text())["dtype"] == "bfloat16"
+    for k, w in trained(run_dir).items():
+        assert torch.equal(model.state_dict()[k], w.to(torch.bfloat16)), k
+
+
+def test_refusals_name_the_cause_and_write_nothing(run_dir, tmp_path, capsys):
+    def refused(*argv: str) -> str:
+        assert main(["export", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "not a dcmdp run folder" in refused(str(tmp_path / "nowhere"), "--to", str(tmp_path / "a"))
+    assert "--step 9: no checkpoint of that step" in refused(str(run_dir), "--to", str(tmp_path / "a"), "--step", "9")
+    assert "inside the run's starting model folder" in refused(str(run_dir), "--to", str(run_dir / "model" / "x"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert "pass --overwrite" in refused(str(run_dir), "--to", str(busy))
+    assert (busy / "keep.txt").read_text() == "mine" and not (tmp_path / "a").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    pt = broken / "checkpoints" / "step-00000002.pt"
+    data = bytearray(pt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pt.write_bytes(bytes(data))
+    err = refused(str(broken), "--to", str(tmp_path / "b"))
+    assert "step-00000002.pt" in err and "sha256" in err and not (tmp_path / "b").exists()
+
+
+def test_an_fp16_cast_that_overflows_names_the_tensor_and_writes_nothing(run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir / "model", out / "model")
+    state = checkpoint.read(checkpoint.latest(run_dir))
+    name = next(k for k in state["learner"]["model"] if k.endswith("q_proj.weight"))
+    state["learner"]["model"][name][0, 0] = 1e6  # finite in fp32, inf in fp16
+    checkpoint.save(out, 3, state)
+    assert main(["export", str(out), "--to", str(tmp_path / "fp16"), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "float16" in err and "1e+06" in err
+    assert not (tmp_path / "fp16").exists()
+    assert main(["export", str(out), "--to", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0  # fine in fp32
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_the_newest_intact_one(run_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    state = checkpoint.read(checkpoint.latest(run_dir))
+    newer = checkpoint.save(out, 3, {**state, "step": 3}, keep=5)
+    newer.write_bytes(newer.read_bytes()[:-10])  # truncated: its record no longer matches
+    assert main(["export", str(out), "--to", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "dcmdp_export.json").read_text())["step"] == 2

@@ -1,0 +1,169 @@
+"""Export a run's trained weights as a Hugging Face model folder (``dcmdp export``).
+
+A run folder ``OUT`` holds the starting model (``OUT/model``: config, tokenizer, safetensors,
+written when the run starts) and the trainer's checkpoints (``OUT/checkpoints/step-N.pt``: weights,
+optimizer, multipliers, RNGs; see :mod:`dcmdp_trainer.checkpoint`). :func:`export_run` writes the
+weights of one checkpoint — the newest intact one, or ``step`` — as a folder that
+``transformers.AutoModelForCausalLM.from_pretrained`` and vLLM load and ``huggingface-cli upload``
+publishes: ``OUT/model``'s tokenizer and other non-weight files, the config with the exported
+dtype, the weights as safetensors (sharded above 5 GB, with its index), written by transformers'
+``save_pretrained``, and ``dcmdp_export.json`` naming the run, step, checkpoint and its sha256.
+
+The checkpoint is verified (size and sha256 against its record) and memory-mapped: the optimizer
+state is never read. Each weight is cast to ``dtype`` (``auto``: the starting model's
+``torch_dtype``, else fp32) and checked: a value that is not finite after the cast is an error
+naming the tensor, its largest magnitude and the dtype, and nothing is written. The folder is
+written under a temporary name beside ``to`` and renamed into place, so ``to`` is either complete
+or absent; an existing ``to`` is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dcmdp.precision import TORCH_DTYPES
+from dcmdp_trainer import checkpoint
+
+# Files of OUT/model that are weights (rewritten from the checkpoint), never copied.
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+class ExportError(RuntimeError):
+    """The run folder, checkpoint, destination or a weight cannot be exported; the message says which."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: str
+    step: int
+    version: int
+    checkpoint: str
+    sha256: str
+    dtype: str
+    parameters: int
+    bytes: int
+
+
+def _checkpoint(out: Path, step: Optional[int]) -> tuple[Path, dict]:
+    if step is None:
+        try:
+            return checkpoint.load_latest(out, restore=False, mmap=True)
+        except FileNotFoundError as exc:
+            raise ExportError(f"{out}: {exc} (a run writes its last checkpoint when it ends)") from None
+        except checkpoint.CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+    path = checkpoint.checkpoint_dir(out) / f"step-{step:08d}.pt"
+    if not path.is_file():
+        have = sorted(int(p.stem.split("-")[1]) for p in checkpoint.candidates(out))
+        raise ExportError(f"--step {step}: no checkpoint of that step in {checkpoint.checkpoint_dir(out)} "
+                          f"(steps there: {have or 'none'})")
+    try:
+        return path, checkpoint.read(path, mmap=True)
+    except checkpoint.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _target_dtype(dtype: str, config) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if dtype != "auto":
+        return getattr(torch, TORCH_DTYPES[dtype])
+    named = getattr(config, "dtype", None)  # (transformers ≥ 5; ``torch_dtype`` before)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
+def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``weights`` cast to ``dtype`` (others as they are).
+
+    Raises :class:`ExportError` naming the first tensor that is not finite after the cast, with its
+    largest finite magnitude before it and the dtype (an fp16 cast overflows above 65504)."""
+    out = {}
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"checkpoint weight {name!r} is not a tensor ({type(t).__name__})")
+        c = t.to(dtype) if t.is_floating_point() else t
+        if c.is_floating_point() and not torch.isfinite(c).all():
+            big = t.float().abs().nan_to_num(nan=0.0, posinf=0.0).max().item()
+            raise ExportError(f"weight {name}: not finite after the cast to {str(dtype).removeprefix('torch.')} "
+                              f"(largest magnitude {big:.6g}); choose another --dtype")
+        out[name] = c
+    return out
+
+
+def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = "auto",
+               overwrite: bool = False) -> ExportResult:
+    """Write the weights of run folder ``out``'s checkpoint (``step``, or the newest intact one) as
+    a Hugging Face model folder ``to`` (see the module docstring). Raises :class:`ExportError`."""
+    # optional and heavy (the ml extra), as everywhere in the trainer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out, to = Path(out), Path(to)
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{out}: no starting model in {model_dir} (config.json missing): not a dcmdp run folder?")
+    if to.resolve() == model_dir.resolve() or model_dir.resolve() in to.resolve().parents:
+        raise ExportError(f"--to {to}: inside the run's starting model folder {model_dir}")
+    if to.exists() and not overwrite and (not to.is_dir() or any(to.iterdir())):
+        raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace it")
+    path, state = _checkpoint(out, step)
+    weights = (state.get("learner") or {}).get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise ExportError(f"{path.name}: holds no model weights")
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    target = _target_dtype(dtype, config)
+    cast = cast_weights(weights, target)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=target)
+    try:
+        model.load_state_dict(cast, strict=True, assign=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: not this model's checkpoint
+        raise ExportError(f"{path.name} does not fit the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.config.dtype = target
+
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    try:
+        for f in model_dir.iterdir():  # tokenizer, generation config, chat template…
+            if f.is_file() and not any(f.match(p) for p in WEIGHT_FILES):
+                shutil.copy2(f, tmp / f.name)
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+        record = json.loads(checkpoint.record_path(path).read_text())
+        params = sum(p.numel() for p in model.parameters())  # (tied weights once)
+        nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        result = ExportResult(str(to), int(state.get("step", -1)), int(state.get("version", -1)), path.name,
+                              str(record.get("sha256", "")), str(target).removeprefix("torch."), params, nbytes)
+        run_json = out / "run.json"
+        run_name = ""
+        if run_json.is_file():
+            try:
+                run_name = json.loads(run_json.read_text()).get("metadata", {}).get("name", "")
+            except (OSError, ValueError, AttributeError):
+                run_name = ""
+        (tmp / "dcmdp_export.json").write_text(json.dumps({"run": run_name, "run_folder": str(out.resolve()),
+                                                            **asdict(result)}, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # (mkdtemp and the safetensors writer make them private)
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        if to.exists():
+            shutil.rmtree(to) if to.is_dir() else to.unlink()
+        os.replace(tmp, to)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
