@@ -114,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     bar.console.print(summary_table(summary, bar.last))
     bar.console.print(f"metrics: {out / 'metrics.jsonl'}  plots: {', '.join(p.name for p in plots)}  "
                       f"tensorboard: {out / 'tensorboard'}")
+    bar.console.print(f"trained weights: {out / 'checkpoints'} (as a Hugging Face folder: dcmdp export {out} --to DIR)")
     return 0
 
 
