@@ -29,11 +29,14 @@ def template_gpus(overlay: dict[str, Any], container: str = CONTAINER) -> Option
     full form (``spec.containers[name == container].resources``). A limit that is not a whole
     number of GPUs (the API server refuses those) counts as none.
     """
-    resources = overlay.get("resources")
-    for c in (overlay.get("spec") or {}).get("containers") or []:
-        if c.get("name") == container and c.get("resources") is not None:
+    def get(obj: Any, key: str) -> Any:  # (a field of the wrong shape counts as absent)
+        return obj.get(key) if isinstance(obj, dict) else None
+
+    resources = get(overlay, "resources")
+    for c in get(get(overlay, "spec"), "containers") or []:
+        if get(c, "name") == container and get(c, "resources") is not None:
             resources = c["resources"]
-    limit = ((resources or {}).get("limits") or {}).get(GPU_RESOURCE)
+    limit = get(get(resources, "limits"), GPU_RESOURCE)
     if limit is None or not re.fullmatch(r"[0-9]+", str(limit).strip()):
         return None
     return int(str(limit).strip()) or None

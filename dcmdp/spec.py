@@ -609,6 +609,19 @@ class ContainerFields(OpenModel):
     """The main container's fields a short-form template sets at its top."""
 
     resources: Obj = None
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_maps(cls, v: Obj) -> Obj:
+        """``limits`` and ``requests`` are maps of resource name to quantity, as the API server
+        requires (checked here so a wrong shape is an error naming the field, not a crash later)."""
+        for key in ("limits", "requests"):
+            m = (v or {}).get(key)
+            if m is not None and not (isinstance(m, dict) and all(
+                    isinstance(q, (str, int, float)) and not isinstance(q, bool) for q in m.values())):
+                raise ValueError(f"resources.{key} must be a map of resource name to quantity "
+                                 f"(e.g. {{cpu: '2', nvidia.com/gpu: 8}}), got {type(m).__name__}")
+        return v
     env: Optional[list[EnvVar]] = Field(None, max_length=256)
     env_from: Optional[list[EnvFromSource]] = Field(None, max_length=16)
     volume_mounts: Optional[list[VolumeMount]] = Field(None, max_length=64)

@@ -282,3 +282,10 @@ def test_an_unknown_field_names_the_closest_known_one():
         ("spec.rollout.pools[0].precison", "unknown field (did you mean precision?)"),
         ("spec.zzz", "unknown field (check the spelling; fields are camelCase)"),
     ]
+
+
+def test_a_template_resources_map_of_the_wrong_shape_is_an_error_naming_it():
+    with pytest.raises(S.ValidationError) as e:
+        S.TrainerSpec.model_validate({"template": {"resources": {"limits": -0.25}}})
+    assert "template.resources" in str(e.value) and "resources.limits must be a map" in str(e.value)
+    assert ranks.template_gpus({"resources": {"limits": -0.25}}) is None  # (and never a crash on a raw overlay)
