@@ -103,8 +103,9 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamWeights(self, request, context):
-        """Stream a snapshot in checksummed chunks (one per bucket), from `offset` (a bucket boundary), for
-        `length` bytes: a broken stream is resumed, a bad bucket fetched again; the fallback data plane.
+        """Stream a snapshot in checksummed chunks (one per bucket, sent as consecutive pieces of at most
+        4 MiB), from `offset` (a bucket boundary), for `length` bytes: a broken stream is resumed, a bad
+        bucket fetched again; the fallback data plane.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

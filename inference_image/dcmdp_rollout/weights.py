@@ -164,17 +164,25 @@ def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receive
                                                      offset=lo, length=hi - lo, chunk_size=layout.bucket_bytes),
                                     timeout=timeout)
         i, progressed = first, False
+        buf, got = None, 0  # bucket i as its pieces arrive
         try:
             for ch in stream:
                 data = ch.data  # (each attribute read of a bytes field is a fresh copy)
                 stats.bytes += len(data)
                 start, stop = layout.span(i)
-                if ch.version != manifest.version or ch.offset != start or len(data) != stop - start:
-                    event("chunk out of place", offset=start, got_offset=ch.offset, got_version=ch.version)
+                if ch.version != manifest.version or ch.offset != start + got or not 0 < len(data) <= stop - start - got:
+                    event("chunk out of place", offset=start + got, got_offset=ch.offset, got_version=ch.version)
                     stream.cancel()
                     failures += 1
                     break
-                receiver.submit(i, torch.frombuffer(bytearray(data), dtype=torch.uint8), ch.crc32)
+                if buf is None:
+                    buf = bytearray(stop - start)
+                buf[got:got + len(data)] = data
+                got += len(data)
+                if got < stop - start:
+                    continue  # more pieces of bucket i to come
+                receiver.submit(i, torch.frombuffer(buf, dtype=torch.uint8), ch.crc32)
+                buf, got = None, 0
                 receiver.wait_for(i)
                 if i in receiver.bad:
                     failures += 1
