@@ -207,3 +207,33 @@ def test_the_largest_bucket_the_spec_allows_streams_within_the_message_limit(ses
         server.stop(grace=None)
     assert stats.total_bytes == 160 << 20 and stats.bytes == stats.total_bytes and stats.crc_errors == 0
     assert torch.equal(tensors["w"], big["w"])
+
+
+def test_a_bucket_travels_in_pieces_and_a_damaged_piece_refetches_its_bucket(session, monkeypatch):
+    """A 9 MiB bucket goes as pieces of 4, 4 and 1 MiB (STREAM_PIECE_BYTES); the worker assembles
+    them and checks the bucket's crc32: a byte flipped in a middle piece costs that bucket again."""
+    from dcmdp_trainer import weights as W
+
+    assert W.STREAM_PIECE_BYTES == 4 << 20
+    big = {"w": torch.randn(5 << 20, generator=torch.Generator().manual_seed(1))}  # 20 MiB: buckets of 9, 9, 2
+    publisher = WeightPublisher(keep=2, bucket_bytes=9 << 20)
+    publisher.publish(0, session.weights(0))
+    publisher.publish(1, big)
+    pieces, real = [], W.WeightPublisher.chunks
+
+    def chunks(self, *args, **kwargs):
+        for n, c in enumerate(real(self, *args, **kwargs)):
+            pieces.append((c.offset, len(c.data)))
+            if n == 1 and len(pieces) == 2:  # the first stream's second piece: the middle of bucket 0
+                c = W.Chunk(c.version, c.offset, c.data[:100] + bytes([c.data[100] ^ 1]) + c.data[101:], c.crc32)
+            yield c
+
+    monkeypatch.setattr(W.WeightPublisher, "chunks", chunks)
+    server, port = start_server(Coordinator(session, publisher), publisher, TOKEN)
+    try:
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 1, "fp32")
+    finally:
+        server.stop(grace=None)
+    assert pieces[:3] == [(0, 4 << 20), (4 << 20, 4 << 20), (8 << 20, 1 << 20)]
+    assert stats.crc_errors == 1 and stats.bytes == stats.total_bytes + (9 << 20)  # bucket 0 came twice
+    assert torch.equal(tensors["w"], big["w"])
