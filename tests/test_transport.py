@@ -237,3 +237,28 @@ def test_a_bucket_travels_in_pieces_and_a_damaged_piece_refetches_its_bucket(ses
     assert pieces[:3] == [(0, 4 << 20), (4 << 20, 4 << 20), (8 << 20, 1 << 20)]
     assert stats.crc_errors == 1 and stats.bytes == stats.total_bytes + (9 << 20)  # bucket 0 came twice
     assert torch.equal(tensors["w"], big["w"])
+
+
+@pytest.mark.slow
+def test_a_worker_waits_for_a_busy_stream_slot_instead_of_giving_up(session):
+    """Every stream slot taken (here the only one, by a reader that stalls for 11 s: longer than the
+    eight retries of a failure take): the fetch waits for the slot, then completes."""
+    import threading
+
+    big = {"w": torch.randn(8 << 20, generator=torch.Generator().manual_seed(2))}  # 32 MiB: never fits gRPC's window
+    publisher = WeightPublisher(keep=2, bucket_bytes=1 << 20)
+    publisher.publish(0, session.weights(0))
+    publisher.publish(1, big)
+    server, port = start_server(Coordinator(session, publisher), publisher, TOKEN, max_streams=1)
+    try:
+        hog = stub(port).StreamWeights(pb.WeightRequest(header=pb.Header(pool="bf16", worker_id="hog"), version=1,
+                                                        dtype="fp32"), timeout=60)
+        next(hog)  # holds the slot, then reads no more
+        threading.Timer(11.0, hog.cancel).start()
+        events = []
+        tensors, stats = fetch_weights(stub(port), pb.Header(pool="bf16", worker_id="w"), 1, "fp32",
+                                       on_event=lambda what, f: events.append(what))
+    finally:
+        server.stop(grace=None)
+    assert "stream slots busy: waiting" in events and stats.seconds >= 10
+    assert torch.equal(tensors["w"], big["w"])

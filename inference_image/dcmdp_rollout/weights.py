@@ -17,6 +17,7 @@ whose crc does not match is never loaded: it is fetched again over the stream.
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -151,9 +152,16 @@ def _runs(buckets: list[int]) -> list[tuple[int, int]]:
 def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receiver: BucketReceiver,
                    wanted: list[int], stats: FetchStats, *, max_attempts: int = 8, timeout: Optional[float] = 600.0,
                    event: Callable[..., None] = lambda what, **f: None) -> None:
-    """Pull the buckets ``wanted`` over ``StreamWeights`` until each has arrived intact."""
+    """Pull the buckets ``wanted`` over ``StreamWeights`` until each has arrived intact.
+
+    ``max_attempts`` failures in a row without progress (a broken stream, a damaged or misplaced
+    chunk) raise :class:`WeightFetchError`. A trainer whose stream slots are all taken answers
+    RESOURCE_EXHAUSTED: that is no failure, and the worker asks again (backoff up to 2 s, jittered,
+    so the workers of a failed broadcast round do not ask in step) until ``timeout`` seconds have
+    passed in all."""
     layout = receiver.layout
-    failures = 0
+    failures = busy = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while wanted:
         if failures >= max_attempts:
             raise WeightFetchError(f"weights v{manifest.version}/{manifest.dtype}: gave up after {failures} failed "
@@ -197,6 +205,15 @@ def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receive
         except grpc.RpcError as exc:
             if exc.code() not in RETRYABLE:
                 raise
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not progressed:  # every slot taken
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WeightFetchError(f"weights v{manifest.version}/{manifest.dtype}: the trainer's weight "
+                                           f"streams stayed busy for {timeout:.0f} s") from None
+                busy += 1
+                if busy == 1:
+                    event("stream slots busy: waiting", code=exc.code().name)
+                time.sleep(min(2.0, 0.05 * 2 ** min(busy, 6)) * random.uniform(0.5, 1.5))
+                continue
             stats.resumes += 1
             failures += 0 if progressed else 1
             event("stream broken: resuming", offset=layout.span(i)[0] if i <= last else hi, code=exc.code().name)
