@@ -293,6 +293,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved data-plane/TCP pairs per cell (median)")
     ap.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
     args = ap.parse_args()
+    if not 1 <= args.bucket_mib <= 128:
+        ap.error("--bucket-mib must be 1-128 (as spec.trainer.weightBucketMiB)")
 
     import torch
 

@@ -851,8 +851,8 @@ class TrainerSpec(SpecModel):
         64, ge=1, le=128, alias="weightBucketMiB",
         description="MiB of the buckets new weights move in to the pools: one broadcast bucket, one weight-stream "
         "chunk, one crc32. Larger means fewer operations per version; the memory it costs: the trainer holds one "
-        "bucket per broadcast under way and one per weight stream (at most 8), each worker four (on its GPU with "
-        "NCCL).",
+        "bucket per broadcast under way and ~1.35 per weight stream (at most 8), each worker four (on its GPU with "
+        "NCCL). The in-process runner moves no weights and ignores it.",
     )
     image: Optional[str] = Field(None, description="Container image (cluster only).")
     template: PodTemplate = Field(

@@ -137,7 +137,9 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
         log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                               "version": session.version, "resumed": resume,
-                                              "tls": bool(args.tls_cert), "out": str(out)}})
+                                              "tls": bool(args.tls_cert), "out": str(out),
+                                              "data_plane": "collective" if collective else "stream",
+                                              "weight_bucket_mib": run.spec.trainer.weight_bucket_mib}})
         if args.ready_file:
             tmp = Path(args.ready_file + ".tmp")
             tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "step": session.step,

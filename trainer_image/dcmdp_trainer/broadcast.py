@@ -59,6 +59,11 @@ from dcmdp_trainer.weights import Prepared, WeightPublisher
 # the snapshot holds none, so up to this many go out back to back (4 gloo work threads serve them).
 PARTS_IN_FLIGHT = 4
 MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is closed
+# Each operation's data timeout. gloo does not fail an operation promptly when its peer dies (a send
+# waiting for a SIGKILLed worker ends only at its timeout), so this bounds how long one dead worker
+# stalls the others of its round. A half-bucket (32 MiB by default) that takes 15 s is moving at
+# 2 MB/s: no live peer is that slow.
+DATA_TIMEOUT_S = 15.0
 
 
 def part_bytes(bucket_bytes: int) -> int:
@@ -118,7 +123,7 @@ class RoundResult:
 
 class BroadcastHub:
     def __init__(self, publisher: WeightPublisher, host: str = "127.0.0.1", *, gather_s: float = 0.5,
-                 timeout_s: float = 60.0, join_timeout_s: float = 10.0, expected: Optional[Callable[[str], int]] = None,
+                 timeout_s: float = DATA_TIMEOUT_S, join_timeout_s: float = 10.0, expected: Optional[Callable[[str], int]] = None,
                  on_round: Optional[Callable[[RoundResult], None]] = None, keep_idle_s: float = 600.0):
         self.publisher = publisher
         self.host = host

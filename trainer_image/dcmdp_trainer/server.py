@@ -63,6 +63,18 @@ def model_files(folder: Path) -> list[pb.ModelFile]:
     return out
 
 
+MAX_DETAILS = 1000  # characters of a status message
+
+
+def abort(context, code: grpc.StatusCode, details: str) -> None:
+    """``context.abort`` with ``details`` cut to :data:`MAX_DETAILS` characters: a status message
+    travels in a header (gRPC refuses headers over 16 KiB, turning the answer into an unrelated
+    RESOURCE_EXHAUSTED), and some messages quote what the caller sent."""
+    if len(details) > MAX_DETAILS:
+        details = details[:MAX_DETAILS - 3] + "..."
+    context.abort(code, details)
+
+
 class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     """Serves from the moment the port is bound: until :meth:`attach` (the warm start and the
     checkpoint load happen in between) ``GetStatus`` answers phase ``Initializing`` and every
@@ -118,7 +130,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
     def _ready(self, context) -> Coordinator:
         coord = self.coord
         if coord is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "trainer starting (warm start / checkpoint load): retry")
+            abort(context, grpc.StatusCode.UNAVAILABLE, "trainer starting (warm start / checkpoint load): retry")
         return coord
 
     def _header(self, h: pb.Header, version: Optional[int] = None) -> pb.Header:
@@ -131,7 +143,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         Kubernetes pod name is): else INVALID_ARGUMENT naming the field."""
         wid = h.worker_id
         if not wid or len(wid) > MAX_WORKER_ID or not all("!" <= c <= "~" for c in wid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           f"header.worker_id must be 1 to {MAX_WORKER_ID} printable ASCII characters without "
                           f"spaces (got {len(wid)} characters: {wid[:32]!r}{'...' if len(wid) > 32 else ''})")
 
@@ -139,14 +151,14 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self._ready(context)
         h = request.header
         if not h.worker_id or not h.pool:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.worker_id and header.pool are required")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "header.worker_id and header.pool are required")
         self._check_worker(h, context)
         try:
             self.coord.register(h.worker_id, h.pool, request.engine, request.precision)
         except KeyError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+            abort(context, grpc.StatusCode.NOT_FOUND, exc.args[0])
         except TooManyWorkers as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.RegisterReply(header=self._header(h), run_name=self.coord.session.run.metadata.name,
                                 manifest_json=self.manifest_json, model_files=self.files,
                                 weight_version=self.coord.version)
@@ -164,9 +176,9 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                 if polling:
                     self.long_polls.release()
         except KeyError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+            abort(context, grpc.StatusCode.NOT_FOUND, exc.args[0])
         except TooManyWorkers as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if finished:
             return pb.Lease(header=self._header(h), finished=True)
         if rec is None:  # no work: ask again soon (later when the long-poll budget is spent)
@@ -190,7 +202,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             n = self.coord.submit(h.worker_id, h.pool, request.lease_id, h.weight_version, samples,
                                   request.sampling_seconds, request.generated_tokens)
         except TooManyWorkers as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Rejected as exc:
             if self.log:
                 self.log.warning("submission rejected", extra={"fields": {
@@ -204,19 +216,19 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         try:
             self.publisher.check_request(request.version, request.offset, request.chunk_size, request.length)
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             prep = self.publisher.prepared(request.version, request.dtype or "fp32")
             self.publisher.check_offset(prep, request.offset)
             return prep
         except WeightsUnavailable as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except WeightCastError as exc:  # the trainer's weights overflow the wire dtype: nothing is sent
             if self.log:
                 self.log.error("weights not castable", extra={"fields": {"reason": str(exc)}})
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            abort(context, grpc.StatusCode.INTERNAL, str(exc))
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def _manifest(self, h: pb.Header, prep) -> pb.WeightManifest:
         lay = prep.layout
@@ -251,7 +263,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self._ready(context)
         prep = self._prepared(request, context)  # aborts with the right code when it cannot be served
         if not self.streams.take():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.streams.limit} weight streams are being served: retry")
         key = self.watchdog.watch(f"{request.header.worker_id}/v{prep.version}/{request.dtype}", context.cancel)
         t0, sent = time.perf_counter(), 0
@@ -262,7 +274,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
                 yield pb.WeightChunk(version=c.version, offset=c.offset, data=c.data, crc32=c.crc32)
                 self.watchdog.progress(key)
         except WeightsUnavailable as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         finally:
             self.watchdog.done(key)
             self.streams.give()
