@@ -132,6 +132,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except RuntimeError as exc:  # ExportError: the message names the cause
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for why in result.skipped:
+        print(f"warning: skipped {why}", file=sys.stderr)
     print(f"{result.folder}: step {result.step} ({result.checkpoint}), {result.parameters:,} parameters in "
           f"{result.dtype}, {result.bytes / 2**20:.1f} MiB of safetensors")
     return 0
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest intact)")
     e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weight dtype (auto: the starting model's)")
-    e.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --to")
     e.set_defaults(fn=cmd_export)
 
     sweep_cli.add_parser(sub)

@@ -66,12 +66,23 @@ def test_refusals_name_the_cause_and_write_nothing(run_dir, tmp_path, capsys):
 
     assert "not a dcmdp run folder" in refused(str(tmp_path / "nowhere"), "--to", str(tmp_path / "a"))
     assert "--step 9: no checkpoint of that step" in refused(str(run_dir), "--to", str(tmp_path / "a"), "--step", "9")
-    assert "inside the run's starting model folder" in refused(str(run_dir), "--to", str(run_dir / "model" / "x"))
+    marks = sorted(p.name for p in run_dir.iterdir())
+    for inside in (run_dir, run_dir / "model" / "x", run_dir / "checkpoints", run_dir.parent):  # never destroyed
+        assert "is the run folder" in refused(str(run_dir), "--to", str(inside), "--overwrite")
+    assert sorted(p.name for p in run_dir.iterdir()) == marks and checkpoint.latest(run_dir) is not None
+    assert "give the folder to write" in refused(str(run_dir), "--to", "", "--overwrite")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     assert "pass --overwrite" in refused(str(run_dir), "--to", str(busy))
+    assert "not an earlier export, not replaced" in refused(str(run_dir), "--to", str(busy), "--overwrite")
     assert (busy / "keep.txt").read_text() == "mine" and not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in refused(str(run_dir), "--to", str(tmp_path / "file"), "--overwrite")
+    assert "cannot write beside it" in refused(str(run_dir), "--to", str(tmp_path / "file" / "sub"))
+    (tmp_path / "link").symlink_to(busy)
+    assert "symbolic link" in refused(str(run_dir), "--to", str(tmp_path / "link"), "--overwrite")
+    assert (busy / "keep.txt").read_text() == "mine"
 
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
@@ -97,11 +108,33 @@ def test_an_fp16_cast_that_overflows_names_the_tensor_and_writes_nothing(run_dir
     assert main(["export", str(out), "--to", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0  # fine in fp32
 
 
-def test_a_broken_newest_checkpoint_falls_back_to_the_newest_intact_one(run_dir, tmp_path):
+def test_a_broken_newest_checkpoint_falls_back_to_the_newest_intact_one(run_dir, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     state = checkpoint.read(checkpoint.latest(run_dir))
     newer = checkpoint.save(out, 3, {**state, "step": 3}, keep=5)
     newer.write_bytes(newer.read_bytes()[:-10])  # truncated: its record no longer matches
     assert main(["export", str(out), "--to", str(tmp_path / "hf")]) == 0
+    assert "warning: skipped step-00000003.pt" in capsys.readouterr().err  # said, not only logged
     assert json.loads((tmp_path / "hf" / "dcmdp_export.json").read_text())["step"] == 2
+
+
+def test_overwrite_replaces_an_earlier_export_whole(run_dir, tmp_path):
+    to = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--to", str(to), "--dtype", "bf16"]) == 0
+    (to / "stale.txt").write_text("from before")
+    assert main(["export", str(run_dir), "--to", str(to), "--overwrite"]) == 0
+    assert json.loads((to / "dcmdp_export.json").read_text())["dtype"] == "float32"
+    assert not (to / "stale.txt").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_tied_head_that_differs_from_the_embedding_is_refused(run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir / "model", out / "model")
+    assert json.loads((out / "model" / "config.json").read_text()).get("tie_word_embeddings")
+    state = checkpoint.read(checkpoint.latest(run_dir))
+    weights = state["learner"]["model"]
+    weights["lm_head.weight"] = weights["lm_head.weight"].clone() + 1.0
+    checkpoint.save(out, 2, state)
+    assert main(["export", str(out), "--to", str(tmp_path / "hf")]) == 2
+    assert "lm_head.weight differs from the input embedding" in capsys.readouterr().err

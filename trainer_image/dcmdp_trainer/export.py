@@ -13,8 +13,11 @@ The checkpoint is verified (size and sha256 against its record) and memory-mappe
 state is never read. Each weight is cast to ``dtype`` (``auto``: the starting model's
 ``torch_dtype``, else fp32) and checked: a value that is not finite after the cast is an error
 naming the tensor, its largest magnitude and the dtype, and nothing is written. The folder is
-written under a temporary name beside ``to`` and renamed into place, so ``to`` is either complete
-or absent; an existing ``to`` is replaced only with ``overwrite``.
+written under a temporary name beside ``to`` (``.NAME.*``; an export killed midway leaves it there,
+to delete) and renamed into place, so ``to`` is either complete or absent. A non-empty ``to`` is
+replaced only with ``overwrite`` and only when it is an earlier export (it holds
+``dcmdp_export.json``); ``to`` may not be the run folder, lie inside it or hold it, be a file or a
+symbolic link. Every refusal and failure is an :class:`ExportError` naming the cause.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dcmdp_trainer import checkpoint
 # Files of OUT/model that are weights (rewritten from the checkpoint), never copied.
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+MARKER = "dcmdp_export.json"  # what an export folder holds: the only kind ``overwrite`` replaces
 
 
 class ExportError(RuntimeError):
@@ -51,25 +55,67 @@ class ExportResult:
     dtype: str
     parameters: int
     bytes: int
+    skipped: tuple[str, ...] = ()  # why each newer checkpoint was passed over
 
 
-def _checkpoint(out: Path, step: Optional[int]) -> tuple[Path, dict]:
+def _checkpoint(out: Path, step: Optional[int]) -> tuple[Path, dict, list[str]]:
+    """(the checkpoint, its state memory-mapped, why each newer one was skipped)."""
     if step is None:
-        try:
-            return checkpoint.load_latest(out, restore=False, mmap=True)
-        except FileNotFoundError as exc:
-            raise ExportError(f"{out}: {exc} (a run writes its last checkpoint when it ends)") from None
-        except checkpoint.CheckpointError as exc:
-            raise ExportError(str(exc)) from None
+        found, skipped = checkpoint.candidates(out), []
+        if not found:
+            raise ExportError(f"{out}: no checkpoint in {checkpoint.checkpoint_dir(out)} (a run writes its last "
+                              "checkpoint when it ends)")
+        for path in found:
+            try:
+                return path, checkpoint.read(path, mmap=True), skipped
+            except checkpoint.CheckpointError as exc:
+                skipped.append(str(exc))
+        raise ExportError(f"no intact checkpoint in {checkpoint.checkpoint_dir(out)}: " + "; ".join(skipped))
     path = checkpoint.checkpoint_dir(out) / f"step-{step:08d}.pt"
-    if not path.is_file():
+    if step < 0 or not path.is_file():
         have = sorted(int(p.stem.split("-")[1]) for p in checkpoint.candidates(out))
         raise ExportError(f"--step {step}: no checkpoint of that step in {checkpoint.checkpoint_dir(out)} "
                           f"(steps there: {have or 'none'})")
     try:
-        return path, checkpoint.read(path, mmap=True)
+        return path, checkpoint.read(path, mmap=True), []
     except checkpoint.CheckpointError as exc:
         raise ExportError(str(exc)) from None
+
+
+def _check_destination(out: Path, to: Path, overwrite: bool) -> None:
+    """Refuse a ``to`` that would destroy what is not an earlier export (see :func:`export_run`)."""
+    if to.is_symlink():
+        raise ExportError(f"--to {to} is a symbolic link: give the folder itself")
+    run, dest = out.resolve(), to.resolve()
+    if dest == run or run in dest.parents or dest in run.parents:
+        raise ExportError(f"--to {to}: is the run folder {out}, inside it, or holds it")
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"--to {to} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace an earlier export")
+        if not (dest / MARKER).is_file():
+            raise ExportError(f"--to {to} holds files and no {MARKER}: not an earlier export, not replaced")
+
+
+def _install(tmp: Path, to: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder ``tmp`` to ``to``: an earlier export there (``overwrite``) is moved
+    aside first and deleted after, so ``to`` is never a mix; rules checked again (``to`` may have
+    appeared meanwhile)."""
+    _check_destination(out, to, overwrite)
+    aside = None
+    if to.is_dir() and any(to.iterdir()):
+        aside = Path(tempfile.mkdtemp(prefix=f".{to.name}.old.", dir=to.parent))
+        os.rename(to, aside / "export")
+    try:
+        os.rename(tmp, to)  # (fails if another export filled ``to`` meanwhile)
+    except OSError as exc:
+        if aside is not None and not to.exists():
+            os.rename(aside / "export", to)  # put the earlier export back
+        raise ExportError(f"--to {to}: written meanwhile by someone else ({exc.strerror}); nothing replaced") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _target_dtype(dtype: str, config) -> torch.dtype:
@@ -112,11 +158,10 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
     model_dir = out / "model"
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{out}: no starting model in {model_dir} (config.json missing): not a dcmdp run folder?")
-    if to.resolve() == model_dir.resolve() or model_dir.resolve() in to.resolve().parents:
-        raise ExportError(f"--to {to}: inside the run's starting model folder {model_dir}")
-    if to.exists() and not overwrite and (not to.is_dir() or any(to.iterdir())):
-        raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace it")
-    path, state = _checkpoint(out, step)
+    if not str(to).strip() or str(to) == ".":
+        raise ExportError("--to: give the folder to write")
+    _check_destination(out, to, overwrite)
+    path, state, skipped = _checkpoint(out, step)
     weights = (state.get("learner") or {}).get("model")
     if not isinstance(weights, dict) or not weights:
         raise ExportError(f"{path.name}: holds no model weights")
@@ -129,13 +174,21 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
     try:
         model.load_state_dict(cast, strict=True, assign=True)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: not this model's checkpoint
-        raise ExportError(f"{path.name} does not fit the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ExportError(f"{path.name} does not fit the model in {model_dir}: {why[:800]}") from None
     if getattr(config, "tie_word_embeddings", False):
+        head, embed = weights.get("lm_head.weight"), model.get_input_embeddings().weight
+        if head is not None and (head.shape != embed.shape or not torch.equal(head.to(embed.dtype), embed)):
+            raise ExportError(f"{path.name}: lm_head.weight differs from the input embedding, but the model's config "
+                              "ties them (tie_word_embeddings): the export would silently drop lm_head")
         model.tie_weights()
     model.config.dtype = target
 
-    to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    except OSError as exc:
+        raise ExportError(f"--to {to}: cannot write beside it ({exc.strerror or exc})") from None
     try:
         for f in model_dir.iterdir():  # tokenizer, generation config, chat template…
             if f.is_file() and not any(f.match(p) for p in WEIGHT_FILES):
@@ -145,7 +198,8 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
         params = sum(p.numel() for p in model.parameters())  # (tied weights once)
         nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         result = ExportResult(str(to), int(state.get("step", -1)), int(state.get("version", -1)), path.name,
-                              str(record.get("sha256", "")), str(target).removeprefix("torch."), params, nbytes)
+                              str(record.get("sha256", "")), str(target).removeprefix("torch."), params, nbytes,
+                              tuple(skipped))
         run_json = out / "run.json"
         run_name = ""
         if run_json.is_file():
@@ -153,17 +207,16 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
                 run_name = json.loads(run_json.read_text()).get("metadata", {}).get("name", "")
             except (OSError, ValueError, AttributeError):
                 run_name = ""
-        (tmp / "dcmdp_export.json").write_text(json.dumps({"run": run_name, "run_folder": str(out.resolve()),
-                                                            **asdict(result)}, indent=2))
+        fields = {k: v for k, v in asdict(result).items() if k not in ("folder", "skipped")}
+        (tmp / MARKER).write_text(json.dumps({"run": run_name, **fields}, indent=2))
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.iterdir():  # (mkdtemp and the safetensors writer make them private)
             f.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
-        if to.exists():
-            shutil.rmtree(to) if to.is_dir() else to.unlink()
-        os.replace(tmp, to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _install(tmp, to, out, overwrite)
+    except OSError as exc:  # a full disk, a folder that became read-only…
+        raise ExportError(f"--to {to}: cannot write it ({exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone already once installed)
     return result
