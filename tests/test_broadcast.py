@@ -381,3 +381,48 @@ def test_the_store_listens_only_on_the_trainers_host(session):
         assert hub.store.get("k") == b"v"
     finally:
         server.stop(grace=None)
+
+
+DIES_AFTER_TWO_BUCKETS = """
+import os, signal, sys
+from dcmdp.proto import dcmdp_pb2 as pb, dcmdp_pb2_grpc
+from dcmdp.transport.channel import open_channel
+from dcmdp_rollout.weights import receive_broadcast
+stub = dcmdp_pb2_grpc.TrainerStub(open_channel("127.0.0.1:" + sys.argv[1], sys.argv[2]))
+h = pb.Header(pool="bf16", worker_id="doomed")
+ticket = stub.JoinBroadcast(pb.WeightRequest(header=h, version=0, dtype="bf16"), timeout=60)
+import dcmdp_rollout.weights as w
+submit, received = w.BucketReceiver.submit, [0]
+def submit_and_die(self, *args):  # SIGKILLed mid-broadcast, its connections open, after receiving two buckets
+    received[0] += 1
+    if received[0] > 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    submit(self, *args)
+w.BucketReceiver.submit = submit_and_die
+receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda pieces: None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", [{"expected": 3, "gather_s": 60.0, "timeout_s": 60.0, "bucket": 32 << 20,
+                                    "extra_mib": 256}], indirect=True)
+def test_a_worker_killed_mid_transfer_stalls_the_others_seconds_not_the_data_timeout(served):
+    """gloo does not fail an operation whose peer was killed before its timeout (60 s here), and in
+    its tree broadcast a worker may relay to another after the trainer's last send: the trainer
+    waits for every worker to say it received everything, the heartbeats show the dead one within
+    seconds, the round is reported failed and the survivors (stopped at once) fetch the rest over
+    the stream. (Against the code before heartbeats the survivors waited 61 s here.)"""
+    doomed = subprocess.Popen([sys.executable, "-c", DIES_AFTER_TWO_BUCKETS, str(served.port), TOKEN])
+    try:
+        t0 = time.monotonic()
+        survivors = [in_thread(joined_and_received, served, f"survivor-{k}") for k in range(2)]
+        for t, out in survivors:
+            t.join(120)
+            assert "error" not in out, out.get("error")
+            tensors, stats = out["value"]
+            served.check(tensors)
+        assert time.monotonic() - t0 < 20, "the survivors waited for the data timeout"
+        assert doomed.wait(30) == -signal.SIGKILL
+        assert served.wait_round().error
+    finally:
+        doomed.kill()

@@ -18,6 +18,7 @@ import datetime
 import os
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -137,20 +138,157 @@ def close_group(pg) -> None:
                 continue
 
 
+# Signs of life during a round. gloo does not fail an operation promptly when its peer dies (a send
+# to a SIGKILLed worker waits for its timeout), so each worker bumps a counter in the trainer's store
+# while it receives, and the trainer aborts the group when one stops moving.
+HEARTBEAT_S = 0.5
+DEAD_AFTER_S = 5.0
+
+
+def alive_key(group: str, rank: int) -> str:
+    """The store key of ``rank``'s sign of life in ``group`` (a counter)."""
+    return f"{group}/alive/{rank}"
+
+
+def done_key(group: str, rank: int) -> str:
+    """The store key ``rank`` sets when it has received every operation of the round."""
+    return f"{group}/done/{rank}"
+
+
+def failed_key(group: str) -> str:
+    """The store key the trainer sets when it gives a round of ``group`` up: every rank stops waiting."""
+    return f"{group}/failed"
+
+
+def wait(work, stop: threading.Event, poll_s: float = 0.05) -> None:
+    """``work.wait()`` (raising the operation's error), or RuntimeError as soon as ``stop`` is set:
+    a gloo operation whose peer died does not end before its timeout, and aborting the group does
+    not end it either, so a waiter that knows the round is lost must be able to leave."""
+    done = threading.Event()
+    work.get_future().add_done_callback(lambda _: done.set())
+    while not done.wait(poll_s):
+        if stop.is_set():
+            raise RuntimeError("the broadcast round was given up (a peer stopped)")
+    work.wait()
+
+
+class Heartbeat:
+    """A daemon thread bumping :func:`alive_key` of (``group``, ``rank``) in the store at
+    ``host:port`` every :data:`HEARTBEAT_S` seconds, on a store connection of its own, until
+    :meth:`close`. Never raises: a store it cannot reach ends the thread (the trainer then treats the
+    rank as gone, as it would a dead one)."""
+
+    def __init__(self, host: str, port: int, group: str, rank: int, timeout_s: float):
+        self._stop = threading.Event()
+        self._done = False
+        self.failed = threading.Event()  # set when the trainer gave the round up (:func:`failed_key`)
+        self._thread = threading.Thread(target=self._run, args=(host, port, group, rank, timeout_s),
+                                        name="dcmdp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, host: str, port: int, group: str, rank: int, timeout_s: float) -> None:
+        key, failed = alive_key(group, rank), failed_key(group)
+        try:
+            store = client_store(host, port, timeout_s)
+            while True:
+                store.add(key, 1)
+                if store.check([failed]):
+                    self.failed.set()
+                    return
+                if self._stop.wait(HEARTBEAT_S):
+                    if self._done:
+                        store.set(done_key(group, rank), "1")
+                    return
+        except Exception:  # noqa: BLE001 - the store is gone: the round fails on its own
+            return
+
+    def close(self, done: bool = False) -> None:
+        """Stop; ``done``: this rank received the whole round (the trainer waits for every rank's)."""
+        if not self._stop.is_set():
+            self._done = done
+            self._stop.set()
+        self._thread.join(5.0)
+
+
+class LifeWatch:
+    """The trainer's side: a daemon thread reading the counters of ranks 1..``world``-1 every
+    :data:`HEARTBEAT_S` seconds; when one has not moved for ``dead_after_s`` it calls ``on_dead(rank)``
+    once and stops. :meth:`give_up` tells every rank to stop waiting (:func:`failed_key`). The
+    counters are deleted by :meth:`close`."""
+
+    def __init__(self, store: "dist.Store", group: str, world: int, on_dead, dead_after_s: float = DEAD_AFTER_S):
+        self._store, self._group, self._keys = store, group, {r: alive_key(group, r) for r in range(1, world)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(on_dead, dead_after_s), name="dcmdp-lifewatch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, on_dead, dead_after_s: float) -> None:
+        now = time.monotonic()
+        last = {r: (-1, now) for r in self._keys}
+        while not self._stop.wait(HEARTBEAT_S):
+            now = time.monotonic()
+            done = [r for r in self._keys if self._store.check([done_key(self._group, r)])]
+            for r, key in self._keys.items():
+                if r in done:  # (received it all: its heartbeat has ended)
+                    continue
+                try:
+                    seen = self._store.add(key, 0)  # (reads the counter; 0 until the rank's first beat)
+                except Exception:  # noqa: BLE001 - the store is closing with the hub
+                    return
+                if seen != last[r][0]:
+                    last[r] = (seen, now)
+                elif now - last[r][1] > dead_after_s:
+                    on_dead(r)
+                    return
+
+    def wait_done(self, stop: threading.Event, timeout_s: float) -> None:
+        """Return once every rank has received the whole round (:meth:`Heartbeat.close` with
+        ``done``): in gloo's tree broadcast a worker may relay to another, so the trainer's last
+        send is not the last receive. Raises RuntimeError when ``stop`` is set (a rank died) or
+        after ``timeout_s``."""
+        keys = [done_key(self._group, r) for r in self._keys]
+        deadline = time.monotonic() + timeout_s
+        while not self._store.check(keys):
+            if stop.wait(HEARTBEAT_S / 5):
+                raise RuntimeError("the broadcast round was given up (a peer stopped)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not finish receiving within {timeout_s:.0f} s of the last send")
+
+    def give_up(self) -> None:
+        try:
+            self._store.set(failed_key(self._group), "1")
+        except Exception:  # noqa: BLE001 - the store is closing with the hub
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        for key in [*self._keys.values(), *(done_key(self._group, r) for r in self._keys)]:
+            try:
+                self._store.delete_key(key)
+            except Exception:  # noqa: BLE001 - best effort: the store may be closing
+                pass
+
+
 _releasing: list[threading.Thread] = []  # teardowns under way (joined by wait_released)
 _releasing_lock = threading.Lock()
 
 
 def release_group(pg) -> None:
-    """Abort ``pg`` now (peers blocked in it fail at once) and drop the caller's reference to it in
-    a thread of its own: the teardown joins gloo's I/O threads, 20-40 ms on loopback that the
-    caller need not wait for. The caller must hold no other reference. :func:`wait_released`
-    (also run at exit: a group destroyed while the interpreter shuts down aborts the process)
-    waits for every teardown."""
-    close_group(pg)
+    """Abort ``pg`` and drop the caller's reference to it, in a thread of its own: the teardown
+    joins gloo's I/O threads (20-40 ms on loopback), and aborting a gloo group whose operation waits
+    on a dead peer blocks until that operation's timeout — neither is for the caller to wait for.
+    The caller must hold no other reference. :func:`wait_released` (also run at exit: a group
+    destroyed while the interpreter shuts down aborts the process) waits for every teardown."""
     holder = [pg]
     del pg
-    t = threading.Thread(target=holder.clear, name="dcmdp-group-release", daemon=True)
+
+    def teardown() -> None:
+        close_group(holder[0])
+        holder.clear()
+
+    t = threading.Thread(target=teardown, name="dcmdp-group-release", daemon=True)
     with _releasing_lock:
         _releasing[:] = [x for x in _releasing if x.is_alive()] + [t]
     t.start()

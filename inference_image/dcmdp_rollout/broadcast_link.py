@@ -69,10 +69,13 @@ class BroadcastLink:
             self._crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(count)]
         return self._bufs, self._crcs
 
-    def drop(self) -> None:
+    def drop(self, buffers: bool = False) -> None:
         """Close the group held (peers blocked in it fail now); its teardown runs in a thread of
-        its own (waited for by :meth:`close`). The buffers are kept."""
+        its own (waited for by :meth:`close`). The buffers are kept unless ``buffers``: after a
+        round left midway, whose abandoned receives may still write into them."""
         pg, self._pg, self._store, self._key = self._pg, None, None, None
+        if buffers:
+            self._bufs, self._crcs = [], []
         if pg is not None:
             release_group(pg)
 

@@ -28,7 +28,7 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
-from dcmdp.transport.collective import broadcast
+from dcmdp.transport.collective import Heartbeat, broadcast, wait
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
@@ -277,6 +277,9 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
     own = link is None
     link = link or BroadcastLink()
     completed = False
+    # signs of life while receiving: the trainer fails the round at once if this process dies
+    beat = Heartbeat(ticket.store_host or host, ticket.store_port, ticket.group, ticket.rank, join_s)
+    pg = posted = started = None
     try:
         try:
             pg, stats.reused_group = link.group(ticket, host, timeout_s, join_s)
@@ -299,14 +302,14 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
             started = broadcast(pg, start, join_s)  # the round's first operation: its version
             for i in range(min(RECEIVE_DEPTH, layout.buckets)):
                 post(i)
-            started.wait()
+            wait(started, beat.failed)
             if int(start.item()) != manifest.version:
                 raise RuntimeError(f"broadcast group out of step: the trainer sends version {int(start.item())}, "
                                    f"the ticket names {manifest.version}")
             for i in range(layout.buckets):
                 data, crc, works = posted.pop(i)
                 for w in works:
-                    w.wait()
+                    wait(w, beat.failed)  # (the trainer gave the round up: leave now, not at the data timeout)
                 stats.bytes += data.numel()
                 stats.broadcast_bytes += data.numel()
                 receiver.submit(i, data, int(crc.item()))
@@ -314,12 +317,17 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                     receiver.wait_for(i - 1)  # bucket i-1 checked and loaded: its buffer takes bucket i-1+depth
                     post(i - 1 + RECEIVE_DEPTH)
             completed = True  # every operation of the round done: the group is in step with the trainer's
+            beat.close(done=True)  # (the trainer waits for every worker's)
             receiver.drain()
         except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
             event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])
         finally:
+            beat.close()
+            # no reference to the group may outlive the link's: the last one runs gloo's teardown, which
+            # after a lost peer blocks until the operations' timeout (release_group does it off this thread)
+            pg = posted = started = None
             if own or not completed:
-                link.drop()  # (a group left mid-round is out of step: never reused)
+                link.drop(buffers=not completed)  # (a group left mid-round is out of step: never reused)
         missing = receiver.missing()
         if missing:
             stats.refetched = len(missing)

@@ -29,8 +29,11 @@ dtype), shared with the stream).
 
 Every rank must connect within ``join_timeout_s`` (default 10 s): a ticket holder that never
 connects fails the rendezvous then, and the joiners that did connect fetch over the stream. Once
-connected, a peer that dies or stalls fails the round after ``timeout_s``; the group is aborted so
-every other peer fails at once and fetches what it lacks over the stream. The trainer goes on.
+connected, every worker bumps a counter in the store while it receives
+(:class:`~dcmdp.transport.collective.Heartbeat`); one that stops for ``DEAD_AFTER_S`` (5 s: a
+killed worker, which gloo itself notices only at the data timeout) fails the round, as does an
+operation that takes over ``timeout_s``; the group is aborted so every other peer fails at once
+and fetches what it lacks over the stream. The trainer goes on.
 
 Tests damage buckets from outside (``dcmdp_testing.trainer_faults.corrupt_buckets``) to prove
 workers detect and re-fetch them.
@@ -50,7 +53,8 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import broadcast, close_group, master_store, open_group, release_group, wait_released
+from dcmdp.transport.collective import (DEAD_AFTER_S, LifeWatch, broadcast, failed_key, master_store, open_group,
+                                        release_group, wait, wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -59,10 +63,9 @@ from dcmdp_trainer.weights import Prepared, WeightPublisher
 # the snapshot holds none, so up to this many go out back to back (4 gloo work threads serve them).
 PARTS_IN_FLIGHT = 4
 MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is closed
-# Each operation's data timeout. gloo does not fail an operation promptly when its peer dies (a send
-# waiting for a SIGKILLed worker ends only at its timeout), so this bounds how long one dead worker
-# stalls the others of its round. A half-bucket (32 MiB by default) that takes 15 s is moving at
-# 2 MB/s: no live peer is that slow.
+# Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
+# found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
+# (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
 DATA_TIMEOUT_S = 15.0
 
 
@@ -108,6 +111,7 @@ class Round:
     group: Optional[Group] = None  # set when the round closes
     done: bool = False  # its last operation completed, or it failed
     ranks: list[int] = field(default_factory=list)  # the rank of each joiner in ``group``
+    stopped: threading.Event = field(default_factory=threading.Event)  # given up: stop waiting for its operations
 
 
 @dataclass
@@ -300,19 +304,31 @@ class BroadcastHub:
         device = "cuda" if backend == "nccl" else "cpu"
         part = part_bytes(layout.bucket_bytes)
         bufs = self._take_pair(part, device)
+        dead: list[int] = []
+        stopped = r.stopped
+
+        def gone(rank: int) -> None:  # a worker stopped beating: fail the round now, not at the data timeout
+            with self._cond:
+                if r.done:  # (its last operation completed meanwhile)
+                    return
+                dead.append(rank)
+            watch.give_up()  # the other workers stop waiting too
+            stopped.set()  # (the group is aborted when the round ends, off this thread: gloo's abort blocks)
+
+        watch = LifeWatch(self.store, g.name, world, gone)
         try:
             # The round's first operation: its version, within the join timeout. Every rank must
             # post it (a kept group has no rendezvous to fail instead), and a worker checks the value:
             # a group out of step with the trainer fails here, before any bucket.
             start = torch.full((1,), prep.version, dtype=torch.int64, device=device)
-            broadcast(pg, start, self.join_timeout_s).wait()
+            wait(broadcast(pg, start, self.join_timeout_s), stopped)
             crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2)]
             inflight: deque = deque()  # (work, what it reads: ("buf", k) | ("crc", k) | None)
             sent = 0
 
             def free(what) -> None:  # wait until no op in flight reads ``what``
                 while any(x[1] == what for x in inflight):
-                    inflight.popleft()[0].wait()
+                    wait(inflight.popleft()[0], stopped)
 
             k = 0
             for i in range(layout.buckets):
@@ -322,7 +338,7 @@ class BroadcastHub:
                     slot = ("buf", k % 2)
                     free(slot)  # the buffer the op two cast parts ago read is free
                     while len(inflight) >= PARTS_IN_FLIGHT:
-                        inflight.popleft()[0].wait()
+                        wait(inflight.popleft()[0], stopped)
                     data = self._part(prep, i, lo, hi, bufs[k % 2])
                     if data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
                         k += 1  # cast into the buffer: the next cast part takes the other one
@@ -339,13 +355,20 @@ class BroadcastHub:
                 crcs[i % 2].fill_(crc)
                 inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
             while inflight:
-                inflight.popleft()[0].wait()
+                wait(inflight.popleft()[0], stopped)
             self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
-            self._end(r, ok=True)  # at once: a worker done receiving may already ask for the next version
+            watch.wait_done(stopped, self.timeout_s)  # every worker received it all (one may relay to another)
+            self._end(r, ok=not dead)  # at once: a worker done receiving may already ask for the next version
             return sent
-        except RuntimeError:
-            close_group(pg)  # every peer fails now, not at its timeout
+        except RuntimeError as exc:
+            watch.give_up()  # every peer stops waiting now, not at its timeout (the abort follows in _end)
+            if dead:
+                pool, worker = g.members[dead[0] - 1]
+                raise RuntimeError(f"worker {worker or '?'} of pool {pool or '?'} (rank {dead[0]}) stopped: no sign of "
+                                   f"life for {DEAD_AFTER_S:.0f} s ({str(exc).splitlines()[0][:200]})") from exc
             raise
+        finally:
+            watch.close()
 
     def _part(self, prep: Prepared, i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Stream bytes [lo, hi) of bucket ``i``: a view of their tensor when no cast or copy is
@@ -357,9 +380,13 @@ class BroadcastHub:
         """Close every kept group; abort the rounds under way (their peers stream) and wait up to
         ``timeout_s`` for their threads; returns once the groups are torn down."""
         with self._cond:
-            for r in list(self._rounds.values()):
-                if r.group is not None and r.group.pg is not None:
-                    close_group(r.group.pg)
+            for r in list(self._rounds.values()):  # each stops waiting, and so do its workers
+                if r.group is not None:
+                    r.stopped.set()
+                    try:
+                        self.store.set(failed_key(r.group.name), "1")
+                    except Exception:  # noqa: BLE001 - best effort: its workers then wait for their timeout
+                        pass
             threads = [t for t in self._threads if t is not threading.current_thread()]
         for t in threads:
             t.join(timeout_s)
