@@ -18,16 +18,17 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.collective import client_store, open_group
+from dcmdp.transport.collective import client_store, open_group, wait_released
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import LoadError, fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
-from dcmdp_trainer.broadcast import BroadcastHub
+from dcmdp_trainer.broadcast import BroadcastHub, Group
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
 from dcmdp_trainer.weights import WeightPublisher
 from runtime_helpers import tiny_run
+from slow_group import SlowToDestroy
 
 TOKEN = "s3cret-run-token"
 BUCKET = 16 << 10
@@ -426,3 +427,20 @@ def test_a_worker_killed_mid_transfer_stalls_the_others_seconds_not_the_data_tim
         assert served.wait_round().error
     finally:
         doomed.kill()
+
+
+def test_the_hub_never_runs_a_retired_groups_destructor_on_its_own_thread():
+    """A group is retired under the hub's lock (every JoinBroadcast waits on it): its teardown,
+    which after a lost peer blocks until the operations' timeout, must run elsewhere."""
+    hub = BroadcastHub(WeightPublisher(keep=1, bucket_bytes=BUCKET), "127.0.0.1")
+    try:
+        SlowToDestroy.destroyed_in.clear()
+        g = Group("g", (("bf16", "w"),), "gloo", pg=SlowToDestroy())
+        t0 = time.perf_counter()
+        with hub._cond:
+            hub._retire(g)
+        assert time.perf_counter() - t0 < 0.5 and g.pg is None
+        wait_released()
+        assert SlowToDestroy.destroyed_in == ["dcmdp-group-release"]
+    finally:
+        hub.close()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
-from dcmdp.transport.collective import broadcast, close_group, master_store, open_group
+from dcmdp.transport.collective import broadcast, close_group, master_store, open_group, wait_released
 from dcmdp_rollout.broadcast_link import BroadcastLink
+from slow_group import SlowToDestroy
 
 
 @pytest.fixture
@@ -107,3 +108,19 @@ def test_buffers_are_kept_until_too_small():
     link.close()
     fresh, _ = link.buffers(4, 1000, "cpu")
     assert fresh[0].numel() == 1000  # close() let them go
+
+
+
+def test_dropping_a_group_never_runs_its_destructor_on_the_callers_thread():
+    """The worker's receive path drops a group after a failed round and goes on to fetch over the
+    stream: it must not wait there for the teardown. (A local reference in ``drop`` had made the
+    caller's thread the last holder whenever the teardown thread finished first: under load the
+    survivors of a killed peer waited the 60 s data timeout.)"""
+    SlowToDestroy.destroyed_in.clear()
+    link = BroadcastLink()
+    link._pg = SlowToDestroy()
+    t0 = time.perf_counter()
+    link.drop()
+    assert time.perf_counter() - t0 < 0.5
+    wait_released()
+    assert SlowToDestroy.destroyed_in == ["dcmdp-group-release"]

@@ -275,23 +275,24 @@ _releasing: list[threading.Thread] = []  # teardowns under way (joined by wait_r
 _releasing_lock = threading.Lock()
 
 
-def release_group(pg) -> None:
-    """Abort ``pg`` and drop the caller's reference to it, in a thread of its own: the teardown
-    joins gloo's I/O threads (20-40 ms on loopback), and aborting a gloo group whose operation waits
-    on a dead peer blocks until that operation's timeout — neither is for the caller to wait for.
-    The caller must hold no other reference. :func:`wait_released` (also run at exit: a group
-    destroyed while the interpreter shuts down aborts the process) waits for every teardown."""
-    holder = [pg]
-    del pg
-
-    def teardown() -> None:
-        close_group(holder[0])
-        holder.clear()
-
-    t = threading.Thread(target=teardown, name="dcmdp-group-release", daemon=True)
+def release_group(holder: list) -> None:
+    """Abort the group in ``holder`` (a one-element list holding the caller's only reference to it,
+    emptied here) in a thread of its own, which drops the last reference: the teardown joins gloo's
+    I/O threads (20-40 ms on loopback), and an abort or destructor of a gloo group whose operation
+    waits on a dead peer blocks until that operation's timeout — neither is for the caller to wait
+    for. Whichever thread drops the last reference runs the destructor, so the caller must keep no
+    other one, not even a local variable (hence the list). :func:`wait_released` (also run at exit:
+    a group destroyed while the interpreter shuts down aborts the process) waits for every teardown."""
+    mine = [holder.pop()]
+    t = threading.Thread(target=_teardown, args=(mine,), name="dcmdp-group-release", daemon=True)
     with _releasing_lock:
         _releasing[:] = [x for x in _releasing if x.is_alive()] + [t]
     t.start()
+
+
+def _teardown(mine: list) -> None:
+    close_group(mine[0])
+    mine.clear()  # (the last reference: the destructor runs here)
 
 
 @atexit.register

@@ -73,11 +73,12 @@ class BroadcastLink:
         """Close the group held (peers blocked in it fail now); its teardown runs in a thread of
         its own (waited for by :meth:`close`). The buffers are kept unless ``buffers``: after a
         round left midway, whose abandoned receives may still write into them."""
-        pg, self._pg, self._store, self._key = self._pg, None, None, None
+        held = [self._pg]  # (no local name for it: the teardown thread must drop the last reference)
+        self._pg, self._store, self._key = None, None, None
         if buffers:
             self._bufs, self._crcs = [], []
-        if pg is not None:
-            release_group(pg)
+        if held[0] is not None:
+            release_group(held)
 
     def close(self) -> None:
         """Drop the group and the buffers; returns once the groups it dropped are torn down."""

@@ -229,10 +229,10 @@ class BroadcastHub:
     def _retire(self, g: Group) -> None:
         """Close ``g`` now, or when the round using it ends (under the lock)."""
         g.retired = True
-        if not g.busy:
-            pg, g.pg = g.pg, None
-            if pg is not None:
-                release_group(pg)
+        if not g.busy and g.pg is not None:
+            held = [g.pg]  # (no local name for it: the teardown thread must drop the last reference)
+            g.pg = None
+            release_group(held)
 
     def _run(self, r: Round) -> None:
         with self._cond:
