@@ -268,12 +268,12 @@ def run_dataplane(pool: Workers, dtype: str, hub, base_rss: int) -> tuple[float,
     """One broadcast round to every worker of ``pool``: (seconds, trainer cpu seconds, trainer peak
     RSS over ``base_rss`` in bytes, worker load seconds, worker seconds joining the group, whether
     every worker reused its group, the workers' CPU seconds)."""
-    before = len(hub.results)
+    before = hub.rounds
     peak = PeakRss()
     c0 = cpu_s()
     pool.send(f"dp {dtype}")
     res = pool.results()
-    while len(hub.results) == before:
+    while hub.rounds == before:
         time.sleep(0.001)
     cpu = cpu_s() - c0
     peak.stop()

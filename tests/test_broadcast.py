@@ -73,7 +73,7 @@ class Served:
 
     def wait_round(self, n: int = 1):
         deadline = time.monotonic() + 30
-        while len(self.hub.results) < n and time.monotonic() < deadline:
+        while self.hub.rounds < n and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.hub.results[n - 1]
 
@@ -139,14 +139,14 @@ def test_a_late_joiner_is_served_over_the_stream(served):
 def linked_round(served: Served, worker: str, link: BroadcastLink, held: str | None = None):
     """One round for ``worker`` through ``link`` (telling the trainer ``held``, by default the
     group the link holds): (ticket, stats)."""
-    n = len(served.hub.results)
+    n = served.hub.rounds
     ticket = served.join(worker, held=link.held if held is None else held)
     assert ticket.group, "no broadcast under way: the ticket must name a group"
     tensors, stats = served.receive(worker, ticket, link)
     served.check(tensors)
     assert stats.broadcast_bytes == stats.total_bytes and stats.refetched == 0
     deadline = time.monotonic() + 30
-    while len(served.hub.results) <= n and time.monotonic() < deadline:  # the trainer's side ended too
+    while served.hub.rounds <= n and time.monotonic() < deadline:  # the trainer's side ended too
         time.sleep(0.01)
     return ticket, stats
 

@@ -249,9 +249,11 @@ class LifeWatch:
         after ``timeout_s``."""
         keys = [done_key(self._group, r) for r in self._keys]
         deadline = time.monotonic() + timeout_s
+        delay = 0.001  # the workers finish within milliseconds of the last send: poll fast, then back off
         while not self._store.check(keys):
-            if stop.wait(HEARTBEAT_S / 5):
+            if stop.wait(delay):
                 raise RuntimeError("the broadcast round was given up (a peer stopped)")
+            delay = min(2 * delay, HEARTBEAT_S / 5)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers did not finish receiving within {timeout_s:.0f} s of the last send")
 

@@ -125,6 +125,10 @@ class RoundResult:
     pools: tuple[str, ...] = ()  # the pool of each receiving worker
 
 
+# Round outcomes kept for inspection (tests, the bench): a run lasts thousands of rounds.
+RESULTS_KEPT = 256
+
+
 class BroadcastHub:
     def __init__(self, publisher: WeightPublisher, host: str = "127.0.0.1", *, gather_s: float = 0.5,
                  timeout_s: float = DATA_TIMEOUT_S, join_timeout_s: float = 10.0, expected: Optional[Callable[[str], int]] = None,
@@ -140,7 +144,8 @@ class BroadcastHub:
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, str], Round] = {}
         self._groups: dict[frozenset[tuple[str, str]], Group] = {}  # kept groups, by their members
-        self.results: list[RoundResult] = []
+        self.results: deque[RoundResult] = deque(maxlen=RESULTS_KEPT)  # the latest rounds' outcomes
+        self.rounds = 0  # rounds ended since the hub opened (``results`` keeps the last RESULTS_KEPT)
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
         self._threads: list[threading.Thread] = []  # round threads (joined by close)
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
@@ -262,7 +267,9 @@ class BroadcastHub:
         finally:
             self._end(r, ok=False)  # (after a success: already ended, nothing to do)
         result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
-        self.results.append(result)
+        with self._cond:
+            self.results.append(result)
+            self.rounds += 1
         if self.on_round:
             self.on_round(result)
 
