@@ -138,3 +138,57 @@ def test_a_tied_head_that_differs_from_the_embedding_is_refused(run_dir, tmp_pat
     checkpoint.save(out, 2, state)
     assert main(["export", str(out), "--to", str(tmp_path / "hf")]) == 2
     assert "lm_head.weight differs from the input embedding" in capsys.readouterr().err
+
+
+VLLM_CHILD = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":  # (vLLM starts its engine core in a spawned process)
+    folder, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, seed=0, logprobs_mode="processed_logprobs",
+              generation_config="vllm")
+    res = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(n=4, max_tokens=12, temperature=1.0, logprobs=0, seed=1))
+    samples = [dict(tokens=list(c.token_ids), logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+               for c in res[0].outputs]
+    open(out, "w").write(json.dumps(samples))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_export_serves_in_vllm_with_the_trained_weights(run_dir, tmp_path):
+    """What a user does next: point vLLM at the exported folder. Its fp32 logprobs of what it
+    samples equal transformers' on the exported weights (to 1e-4), and not the starting model's."""
+    import os
+    import subprocess
+
+    vllm_python = Path(os.environ.get("DCMDP_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
+    if not vllm_python.exists():
+        pytest.fail(f"the vLLM venv is missing ({vllm_python}): run `make vllm-venv` (`make test` builds it)",
+                    pytrace=False)
+    to = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--to", str(to)]) == 0
+    ids = AutoTokenizer.from_pretrained(str(to))("1+2=")["input_ids"]
+    (tmp_path / "child.py").write_text(VLLM_CHILD)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([str(vllm_python), str(tmp_path / "child.py"), str(to), json.dumps(ids),
+                           str(tmp_path / "out.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"vLLM could not serve the export:\n{proc.stderr[-4000:]}"
+    samples = json.loads((tmp_path / "out.json").read_text())
+    assert len(samples) == 4 and all(s["tokens"] for s in samples)
+
+    def teacher_forced(folder: Path, tokens: list[int]) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+        return torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+
+    exported = torch.cat([teacher_forced(to, s["tokens"]) - torch.tensor(s["logprobs"]) for s in samples]).abs()
+    started = torch.cat([teacher_forced(run_dir / "model", s["tokens"]) - torch.tensor(s["logprobs"])
+                         for s in samples]).abs()
+    print(f"vllm vs export: max |dlogprob| {exported.max():.2e}; vs the starting model {started.max():.2e}")
+    assert exported.max() < 1e-4, exported.max()
+    assert started.max() > 10 * max(exported.max(), 1e-6), (started.max(), exported.max())
