@@ -134,13 +134,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     for why in result.skipped:
         print(f"warning: skipped {why}", file=sys.stderr)
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{result.folder}: step {result.step} ({result.checkpoint}), {result.parameters:,} parameters in "
           f"{result.dtype}, {result.bytes / 2**20:.1f} MiB of safetensors")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dcmdp", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="dcmdp", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a DCMDPRun manifest on this machine")

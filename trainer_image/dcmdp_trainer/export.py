@@ -9,6 +9,15 @@ publishes: ``OUT/model``'s tokenizer and other non-weight files, the config with
 dtype, the weights as safetensors (sharded above 5 GB, with its index), written by transformers'
 ``save_pretrained``, and ``dcmdp_export.json`` naming the run, step, checkpoint and its sha256.
 
+The run's prompts are part of the model: the export's tokenizer turns a prompt's text into the ids
+the run trained on (:mod:`dcmdp.tasks.prompt`). With ``spec.task.chatTemplate: none`` those are
+``[BOS] + tokens``, so a tokenizer that adds no BOS by itself (the built-in character tokenizer,
+some Hub ones) gets a post-processor that does: ``tokenizer(text)`` — what transformers and vLLM's
+completion API call — then gives the training ids (a model asked without its BOS answered nothing
+right: held-out accuracy 0.0 against 0.945 with it). With ``tokenizer``, the chat template is the
+format (vLLM's chat API and ``apply_chat_template`` render it as training did). The record says
+which (``prompt_format``), with the system prompt the run used, which a caller must send itself.
+
 The checkpoint is verified (size and sha256 against its record) and memory-mapped: the optimizer
 state is never read. Each weight is cast to ``dtype`` (``auto``: the starting model's
 ``torch_dtype``, else fp32) and checked: a value that is not finite after the cast is an error
@@ -26,13 +35,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from dcmdp.precision import TORCH_DTYPES
+from dcmdp.spec import TaskSpec
+from dcmdp.tasks.prompt import PromptFormat, encode, prompt_format
 from dcmdp_trainer import checkpoint
 
 # Files of OUT/model that are weights (rewritten from the checkpoint), never copied.
@@ -56,6 +67,8 @@ class ExportResult:
     parameters: int
     bytes: int
     skipped: tuple[str, ...] = ()  # why each newer checkpoint was passed over
+    prompt_format: dict = field(default_factory=dict)  # how a caller formats prompts as the run did
+    notes: tuple[str, ...] = ()  # what a caller must know (printed as warnings)
 
 
 def _checkpoint(out: Path, step: Optional[int]) -> tuple[Path, dict, list[str]]:
@@ -147,6 +160,59 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[s
     return out
 
 
+PROBE = "1+2=?"  # a prompt text whose tokenization is compared with training's
+
+
+def _run_prompt_format(out: Path) -> tuple[str, Optional[PromptFormat]]:
+    """(the run's name, its prompt format) from ``OUT/run.json`` (("", None) when it is missing or
+    its task cannot be read: a folder written by another version). Only ``metadata.name`` and
+    ``spec.task`` are read (a pod template the cluster's policy would refuse does not matter here)."""
+    try:
+        data = json.loads((out / "run.json").read_text())
+        name = str(data.get("metadata", {}).get("name", ""))
+        task = TaskSpec.model_validate(data.get("spec", {}).get("task", {}), by_name=False)
+    except (OSError, ValueError, AttributeError, TypeError):  # (pydantic's ValidationError is a ValueError)
+        return "", None
+    return name, prompt_format(task)
+
+
+def _match_training_prompts(folder: Path, fmt: Optional[PromptFormat]) -> tuple[dict, list[str]]:
+    """Make the tokenizer in ``folder`` encode a prompt's text as the run did (see the module
+    docstring), rewriting its files when a BOS post-processor is needed. (the record's
+    ``prompt_format``, notes for the caller)."""
+    # optional and heavy (the ml extra), as everywhere in the trainer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    if fmt is None:
+        return {}, ["the run's spec (run.json) is missing or unreadable: check how its prompts were formatted"]
+    record: dict = {"chat_template": fmt.chat_template, "system_prompt": fmt.system_prompt}
+    notes = []
+    if fmt.chat_template != "none":
+        record["use"] = "the tokenizer's chat template with the generation prompt (no special tokens added)"
+        if fmt.system_prompt is not None:
+            notes.append(f"the run used a system prompt ({fmt.system_prompt[:80]!r}): send it with every chat")
+        return record, notes
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    want = fmt.ids(tok, PROBE)
+    got = list(tok(PROBE)["input_ids"])
+    if got != want and tok.bos_token_id is not None and got == encode(tok, PROBE) and tok.is_fast:
+        bos = tok.bos_token
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_token_id)])
+        tok.save_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        got = list(tok(PROBE)["input_ids"])
+    record["bos"] = tok.bos_token_id is not None
+    if got == want:
+        record["use"] = "the plain text: tokenizer(text) gives the ids the run trained on"
+    else:
+        record["use"] = "token ids: [BOS] + tokenizer(text, add_special_tokens=False)"
+        notes.append(f"the tokenizer encodes {PROBE!r} as {got[:12]}, the run trained on {want[:12]}: give prompts "
+                     "as token ids ([BOS] + the text's tokens without special tokens)")
+    return record, notes
+
+
 def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = "auto",
                overwrite: bool = False) -> ExportResult:
     """Write the weights of run folder ``out``'s checkpoint (``step``, or the newest intact one) as
@@ -156,6 +222,8 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
 
     out, to = Path(out), Path(to)
     model_dir = out / "model"
+    if not out.is_dir():
+        raise ExportError(f"{out}: no such folder (give the run's --out folder)")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{out}: no starting model in {model_dir} (config.json missing): not a dcmdp run folder?")
     if not str(to).strip() or str(to) == ".":
@@ -194,20 +262,15 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
             if f.is_file() and not any(f.match(p) for p in WEIGHT_FILES):
                 shutil.copy2(f, tmp / f.name)
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+        run_name, fmt = _run_prompt_format(out)
+        prompts, notes = _match_training_prompts(tmp, fmt)
         record = json.loads(checkpoint.record_path(path).read_text())
         params = sum(p.numel() for p in model.parameters())  # (tied weights once)
         nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         result = ExportResult(str(to), int(state.get("step", -1)), int(state.get("version", -1)), path.name,
                               str(record.get("sha256", "")), str(target).removeprefix("torch."), params, nbytes,
-                              tuple(skipped))
-        run_json = out / "run.json"
-        run_name = ""
-        if run_json.is_file():
-            try:
-                run_name = json.loads(run_json.read_text()).get("metadata", {}).get("name", "")
-            except (OSError, ValueError, AttributeError):
-                run_name = ""
-        fields = {k: v for k, v in asdict(result).items() if k not in ("folder", "skipped")}
+                              tuple(skipped), prompts, tuple(notes))
+        fields = {k: v for k, v in asdict(result).items() if k not in ("folder", "skipped", "notes")}
         (tmp / MARKER).write_text(json.dumps({"run": run_name, **fields}, indent=2))
         umask = os.umask(0)
         os.umask(umask)
