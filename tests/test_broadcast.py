@@ -18,7 +18,8 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.collective import client_store, open_group, wait_released
+from dcmdp.transport.collective import (broadcast, client_store, gather, open_group, release_group, wait,
+                                        wait_released)
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import LoadError, fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
@@ -335,6 +336,44 @@ def test_a_peer_without_the_token_neither_joins_nor_rendezvouses(served):
     served.check(served.receive("w", out["value"])[0])
 
 
+def test_a_peer_without_the_token_that_takes_a_rank_receives_nothing(served):
+    """The store lists its keys to anyone (``TCPStore.list_keys``), the group's name with them, so a
+    peer without the token can take a worker's rank in the rendezvous (an attacker did, and read
+    every weight). Every rank must first show its ticket's proof: the impostor cannot, the trainer
+    sends nothing, and the worker it displaced fetches over the authenticated stream."""
+    ticket_thread, out = in_thread(served.join, "w")
+    ticket_thread.join(30)
+    ticket = out["value"]
+    spy = client_store("127.0.0.1", served.hub.port, 5.0)
+    deadline = time.monotonic() + 10
+    names: set[str] = set()
+    while not names and time.monotonic() < deadline:  # the trainer's rendezvous keys appear
+        names = {k.split("/")[0] for k in spy.list_keys() if "/" in k}
+        time.sleep(0.01)
+    assert names == {ticket.group}  # (the leak the proof makes harmless)
+    impostor = open_group(spy, names.pop(), ticket.rank, ticket.world_size, join_timeout_s=10.0)
+    shown = gather(impostor, [], torch.zeros(2, dtype=torch.int64), 10.0)  # a guess: no ticket, no proof
+    start = torch.full((1,), -1, dtype=torch.int64)
+    started = broadcast(impostor, start, 10.0)
+    got = torch.zeros(BUCKET, dtype=torch.uint8)
+    first = broadcast(impostor, got[:1024], 10.0)
+    result = served.wait_round()
+    assert "did not show their ticket's proof" in result.error and "nothing was sent" in result.error
+    assert ticket.group not in result.error and result.bytes == 0
+    given_up = threading.Event()
+    given_up.set()
+    for work in (shown, started, first):
+        try:
+            wait(work, given_up)
+        except RuntimeError:
+            pass
+    assert int(start.item()) == -1 and not got.any()  # not the version, not a byte of weights
+    tensors, stats = served.receive("w", ticket)  # the displaced worker: its rank was taken, it streams
+    served.check(tensors)
+    assert stats.broadcast_bytes == 0
+    release_group([impostor])
+
+
 def test_an_overflowing_cast_is_refused_before_anything_is_sent(session):
     state = dict(session.weights(0))
     name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
@@ -444,3 +483,28 @@ def test_the_hub_never_runs_a_retired_groups_destructor_on_its_own_thread():
         assert SlowToDestroy.destroyed_in == ["dcmdp-group-release"]
     finally:
         hub.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", [{"bucket": 1 << 20, "extra_mib": 512}], indirect=True)
+def test_a_worker_whose_trainer_dies_mid_sync_retries_and_does_not_crash(served, tmp_path):
+    """The trainer gone while a worker loads weights (its stream gives up after its attempts): the
+    worker retries and registers again until --give-up-after, then exits 3 (unreachable) like after
+    any failed call; it had exited 1 with a traceback."""
+    (tmp_path / "token").write_text(TOKEN)
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "dcmdp_rollout", "--trainer", f"127.0.0.1:{served.port}",
+                                   "--pool", "bf16", "--worker-id", "w", "--token-file", str(tmp_path / "token"),
+                                   "--data-plane", "stream", "--give-up-after", "2"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while '"registered"' not in log.read_text() and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.3)  # (inside its first sync: 512 MiB over the stream)
+        served.stop()
+        assert worker.wait(120) == 3, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "trainer unreachable: retrying" in text and "giving up" in text and "Traceback" not in text
+    finally:
+        worker.kill()

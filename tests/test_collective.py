@@ -22,8 +22,8 @@ def store():
 def test_a_rank_that_stops_beating_is_reported_dead_and_give_up_reaches_the_others(store):
     dead: list[int] = []
     watch = LifeWatch(store, "g", 3, dead.append, dead_after_s=1.0)
-    survivor = Heartbeat("127.0.0.1", store.port, "g", 1, 5.0)
-    doomed = Heartbeat("127.0.0.1", store.port, "g", 2, 5.0)
+    survivor = Heartbeat(client_store("127.0.0.1", store.port, 5.0), "g", 1)
+    doomed = Heartbeat(client_store("127.0.0.1", store.port, 5.0), "g", 2)
     try:
         time.sleep(1.2)
         assert dead == [] and store.add(alive_key("g", 1), 0) >= 2  # both beat
@@ -44,7 +44,7 @@ def test_a_rank_that_stops_beating_is_reported_dead_and_give_up_reaches_the_othe
 def test_a_rank_that_said_done_is_never_reported_dead(store):
     dead: list[int] = []
     watch = LifeWatch(store, "g", 2, dead.append, dead_after_s=0.6)
-    beat = Heartbeat("127.0.0.1", store.port, "g", 1, 5.0)
+    beat = Heartbeat(client_store("127.0.0.1", store.port, 5.0), "g", 1)
     try:
         beat.close(done=True)
         watch.wait_done(threading.Event(), 5.0)
@@ -108,3 +108,35 @@ def test_a_wait_on_an_operation_whose_peer_never_comes_leaves_when_stopped(store
     assert time.monotonic() - t0 < 5
     broadcast(pg, torch.ones(16), 10.0).wait()  # (let the pending receive complete before teardown)
     work.wait()
+
+
+class StuckStore:
+    """A store whose every call blocks: a connection that stalls (a DNS timeout inside torch's
+    connect took 5 s here)."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def add(self, key, n):
+        self.release.wait(30)
+        return 0
+
+    def check(self, keys):
+        return False
+
+    def set(self, key, value):
+        pass
+
+
+def test_closing_a_stuck_heartbeat_waits_once_not_once_per_call():
+    """The receive path closes its heartbeat when done and again on the way out: a heartbeat stuck
+    in a store call cost the worker 5 s per call (10 s) after its data had arrived."""
+    stuck = StuckStore()
+    beat = Heartbeat(stuck, "g", 1)
+    try:
+        t0 = time.monotonic()
+        beat.close(done=True)
+        beat.close()
+        assert 4.5 < time.monotonic() - t0 < 7.0
+    finally:
+        stuck.release.set()

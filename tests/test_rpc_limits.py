@@ -210,3 +210,32 @@ def test_worker_ids_are_validated_and_the_registry_is_bounded(served, session):
     s.Register(pb.RegisterRequest(header=pb.Header(pool="bf16", worker_id="bf16-0"), engine="hf"), timeout=10)
     status = s.GetStatus(pb.StatusRequest(), timeout=10)
     assert len(status.workers) == bound and status.ByteSize() < 64 * 1024
+
+
+def test_weight_metrics_label_only_the_runs_pools_and_dtypes(session):
+    """Each distinct label value is a series the trainer keeps and renders at every scrape: a
+    worker's pool or dtype strings (300 streams with 1 MiB pool names had made one /metrics render
+    5.4 GB) become "unknown" unless they are the run's."""
+    from dcmdp_trainer.observability import TrainerMetrics
+    from prometheus_client import generate_latest
+
+    publisher = WeightPublisher(keep=2, skip=("lm_head.weight",))
+    publisher.publish(session.version, session.weights(session.version))
+    metrics = TrainerMetrics()
+    server, port = start_server(Coordinator(session, publisher), publisher, TOKEN, run=session.run, runtime=metrics)
+    try:
+        s = stub(port)
+        for k in range(5):
+            list(s.StreamWeights(pb.WeightRequest(header=pb.Header(pool=f"p{k}" * 1000, worker_id="w"), version=-1,
+                                                  dtype="fp32"), timeout=30))
+            with pytest.raises(grpc.RpcError):
+                list(s.StreamWeights(pb.WeightRequest(header=pb.Header(pool="bf16", worker_id="w"), version=-1,
+                                                      dtype=f"d{k}"), timeout=30))
+        list(s.StreamWeights(pb.WeightRequest(header=pb.Header(pool="bf16", worker_id="w"), version=-1, dtype="bf16"),
+                             timeout=30))
+    finally:
+        server.stop(grace=None)
+    text = generate_latest(metrics.registry).decode()
+    series = {line.split(" ")[0] for line in text.splitlines() if line.startswith("dcmdp_weight_sync_bytes_total")}
+    assert series == {'dcmdp_weight_sync_bytes_total{dtype="fp32",pool="unknown"}',  # (refused dtypes: none)
+                      'dcmdp_weight_sync_bytes_total{dtype="bf16",pool="bf16"}'}, series

@@ -181,7 +181,7 @@ class WeightManifest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class BroadcastTicket(_message.Message):
-    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes")
+    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes", "proof")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class BroadcastTicket(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     JOIN_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PART_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     header: Header
     manifest: WeightManifest
     group: str
@@ -204,7 +205,8 @@ class BroadcastTicket(_message.Message):
     backend: str
     join_timeout_ms: int
     part_bytes: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("version", "offset", "data", "crc32")

@@ -42,6 +42,12 @@ class BroadcastLink:
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     @property
+    def store(self):
+        """The client of the trainer's store the held group was opened with (None when none is held):
+        kept with the group, so the worker's heartbeats need no connection of their own."""
+        return self._store
+
+    @property
     def held(self) -> str:
         """The name of the group held open ("" when none): what ``JoinBroadcast`` is told."""
         return self._key[0] if self._pg is not None and self._key is not None else ""

@@ -28,7 +28,7 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
-from dcmdp.transport.collective import Heartbeat, broadcast, wait
+from dcmdp.transport.collective import Heartbeat, broadcast, gather, proof_tensor, wait
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
@@ -277,13 +277,15 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
     own = link is None
     link = link or BroadcastLink()
     completed = False
-    # signs of life while receiving: the trainer fails the round at once if this process dies
-    beat = Heartbeat(ticket.store_host or host, ticket.store_port, ticket.group, ticket.rank, join_s)
-    pg = posted = started = None
+    beat: Optional[Heartbeat] = None
+    pg = posted = started = proved = None
     try:
         try:
             pg, stats.reused_group = link.group(ticket, host, timeout_s, join_s)
             stats.connect_seconds = time.perf_counter() - t0
+            # signs of life while receiving, on the link's store connection: the trainer fails the
+            # round at once if this process dies
+            beat = Heartbeat(link.store, ticket.group, ticket.rank)
             size = min(layout.bucket_bytes, layout.total_bytes)
             device = "cuda" if ticket.backend == "nccl" else "cpu"  # NCCL moves device memory only
             bufs, crcs = link.buffers(RECEIVE_DEPTH, size, device)
@@ -298,10 +300,12 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 works = [broadcast(pg, data[a - lo:b - lo], timeout_s) for a, b in layout.parts(i, part)]
                 posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
 
+            proved = gather(pg, [], proof_tensor(ticket.proof, device), join_s, root=0)  # (see the trainer's check)
             start = torch.full((1,), -1, dtype=torch.int64, device=device)
-            started = broadcast(pg, start, join_s)  # the round's first operation: its version
+            started = broadcast(pg, start, join_s)  # the round's version, sent once every proof checked out
             for i in range(min(RECEIVE_DEPTH, layout.buckets)):
                 post(i)
+            wait(proved, beat.failed)
             wait(started, beat.failed)
             if int(start.item()) != manifest.version:
                 raise RuntimeError(f"broadcast group out of step: the trainer sends version {int(start.item())}, "
@@ -322,10 +326,11 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
         except RuntimeError as exc:  # a peer died, the trainer aborted the group, a timeout
             event("broadcast failed: fetching the rest over the stream", error=str(exc).splitlines()[0][:200])
         finally:
-            beat.close()
+            if beat is not None:
+                beat.close()
             # no reference to the group may outlive the link's: the last one runs gloo's teardown, which
             # after a lost peer blocks until the operations' timeout (release_group does it off this thread)
-            pg = posted = started = None
+            pg = posted = started = proved = None
             if own or not completed:
                 link.drop(buffers=not completed)  # (a group left mid-round is out of step: never reused)
         missing = receiver.missing()

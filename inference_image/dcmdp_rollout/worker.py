@@ -35,7 +35,7 @@ from dcmdp.spec import parse_run
 from dcmdp.transport.channel import open_channel
 from dcmdp_rollout.observability import WorkerMetrics
 from dcmdp_rollout.broadcast_link import BroadcastLink
-from dcmdp_rollout.weights import fetch_weights, receive_broadcast
+from dcmdp_rollout.weights import WeightFetchError, fetch_weights, receive_broadcast
 
 FATAL = {grpc.StatusCode.UNAUTHENTICATED: "the trainer rejected the run token",
          grpc.StatusCode.NOT_FOUND: "the trainer does not know this pool",
@@ -91,13 +91,16 @@ class Worker:
                     backoff = 0.2
                     self._loop()
                     return EXIT_OK
-                except grpc.RpcError as exc:
-                    code = exc.code()
+                except (grpc.RpcError, WeightFetchError) as exc:
+                    # a weight fetch that gave up (the trainer went away mid-sync) is the trainer
+                    # unreachable too: retry and register again, as after a failed call
+                    code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                    details = (exc.details() or "") if isinstance(exc, grpc.RpcError) else str(exc)
                     if code in FATAL:
-                        self._log("error", FATAL[code], code=code.name, details=exc.details())
+                        self._log("error", FATAL[code], code=code.name, details=details)
                         return EXIT_FATAL
                     now = time.monotonic()
-                    if code == grpc.StatusCode.UNAVAILABLE and (exc.details() or "").startswith("trainer starting"):
+                    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("trainer starting"):
                         self._log("info", "trainer starting: waiting", target=self.target)
                         self.failing_since = None  # it answers: not unreachable
                         time.sleep(1.0)
@@ -108,8 +111,9 @@ class Worker:
                                   seconds=round(now - self.failing_since, 1), code=code.name)
                         return EXIT_UNREACHABLE
                     self.metrics.reconnects.inc()
+                    why = {"error": str(exc).splitlines()[0][:200]} if isinstance(exc, WeightFetchError) else {}
                     self._log("warning", "trainer unreachable: retrying", target=self.target, code=code.name,
-                              backoff_s=backoff)
+                              backoff_s=backoff, **why)
                     time.sleep(backoff)
                     backoff = min(5.0, backoff * 2)
             return EXIT_OK

@@ -53,7 +53,8 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, LifeWatch, broadcast, failed_key, master_store, open_group,
+from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, failed_key, gather, master_store,
+                                        open_group,
                                         release_group, wait, wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
@@ -84,6 +85,7 @@ class Ticket:
     prepared: Prepared
     backend: str
     part_bytes: int
+    proof: bytes = b""  # what this rank shows the trainer before any weight is sent (PROOF_BYTES random bytes)
 
 
 @dataclass(eq=False)
@@ -111,6 +113,7 @@ class Round:
     group: Optional[Group] = None  # set when the round closes
     done: bool = False  # its last operation completed, or it failed
     ranks: list[int] = field(default_factory=list)  # the rank of each joiner in ``group``
+    proofs: list[bytes] = field(default_factory=list)  # each joiner's proof of its ticket (fresh every round)
     stopped: threading.Event = field(default_factory=threading.Event)  # given up: stop waiting for its operations
 
 
@@ -191,7 +194,7 @@ class BroadcastHub:
             if r.group is None:  # the round could not get a group: stream
                 return None
             return Ticket(r.group.name, r.ranks[k], len(r.members) + 1, prep, r.group.backend,
-                          part_bytes(prep.layout.bucket_bytes))
+                          part_bytes(prep.layout.bucket_bytes), r.proofs[k])
 
     def _gathered(self, r: Round) -> bool:
         want = self.expected(r.key[1]) if self.expected else 0
@@ -252,6 +255,7 @@ class BroadcastHub:
                 kept = self._groups.get(frozenset(r.members))
             try:
                 r.group, r.ranks = self._group_for(r)
+                r.proofs = [secrets.token_bytes(PROOF_BYTES) for _ in r.members]
             except Exception:  # noqa: BLE001 - never leave the joiners waiting: they stream instead
                 self._rounds.pop(r.key, None)
                 raise
@@ -263,7 +267,7 @@ class BroadcastHub:
         try:
             sent = self._broadcast(r, world)
         except RuntimeError as exc:  # a peer died or stalled: it (and the others) fetch over the stream
-            error = str(exc).splitlines()[0][:300]
+            error = str(exc).splitlines()[0].replace(r.group.name, "<group>")[:300]  # (no store key in logs)
         finally:
             self._end(r, ok=False)  # (after a success: already ended, nothing to do)
         result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
@@ -324,6 +328,18 @@ class BroadcastHub:
 
         watch = LifeWatch(self.store, g.name, world, gone)
         try:
+            # Every rank shows the proof its ticket carries (a gather to the trainer) before any weight
+            # is sent: the store lists its keys to anyone, group names included, so a peer without the
+            # token can take a rank; it cannot show a proof, and the round fails with nothing sent.
+            expected = {rank: proof for rank, proof in zip(r.ranks, r.proofs)}
+            shown = [torch.zeros(PROOF_BYTES // 8, dtype=torch.int64, device=device) for _ in range(world)]
+            wait(gather(pg, [shown], torch.zeros(PROOF_BYTES // 8, dtype=torch.int64, device=device),
+                        self.join_timeout_s), stopped)
+            impostors = [rank for rank in range(1, world)
+                         if shown[rank].cpu().numpy().tobytes() != expected.get(rank, b"")]
+            if impostors:
+                raise RuntimeError(f"rank(s) {impostors} of the group did not show their ticket's proof (a peer "
+                                   "without the run token took their place): nothing was sent")
             # The round's first operation: its version, within the join timeout. Every rank must
             # post it (a kept group has no rendezvous to fail instead), and a worker checks the value:
             # a group out of step with the trainer fails here, before any bucket.

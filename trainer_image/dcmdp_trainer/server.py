@@ -21,7 +21,7 @@ from dcmdp.engine import Sample
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
-from dcmdp.transport.buckets import WeightCastError
+from dcmdp.transport.buckets import WIRE_DTYPES, WeightCastError
 from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected
@@ -116,10 +116,16 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self.hub = hub or self.hub
         self.coord = coord
 
+    def _pool_label(self, pool: str) -> str:
+        """A worker-supplied pool name as a metric label: one of the run's pools, else "unknown"
+        (every distinct label value is a series the trainer keeps: a caller's strings must not
+        make them grow without bound)."""
+        return pool if self.coord is not None and pool in self.coord.pools else "unknown"
+
     def _round(self, r) -> None:
         if self.runtime:
             for pool in r.pools:  # the bytes each receiving worker was sent
-                self.runtime.weights_served(pool, r.dtype, r.bytes, r.seconds)
+                self.runtime.weights_served(self._pool_label(pool), r.dtype, r.bytes, r.seconds)
         if self.log:
             self.log.info("weights broadcast", extra={"fields": {**vars(r), "pools": list(r.pools)}})
 
@@ -257,6 +263,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             reply.timeout_ms = int(self.hub.timeout_s * 1000)
             reply.join_timeout_ms = int(self.hub.join_timeout_s * 1000)
             reply.part_bytes = ticket.part_bytes
+            reply.proof = ticket.proof
         return reply
 
     def StreamWeights(self, request, context):
@@ -279,7 +286,9 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             self.watchdog.done(key)
             self.streams.give()
             if self.runtime:
-                self.runtime.weights_served(request.header.pool or "?", request.dtype or "fp32", sent,
+                dtype = request.dtype or "fp32"
+                self.runtime.weights_served(self._pool_label(request.header.pool),
+                                            dtype if dtype in WIRE_DTYPES else "unknown", sent,
                                             time.perf_counter() - t0)
 
     def GetStatus(self, request, context):
