@@ -101,8 +101,9 @@ with tempfile.TemporaryDirectory() as folder:
     master = engine.master.state_dict()
     load_ok = all(torch.equal(master[e.name], state[e.name].to(torch.bfloat16).float()) for e in layout.entries)
     weight_load = {"wire_mib": round(layout.total_bytes / 2**20, 1), "buckets": layout.buckets,
-                   "fill_s": round(statistics.median(fills), 5), "load_s": round(statistics.median(loads), 5),
-                   "d2d_copy_s": round(statistics.median(copies), 5),
+                   # 4 significant digits: a tiny model's copy takes microseconds (rounding to 5 decimals made it 0)
+                   "fill_s": float(f"{statistics.median(fills):.4g}"), "load_s": float(f"{statistics.median(loads):.4g}"),
+                   "d2d_copy_s": float(f"{statistics.median(copies):.4g}"),
                    "load_over_copy": round(statistics.median(loads) / max(statistics.median(copies), 1e-9), 2),
                    "load_gib_s": round(layout.total_bytes / 2**30 / statistics.median(loads), 2),
                    "loaded_weights_match": load_ok}
