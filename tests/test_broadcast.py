@@ -107,14 +107,23 @@ def joined_and_received(served: Served, worker: str):
     return served.receive(worker, served.join(worker))
 
 
+def all_received(served: Served, runs, timeout_s: float) -> list:
+    """Join the receiving threads ``runs`` (from :func:`in_thread`), check every worker got the
+    snapshot; each one's FetchStats."""
+    out = []
+    for t, result in runs:
+        t.join(timeout_s)
+        assert "error" not in result, result.get("error")
+        tensors, stats = result["value"]
+        served.check(tensors)
+        out.append(stats)
+    return out
+
+
 @pytest.mark.parametrize("served", [{"expected": 2}], indirect=True)
 def test_two_workers_receive_one_broadcast(served):
     runs = [in_thread(joined_and_received, served, f"w{i}") for i in range(2)]
-    for t, out in runs:
-        t.join(60)
-        assert "error" not in out, out.get("error")
-        tensors, stats = out["value"]
-        served.check(tensors)
+    for stats in all_received(served, runs, 60):
         assert stats.broadcast_bytes == stats.bytes == stats.total_bytes and stats.refetched == 0
     r = served.wait_round()
     assert r.world_size == 3 and r.error == "" and r.bytes == stats.total_bytes
@@ -456,11 +465,7 @@ def test_a_worker_killed_mid_transfer_stalls_the_others_seconds_not_the_data_tim
     try:
         t0 = time.monotonic()
         survivors = [in_thread(joined_and_received, served, f"survivor-{k}") for k in range(2)]
-        for t, out in survivors:
-            t.join(120)
-            assert "error" not in out, out.get("error")
-            tensors, stats = out["value"]
-            served.check(tensors)
+        all_received(served, survivors, 120)
         assert time.monotonic() - t0 < 20, "the survivors waited for the data timeout"
         assert doomed.wait(30) == -signal.SIGKILL
         assert served.wait_round().error

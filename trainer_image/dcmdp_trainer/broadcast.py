@@ -53,9 +53,8 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, failed_key, gather, master_store,
-                                        open_group,
-                                        release_group, wait, wait_released)
+from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, failed_key, gather,
+                                        master_store, open_group, release_group, wait, wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
