@@ -1,5 +1,5 @@
 """The collective data plane against a real trainer server and real gloo groups: workers that join
-a broadcast, a late joiner on the stream, a damaged bucket re-fetched, a worker killed mid-broadcast,
+a broadcast, a late joiner in a round of its own (and one beyond the limit on the stream), a damaged bucket re-fetched, a worker killed mid-broadcast,
 a peer without the token, and a cast that overflows."""
 
 from __future__ import annotations
@@ -131,19 +131,46 @@ def test_two_workers_receive_one_broadcast(served):
 
 
 @pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
-def test_a_late_joiner_is_served_over_the_stream(served):
+def test_a_late_joiner_gets_a_round_of_its_own_and_one_beyond_the_limit_streams(served):
     first = served.join("early")  # the round is closed and waits for "early" to rendezvous
-    late = served.join("late")
-    assert first.group and first.world_size == 2 and late.group == ""  # stream instead
-    tensors, stats = fetch_weights(served.stub(), pb.Header(pool="bf16", worker_id="late"), late.manifest.version,
+    late = served.join("late")  # the next round of the version, beside the first (it waits for no one:
+    assert first.group and first.world_size == 2  # the one expected worker is in the first round)
+    assert late.group and late.group != first.group and late.world_size == 2
+    beyond = served.join("beyond")  # two rounds of the version under way: the stream
+    assert beyond.group == "" and beyond.manifest.version == first.manifest.version
+    tensors, stats = fetch_weights(served.stub(), pb.Header(pool="bf16", worker_id="beyond"), beyond.manifest.version,
                                    "bf16")
     served.check(tensors)
-    tensors, stats = served.receive("early", first)
-    served.check(tensors)
-    assert stats.broadcast_bytes == stats.total_bytes and served.wait_round().error == ""
-    again = served.join("later")  # that round is over: a new one opens
-    assert again.group and again.group != first.group
+    runs = [in_thread(served.receive, "early", first), in_thread(served.receive, "late", late)]
+    for stats in all_received(served, runs, 60):
+        assert stats.broadcast_bytes == stats.total_bytes and stats.refetched == 0
+    served.wait_round(2)
+    assert [r.error for r in served.hub.results] == ["", ""] and [r.world_size for r in served.hub.results] == [2, 2]
+    again = served.join("later")  # both rounds are over: a new one opens
+    assert again.group and again.group not in (first.group, late.group)
     served.check(served.receive("later", again)[0])
+
+
+@pytest.mark.parametrize("served", [{"expected": 3, "gather_s": 0.3}], indirect=True)
+def test_a_late_round_waits_only_for_the_workers_not_in_the_first(served):
+    # three workers expected: two join the first round, which closes after its gathering time
+    # without the third; the third, late, gets a round of its own at once (the two others are
+    # accounted for), not after another gathering time
+    runs = [in_thread(served.join, w) for w in ("a", "b")]
+    tickets = []
+    for t, out in runs:
+        t.join(30)
+        tickets.append(out["value"])
+    assert tickets[0].group == tickets[1].group and tickets[0].world_size == 3
+    t0 = time.monotonic()
+    late = served.join("c")
+    assert late.group and late.group != tickets[0].group and late.world_size == 2
+    assert time.monotonic() - t0 < 0.25  # (a gathering time is 0.3 s)
+    runs = [in_thread(served.receive, w, tk) for w, tk in (("a", tickets[0]), ("b", tickets[1]), ("c", late))]
+    for stats in all_received(served, runs, 60):
+        assert stats.broadcast_bytes == stats.total_bytes
+    served.wait_round(2)
+    assert sorted(r.world_size for r in served.hub.results) == [2, 3] and all(not r.error for r in served.hub.results)
 
 
 def linked_round(served: Served, worker: str, link: BroadcastLink, held: str | None = None):

@@ -2,11 +2,15 @@
 
 A worker that needs version v in dtype d calls ``JoinBroadcast``. The first caller opens a round
 for (v, d); the round gathers joiners for up to ``gather_s`` seconds (or until every worker that
-``expected(d)`` counts has joined), then closes: every joiner gets the same secret group name,
-its rank and the world size, and the trainer (rank 0) broadcasts the buckets over a
-torch.distributed group (``dcmdp.transport.collective``). A worker that asks while a round of
-(v, d) is broadcasting is told to use the gRPC stream (the late joiner's fallback); one that asks
-after it ended opens a new round.
+``expected(d)`` counts has joined, less those in another round of (v, d) under way), then closes:
+every joiner gets the same secret group name, its rank and the world size, and the trainer (rank
+0) broadcasts the buckets over a torch.distributed group (``dcmdp.transport.collective``). A worker
+that asks while a round of (v, d) is broadcasting (a late joiner: workers finish their leases at
+different times) opens the next round, which gathers the other late joiners and broadcasts beside
+the first: the gRPC stream moves a snapshot ~8x slower (0.4 GiB/s against 3.4 on loopback), so a
+late joiner waits for no one and never streams a whole version. At most
+``MAX_ROUNDS_PER_VERSION`` rounds of one (v, d) run at once; a joiner beyond them is told to use
+the stream.
 
 Groups are kept between rounds, as vLLM keeps its weight-update group: a group is opened for a set
 of workers (by pool and worker id) the first time they broadcast together, and the next round of
@@ -63,6 +67,9 @@ from dcmdp_trainer.weights import Prepared, WeightPublisher
 # the snapshot holds none, so up to this many go out back to back (4 gloo work threads serve them).
 PARTS_IN_FLIGHT = 4
 MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is closed
+# Rounds of one (version, dtype) at once: the one under way and one for the joiners late to it
+# (each cast wire's round holds a pair of half-bucket buffers: two rounds, two buckets).
+MAX_ROUNDS_PER_VERSION = 2
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -144,7 +151,8 @@ class BroadcastHub:
         self.store = master_store(host, timeout_s)
         self.port = self.store.port
         self._cond = threading.Condition()
-        self._rounds: dict[tuple[int, str], Round] = {}
+        self._rounds: dict[tuple[int, str], Round] = {}  # the latest round of each (version, dtype) under way
+        self._active: dict[tuple[int, str], list[Round]] = {}  # every round of each (version, dtype) under way
         self._groups: dict[frozenset[tuple[str, str]], Group] = {}  # kept groups, by their members
         self.results: deque[RoundResult] = deque(maxlen=RESULTS_KEPT)  # the latest rounds' outcomes
         self.rounds = 0  # rounds ended since the hub opened (``results`` keeps the last RESULTS_KEPT)
@@ -169,8 +177,8 @@ class BroadcastHub:
         return "nccl" if any(t.is_cuda for t in prep.state.values()) else "gloo"
 
     def join(self, version: int, dtype: str, pool: str = "", worker: str = "", held: str = "") -> Optional[Ticket]:
-        """A ticket for the round of (version, dtype), after the round's gathering closes; None
-        when a broadcast of it is already under way (stream it instead). ``worker``: the joiner's
+        """A ticket for the round of (version, dtype) now gathering, after its gathering closes; None
+        when ``MAX_ROUNDS_PER_VERSION`` rounds of it are under way (stream it instead). ``worker``: the joiner's
         id within ``pool`` (without one, its group is never kept); ``held``: the group the joiner
         still holds open from an earlier round. Raises what :meth:`WeightPublisher.prepared` raises."""
         prep = self.publisher.prepared(version, dtype)
@@ -178,10 +186,11 @@ class BroadcastHub:
         member = (pool, worker) if worker else ("", "")  # anonymous: its rounds' groups are never kept
         with self._cond:
             r = self._rounds.get(key)
-            if r is not None and r.closed:
-                return None
-            if r is None:
+            if r is None or r.closed:  # none under way, or it is broadcasting: the next round of (v, d)
+                if len(self._active.get(key, ())) >= MAX_ROUNDS_PER_VERSION:
+                    return None
                 r = self._rounds[key] = Round(key, prep)
+                self._active.setdefault(key, []).append(r)
                 threading.Thread(target=self._run, args=(r,), name=f"broadcast-v{key[0]}-{dtype}", daemon=True).start()
             k = len(r.members)
             r.members.append(member)
@@ -196,8 +205,13 @@ class BroadcastHub:
                           part_bytes(prep.layout.bucket_bytes), r.proofs[k])
 
     def _gathered(self, r: Round) -> bool:
+        """Every expected worker of the dtype has joined ``r`` or another round of its (v, d) under
+        way (under the lock). Nothing expected (no count): only the gathering time closes it."""
         want = self.expected(r.key[1]) if self.expected else 0
-        return want > 0 and len(r.members) >= want
+        if want <= 0:
+            return False
+        elsewhere = sum(len(x.members) for x in self._active.get(r.key, ()) if x is not r)
+        return len(r.members) >= max(1, want - elsewhere)
 
     def _group_for(self, r: Round) -> tuple[Group, list[int]]:
         """(the group of a closing round, each joiner's rank in it): the kept group of exactly these
@@ -256,7 +270,7 @@ class BroadcastHub:
                 r.group, r.ranks = self._group_for(r)
                 r.proofs = [secrets.token_bytes(PROOF_BYTES) for _ in r.members]
             except Exception:  # noqa: BLE001 - never leave the joiners waiting: they stream instead
-                self._rounds.pop(r.key, None)
+                self._forget(r)
                 raise
             finally:
                 r.closed = True
@@ -283,7 +297,7 @@ class BroadcastHub:
             if r.done:
                 return
             r.done = True
-            self._rounds.pop(r.key, None)
+            self._forget(r)
             g = r.group
             assert g is not None
             g.busy, g.used = False, time.monotonic()
@@ -294,6 +308,16 @@ class BroadcastHub:
             if g.retired:
                 self._retire(g)
             self._cond.notify_all()
+
+    def _forget(self, r: Round) -> None:
+        """``r`` is no longer under way (under the lock)."""
+        if self._rounds.get(r.key) is r:
+            del self._rounds[r.key]
+        active = self._active.get(r.key, [])
+        if r in active:
+            active.remove(r)
+        if not active:
+            self._active.pop(r.key, None)
 
     def kept_groups(self) -> int:
         """Groups kept open for their workers' next round."""
@@ -402,7 +426,7 @@ class BroadcastHub:
         """Close every kept group; abort the rounds under way (their peers stream) and wait up to
         ``timeout_s`` for their threads; returns once the groups are torn down."""
         with self._cond:
-            for r in list(self._rounds.values()):  # each stops waiting, and so do its workers
+            for r in [x for rounds in self._active.values() for x in rounds]:  # each stops waiting, and so do its workers
                 if r.group is not None:
                     r.stopped.set()
                     try:
