@@ -77,6 +77,19 @@ def test_a_cast_that_overflows_is_an_error_naming_tensor_magnitude_and_dtype():
         check_cast(nan, plan(nan, "fp32"))
 
 
+def test_fp8_weights_are_checked_and_sent_though_aminmax_lacks_the_dtype(monkeypatch):
+    import dcmdp.transport.buckets as buckets
+
+    monkeypatch.setattr(buckets, "PEAK_CHUNK", 4)  # several chunks, the last one short
+    w = torch.tensor([0.5, -448.0, 3.0, 1.0, 2.0, -6.0, 0.25, 7.0, 9.0, 1.5], dtype=torch.float8_e4m3fn)
+    state = {"layer.w": w}
+    got = buckets.loopback(state, "bf16")["layer.w"]  # checked, filled and assembled as a worker would
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), w.float())
+    nan = {"layer.w": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, float("nan")]).to(torch.float8_e4m3fn)}
+    with pytest.raises(WeightCastError, match="tensor layer.w: largest magnitude nan"):
+        check_cast(nan, plan(nan, "bf16"))
+
+
 def test_a_bucket_inside_one_tensor_of_the_wire_dtype_is_a_view_of_it_not_a_copy():
     state = {"small": torch.randn(8), "big": torch.randn(128), "half": torch.randn(64).to(torch.bfloat16)}
     lay = plan(state, "fp32", bucket_bytes=128)  # small: [0, 32); big: [64, 576); half (cast): [576, 832)

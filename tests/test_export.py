@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -237,3 +240,37 @@ def test_the_export_serves_in_vllm_with_the_trained_weights(run_dir, tmp_path):
     print(f"vllm vs export: max |dlogprob| {exported.max():.2e}; vs the starting model {started.max():.2e}")
     assert exported.max() < 1e-4, exported.max()
     assert started.max() > 10 * max(exported.max(), 1e-6), (started.max(), exported.max())
+
+
+def test_a_killed_exports_leftover_is_deleted_by_the_next_and_a_running_ones_is_not(run_dir, tmp_path, capsys):
+    to = tmp_path / "hf"
+    killed = tmp_path / ".hf.k1lled_1"  # what an export killed midway leaves: its lock file, held by no one
+    killed.mkdir()
+    (killed / ".dcmdp-export.lock").touch()
+    (killed / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    running = tmp_path / ".hf.running1"  # an export running now: its lock is held (by another process)
+    running.mkdir()
+    (running / ".dcmdp-export.lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, sys, time
+        f = open({str(running / '.dcmdp-export.lock')!r}, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print("held", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        other = tmp_path / ".hf.n0lock00"  # no lock file (an export that has just made it): left alone
+        other.mkdir()
+        assert main(["export", str(run_dir), "--to", str(to)]) == 0
+        err = capsys.readouterr().err
+        assert f"deleted {killed} (3 MiB)" in err and "killed midway" in err
+        assert not killed.exists() and running.is_dir() and other.is_dir()
+        assert not (to / ".dcmdp-export.lock").exists()  # (the lock file is not part of the export)
+        AutoModelForCausalLM.from_pretrained(str(to))
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    shutil.rmtree(to)
+    assert main(["export", str(run_dir), "--to", str(to)]) == 0  # the holder is gone: its folder goes too
+    assert not running.exists() and other.is_dir()

@@ -153,11 +153,29 @@ def check_cast(state: Mapping[str, "torch.Tensor"], layout: Layout) -> None:
         t = state[e.name]
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        lo, hi = torch.aminmax(t.detach())
-        peak = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+        peak = _peak(t.detach())
         if not torch.isfinite(peak.to(dtype_from_name(e.dtype))):
             raise WeightCastError(f"tensor {e.name}: largest magnitude {peak.item():.6g} ({t.dtype}) is not finite "
                                   f"in the wire dtype {e.dtype}; nothing was sent")
+
+
+PEAK_CHUNK = 1 << 24  # elements upcast at a time where aminmax lacks the dtype (64 MiB of fp32)
+
+
+def _peak(t: "torch.Tensor") -> "torch.Tensor":
+    """``max |t|`` as a float64 scalar tensor (NaN if any element is NaN). ``aminmax`` where the
+    dtype has it; else (the float8 types) over chunks upcast to fp32, an exact widening, so the
+    check costs at most one chunk of memory."""
+    # optional and heavy (the ml extra): the core imports without it
+    import torch
+
+    try:
+        lo, hi = torch.aminmax(t)
+        return torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+    except (NotImplementedError, RuntimeError):  # "aminmax_cpu" not implemented for 'Float8_e4m3fn'
+        flat = t.reshape(-1)
+        peaks = [flat[a:a + PEAK_CHUNK].float().abs().amax() for a in range(0, flat.numel(), PEAK_CHUNK)]
+        return torch.stack(peaks).amax().to(torch.float64)  # (amax propagates NaN)
 
 
 def fill(state: Mapping[str, "torch.Tensor"], layout: Layout, i: int, out: "torch.Tensor") -> "torch.Tensor":

@@ -22,8 +22,11 @@ The checkpoint is verified (size and sha256 against its record) and memory-mappe
 state is never read. Each weight is cast to ``dtype`` (``auto``: the starting model's
 ``torch_dtype``, else fp32) and checked: a value that is not finite after the cast is an error
 naming the tensor, its largest magnitude and the dtype, and nothing is written. The folder is
-written under a temporary name beside ``to`` (``.NAME.*``; an export killed midway leaves it there,
-to delete) and renamed into place, so ``to`` is either complete or absent. A non-empty ``to`` is
+written under a temporary name beside ``to`` (``.NAME.*``, holding a lock file the exporting
+process keeps locked) and renamed into place, so ``to`` is either complete or absent. An export
+killed midway leaves its temporary folder (a partial model: gigabytes); the next export to the same
+``to`` deletes every such folder whose lock no process holds any more (the kernel drops a killed
+process's ``flock``) and says so in its notes; a folder of an export still running is left alone. A non-empty ``to`` is
 replaced only with ``overwrite`` and only when it is an earlier export (it holds
 ``dcmdp_export.json``); ``to`` may not be the run folder, lie inside it or hold it, be a file or a
 symbolic link. Every refusal and failure is an :class:`ExportError` naming the cause.
@@ -31,8 +34,10 @@ symbolic link. Every refusal and failure is an :class:`ExportError` naming the c
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -50,6 +55,7 @@ from dcmdp_trainer import checkpoint
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 MARKER = "dcmdp_export.json"  # what an export folder holds: the only kind ``overwrite`` replaces
+LOCK = ".dcmdp-export.lock"  # in an export's temporary folder, locked while the export runs
 
 
 class ExportError(RuntimeError):
@@ -109,6 +115,44 @@ def _check_destination(out: Path, to: Path, overwrite: bool) -> None:
             raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace an earlier export")
         if not (dest / MARKER).is_file():
             raise ExportError(f"--to {to} holds files and no {MARKER}: not an earlier export, not replaced")
+
+
+def _lock(folder: Path):
+    """An exclusive ``flock`` on ``folder``'s lock file (the open file: the lock lasts while it
+    does, and the kernel drops it when the process dies, however it dies)."""
+    f = open(folder / LOCK, "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def _remove_leftovers(to: Path) -> list[str]:
+    """Delete the temporary folders of exports to ``to`` that were killed midway: ``.NAME.XXXXXXXX``
+    beside ``to`` holding a lock file nobody holds. Returns a note per folder deleted (empty: none).
+    A folder without the lock file (an export that has just created it, or an older dcmdp's) and
+    one whose lock is held (an export running now) are left alone."""
+    notes = []
+    pattern = re.compile(re.escape(f".{to.name}.") + r"[A-Za-z0-9_]{8}")
+    try:
+        beside = list(to.parent.iterdir()) if to.parent.is_dir() else []
+    except OSError:
+        return notes
+    for d in beside:
+        if not pattern.fullmatch(d.name) or d.is_symlink() or not d.is_dir() or not (d / LOCK).is_file():
+            continue
+        try:
+            fd = os.open(d / LOCK, os.O_RDWR)  # (never created here: an export that has just unlinked it keeps its folder)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while an export holds it)
+            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(d)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        notes.append(f"deleted {d} ({size / 2**20:.0f} MiB): left by an export to the same folder that was killed midway")
+    return notes
 
 
 def _install(tmp: Path, to: Path, out: Path, overwrite: bool) -> None:
@@ -252,11 +296,17 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
         model.tie_weights()
     model.config.dtype = target
 
+    leftovers = _remove_leftovers(to)
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     except OSError as exc:
         raise ExportError(f"--to {to}: cannot write beside it ({exc.strerror or exc})") from None
+    try:
+        held = _lock(tmp)
+    except OSError as exc:  # (a file system without flock)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"--to {to}: cannot lock {tmp / LOCK} ({exc.strerror or exc})") from None
     try:
         for f in model_dir.iterdir():  # tokenizer, generation config, chat template…
             if f.is_file() and not any(f.match(p) for p in WEIGHT_FILES):
@@ -269,9 +319,10 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
         nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         result = ExportResult(str(to), int(state.get("step", -1)), int(state.get("version", -1)), path.name,
                               str(record.get("sha256", "")), str(target).removeprefix("torch."), params, nbytes,
-                              tuple(skipped), prompts, tuple(notes))
+                              tuple(skipped), prompts, tuple(leftovers + notes))
         fields = {k: v for k, v in asdict(result).items() if k not in ("folder", "skipped", "notes")}
         (tmp / MARKER).write_text(json.dumps({"run": run_name, **fields}, indent=2))
+        (tmp / LOCK).unlink()  # (still held: a cleaner finds no lock file and leaves the folder alone)
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.iterdir():  # (mkdtemp and the safetensors writer make them private)
@@ -282,4 +333,5 @@ def export_run(out: Path, to: Path, *, step: Optional[int] = None, dtype: str = 
         raise ExportError(f"--to {to}: cannot write it ({exc})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # (gone already once installed)
+        held.close()
     return result
