@@ -151,6 +151,15 @@ def test_a_late_joiner_gets_a_round_of_its_own_and_one_beyond_the_limit_streams(
     served.check(served.receive("later", again)[0])
 
 
+def test_the_hub_keeps_at_most_two_buffer_pairs_after_rounds_that_ran_at_once(served):
+    pairs = [served.hub._take_pair(1 << 10, "cpu") for _ in range(3)]  # three rounds at once, each its pair
+    for pair in pairs:
+        served.hub._give_pair(pair)
+    assert len(served.hub._spare) == 2  # (the third is freed: no more than two buckets stay allocated)
+    got = served.hub._take_pair(1 << 10, "cpu")
+    assert any(got is p for p in pairs[:2])
+
+
 @pytest.mark.parametrize("served", [{"expected": 3, "gather_s": 0.3}], indirect=True)
 def test_a_late_round_waits_only_for_the_workers_not_in_the_first(served):
     # three workers expected: two join the first round, which closes after its gathering time

@@ -70,6 +70,7 @@ MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is 
 # Rounds of one (version, dtype) at once: the one under way and one for the joiners late to it
 # (each cast wire's round holds a pair of half-bucket buffers: two rounds, two buckets).
 MAX_ROUNDS_PER_VERSION = 2
+SPARE_PAIRS = 2  # bucket buffer pairs kept between rounds (one bucket each)
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -168,8 +169,11 @@ class BroadcastHub:
         return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
 
     def _give_pair(self, pair: list[torch.Tensor]) -> None:
+        """Keep ``pair`` for a later round, unless ``SPARE_PAIRS`` are kept already (rounds that ran at
+        the same time, a late joiner's beside the first, leave no more than that behind)."""
         with self._cond:
-            self._spare.append(pair)
+            if len(self._spare) < SPARE_PAIRS:
+                self._spare.append(pair)
 
     @staticmethod
     def backend_of(prep: Prepared) -> str:
