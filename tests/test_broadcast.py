@@ -249,10 +249,38 @@ def test_a_group_is_kept_only_for_its_exact_workers_holding_its_name(served):
 def test_a_joiner_without_a_worker_id_gets_no_kept_group(served):
     link = BroadcastLink()
     try:
-        linked_round(served, "", link)
+        ticket, _ = linked_round(served, "", link)
         assert served.hub.kept_groups() == 0
+        wait_released()  # the group's teardown, then its keys: the store keeps none of a closed group
+        assert not [k for k in served.hub.store.list_keys() if k.startswith(ticket.group)]
     finally:
         link.close()
+
+
+@pytest.mark.parametrize("served", [{"expected": 2, "join_timeout_s": 1.0}], indirect=True)
+def test_a_failed_rendezvous_leaves_no_key_in_the_store(served):
+    runs = [in_thread(served.join, w) for w in ("a", "ghost")]  # "ghost" takes its ticket, never connects
+    tickets = [out["value"] for t, out in runs if t.join(30) is None]
+    stats = served.receive("a", tickets[0])[1]
+    assert stats.broadcast_bytes == 0 and stats.bytes == stats.total_bytes  # (the stream)
+    assert served.wait_round().error  # (the rendezvous failed)
+    wait_released()
+    assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+
+
+def test_a_closed_groups_failed_key_outlives_it_for_its_workers_then_goes(served):
+    from dcmdp_trainer.broadcast import FAILED_KEY_KEPT_S
+
+    hub, g = served.hub, Group("g" * 32, (("bf16", "w"),), "gloo")
+    for key in (f"{g.name}/failed", f"{g.name}//0/0", f"{g.name}/alive/1"):
+        hub.store.set(key, "1")
+    with hub._cond:
+        hub._retire(g)  # a round of it was given up: its workers may not have read "failed" yet
+    wait_released()
+    assert [k for k in hub.store.list_keys() if k.startswith(g.name)] == [f"{g.name}/failed"]
+    with hub._cond:
+        hub._sweep(time.monotonic() + FAILED_KEY_KEPT_S + 1)  # (every later round's closing sweeps)
+    assert not [k for k in hub.store.list_keys() if k.startswith(g.name)]
 
 
 @pytest.mark.parametrize("served", [{"expected": 2, "timeout_s": 30.0, "join_timeout_s": 1.0}], indirect=True)

@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
@@ -308,24 +308,44 @@ _releasing: list[threading.Thread] = []  # teardowns under way (joined by wait_r
 _releasing_lock = threading.Lock()
 
 
-def release_group(holder: list) -> None:
+def release_group(holder: list, then: Optional[Callable[[], None]] = None) -> None:
     """Abort the group in ``holder`` (a one-element list holding the caller's only reference to it,
     emptied here) in a thread of its own, which drops the last reference: the teardown joins gloo's
     I/O threads (20-40 ms on loopback), and an abort or destructor of a gloo group whose operation
     waits on a dead peer blocks until that operation's timeout — neither is for the caller to wait
     for. Whichever thread drops the last reference runs the destructor, so the caller must keep no
-    other one, not even a local variable (hence the list). :func:`wait_released` (also run at exit:
-    a group destroyed while the interpreter shuts down aborts the process) waits for every teardown."""
+    other one, not even a local variable (hence the list). ``then`` runs in that thread once the
+    group is gone (its errors are ignored). :func:`wait_released` (also run at exit: a group
+    destroyed while the interpreter shuts down aborts the process) waits for every teardown."""
     mine = [holder.pop()]
-    t = threading.Thread(target=_teardown, args=(mine,), name="dcmdp-group-release", daemon=True)
+    t = threading.Thread(target=_teardown, args=(mine, then), name="dcmdp-group-release", daemon=True)
     with _releasing_lock:
         _releasing[:] = [x for x in _releasing if x.is_alive()] + [t]
     t.start()
 
 
-def _teardown(mine: list) -> None:
-    close_group(mine[0])
+def _teardown(mine: list, then: Optional[Callable[[], None]] = None) -> None:
+    if mine[0] is not None:  # (None: only ``then``)
+        close_group(mine[0])
     mine.clear()  # (the last reference: the destructor runs here)
+    if then is not None:
+        try:
+            then()
+        except Exception:  # noqa: BLE001 - best effort (the store may be closing)
+            pass
+
+
+def delete_group_keys(store: "dist.Store", group: str, keep: tuple[str, ...] = ()) -> int:
+    """Delete the keys of ``group`` from the trainer's store (gloo's rendezvous addresses, the
+    round keys above), but those in ``keep``, once the group is gone: the store would otherwise
+    keep them for the trainer's life, a few per rank for every group ever opened. Returns how many
+    were deleted."""
+    prefix = group + "/"
+    n = 0
+    for key in store.list_keys():
+        if key.startswith(prefix) and key not in keep:
+            n += bool(store.delete_key(key))
+    return n
 
 
 @atexit.register

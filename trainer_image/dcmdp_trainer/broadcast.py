@@ -57,8 +57,8 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, failed_key, gather,
-                                        master_store, open_group, release_group, wait, wait_released)
+from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, delete_group_keys, failed_key,
+                                        gather, master_store, open_group, release_group, wait, wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -71,6 +71,8 @@ MAX_KEPT_GROUPS = 64  # beyond this many kept groups the least recently used is 
 # (each cast wire's round holds a pair of half-bucket buffers: two rounds, two buckets).
 MAX_ROUNDS_PER_VERSION = 2
 SPARE_PAIRS = 2  # bucket buffer pairs kept between rounds (one bucket each)
+# How long a closed group's ``failed`` key outlives it: its workers poll it every HEARTBEAT_S.
+FAILED_KEY_KEPT_S = 60.0
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -105,6 +107,7 @@ class Group:
     pg: object = None  # the process group, once a round has rendezvoused
     busy: bool = False  # a round is broadcasting over it
     retired: bool = False  # superseded while busy: closed when its round ends
+    released: bool = False  # handed to the teardown (its process group and its store keys)
     used: float = field(default_factory=time.monotonic)
 
 
@@ -158,6 +161,7 @@ class BroadcastHub:
         self.results: deque[RoundResult] = deque(maxlen=RESULTS_KEPT)  # the latest rounds' outcomes
         self.rounds = 0  # rounds ended since the hub opened (``results`` keeps the last RESULTS_KEPT)
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
+        self._failed_keys: deque[tuple[float, str]] = deque()  # (when to delete, key) of closed groups
         self._threads: list[threading.Thread] = []  # round threads (joined by close)
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
@@ -244,7 +248,13 @@ class BroadcastHub:
 
     def _sweep(self, now: float) -> None:
         """Close kept groups idle for ``keep_idle_s`` and, beyond ``MAX_KEPT_GROUPS``, the least
-        recently used (under the lock): the groups of workers that left."""
+        recently used (under the lock): the groups of workers that left. Delete the ``failed`` keys
+        of groups closed over ``FAILED_KEY_KEPT_S`` ago."""
+        while self._failed_keys and self._failed_keys[0][0] < now:
+            try:
+                self.store.delete_key(self._failed_keys.popleft()[1])
+            except Exception:  # noqa: BLE001 - best effort: the store may be closing
+                pass
         idle = sorted(((g.used, k) for k, g in self._groups.items() if not g.busy), key=lambda x: x[0])
         excess = len(self._groups) - MAX_KEPT_GROUPS
         for n, (used, k) in enumerate(idle):
@@ -253,11 +263,17 @@ class BroadcastHub:
 
     def _retire(self, g: Group) -> None:
         """Close ``g`` now, or when the round using it ends (under the lock)."""
-        g.retired = True
-        if not g.busy and g.pg is not None:
-            held = [g.pg]  # (no local name for it: the teardown thread must drop the last reference)
-            g.pg = None
-            release_group(held)
+        if g.busy or g.released:
+            g.retired = True
+            return
+        g.retired, g.released = True, True
+        held = [g.pg]  # (no local name for it: the teardown thread must drop the last reference)
+        g.pg = None
+        # and the store keeps no key of it, a failed rendezvous's too; but its ``failed`` key, which
+        # workers of a round given up may not have read yet, until FAILED_KEY_KEPT_S later
+        store, name = self.store, g.name
+        release_group(held, then=lambda: delete_group_keys(store, name, keep=(failed_key(name),)))
+        self._failed_keys.append((time.monotonic() + FAILED_KEY_KEPT_S, failed_key(name)))
 
     def _run(self, r: Round) -> None:
         with self._cond:
