@@ -111,7 +111,7 @@ class Group:
     used: float = field(default_factory=time.monotonic)
 
 
-@dataclass
+@dataclass(eq=False)  # (compared by identity: two rounds of one (v, d) may run at once)
 class Round:
     key: tuple[int, str]
     prepared: Prepared
