@@ -73,10 +73,11 @@ def corrupt_buckets(times: int) -> Iterator[Fault]:
     fault = Fault(times)
     real = BroadcastHub._part
 
-    def _part(self, prep, i, lo, hi, out):
-        data = real(self, prep, i, lo, hi, out)
+    def _part(self, prep, i, lo, hi, buffer):
+        data = real(self, prep, i, lo, hi, buffer)
         if lo == prep.layout.span(i)[0] and fault.strike():
             self.publisher.bucket(prep, i, torch.empty(prep.layout.bucket_bytes, dtype=torch.uint8))  # true crc, kept
+            out = buffer()  # (the buffer a cast part is in already)
             if data.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():  # a view of the weights
                 data = out[:hi - lo].copy_(data)
             data[0] = data[0] ^ 0xFF

@@ -160,6 +160,31 @@ def test_the_hub_keeps_at_most_two_buffer_pairs_after_rounds_that_ran_at_once(se
     assert any(got is p for p in pairs[:2])
 
 
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_round_waiting_for_a_ghost_holds_up_no_other_round(served):
+    ghost = served.join("ghost")  # takes its ticket and never connects: its round waits the join timeout (10 s)
+    assert ghost.group
+    t0 = time.monotonic()
+    ticket = served.join("a")  # late to it: a round of its own, beside
+    stats = served.receive("a", ticket)[1]
+    assert stats.broadcast_bytes == stats.total_bytes  # over its round, not the stream
+    assert time.monotonic() - t0 < 5  # not behind the ghost's rendezvous on the trainer's store connection
+    assert served.wait_round().error == ""  # (a's round ends first)
+
+
+@pytest.mark.parametrize("served", [{"expected": 2, "gather_s": 30.0}], indirect=True)
+def test_closing_the_hub_ends_a_gathering_round_and_opens_none(served):
+    t, out = in_thread(served.join, "a")  # gathering: waits for a second worker for up to 30 s
+    deadline = time.monotonic() + 10
+    while not served.hub._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    served.hub.close()
+    t.join(10)
+    assert out["value"].group == "" and time.monotonic() - t0 < 3  # stream it; close did not wait it out
+    assert served.hub.join(0, "bf16", "bf16", "b") is None  # no round opens on a closed hub
+
+
 @pytest.mark.parametrize("served", [{"expected": 3, "gather_s": 0.3}], indirect=True)
 def test_a_late_round_waits_only_for_the_workers_not_in_the_first(served):
     # three workers expected: two join the first round, which closes after its gathering time
@@ -265,6 +290,14 @@ def test_a_failed_rendezvous_leaves_no_key_in_the_store(served):
     assert stats.broadcast_bytes == 0 and stats.bytes == stats.total_bytes  # (the stream)
     assert served.wait_round().error  # (the rendezvous failed)
     wait_released()
+    assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+    # the ghost shows up after all, after its round was given up: its rendezvous writes its address
+    # under the closed group's name (and fails); the next round's closing deletes it
+    late = served.receive("ghost", tickets[1])[1]
+    assert late.broadcast_bytes == 0 and late.bytes == late.total_bytes
+    assert [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+    runs = [in_thread(joined_and_received, served, w) for w in ("a", "b")]
+    all_received(served, runs, 60)
     assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
 
 

@@ -274,3 +274,32 @@ def test_a_killed_exports_leftover_is_deleted_by_the_next_and_a_running_ones_is_
     shutil.rmtree(to)
     assert main(["export", str(run_dir), "--to", str(to)]) == 0  # the holder is gone: its folder goes too
     assert not running.exists() and other.is_dir()
+
+
+def test_a_cleaner_never_sees_a_running_exports_lock_unlocked(run_dir, tmp_path, monkeypatch):
+    import fcntl
+    import threading
+    import time
+
+    import dcmdp_trainer.export as export
+
+    class SlowLock:  # the export's own flock comes 1 s after it opened the lock file
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(f, op):
+            if not isinstance(f, int):
+                time.sleep(1.0)
+            return fcntl.flock(f, op)
+
+    monkeypatch.setattr(export, "fcntl", SlowLock)
+    to, out = tmp_path / "hf", {}
+    t = threading.Thread(target=lambda: out.update(result=export.export_run(run_dir, to)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(".hf.*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    running = list(tmp_path.glob(".hf.*"))
+    assert export._remove_leftovers(to) == [] and all(d.is_dir() for d in running)  # another export's cleaner
+    t.join(60)
+    assert out["result"].folder == str(to) and (to / "dcmdp_export.json").is_file()

@@ -46,6 +46,7 @@ workers detect and re-fetch them.
 from __future__ import annotations
 
 import atexit
+import re
 import secrets
 import threading
 import time
@@ -57,8 +58,9 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, delete_group_keys, failed_key,
-                                        gather, master_store, open_group, release_group, wait, wait_released)
+from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, client_store, delete_group_keys,
+                                        failed_key, gather, master_store, open_group, release_group, wait,
+                                        wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -73,6 +75,7 @@ MAX_ROUNDS_PER_VERSION = 2
 SPARE_PAIRS = 2  # bucket buffer pairs kept between rounds (one bucket each)
 # How long a closed group's ``failed`` key outlives it: its workers poll it every HEARTBEAT_S.
 FAILED_KEY_KEPT_S = 60.0
+GROUP_KEY = re.compile(r"([0-9a-f]{32})/")  # a store key of a group (names: secrets.token_hex(16))
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -163,6 +166,7 @@ class BroadcastHub:
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
         self._failed_keys: deque[tuple[float, str]] = deque()  # (when to delete, key) of closed groups
         self._threads: list[threading.Thread] = []  # round threads (joined by close)
+        self._closing = False  # close() has begun: no new round, and a gathering one ends without a group
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     def _take_pair(self, size: int, device: str) -> list[torch.Tensor]:
@@ -193,6 +197,8 @@ class BroadcastHub:
         key = (prep.version, dtype)
         member = (pool, worker) if worker else ("", "")  # anonymous: its rounds' groups are never kept
         with self._cond:
+            if self._closing:
+                return None
             r = self._rounds.get(key)
             if r is None or r.closed:  # none under way, or it is broadcasting: the next round of (v, d)
                 if len(self._active.get(key, ())) >= MAX_ROUNDS_PER_VERSION:
@@ -255,11 +261,27 @@ class BroadcastHub:
                 self.store.delete_key(self._failed_keys.popleft()[1])
             except Exception:  # noqa: BLE001 - best effort: the store may be closing
                 pass
+        self._delete_orphan_keys()
         idle = sorted(((g.used, k) for k, g in self._groups.items() if not g.busy), key=lambda x: x[0])
         excess = len(self._groups) - MAX_KEPT_GROUPS
         for n, (used, k) in enumerate(idle):
             if now - used > self.keep_idle_s or n < excess:
                 self._retire(self._groups.pop(k))
+
+    def _delete_orphan_keys(self) -> None:
+        """Delete the store keys of groups that are neither kept nor in a round under way (under the
+        lock): a ticket holder that starts its rendezvous after its round was given up writes its
+        address under a group already closed, and nothing else would ever delete it."""
+        live = {g.name for g in self._groups.values()}
+        live.update(x.group.name for rounds in self._active.values() for x in rounds if x.group is not None)
+        pending = {key for _, key in self._failed_keys}
+        try:
+            for key in self.store.list_keys():
+                m = GROUP_KEY.match(key)
+                if m and m.group(1) not in live and key not in pending:
+                    self.store.delete_key(key)
+        except Exception:  # noqa: BLE001 - best effort: the store may be closing
+            pass
 
     def _retire(self, g: Group) -> None:
         """Close ``g`` now, or when the round using it ends (under the lock)."""
@@ -279,13 +301,18 @@ class BroadcastHub:
         with self._cond:
             self._threads = [t for t in self._threads if t.is_alive()] + [threading.current_thread()]
             deadline = r.opened + self.gather_s
-            while not self._gathered(r) and (left := deadline - time.monotonic()) > 0:
+            while not self._closing and not self._gathered(r) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             kept = self._groups.get(frozenset(r.members))
             until = time.monotonic() + 1.0  # the same workers' previous round may be finishing
-            while kept is not None and kept.busy and (left := until - time.monotonic()) > 0:
+            while not self._closing and kept is not None and kept.busy and (left := until - time.monotonic()) > 0:
                 self._cond.wait(left)
                 kept = self._groups.get(frozenset(r.members))
+            if self._closing:  # no broadcast: its joiners get no group, and stream
+                self._forget(r)
+                r.closed = True
+                self._cond.notify_all()
+                return
             try:
                 r.group, r.ranks = self._group_for(r)
                 r.proofs = [secrets.token_bytes(PROOF_BYTES) for _ in r.members]
@@ -349,16 +376,20 @@ class BroadcastHub:
         backend = g.backend
         if g.pg is None:
             try:
-                g.pg = open_group(self.store, g.name, 0, world, join_timeout_s=self.join_timeout_s, backend=backend,
-                                  peer_host=self.host)
+                # on a store connection of its own: a client serves one operation at a time, and a
+                # rendezvous blocks in it until every rank has connected (up to the join timeout),
+                # which on the hub's connection held up every other round's rendezvous, life watch
+                # and key cleanup
+                g.pg = open_group(client_store(self.host, self.port, self.join_timeout_s), g.name, 0, world,
+                                  join_timeout_s=self.join_timeout_s, backend=backend, peer_host=self.host)
             except RuntimeError:
                 g.retired = True  # a rendezvous that failed: never kept
                 raise
         pg = g.pg
         device = "cuda" if backend == "nccl" else "cpu"
         part = part_bytes(layout.bucket_bytes)
-        bufs = self._take_pair(part, device)
-        dead: list[int] = []
+        bufs: list[torch.Tensor] = []  # the round's pair of buffers, taken at its first cast part (none
+        dead: list[int] = []  # for a round of views only: on a GPU trainer they would be device memory)
         stopped = r.stopped
 
         def gone(rank: int) -> None:  # a worker stopped beating: fail the round now, not at the data timeout
@@ -397,19 +428,23 @@ class BroadcastHub:
                     wait(inflight.popleft()[0], stopped)
 
             k = 0
+
+            def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
+                if not bufs:
+                    bufs.extend(self._take_pair(part, device))
+                free(("buf", k % 2))
+                return bufs[k % 2]
+
             for i in range(layout.buckets):
                 cached = prep.crcs[i] is not None
                 running = 0
                 for lo, hi in layout.parts(i, part):
-                    slot = ("buf", k % 2)
-                    free(slot)  # the buffer the op two cast parts ago read is free
                     while len(inflight) >= PARTS_IN_FLIGHT:
                         wait(inflight.popleft()[0], stopped)
-                    data = self._part(prep, i, lo, hi, bufs[k % 2])
-                    if data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
-                        k += 1  # cast into the buffer: the next cast part takes the other one
-                    else:
-                        slot = None  # a view of the snapshot: no buffer to hold
+                    data = self._part(prep, i, lo, hi, buffer)
+                    slot = None  # a view of the snapshot: no buffer to hold
+                    if bufs and data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
+                        slot, k = ("buf", k % 2), k + 1  # cast into the buffer: the next cast part takes the other one
                     if not cached:  # (computed once per (version, dtype), then kept)
                         running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
                     inflight.append((broadcast(pg, data, self.timeout_s), slot))
@@ -422,7 +457,8 @@ class BroadcastHub:
                 inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
             while inflight:
                 wait(inflight.popleft()[0], stopped)
-            self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
+            if bufs:
+                self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
             watch.wait_done(stopped, self.timeout_s)  # every worker received it all (one may relay to another)
             self._end(r, ok=not dead)  # at once: a worker done receiving may already ask for the next version
             return sent
@@ -436,16 +472,20 @@ class BroadcastHub:
         finally:
             watch.close()
 
-    def _part(self, prep: Prepared, i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+    def _part(self, prep: Prepared, i: int, lo: int, hi: int, buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Stream bytes [lo, hi) of bucket ``i``: a view of their tensor when no cast or copy is
-        needed, else cast and copied into ``out``."""
+        needed, else cast and copied into ``buffer()`` (uint8, at least ``hi - lo`` long; asked
+        for only then)."""
         view = direct_range(prep.state, prep.layout, lo, hi)
-        return view if view is not None else fill_range(prep.state, prep.layout, lo, hi, out)
+        return view if view is not None else fill_range(prep.state, prep.layout, lo, hi, buffer())
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Close every kept group; abort the rounds under way (their peers stream) and wait up to
-        ``timeout_s`` for their threads; returns once the groups are torn down."""
+        """Close every kept group; abort the rounds under way and end those gathering (their peers
+        stream; no round opens after this) and wait up to ``timeout_s`` in all for their threads;
+        returns once the groups are torn down."""
         with self._cond:
+            self._closing = True
+            self._cond.notify_all()  # a round still gathering ends now, with no group
             for r in [x for rounds in self._active.values() for x in rounds]:  # each stops waiting, and so do its workers
                 if r.group is not None:
                     r.stopped.set()
@@ -454,8 +494,9 @@ class BroadcastHub:
                     except Exception:  # noqa: BLE001 - best effort: its workers then wait for their timeout
                         pass
             threads = [t for t in self._threads if t is not threading.current_thread()]
+        deadline = time.monotonic() + timeout_s
         for t in threads:
-            t.join(timeout_s)
+            t.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             for k, g in list(self._groups.items()):
                 del self._groups[k]

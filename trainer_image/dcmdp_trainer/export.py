@@ -119,17 +119,25 @@ def _check_destination(out: Path, to: Path, overwrite: bool) -> None:
 
 def _lock(folder: Path):
     """An exclusive ``flock`` on ``folder``'s lock file (the open file: the lock lasts while it
-    does, and the kernel drops it when the process dies, however it dies)."""
-    f = open(folder / LOCK, "w")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    does, and the kernel drops it when the process dies, however it dies). The file is locked
+    under another name, then renamed: a cleaner never sees it unlocked while this export lives."""
+    f = open(folder / (LOCK + ".new"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(folder / (LOCK + ".new"), folder / LOCK)
+    except OSError:
+        f.close()
+        raise
     return f
 
 
 def _remove_leftovers(to: Path) -> list[str]:
     """Delete the temporary folders of exports to ``to`` that were killed midway: ``.NAME.XXXXXXXX``
-    beside ``to`` holding a lock file nobody holds. Returns a note per folder deleted (empty: none).
-    A folder without the lock file (an export that has just created it, or an older dcmdp's) and
-    one whose lock is held (an export running now) are left alone."""
+    beside ``to`` holding a lock file nobody holds. Returns a note per folder deleted or that could
+    not be (empty: none). A folder without the lock file (an export that has just created it, or an
+    older dcmdp's) and one whose lock is held (an export running now) are left alone. The lock
+    file goes last, so a deletion that fails midway (a read-only file system) is retried by the
+    next export; symbolic links are removed, never followed."""
     notes = []
     pattern = re.compile(re.escape(f".{to.name}.") + r"[A-Za-z0-9_]{8}")
     try:
@@ -144,11 +152,25 @@ def _remove_leftovers(to: Path) -> list[str]:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while an export holds it)
-            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
-            shutil.rmtree(d)
-        except OSError:
-            continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while an export holds it)
+            except OSError:
+                continue
+            try:
+                size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+                for child in d.iterdir():
+                    if child.name == LOCK:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+                (d / LOCK).unlink()
+                d.rmdir()
+            except OSError as exc:
+                notes.append(f"could not delete {d}, left by an export to the same folder that was killed midway: "
+                             f"{exc.strerror or exc}")
+                continue
         finally:
             os.close(fd)
         notes.append(f"deleted {d} ({size / 2**20:.0f} MiB): left by an export to the same folder that was killed midway")
