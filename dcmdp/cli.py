@@ -89,7 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{run.metadata.name}")
     total = args.steps or run.spec.algorithm.steps
     if holds_run(out) and not (args.resume or args.overwrite):
-        print(f"error: {out} holds another run; pass --resume to continue it, --overwrite to replace it, "
+        done = finished_summary(out, total)
+        what = f"a run that finished ({done.get('steps')} steps)" if done is not None else "a run"
+        print(f"error: {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
               "or choose another --out", file=sys.stderr)
         return 2
     if args.overwrite:
@@ -200,7 +202,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = ""
+        if args.fn is cmd_run:  # (the run loop checkpoints on the way out)
+            try:
+                out = args.out or f"runs/{load_run(args.file).metadata.name}"
+                hint = f": continue with  dcmdp run -f {args.file} --out {out} --resume"
+            except Exception:  # noqa: BLE001 - only a hint
+                pass
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

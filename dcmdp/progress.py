@@ -94,6 +94,6 @@ def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:
         d = last[f"pool/{pool}/discrepancy/prob_diff_mean"]
         c = tolerances.get(pool)
         lam = lambdas.get(pool)
-        t.add_row(f"pool {pool}: δ̄ / c / λ", f"{d:.2e} / " + (f"{c:.2e}" if c is not None else "—") + " / "
+        t.add_row(f"pool {pool}: δ̄ / c / updated λ", f"{d:.2e} / " + (f"{c:.2e}" if c is not None else "—") + " / "
                   + (f"{lam:.3f}" if lam is not None else "— (no constraint)"))
     return t

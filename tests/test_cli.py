@@ -72,7 +72,23 @@ spec:
     for png in ("reward.png", "discrepancy.png", "lambda.png"):
         assert (out / png).stat().st_size > 1000
     assert "dcmdp run summary" in proc.stderr
-    assert "pool a" in proc.stderr and "pool b" in proc.stderr
+    assert "pool a" in proc.stderr and "pool b" in proc.stderr and "updated λ" in proc.stderr
+    again = subprocess.run([sys.executable, "-m", "dcmdp.cli", "run", "-f", str(manifest), "--out", str(out),
+                            "--inprocess", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and f"{out} already holds a run that finished (3 steps); pass --resume" in again.stderr
+
+
+def test_ctrl_c_during_a_run_says_how_to_resume_it(tmp_path, monkeypatch, capsys):
+    def interrupted(mode):
+        def run(*args, **kwargs):
+            raise KeyboardInterrupt
+        return run
+
+    monkeypatch.setattr("dcmdp.cli.runner", interrupted)
+    out = tmp_path / "out"
+    assert main(["run", "-f", "examples/quickstart.yaml", "--out", str(out), "--quiet"]) == 130
+    assert f"interrupted: continue with  dcmdp run -f examples/quickstart.yaml --out {out} --resume" in \
+        capsys.readouterr().err
 
 
 def test_steps_must_be_positive(capsys):

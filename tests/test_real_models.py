@@ -364,7 +364,7 @@ def test_output_folders_are_never_mixed_and_resume_keeps_evaluations(folders, tm
     f, out = write(tmp_path, doc), str(tmp_path / "out")
     assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--steps", "1", "--threads", "1"]) == 0
     assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--threads", "1"]) == 2
-    assert "holds another run" in capsys.readouterr().err
+    assert "already holds a run;" in capsys.readouterr().err
     assert main(["run", "-f", f, "--out", out, "--inprocess", "--quiet", "--resume", "--threads", "1"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [e["step"] for e in summary["eval"]] == [0, 1, 2]  # the evaluations before the checkpoint kept
