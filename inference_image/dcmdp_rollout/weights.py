@@ -5,10 +5,11 @@ for bf16, int8 and fp8 pools, which quantise in the engine). Either way the snap
 buckets (``dcmdp.transport.buckets``), each with the crc32 the trainer computed once:
 
 * :func:`receive_broadcast` joins the trainer's broadcast (``JoinBroadcast`` hands out the group;
-  ``dcmdp.transport.collective`` opens it) and receives bucket after bucket into two reusable
-  buffers;
-* :func:`fetch_weights` pulls buckets over ``StreamWeights`` (a late joiner, no data plane, or
-  the buckets a broadcast lost or damaged); a broken stream resumes at the next bucket.
+  ``dcmdp.transport.collective`` opens it) and receives bucket after bucket into the
+  ``RECEIVE_DEPTH`` reusable buffers of its link;
+* :func:`fetch_weights` pulls buckets over ``StreamWeights`` (a joiner beyond the two rounds of a
+  version under way, no data plane, or the buckets a broadcast lost or damaged); a broken stream
+  resumes at the next bucket.
 
 A :class:`BucketReceiver` checks each bucket's crc32 and hands its whole tensors to the sink
 (the engine's loader) in a thread of its own, while the next bucket is being received. A bucket
