@@ -284,6 +284,8 @@ def test_a_joiner_without_a_worker_id_gets_no_kept_group(served):
 
 @pytest.mark.parametrize("served", [{"expected": 2, "join_timeout_s": 1.0}], indirect=True)
 def test_a_failed_rendezvous_leaves_no_key_in_the_store(served):
+    from dcmdp_trainer.broadcast import FAILED_KEY_KEPT_S
+
     runs = [in_thread(served.join, w) for w in ("a", "ghost")]  # "ghost" takes its ticket, never connects
     tickets = [out["value"] for t, out in runs if t.join(30) is None]
     stats = served.receive("a", tickets[0])[1]
@@ -292,28 +294,32 @@ def test_a_failed_rendezvous_leaves_no_key_in_the_store(served):
     wait_released()
     assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
     # the ghost shows up after all, after its round was given up: its rendezvous writes its address
-    # under the closed group's name (and fails); the next round's closing deletes it
+    # under the closed group's name (and fails); a sweep after rounds end deletes it
     late = served.receive("ghost", tickets[1])[1]
     assert late.broadcast_bytes == 0 and late.bytes == late.total_bytes
     assert [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
-    runs = [in_thread(joined_and_received, served, w) for w in ("a", "b")]
-    all_received(served, runs, 60)
+    served.hub._next_key_sweep = 0.0  # (the sweep runs at most every KEY_SWEEP_S)
+    served.hub._sweep_closed_keys(time.monotonic() + FAILED_KEY_KEPT_S + 1)  # what a round ending then does
     assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
 
 
 def test_a_closed_groups_failed_key_outlives_it_for_its_workers_then_goes(served):
     from dcmdp_trainer.broadcast import FAILED_KEY_KEPT_S
 
-    hub, g = served.hub, Group("g" * 32, (("bf16", "w"),), "gloo")
+    hub, g = served.hub, Group("ab" * 16, (("bf16", "w"),), "gloo")
     for key in (f"{g.name}/failed", f"{g.name}//0/0", f"{g.name}/alive/1"):
         hub.store.set(key, "1")
+    hub.store.set("cd" * 16 + "//0/0", "1")  # a key of a group this hub did not close: never its to delete
     with hub._cond:
         hub._retire(g)  # a round of it was given up: its workers may not have read "failed" yet
     wait_released()
     assert [k for k in hub.store.list_keys() if k.startswith(g.name)] == [f"{g.name}/failed"]
-    with hub._cond:
-        hub._sweep(time.monotonic() + FAILED_KEY_KEPT_S + 1)  # (every later round's closing sweeps)
+    hub._sweep_closed_keys(time.monotonic() + 1)  # (a round ending soon after sweeps: too early for it)
+    assert [k for k in hub.store.list_keys() if k.startswith(g.name)] == [f"{g.name}/failed"]
+    hub.store.set(f"{g.name}//0/1", "1")  # a ticket holder's late rendezvous, after the group closed
+    hub._sweep_closed_keys(time.monotonic() + FAILED_KEY_KEPT_S + 20)  # (rounds ending later sweep)
     assert not [k for k in hub.store.list_keys() if k.startswith(g.name)]
+    assert "cd" * 16 + "//0/0" in hub.store.list_keys()
 
 
 @pytest.mark.parametrize("served", [{"expected": 2, "timeout_s": 30.0, "join_timeout_s": 1.0}], indirect=True)

@@ -76,6 +76,9 @@ SPARE_PAIRS = 2  # bucket buffer pairs kept between rounds (one bucket each)
 # How long a closed group's ``failed`` key outlives it: its workers poll it every HEARTBEAT_S.
 FAILED_KEY_KEPT_S = 60.0
 GROUP_KEY = re.compile(r"([0-9a-f]{32})/")  # a store key of a group (names: secrets.token_hex(16))
+KEY_SWEEP_S = 10.0  # at most one sweep of closed groups' keys this often (it lists every key of the store)
+CLOSED_NAMES_KEPT = 4096  # closed groups whose late keys a sweep deletes (each name kept 10 min at most)
+CLOSED_NAMES_KEPT_S = 600.0
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -164,7 +167,8 @@ class BroadcastHub:
         self.results: deque[RoundResult] = deque(maxlen=RESULTS_KEPT)  # the latest rounds' outcomes
         self.rounds = 0  # rounds ended since the hub opened (``results`` keeps the last RESULTS_KEPT)
         self._spare: list[list[torch.Tensor]] = []  # bucket buffer pairs no round is using
-        self._failed_keys: deque[tuple[float, str]] = deque()  # (when to delete, key) of closed groups
+        self._closed: deque[tuple[float, str]] = deque(maxlen=CLOSED_NAMES_KEPT)  # (when, name) of closed groups
+        self._next_key_sweep = 0.0
         self._threads: list[threading.Thread] = []  # round threads (joined by close)
         self._closing = False  # close() has begun: no new round, and a gathering one ends without a group
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
@@ -254,32 +258,35 @@ class BroadcastHub:
 
     def _sweep(self, now: float) -> None:
         """Close kept groups idle for ``keep_idle_s`` and, beyond ``MAX_KEPT_GROUPS``, the least
-        recently used (under the lock): the groups of workers that left. Delete the ``failed`` keys
-        of groups closed over ``FAILED_KEY_KEPT_S`` ago."""
-        while self._failed_keys and self._failed_keys[0][0] < now:
-            try:
-                self.store.delete_key(self._failed_keys.popleft()[1])
-            except Exception:  # noqa: BLE001 - best effort: the store may be closing
-                pass
-        self._delete_orphan_keys()
+        recently used (under the lock): the groups of workers that left."""
         idle = sorted(((g.used, k) for k, g in self._groups.items() if not g.busy), key=lambda x: x[0])
         excess = len(self._groups) - MAX_KEPT_GROUPS
         for n, (used, k) in enumerate(idle):
             if now - used > self.keep_idle_s or n < excess:
                 self._retire(self._groups.pop(k))
 
-    def _delete_orphan_keys(self) -> None:
-        """Delete the store keys of groups that are neither kept nor in a round under way (under the
-        lock): a ticket holder that starts its rendezvous after its round was given up writes its
-        address under a group already closed, and nothing else would ever delete it."""
-        live = {g.name for g in self._groups.values()}
-        live.update(x.group.name for rounds in self._active.values() for x in rounds if x.group is not None)
-        pending = {key for _, key in self._failed_keys}
+    def _sweep_closed_keys(self, now: Optional[float] = None) -> None:
+        """Delete every store key of the groups closed between ``FAILED_KEY_KEPT_S`` and
+        ``CLOSED_NAMES_KEPT_S`` ago (their ``failed`` key, which their workers no longer need, and
+        what a ticket holder that rendezvoused after its round was given up wrote under the closed
+        name, which nothing else would ever delete). At most once per ``KEY_SWEEP_S``, outside the
+        lock (it lists every key of the store), and only keys of groups this hub closed."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            if now < self._next_key_sweep or self.store is None:
+                return
+            self._next_key_sweep = now + KEY_SWEEP_S
+            while self._closed and now - self._closed[0][0] > CLOSED_NAMES_KEPT_S:
+                self._closed.popleft()
+            names = {name for t, name in self._closed if now - t > FAILED_KEY_KEPT_S}
+            store = self.store
+        if not names:
+            return
         try:
-            for key in self.store.list_keys():
+            for key in store.list_keys():
                 m = GROUP_KEY.match(key)
-                if m and m.group(1) not in live and key not in pending:
-                    self.store.delete_key(key)
+                if m and m.group(1) in names:
+                    store.delete_key(key)
         except Exception:  # noqa: BLE001 - best effort: the store may be closing
             pass
 
@@ -292,10 +299,10 @@ class BroadcastHub:
         held = [g.pg]  # (no local name for it: the teardown thread must drop the last reference)
         g.pg = None
         # and the store keeps no key of it, a failed rendezvous's too; but its ``failed`` key, which
-        # workers of a round given up may not have read yet, until FAILED_KEY_KEPT_S later
+        # workers of a round given up may not have read yet, until a sweep FAILED_KEY_KEPT_S later
         store, name = self.store, g.name
         release_group(held, then=lambda: delete_group_keys(store, name, keep=(failed_key(name),)))
-        self._failed_keys.append((time.monotonic() + FAILED_KEY_KEPT_S, failed_key(name)))
+        self._closed.append((time.monotonic(), name))
 
     def _run(self, r: Round) -> None:
         with self._cond:
@@ -331,6 +338,7 @@ class BroadcastHub:
         finally:
             self._end(r, ok=False)  # (after a success: already ended, nothing to do)
         result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
+        self._sweep_closed_keys()
         with self._cond:
             self.results.append(result)
             self.rounds += 1
