@@ -37,14 +37,41 @@ GLOO_CONNECTIONS = int(os.environ.get("DCMDP_GLOO_CONNECTIONS", "4"))
 GLOO_THREADS = int(os.environ.get("DCMDP_GLOO_THREADS", "4"))
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # "listen on every interface": no address to reach
+
+
 def local_address_towards(host: str) -> str:
-    """The local IP address this machine uses to reach ``host`` (no packet is sent)."""
+    """The local IP address (IPv4 or IPv6) this machine uses to reach ``host`` (no packet is sent);
+    ``127.0.0.1`` when ``host`` does not resolve or no route reaches it. For a wildcard host
+    (:data:`WILDCARD_HOSTS`) that is a loopback address, which no other machine can reach: give
+    the address of a peer instead."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
+        family, _, _, _, addr = socket.getaddrinfo(host.strip("[]"), 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
+
+
+def peer_address(grpc_peer: str) -> str:
+    """The IP address in a gRPC peer string (``context.peer()``: ``ipv4:10.0.0.7:41234``,
+    ``ipv6:[fd00::7]:41234``, percent-encoded in some gRPC versions); "" for another kind
+    (``unix:``) or a malformed one."""
+    from urllib.parse import unquote
+
+    kind, _, rest = unquote(grpc_peer).partition(":")
+    if kind not in ("ipv4", "ipv6") or ":" not in rest:
+        return ""
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
+def loopback_for(host: str) -> str:
+    """An address of ``host``'s own machine to connect to: ``host`` itself, or for a wildcard
+    the loopback address of its family."""
+    if host not in WILDCARD_HOSTS:
+        return host
+    return "::1" if ":" in host else "127.0.0.1"
 
 
 def listening_socket(host: str) -> socket.socket:

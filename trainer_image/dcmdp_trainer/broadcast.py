@@ -58,9 +58,9 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, LifeWatch, broadcast, client_store, delete_group_keys,
-                                        failed_key, gather, master_store, open_group, release_group, wait,
-                                        wait_released)
+from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, WILDCARD_HOSTS, LifeWatch, broadcast, client_store,
+                                        delete_group_keys, failed_key, gather, loopback_for, master_store, open_group,
+                                        release_group, wait, wait_released)
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -124,6 +124,7 @@ class Round:
     members: list[tuple[str, str]] = field(default_factory=list)  # (pool, worker id) of each joiner, in join order
     held: list[str] = field(default_factory=list)  # the group each joiner says it holds
     pools: list[str] = field(default_factory=list)  # the pool of each joiner
+    addresses: list[str] = field(default_factory=list)  # each joiner's IP address as the trainer sees it ("" unknown)
     closed: bool = False
     opened: float = field(default_factory=time.monotonic)
     group: Optional[Group] = None  # set when the round closes
@@ -192,11 +193,14 @@ class BroadcastHub:
         """nccl when the snapshot lives on a CUDA device, else gloo."""
         return "nccl" if any(t.is_cuda for t in prep.state.values()) else "gloo"
 
-    def join(self, version: int, dtype: str, pool: str = "", worker: str = "", held: str = "") -> Optional[Ticket]:
+    def join(self, version: int, dtype: str, pool: str = "", worker: str = "", held: str = "",
+             address: str = "") -> Optional[Ticket]:
         """A ticket for the round of (version, dtype) now gathering, after its gathering closes; None
         when ``MAX_ROUNDS_PER_VERSION`` rounds of it are under way (stream it instead). ``worker``: the joiner's
         id within ``pool`` (without one, its group is never kept); ``held``: the group the joiner
-        still holds open from an earlier round. Raises what :meth:`WeightPublisher.prepared` raises."""
+        still holds open from an earlier round; ``address``: the joiner's IP address as the trainer
+        sees it (its gRPC peer), which tells a trainer listening on every interface which of its
+        addresses the joiners reach. Raises what :meth:`WeightPublisher.prepared` raises."""
         prep = self.publisher.prepared(version, dtype)
         key = (prep.version, dtype)
         member = (pool, worker) if worker else ("", "")  # anonymous: its rounds' groups are never kept
@@ -214,6 +218,7 @@ class BroadcastHub:
             r.members.append(member)
             r.held.append(held)
             r.pools.append(pool)
+            r.addresses.append(address)
             self._cond.notify_all()
             while not r.closed:
                 self._cond.wait()
@@ -364,6 +369,15 @@ class BroadcastHub:
                 self._retire(g)
             self._cond.notify_all()
 
+    def gloo_peer(self, r: Round) -> str:
+        """The host whose route picks the trainer's gloo address for ``r``'s new group: the hub's own
+        host, or, when that is a wildcard (``--host 0.0.0.0``, the trainer's default: the route
+        to it is loopback, and workers on other machines then could not connect), the first
+        joiner's address (the trainer's address on the way to its workers)."""
+        if self.host not in WILDCARD_HOSTS:
+            return self.host
+        return next((a for a in r.addresses if a), loopback_for(self.host))
+
     def _forget(self, r: Round) -> None:
         """``r`` is no longer under way (under the lock)."""
         if self._rounds.get(r.key) is r:
@@ -388,8 +402,9 @@ class BroadcastHub:
                 # rendezvous blocks in it until every rank has connected (up to the join timeout),
                 # which on the hub's connection held up every other round's rendezvous, life watch
                 # and key cleanup
-                g.pg = open_group(client_store(self.host, self.port, self.join_timeout_s), g.name, 0, world,
-                                  join_timeout_s=self.join_timeout_s, backend=backend, peer_host=self.host)
+                g.pg = open_group(client_store(loopback_for(self.host), self.port, self.join_timeout_s), g.name, 0,
+                                  world, join_timeout_s=self.join_timeout_s, backend=backend,
+                                  peer_host=self.gloo_peer(r))
             except RuntimeError:
                 g.retired = True  # a rendezvous that failed: never kept
                 raise

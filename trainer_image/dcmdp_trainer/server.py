@@ -23,6 +23,7 @@ from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.spec import dump_run
 from dcmdp.transport.buckets import WIRE_DTYPES, WeightCastError
 from dcmdp.transport.channel import MAX_MESSAGE_BYTES, SERVER_RECEIVE_BYTES, bind, make_server
+from dcmdp.transport.collective import peer_address
 from dcmdp_trainer.broadcast import BroadcastHub
 from dcmdp_trainer.coordinator import Coordinator, Rejected
 from dcmdp_trainer.status_snapshot import to_proto
@@ -253,7 +254,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
         self._ready(context)
         prep = self._prepared(request, context)
         ticket = (self.hub.join(prep.version, prep.layout.dtype, request.header.pool or "?",
-                                worker=request.header.worker_id, held=request.held_group)
+                                worker=request.header.worker_id, held=request.held_group,
+                                address=peer_address(context.peer()))
                   if self.hub is not None else None)
         reply = pb.BroadcastTicket(header=self._header(request.header, prep.version),
                                    manifest=self._manifest(request.header, prep))
