@@ -168,7 +168,9 @@ def test_a_round_waiting_for_a_ghost_holds_up_no_other_round(served):
     ticket = served.join("a")  # late to it: a round of its own, beside
     stats = served.receive("a", ticket)[1]
     assert stats.broadcast_bytes == stats.total_bytes  # over its round, not the stream
-    assert time.monotonic() - t0 < 5  # not behind the ghost's rendezvous on the trainer's store connection
+    # not behind the ghost's rendezvous (10 s) on the trainer's store connection (a store connect here
+    # stalls 5 s in 1-4 % of tries: the bound leaves room for one)
+    assert time.monotonic() - t0 < 9
     assert served.wait_round().error == ""  # (a's round ends first)
 
 
