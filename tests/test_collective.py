@@ -140,3 +140,19 @@ def test_closing_a_stuck_heartbeat_waits_once_not_once_per_call():
         assert 4.5 < time.monotonic() - t0 < 7.0
     finally:
         stuck.release.set()
+
+
+def test_the_open_file_limit_is_raised_towards_what_kept_groups_need():
+    import resource
+    import subprocess
+    import sys
+
+    # in a child whose soft limit starts at 256 (hard limit as it is): raised to min(4096, hard)
+    code = ("import resource; from dcmdp.transport.collective import raise_open_file_limit as r; "
+            "s, h = resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE, (256, h)); "
+            "print(r(4096), r(100))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    assert out.stdout.split() == [str(want), str(want)]  # (and never lowered)

@@ -54,6 +54,24 @@ def local_address_towards(host: str) -> str:
         return "127.0.0.1"
 
 
+def raise_open_file_limit(want: int = 65536) -> int:
+    """Raise this process's soft limit of open files towards ``want`` (never above the hard limit);
+    returns the soft limit now. A kept gloo group holds ~18 descriptors on the trainer (four
+    connections per worker, their event loops), so the 64 groups it may keep need ~1,200: above
+    the soft limit of 1,024 many machines start processes with (containers usually have more)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def peer_address(grpc_peer: str) -> str:
     """The IP address in a gRPC peer string (``context.peer()``: ``ipv4:10.0.0.7:41234``,
     ``ipv6:[fd00::7]:41234``, percent-encoded in some gRPC versions); "" for another kind

@@ -29,6 +29,7 @@ from dcmdp.cli_args import at_least, port, threads
 from dcmdp.precision import wire_dtype
 from dcmdp.spec import SpecError, load_run
 from dcmdp.transport.auth import TokenError, load_token
+from dcmdp.transport.collective import raise_open_file_limit
 from dcmdp_trainer import checkpoint
 from dcmdp_trainer.checkpoint import CheckpointError
 from dcmdp_trainer.coordinator import Coordinator
@@ -134,6 +135,8 @@ def serve(run, out: Path, *, token: str, resume: bool, args, threads: int, log) 
         loop = RunLoop(session, coord, state=coord.state, runtime=runtime, log=log)
         # gloo has no TLS: under TLS the weights stay on the gRPC stream
         collective = args.data_plane == "collective" and not args.tls_cert
+        if collective:
+            raise_open_file_limit()  # (the broadcast groups' sockets)
         server.dcmdp_service.attach(coord, publisher, broadcast_host=args.host if collective else None)
         log.info("serving", extra={"fields": {"port": port, "metrics_port": metrics_port, "step": session.step,
                                               "version": session.version, "resumed": resume,

@@ -505,7 +505,8 @@ class BroadcastHub:
     def close(self, timeout_s: float = 10.0) -> None:
         """Close every kept group; abort the rounds under way and end those gathering (their peers
         stream; no round opens after this) and wait up to ``timeout_s`` in all for their threads;
-        returns once the groups are torn down."""
+        returns once the groups are torn down (which, for a group whose peer stopped receiving
+        while alive, gloo makes last up to the data timeout: ``close`` can take that much longer)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()  # a round still gathering ends now, with no group
