@@ -19,10 +19,12 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import resource
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
@@ -59,8 +61,6 @@ def raise_open_file_limit(want: int = 65536) -> int:
     returns the soft limit now. A kept gloo group holds ~18 descriptors on the trainer (four
     connections per worker, their event loops), so the 64 groups it may keep need ~1,200: above
     the soft limit of 1,024 many machines start processes with (containers usually have more)."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -76,8 +76,6 @@ def peer_address(grpc_peer: str) -> str:
     """The IP address in a gRPC peer string (``context.peer()``: ``ipv4:10.0.0.7:41234``,
     ``ipv6:[fd00::7]:41234``, percent-encoded in some gRPC versions); "" for another kind
     (``unix:``) or a malformed one."""
-    from urllib.parse import unquote
-
     kind, _, rest = unquote(grpc_peer).partition(":")
     if kind not in ("ipv4", "ipv6") or ":" not in rest:
         return ""
