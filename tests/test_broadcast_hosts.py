@@ -29,6 +29,7 @@ def test_a_grpc_peer_gives_its_ip_address():
     assert peer_address("ipv4:10.0.0.7:41234") == "10.0.0.7"
     assert peer_address("ipv6:[fd00::7]:41234") == "fd00::7"
     assert peer_address("ipv6:%5Bfd00::7%5D:41234") == "fd00::7"  # (percent-encoded by some gRPC versions)
+    assert peer_address("ipv6:[::ffff:10.0.0.7]:41234") == "10.0.0.7"  # (an IPv4 client of a server on [::])
     assert peer_address("unix:/tmp/sock") == "" and peer_address("ipv4:junk") == "" and peer_address("") == ""
 
 

@@ -74,12 +74,14 @@ def raise_open_file_limit(want: int = 65536) -> int:
 
 def peer_address(grpc_peer: str) -> str:
     """The IP address in a gRPC peer string (``context.peer()``: ``ipv4:10.0.0.7:41234``,
-    ``ipv6:[fd00::7]:41234``, percent-encoded in some gRPC versions); "" for another kind
-    (``unix:``) or a malformed one."""
+    ``ipv6:[fd00::7]:41234``, percent-encoded in some gRPC versions; an IPv4-mapped IPv6 address
+    as its IPv4 one); "" for another kind (``unix:``) or a malformed one."""
     kind, _, rest = unquote(grpc_peer).partition(":")
     if kind not in ("ipv4", "ipv6") or ":" not in rest:
         return ""
-    return rest.rsplit(":", 1)[0].strip("[]")
+    address = rest.rsplit(":", 1)[0].strip("[]")
+    mapped = address.lower().removeprefix("::ffff:")  # an IPv4 client of a server on [::]: its IPv4 address
+    return mapped if mapped != address.lower() and mapped.count(".") == 3 else address
 
 
 def loopback_for(host: str) -> str:
