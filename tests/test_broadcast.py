@@ -103,6 +103,11 @@ def in_thread(fn, *args):
     return t, out
 
 
+def keys_of(hub: BroadcastHub, group: str) -> list[str]:
+    """The keys of ``group`` in the trainer's store."""
+    return [k for k in hub.store.list_keys() if k.startswith(group)]
+
+
 def joined_and_received(served: Served, worker: str):
     return served.receive(worker, served.join(worker))
 
@@ -279,7 +284,7 @@ def test_a_joiner_without_a_worker_id_gets_no_kept_group(served):
         ticket, _ = linked_round(served, "", link)
         assert served.hub.kept_groups() == 0
         wait_released()  # the group's teardown, then its keys: the store keeps none of a closed group
-        assert not [k for k in served.hub.store.list_keys() if k.startswith(ticket.group)]
+        assert not keys_of(served.hub, ticket.group)
     finally:
         link.close()
 
@@ -294,15 +299,15 @@ def test_a_failed_rendezvous_leaves_no_key_in_the_store(served):
     assert stats.broadcast_bytes == 0 and stats.bytes == stats.total_bytes  # (the stream)
     assert served.wait_round().error  # (the rendezvous failed)
     wait_released()
-    assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+    assert not keys_of(served.hub, tickets[0].group)
     # the ghost shows up after all, after its round was given up: its rendezvous writes its address
     # under the closed group's name (and fails); a sweep after rounds end deletes it
     late = served.receive("ghost", tickets[1])[1]
     assert late.broadcast_bytes == 0 and late.bytes == late.total_bytes
-    assert [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+    assert keys_of(served.hub, tickets[0].group)
     served.hub._next_key_sweep = 0.0  # (the sweep runs at most every KEY_SWEEP_S)
     served.hub._sweep_closed_keys(time.monotonic() + FAILED_KEY_KEPT_S + 1)  # what a round ending then does
-    assert not [k for k in served.hub.store.list_keys() if k.startswith(tickets[0].group)]
+    assert not keys_of(served.hub, tickets[0].group)
 
 
 def test_a_closed_groups_failed_key_outlives_it_for_its_workers_then_goes(served):
@@ -315,12 +320,12 @@ def test_a_closed_groups_failed_key_outlives_it_for_its_workers_then_goes(served
     with hub._cond:
         hub._retire(g)  # a round of it was given up: its workers may not have read "failed" yet
     wait_released()
-    assert [k for k in hub.store.list_keys() if k.startswith(g.name)] == [f"{g.name}/failed"]
+    assert keys_of(hub, g.name) == [f"{g.name}/failed"]
     hub._sweep_closed_keys(time.monotonic() + 1)  # (a round ending soon after sweeps: too early for it)
-    assert [k for k in hub.store.list_keys() if k.startswith(g.name)] == [f"{g.name}/failed"]
+    assert keys_of(hub, g.name) == [f"{g.name}/failed"]
     hub.store.set(f"{g.name}//0/1", "1")  # a ticket holder's late rendezvous, after the group closed
     hub._sweep_closed_keys(time.monotonic() + FAILED_KEY_KEPT_S + 20)  # (rounds ending later sweep)
-    assert not [k for k in hub.store.list_keys() if k.startswith(g.name)]
+    assert not keys_of(hub, g.name)
     assert "cd" * 16 + "//0/0" in hub.store.list_keys()
 
 

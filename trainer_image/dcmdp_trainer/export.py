@@ -145,36 +145,42 @@ def _remove_leftovers(to: Path) -> list[str]:
     except OSError:
         return notes
     for d in beside:
-        if not pattern.fullmatch(d.name) or d.is_symlink() or not d.is_dir() or not (d / LOCK).is_file():
-            continue
-        try:
-            fd = os.open(d / LOCK, os.O_RDWR)  # (never created here: an export that has just unlinked it keeps its folder)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while an export holds it)
-            except OSError:
-                continue
-            try:
-                size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
-                for child in d.iterdir():
-                    if child.name == LOCK:
-                        continue
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-                (d / LOCK).unlink()
-                d.rmdir()
-            except OSError as exc:
-                notes.append(f"could not delete {d}, left by an export to the same folder that was killed midway: "
-                             f"{exc.strerror or exc}")
-                continue
-        finally:
-            os.close(fd)
-        notes.append(f"deleted {d} ({size / 2**20:.0f} MiB): left by an export to the same folder that was killed midway")
+        if pattern.fullmatch(d.name) and not d.is_symlink() and d.is_dir() and (d / LOCK).is_file():
+            note = _delete_leftover(d)
+            if note:
+                notes.append(note)
     return notes
+
+
+def _delete_leftover(d: Path) -> Optional[str]:
+    """Delete the leftover folder ``d`` unless an export holds its lock: the lock file last, so a
+    deletion that fails midway is retried. A note of what happened, or None (held, or gone)."""
+    try:
+        fd = os.open(d / LOCK, os.O_RDWR)  # (never created here: an export that has just unlinked it keeps its folder)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises while an export holds it)
+    except OSError:
+        os.close(fd)
+        return None
+    why = "left by an export to the same folder that was killed midway"
+    try:
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+        for child in d.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        (d / LOCK).unlink()
+        d.rmdir()
+    except OSError as exc:
+        return f"could not delete {d}, {why}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return f"deleted {d} ({size / 2**20:.0f} MiB): {why}"
 
 
 def _install(tmp: Path, to: Path, out: Path, overwrite: bool) -> None:
