@@ -4,6 +4,7 @@ a peer without the token, and a cast that overflows."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
 from dcmdp.transport.buckets import WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.collective import (broadcast, client_store, gather, open_group, release_group, wait,
-                                        wait_released)
+from dcmdp.transport.shared_ring import SHM_DIR
+from dcmdp.transport.collective import (PROOF_WORDS, broadcast, client_store, gather, open_group, release_group,
+                                        wait, wait_released)
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import LoadError, fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
@@ -44,14 +46,15 @@ def session(tmp_path_factory):
 
 class Served:
     def __init__(self, session: Session, expected: int = 0, gather_s: float = 5.0, timeout_s: float = 10.0,
-                 bucket: int = BUCKET, extra_mib: int = 0, join_timeout_s: float = 10.0):
+                 bucket: int = BUCKET, extra_mib: int = 0, join_timeout_s: float = 10.0, shared_memory: bool = True):
         self.publisher = WeightPublisher(keep=2, skip=("lm_head.weight",), bucket_bytes=bucket)
         weights = dict(session.weights(0))
         if extra_mib:  # more bytes than socket buffers hold: a broadcast that cannot finish before a peer dies
             weights["extra.weight"] = torch.randn(extra_mib << 18, generator=torch.Generator().manual_seed(1))
         self.publisher.publish(0, weights)
         self.hub = BroadcastHub(self.publisher, "127.0.0.1", gather_s=gather_s, timeout_s=timeout_s,
-                                join_timeout_s=join_timeout_s, expected=lambda dtype: expected)
+                                join_timeout_s=join_timeout_s, expected=lambda dtype: expected,
+                                shared_memory=shared_memory)
         self.server, self.port = start_server(Coordinator(session, self.publisher), self.publisher, TOKEN, hub=self.hub)
         self.want = loopback(weights, "bf16", skip=("lm_head.weight",))  # what the in-process runner loads
 
@@ -125,13 +128,20 @@ def all_received(served: Served, runs, timeout_s: float) -> list:
     return out
 
 
-@pytest.mark.parametrize("served", [{"expected": 2}], indirect=True)
+RING_AND_GLOO = [pytest.param(True, id="ring"), pytest.param(False, id="gloo")]  # a hub's shared_memory
+
+
+@pytest.mark.parametrize("served", [{"expected": 2, "shared_memory": True}, {"expected": 2, "shared_memory": False}],
+                         indirect=True, ids=["ring", "gloo"])
 def test_two_workers_receive_one_broadcast(served):
     runs = [in_thread(joined_and_received, served, f"w{i}") for i in range(2)]
+    ring = served.hub.shared_memory  # (workers on the trainer's machine: through the ring when it offers one)
     for stats in all_received(served, runs, 60):
         assert stats.broadcast_bytes == stats.bytes == stats.total_bytes and stats.refetched == 0
+        assert stats.ring == ring
     r = served.wait_round()
     assert r.world_size == 3 and r.error == "" and r.bytes == stats.total_bytes
+    assert r.path == ("ring" if ring else "gloo")
     assert stats.total_bytes > 4 * BUCKET  # several buckets, tensors spanning their edges
 
 
@@ -364,8 +374,9 @@ def test_an_engine_error_while_loading_is_raised_not_taken_for_a_lost_bucket(ses
         s.stop()
 
 
-def test_a_corrupted_bucket_is_detected_and_fetched_again(session):
-    s = Served(session, expected=1)
+@pytest.mark.parametrize("shared_memory", RING_AND_GLOO)
+def test_a_corrupted_bucket_is_detected_and_fetched_again(session, shared_memory):
+    s = Served(session, expected=1, shared_memory=shared_memory)
     try:
         events = []
         with corrupt_buckets(2) as fault:  # the real hub's buckets, damaged from outside after their crc
@@ -373,6 +384,7 @@ def test_a_corrupted_bucket_is_detected_and_fetched_again(session):
             tensors, stats = receive_broadcast(s.stub(), pb.Header(pool="bf16", worker_id="w"), ticket,
                                                "127.0.0.1", on_event=lambda what, f: events.append(what))
         s.check(tensors)
+        assert stats.ring == shared_memory
         assert fault.struck == 2 and stats.crc_errors == 2 and stats.refetched == 2
         assert "bucket crc mismatch: fetching it again" in events
         assert stats.bytes == stats.total_bytes + 2 * BUCKET  # the two damaged buckets came twice
@@ -401,8 +413,8 @@ receive_broadcast(stub, h, ticket, "127.0.0.1")
 
 
 @pytest.mark.parametrize("served", [{"expected": 2, "gather_s": 60.0, "timeout_s": 20.0, "bucket": 1 << 20,
-                                    "extra_mib": 48}],
-                         indirect=True)
+                                    "extra_mib": 48, "shared_memory": ring} for ring in (True, False)],
+                         indirect=True, ids=["ring", "gloo"])
 def test_a_worker_killed_mid_broadcast_fails_the_round_not_the_others(served):
     doomed = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(served.port), TOKEN], stdout=subprocess.PIPE)
     try:
@@ -471,8 +483,8 @@ def test_a_peer_without_the_token_that_takes_a_rank_receives_nothing(served):
         time.sleep(0.01)
     assert names == {ticket.group}  # (the leak the proof makes harmless)
     impostor = open_group(spy, names.pop(), ticket.rank, ticket.world_size, join_timeout_s=10.0)
-    shown = gather(impostor, [], torch.zeros(2, dtype=torch.int64), 10.0)  # a guess: no ticket, no proof
-    start = torch.full((1,), -1, dtype=torch.int64)
+    shown = gather(impostor, [], torch.zeros(PROOF_WORDS, dtype=torch.int64), 10.0)  # a guess: no ticket, no proof
+    start = torch.full((2,), -1, dtype=torch.int64)
     started = broadcast(impostor, start, 10.0)
     got = torch.zeros(BUCKET, dtype=torch.uint8)
     first = broadcast(impostor, got[:1024], 10.0)
@@ -486,7 +498,7 @@ def test_a_peer_without_the_token_that_takes_a_rank_receives_nothing(served):
             wait(work, given_up)
         except RuntimeError:
             pass
-    assert int(start.item()) == -1 and not got.any()  # not the version, not a byte of weights
+    assert start.tolist() == [-1, -1] and not got.any()  # not the version, not a byte of weights
     tensors, stats = served.receive("w", ticket)  # the displaced worker: its rank was taken, it streams
     served.check(tensors)
     assert stats.broadcast_bytes == 0
@@ -564,7 +576,8 @@ receive_broadcast(stub, h, ticket, "127.0.0.1", sink=lambda pieces: None)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("served", [{"expected": 3, "gather_s": 60.0, "timeout_s": 60.0, "bucket": 32 << 20,
-                                    "extra_mib": 256}], indirect=True)
+                                    "extra_mib": 256, "shared_memory": ring} for ring in (True, False)],
+                         indirect=True, ids=["ring", "gloo"])
 def test_a_worker_killed_mid_transfer_stalls_the_others_seconds_not_the_data_timeout(served):
     """gloo does not fail an operation whose peer was killed before its timeout (60 s here), and in
     its tree broadcast a worker may relay to another after the trainer's last send: the trainer
@@ -623,3 +636,54 @@ def test_a_worker_whose_trainer_dies_mid_sync_retries_and_does_not_crash(served,
         assert "trainer unreachable: retrying" in text and "giving up" in text and "Traceback" not in text
     finally:
         worker.kill()
+
+
+def rings_in_shm() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("dcmdp-ring-")}
+
+
+@pytest.mark.parametrize("served", [{"expected": 2}], indirect=True)
+def test_a_round_goes_over_the_group_when_one_worker_cannot_map_the_ring(served):
+    """Workers on the trainer's machine copy the parts out of its shared-memory ring; a worker that
+    cannot map it (another machine or container, another user; here one with rings turned off)
+    says so in the proof gather, and the whole round goes over gloo, every worker intact."""
+    blind = BroadcastLink()
+    blind.shared_memory = False
+
+    def receive(worker: str, link: BroadcastLink | None):
+        return served.receive(worker, served.join(worker), link=link)
+
+    runs = [in_thread(receive, "sees", None), in_thread(receive, "blind", blind)]
+    stats = all_received(served, runs, 60)
+    assert [s.ring for s in stats] == [False, False]
+    assert all(s.broadcast_bytes == s.total_bytes and s.refetched == 0 for s in stats)
+    r = served.wait_round()
+    assert r.path == "gloo" and r.error == ""
+    blind.close()
+
+
+@pytest.mark.parametrize("served", [{"join_timeout_s": 1.0}], indirect=True)
+def test_a_joiner_from_another_machine_is_offered_no_ring(served):
+    """A ring is offered only when every joiner may be on this machine (its gRPC address is a
+    loopback one or one of this machine's): a pod on another node cannot map it."""
+    served.hub.expected = lambda dtype: 1
+    t, out = in_thread(served.hub.join, 0, "bf16", "bf16", "far", "", "10.255.255.254")
+    t.join(30)
+    ticket = out["value"]
+    assert ticket is not None and ticket.ring is None
+    t, out = in_thread(served.hub.join, 0, "bf16", "bf16", "near", "", "127.0.0.1")
+    t.join(30)  # (the first round fails at the join timeout: "far" never connects)
+    assert out["value"].ring is not None
+
+
+def test_the_hub_deletes_its_rings_when_it_closes(session):
+    before = rings_in_shm()
+    s = Served(session, expected=1)
+    try:
+        tensors, stats = joined_and_received(s, "w")
+        s.check(tensors)
+        assert stats.ring and len(rings_in_shm() - before) == 1  # kept for the next round
+    finally:
+        s.stop()
+        s.hub.close()
+    assert rings_in_shm() - before == set()

@@ -181,7 +181,7 @@ class WeightManifest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class BroadcastTicket(_message.Message):
-    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes", "proof")
+    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes", "proof", "ring", "ring_nonce", "ring_slots")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,9 @@ class BroadcastTicket(_message.Message):
     JOIN_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PART_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    RING_NONCE_FIELD_NUMBER: _ClassVar[int]
+    RING_SLOTS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     manifest: WeightManifest
     group: str
@@ -206,7 +209,10 @@ class BroadcastTicket(_message.Message):
     join_timeout_ms: int
     part_bytes: int
     proof: bytes
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...
+    ring: str
+    ring_nonce: bytes
+    ring_slots: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ..., proof: _Optional[bytes] = ..., ring: _Optional[str] = ..., ring_nonce: _Optional[bytes] = ..., ring_slots: _Optional[int] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("version", "offset", "data", "crc32")

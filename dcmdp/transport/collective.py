@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import ipaddress
 import os
 import resource
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
@@ -54,6 +56,24 @@ def local_address_towards(host: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
+
+
+def may_be_local(address: str) -> bool:
+    """Whether a peer at ``address`` (its IP address as gRPC saw it; "" unknown) may run on this
+    machine: unknown, a loopback address, or one of this machine's own addresses (the route to it
+    leaves from it). Another pod on the same node has an address of its own: False."""
+    if not address:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    try:
+        return ipaddress.ip_address(local_address_towards(str(ip))) == ip
+    except ValueError:
+        return False
 
 
 def raise_open_file_limit(want: int = 65536) -> int:
@@ -175,6 +195,9 @@ def broadcast(pg, tensor: "torch.Tensor", timeout_s: float, root: int = 0):
 
 
 PROOF_BYTES = 16  # a ticket's proof (see :func:`gather`): 128 random bits, two int64 on the wire
+# What a rank shows in the proof gather: the proof's two int64, then one of flags.
+PROOF_WORDS = PROOF_BYTES // 8 + 1
+FLAG_RING = 1  # the rank has mapped the round's shared-memory ring (dcmdp.transport.shared_ring)
 
 
 def gather(pg, outputs: "list[list[torch.Tensor]]", tensor: "torch.Tensor", timeout_s: float, root: int = 0):
@@ -190,13 +213,14 @@ def gather(pg, outputs: "list[list[torch.Tensor]]", tensor: "torch.Tensor", time
     return pg.gather(outputs, [tensor], opts)
 
 
-def proof_tensor(proof: bytes, device: str = "cpu") -> "torch.Tensor":
-    """A ticket's proof as the int64 tensor a rank contributes to the trainer's gather (zeros when
-    the ticket has none: it then fails the round, as an impostor would)."""
+def proof_tensor(proof: bytes, device: str = "cpu", flags: int = 0) -> "torch.Tensor":
+    """What a rank contributes to the trainer's proof gather: its ticket's proof as two int64
+    (zeros when the ticket has none: it then fails the round, as an impostor would), then
+    ``flags`` (:data:`FLAG_RING`); ``PROOF_WORDS`` int64 in all."""
     # optional and heavy (the ml extra): the core imports without it
     import torch
 
-    raw = bytes(proof[:PROOF_BYTES]).ljust(PROOF_BYTES, b"\0")
+    raw = bytes(proof[:PROOF_BYTES]).ljust(PROOF_BYTES, b"\0") + int(flags).to_bytes(8, sys.byteorder)
     return torch.frombuffer(bytearray(raw), dtype=torch.int64).to(device)
 
 

@@ -12,20 +12,29 @@ group and its receive buffers: it tells the trainer which group it holds (``held
 A group that failed (a peer died, a timeout, an error while receiving) is closed at once and never
 used again: gloo matches operations by their order, so a group is only reusable when both ends
 completed every operation of the last round.
+
+A worker on the trainer's machine also maps the shared-memory rings its tickets offer
+(``dcmdp.transport.shared_ring``), and keeps the last ``RINGS_KEPT`` mapped: the trainer reuses
+its rings from round to round, and a mapping already in place costs no page faults.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.collective import client_store, open_group, release_group, wait_released
+from dcmdp.transport.shared_ring import RingError, SharedRing
 
-__all__ = ["BroadcastLink"]
+__all__ = ["BroadcastLink", "RINGS_KEPT"]
+
+RINGS_KEPT = 4  # rings kept mapped (the trainer keeps two spare, and one per round under way)
 
 
 class BroadcastLink:
@@ -39,6 +48,10 @@ class BroadcastLink:
         self._key: Optional[tuple] = None
         self._bufs: list[torch.Tensor] = []
         self._crcs: list[torch.Tensor] = []
+        self._rings: "OrderedDict[str, SharedRing]" = OrderedDict()  # mapped rings by name, most recent last
+        # map the rings tickets offer (DCMDP_SHARED_MEMORY=0: never, every round then goes over gloo)
+        self.shared_memory = os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
+        self.ring_error = ""  # why the last ring offered could not be mapped
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     @property
@@ -67,6 +80,29 @@ class BroadcastLink:
         self._store, self._key = store, key
         return self._pg, False
 
+    def ring(self, ticket: pb.BroadcastTicket) -> Optional[SharedRing]:
+        """The shared-memory ring ``ticket`` offers, mapped (or None: none offered, rings off, or it
+        cannot be mapped here — another machine or container, another user; why in ``ring_error``)."""
+        if not ticket.ring or not self.shared_memory or (ticket.backend or "gloo") != "gloo":
+            return None
+        ring = self._rings.get(ticket.ring)
+        if ring is not None and ring.nonce == ticket.ring_nonce and ring.slots == ticket.ring_slots \
+                and ring.slot_bytes == ticket.part_bytes:
+            self._rings.move_to_end(ticket.ring)
+            return ring
+        try:
+            ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.part_bytes)
+        except RingError as exc:
+            self.ring_error = str(exc)
+            return None
+        old = self._rings.pop(ticket.ring, None)
+        if old is not None:
+            old.close()
+        self._rings[ticket.ring] = ring
+        while len(self._rings) > RINGS_KEPT:
+            self._rings.popitem(last=False)[1].close()
+        return ring
+
     def buffers(self, count: int, size: int, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``count`` uint8 bucket buffers of at least ``size`` bytes on ``device`` and as many int64
         crc slots, kept for the next broadcast (allocated again only when too small)."""
@@ -91,6 +127,12 @@ class BroadcastLink:
         self.drop()
         wait_released()
         self._bufs, self._crcs = [], []
+        self.unmap_rings()
+
+    def unmap_rings(self) -> None:
+        """Unmap every ring kept mapped."""
+        while self._rings:
+            self._rings.popitem()[1].close()
 
 
 _LIVE: "weakref.WeakSet[BroadcastLink]" = weakref.WeakSet()

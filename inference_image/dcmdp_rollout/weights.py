@@ -6,7 +6,9 @@ buckets (``dcmdp.transport.buckets``), each with the crc32 the trainer computed 
 
 * :func:`receive_broadcast` joins the trainer's broadcast (``JoinBroadcast`` hands out the group;
   ``dcmdp.transport.collective`` opens it) and receives bucket after bucket into the
-  ``RECEIVE_DEPTH`` reusable buffers of its link;
+  ``RECEIVE_DEPTH`` reusable buffers of its link: over the group, or, when the trainer offers a
+  shared-memory ring and every worker of the round maps it (all on the trainer's machine), copied
+  out of the ring's slots as the group signals them (``dcmdp.transport.shared_ring``);
 * :func:`fetch_weights` pulls buckets over ``StreamWeights`` (a joiner beyond the two rounds of a
   version under way, no data plane, or the buckets a broadcast lost or damaged); a broken stream
   resumes at the next bucket.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,7 +32,8 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
-from dcmdp.transport.collective import Heartbeat, broadcast, gather, proof_tensor, wait
+from dcmdp.transport.collective import FLAG_RING, Heartbeat, broadcast, gather, proof_tensor, wait
+from dcmdp.transport.shared_ring import SharedRing
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
@@ -39,6 +43,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 Sink = Callable[[list], None]  # (name, tensor) pairs, or Slices
 RECEIVE_DEPTH = 4  # bucket buffers a worker receives into: receives posted ahead while earlier ones load
+PATH_RING = 1  # the round's first operation says (version, path): 1 = through the ring (dcmdp_trainer.broadcast)
 
 
 class WeightFetchError(RuntimeError):
@@ -64,6 +69,7 @@ class FetchStats:
     load_seconds: float = 0.0  # spent checking crcs and loading buckets (in the loading thread, overlapped)
     connect_seconds: float = 0.0  # spent joining the broadcast's group (the rendezvous; ~0 when reused)
     reused_group: bool = False  # the broadcast went over the group kept from the worker's last one
+    ring: bool = False  # the buckets came through the trainer's shared-memory ring (not over the group)
     events: list[str] = field(default_factory=list)
 
 
@@ -221,6 +227,41 @@ def stream_buckets(stub, header: pb.Header, manifest: pb.WeightManifest, receive
             time.sleep(min(2.0, 0.05 * (2 ** failures)))
 
 
+def _receive_ring(pg, ring: SharedRing, layout: Layout, part: int, bufs: list[torch.Tensor],
+                  receiver: BucketReceiver, stats: FetchStats, timeout_s: float, stop) -> None:
+    """Every bucket through the trainer's ring: for part p, its index over the group (a check that
+    both ends are in step), its bytes copied out of slot p mod ``ring.slots`` into the bucket's
+    buffer, then "copied" in a gather to the trainer (which then writes that slot again); after a
+    bucket's parts, its crc32 over the group, and the bucket goes to ``receiver``. The trainer
+    never rewrites a slot before every worker's "copied", so a bucket whose crc arrived was copied
+    whole; a torn copy (a round given up midway) fails the crc like any damage."""
+    copied: deque = deque()  # this worker's gathers on their way to the trainer
+    p = 0
+    for i in range(layout.buckets):
+        lo, hi = layout.span(i)
+        if i >= RECEIVE_DEPTH:
+            receiver.wait_for(i - RECEIVE_DEPTH)  # its buffer is checked and loaded: free again
+        data = bufs[i % RECEIVE_DEPTH][:hi - lo]
+        for a, b in layout.parts(i, part):
+            index = torch.full((1,), -1, dtype=torch.int64)
+            wait(broadcast(pg, index, timeout_s), stop)
+            if int(index.item()) != p:
+                raise RuntimeError(f"broadcast group out of step: the trainer signals part {int(index.item())}, "
+                                   f"this worker expects {p}")
+            ring.copy_out(p % ring.slots, data[a - lo:b - lo])
+            copied.append(gather(pg, [], torch.zeros(1, dtype=torch.int64), timeout_s))
+            while len(copied) > ring.slots:
+                wait(copied.popleft(), stop)
+            p += 1
+        crc = torch.zeros(1, dtype=torch.int64)
+        wait(broadcast(pg, crc, timeout_s), stop)
+        stats.bytes += data.numel()
+        stats.broadcast_bytes += data.numel()
+        receiver.submit(i, data, int(crc.item()))
+    while copied:
+        wait(copied.popleft(), stop)
+
+
 def fetch_weights(stub, header: pb.Header, version: int, dtype: str, *, sink: Optional[Sink] = None,
                   slices: bool = False, max_attempts: int = 8, timeout: Optional[float] = 600.0,
                   on_event: Optional[Callable[[str, dict], None]] = None):
@@ -301,26 +342,41 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 works = [broadcast(pg, data[a - lo:b - lo], timeout_s) for a, b in layout.parts(i, part)]
                 posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
 
-            proved = gather(pg, [], proof_tensor(ticket.proof, device), join_s, root=0)  # (see the trainer's check)
-            start = torch.full((1,), -1, dtype=torch.int64, device=device)
-            started = broadcast(pg, start, join_s)  # the round's version, sent once every proof checked out
-            for i in range(min(RECEIVE_DEPTH, layout.buckets)):
-                post(i)
+            ring = link.ring(ticket) if ticket.ring else None
+            if ticket.ring and ring is None:
+                event("shared-memory ring not mapped: over the group", error=link.ring_error[:200])
+            proved = gather(pg, [], proof_tensor(ticket.proof, device, FLAG_RING if ring is not None else 0), join_s,
+                            root=0)  # (see the trainer's check)
+            start = torch.full((2,), -1, dtype=torch.int64, device=device)
+            started = broadcast(pg, start, join_s)  # (version, path), sent once every proof checked out
+            if ring is None:  # (the path is gloo for sure: post the receives ahead)
+                for i in range(min(RECEIVE_DEPTH, layout.buckets)):
+                    post(i)
             wait(proved, beat.failed)
             wait(started, beat.failed)
-            if int(start.item()) != manifest.version:
-                raise RuntimeError(f"broadcast group out of step: the trainer sends version {int(start.item())}, "
+            if int(start[0].item()) != manifest.version:
+                raise RuntimeError(f"broadcast group out of step: the trainer sends version {int(start[0].item())}, "
                                    f"the ticket names {manifest.version}")
-            for i in range(layout.buckets):
-                data, crc, works = posted.pop(i)
-                for w in works:
-                    wait(w, beat.failed)  # (the trainer gave the round up: leave now, not at the data timeout)
-                stats.bytes += data.numel()
-                stats.broadcast_bytes += data.numel()
-                receiver.submit(i, data, int(crc.item()))
-                if i >= 1 and i - 1 + RECEIVE_DEPTH < layout.buckets:
-                    receiver.wait_for(i - 1)  # bucket i-1 checked and loaded: its buffer takes bucket i-1+depth
-                    post(i - 1 + RECEIVE_DEPTH)
+            if int(start[1].item()) == PATH_RING:
+                if ring is None:
+                    raise RuntimeError("broadcast group out of step: the trainer sends through a ring this worker "
+                                       "did not map")
+                stats.ring = True
+                _receive_ring(pg, ring, layout, part, bufs, receiver, stats, timeout_s, beat.failed)
+            else:
+                if ring is not None:
+                    for i in range(min(RECEIVE_DEPTH, layout.buckets)):
+                        post(i)
+                for i in range(layout.buckets):
+                    data, crc, works = posted.pop(i)
+                    for w in works:
+                        wait(w, beat.failed)  # (the trainer gave the round up: leave now, not at the data timeout)
+                    stats.bytes += data.numel()
+                    stats.broadcast_bytes += data.numel()
+                    receiver.submit(i, data, int(crc.item()))
+                    if i >= 1 and i - 1 + RECEIVE_DEPTH < layout.buckets:
+                        receiver.wait_for(i - 1)  # bucket i-1 checked and loaded: its buffer takes bucket i-1+depth
+                        post(i - 1 + RECEIVE_DEPTH)
             completed = True  # every operation of the round done: the group is in step with the trainer's
             beat.close(done=True)  # (the trainer waits for every worker's)
             receiver.drain()
@@ -334,6 +390,8 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
             pg = posted = started = proved = None
             if own or not completed:
                 link.drop(buffers=not completed)  # (a group left mid-round is out of step: never reused)
+            if own:
+                link.unmap_rings()
         missing = receiver.missing()
         if missing:
             stats.refetched = len(missing)

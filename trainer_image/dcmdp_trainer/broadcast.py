@@ -46,6 +46,7 @@ workers detect and re-fetch them.
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import secrets
 import threading
@@ -58,9 +59,11 @@ from typing import Callable, Optional
 import torch
 
 from dcmdp.transport.buckets import bucket_crc, direct_range, fill_range
-from dcmdp.transport.collective import (DEAD_AFTER_S, PROOF_BYTES, WILDCARD_HOSTS, LifeWatch, broadcast, client_store,
-                                        delete_group_keys, failed_key, gather, loopback_for, master_store, open_group,
-                                        release_group, wait, wait_released)
+from dcmdp.transport.collective import (DEAD_AFTER_S, FLAG_RING, PROOF_BYTES, PROOF_WORDS, WILDCARD_HOSTS, LifeWatch,
+                                        broadcast, client_store, delete_group_keys, failed_key, gather,
+                                        loopback_for, master_store, may_be_local, open_group, release_group,
+                                        wait, wait_released)
+from dcmdp.transport.shared_ring import RingError, SharedRing
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -79,6 +82,10 @@ GROUP_KEY = re.compile(r"([0-9a-f]{32})/")  # a store key of a group (names: sec
 KEY_SWEEP_S = 10.0  # at most one sweep of closed groups' keys this often (it lists every key of the store)
 CLOSED_NAMES_KEPT = 4096  # closed groups whose late keys a sweep deletes (each name kept 10 min at most)
 CLOSED_NAMES_KEPT_S = 600.0
+RING_SLOTS = 2  # slots of a shared-memory ring (one part each: a ring holds one bucket, as a buffer pair does)
+RING_RETRY_S = 60.0  # after a ring could not be made (no /dev/shm, or full), the next try this much later
+# The round's first operation carries (version, path): how the parts travel.
+PATH_GLOO, PATH_RING = 0, 1
 # Each operation's data timeout: the backstop for a peer that stalls while alive (a dead one is
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
@@ -101,6 +108,7 @@ class Ticket:
     backend: str
     part_bytes: int
     proof: bytes = b""  # what this rank shows the trainer before any weight is sent (PROOF_BYTES random bytes)
+    ring: Optional[SharedRing] = None  # the round's shared-memory ring, offered to workers on this machine
 
 
 @dataclass(eq=False)
@@ -132,6 +140,7 @@ class Round:
     ranks: list[int] = field(default_factory=list)  # the rank of each joiner in ``group``
     proofs: list[bytes] = field(default_factory=list)  # each joiner's proof of its ticket (fresh every round)
     stopped: threading.Event = field(default_factory=threading.Event)  # given up: stop waiting for its operations
+    ring: Optional[SharedRing] = None  # offered to its workers when each one may be on this machine
 
 
 @dataclass
@@ -143,6 +152,7 @@ class RoundResult:
     seconds: float
     error: str = ""
     pools: tuple[str, ...] = ()  # the pool of each receiving worker
+    path: str = ""  # how the parts went: "ring" (shared memory, every worker on this machine) | "gloo" | "" (none sent)
 
 
 # Round outcomes kept for inspection (tests, the bench): a run lasts thousands of rounds.
@@ -152,8 +162,16 @@ RESULTS_KEPT = 256
 class BroadcastHub:
     def __init__(self, publisher: WeightPublisher, host: str = "127.0.0.1", *, gather_s: float = 0.5,
                  timeout_s: float = DATA_TIMEOUT_S, join_timeout_s: float = 10.0, expected: Optional[Callable[[str], int]] = None,
-                 on_round: Optional[Callable[[RoundResult], None]] = None, keep_idle_s: float = 600.0):
+                 on_round: Optional[Callable[[RoundResult], None]] = None, keep_idle_s: float = 600.0,
+                 shared_memory: Optional[bool] = None):
         self.publisher = publisher
+        # offer a shared-memory ring to rounds whose workers may all be on this machine (None: unless
+        # the environment says DCMDP_SHARED_MEMORY=0)
+        self.shared_memory = (os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
+                              if shared_memory is None else shared_memory)
+        self._spare_rings: list[SharedRing] = []
+        self._ring_retry_at = 0.0
+        self.ring_error = ""  # why the last ring could not be made ("" none failed)
         self.host = host
         self.gather_s, self.timeout_s, self.join_timeout_s = gather_s, timeout_s, join_timeout_s
         self.keep_idle_s = keep_idle_s
@@ -180,6 +198,34 @@ class BroadcastHub:
                 if pair[0].numel() >= size and pair[0].device.type == device:
                     return self._spare.pop(k)
         return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
+
+    def _take_ring(self, part: int) -> Optional[SharedRing]:
+        """A shared-memory ring of ``RING_SLOTS`` slots of ``part`` bytes: a spare one, or a new one
+        (outside the lock: sizing it writes its pages); None when none can be made (retried
+        ``RING_RETRY_S`` later; the reason in ``ring_error``)."""
+        with self._cond:
+            for k, ring in enumerate(self._spare_rings):
+                if ring.slot_bytes == part:
+                    return self._spare_rings.pop(k)
+            if time.monotonic() < self._ring_retry_at:
+                return None
+        try:
+            return SharedRing.create(RING_SLOTS, part)
+        except RingError as exc:
+            with self._cond:
+                self.ring_error, self._ring_retry_at = str(exc), time.monotonic() + RING_RETRY_S
+            return None
+
+    def _give_ring(self, ring: Optional[SharedRing]) -> None:
+        """Keep ``ring`` for a later round (up to ``SPARE_PAIRS``; no gloo operation reads it, so a
+        failed round's ring is as good as any), else close it."""
+        if ring is None:
+            return
+        with self._cond:
+            if not self._closing and len(self._spare_rings) < SPARE_PAIRS:
+                self._spare_rings.append(ring)
+                return
+        ring.close()
 
     def _give_pair(self, pair: list[torch.Tensor]) -> None:
         """Keep ``pair`` for a later round, unless ``SPARE_PAIRS`` are kept already (rounds that ran at
@@ -213,7 +259,8 @@ class BroadcastHub:
                     return None
                 r = self._rounds[key] = Round(key, prep)
                 self._active.setdefault(key, []).append(r)
-                threading.Thread(target=self._run, args=(r,), name=f"broadcast-v{key[0]}-{dtype}", daemon=True).start()
+                threading.Thread(target=self._run, args=(r, address), name=f"broadcast-v{key[0]}-{dtype}",
+                                 daemon=True).start()
             k = len(r.members)
             r.members.append(member)
             r.held.append(held)
@@ -225,7 +272,7 @@ class BroadcastHub:
             if r.group is None:  # the round could not get a group: stream
                 return None
             return Ticket(r.group.name, r.ranks[k], len(r.members) + 1, prep, r.group.backend,
-                          part_bytes(prep.layout.bucket_bytes), r.proofs[k])
+                          part_bytes(prep.layout.bucket_bytes), r.proofs[k], r.ring)
 
     def _gathered(self, r: Round) -> bool:
         """Every expected worker of the dtype has joined ``r`` or another round of its (v, d) under
@@ -309,7 +356,46 @@ class BroadcastHub:
         release_group(held, then=lambda: delete_group_keys(store, name, keep=(failed_key(name),)))
         self._closed.append((time.monotonic(), name))
 
-    def _run(self, r: Round) -> None:
+    def _offers_ring(self, r: Round, address: str) -> bool:
+        """Whether a round whose first joiner came from ``address`` gets a shared-memory ring: gloo
+        (NCCL has shared-memory transports of its own), rings on, and that joiner possibly on this
+        machine."""
+        return self.shared_memory and self.backend_of(r.prepared) == "gloo" and may_be_local(address)
+
+    def _run(self, r: Round, address: str = "") -> None:
+        # the ring before gathering, outside the lock (a new one writes its pages: ~10 ms for 64 MiB)
+        ring = self._take_ring(part_bytes(r.prepared.layout.bucket_bytes)) if self._offers_ring(r, address) else None
+        try:
+            world = self._close_gathering(r, ring)
+        finally:
+            if r.ring is None:
+                self._give_ring(ring)  # not offered (a joiner from another machine, or no broadcast)
+        if world is None:
+            return
+        t0, sent, error, path = time.perf_counter(), 0, "", [""]
+        try:
+            sent = self._broadcast(r, world, path)
+        except RuntimeError as exc:  # a peer died or stalled: it (and the others) fetch over the stream
+            error = str(exc).splitlines()[0].replace(r.group.name, "<group>")[:300]  # (no store key in logs)
+        finally:
+            self._release_ring(r)  # (after a success: already given back)
+            self._end(r, ok=False)  # (after a success: already ended, nothing to do)
+        result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools), path[0])
+        self._sweep_closed_keys()
+        with self._cond:
+            self.results.append(result)
+            self.rounds += 1
+        if self.on_round:
+            self.on_round(result)
+
+    def _release_ring(self, r: Round) -> None:
+        ring, r.ring = r.ring, None
+        self._give_ring(ring)
+
+    def _close_gathering(self, r: Round, ring: Optional[SharedRing]) -> Optional[int]:
+        """Gather ``r``'s joiners, then close it: its group, ranks, proofs and (when every joiner
+        may be on this machine) ``ring``; returns the world size, or None when the hub is closing
+        (the joiners get no group, and stream)."""
         with self._cond:
             self._threads = [t for t in self._threads if t.is_alive()] + [threading.current_thread()]
             deadline = r.opened + self.gather_s
@@ -324,31 +410,19 @@ class BroadcastHub:
                 self._forget(r)
                 r.closed = True
                 self._cond.notify_all()
-                return
+                return None
             try:
                 r.group, r.ranks = self._group_for(r)
                 r.proofs = [secrets.token_bytes(PROOF_BYTES) for _ in r.members]
+                if ring is not None and all(may_be_local(a) for a in r.addresses):
+                    r.ring = ring
             except Exception:  # noqa: BLE001 - never leave the joiners waiting: they stream instead
                 self._forget(r)
                 raise
             finally:
                 r.closed = True
                 self._cond.notify_all()
-            world = len(r.members) + 1
-        t0, sent, error = time.perf_counter(), 0, ""
-        try:
-            sent = self._broadcast(r, world)
-        except RuntimeError as exc:  # a peer died or stalled: it (and the others) fetch over the stream
-            error = str(exc).splitlines()[0].replace(r.group.name, "<group>")[:300]  # (no store key in logs)
-        finally:
-            self._end(r, ok=False)  # (after a success: already ended, nothing to do)
-        result = RoundResult(r.key[0], r.key[1], world, sent, time.perf_counter() - t0, error, tuple(r.pools))
-        self._sweep_closed_keys()
-        with self._cond:
-            self.results.append(result)
-            self.rounds += 1
-        if self.on_round:
-            self.on_round(result)
+            return len(r.members) + 1
 
     def _end(self, r: Round, ok: bool) -> None:
         """The round is over: a new one of its (version, dtype) may open, its group may be reused
@@ -393,8 +467,11 @@ class BroadcastHub:
         with self._cond:
             return sum(g.pg is not None for g in self._groups.values())
 
-    def _broadcast(self, r: Round, world: int) -> int:
-        prep, layout, g = r.prepared, r.prepared.layout, r.group
+    def _broadcast(self, r: Round, world: int, path: list[str]) -> int:
+        """Run round ``r`` over its group (opened now unless kept): the proofs, the version and the
+        path (ring when it was offered and every worker mapped it, else gloo), the buckets; then
+        wait for every worker's "done". Sets ``path[0]``; returns the bytes sent."""
+        prep, g = r.prepared, r.group
         backend = g.backend
         if g.pg is None:
             try:
@@ -410,9 +487,7 @@ class BroadcastHub:
                 raise
         pg = g.pg
         device = "cuda" if backend == "nccl" else "cpu"
-        part = part_bytes(layout.bucket_bytes)
-        bufs: list[torch.Tensor] = []  # the round's pair of buffers, taken at its first cast part (none
-        dead: list[int] = []  # for a round of views only: on a GPU trainer they would be device memory)
+        dead: list[int] = []
         stopped = r.stopped
 
         def gone(rank: int) -> None:  # a worker stopped beating: fail the round now, not at the data timeout
@@ -428,60 +503,30 @@ class BroadcastHub:
             # Every rank shows the proof its ticket carries (a gather to the trainer) before any weight
             # is sent: the store lists its keys to anyone, group names included, so a peer without the
             # token can take a rank; it cannot show a proof, and the round fails with nothing sent.
+            # Its flags say whether it mapped the round's ring.
             expected = {rank: proof for rank, proof in zip(r.ranks, r.proofs)}
-            shown = [torch.zeros(PROOF_BYTES // 8, dtype=torch.int64, device=device) for _ in range(world)]
-            wait(gather(pg, [shown], torch.zeros(PROOF_BYTES // 8, dtype=torch.int64, device=device),
+            shown = [torch.zeros(PROOF_WORDS, dtype=torch.int64, device=device) for _ in range(world)]
+            wait(gather(pg, [shown], torch.zeros(PROOF_WORDS, dtype=torch.int64, device=device),
                         self.join_timeout_s), stopped)
+            shown = [t.cpu() for t in shown]
             impostors = [rank for rank in range(1, world)
-                         if shown[rank].cpu().numpy().tobytes() != expected.get(rank, b"")]
+                         if shown[rank][:PROOF_BYTES // 8].numpy().tobytes() != expected.get(rank, b"")]
             if impostors:
                 raise RuntimeError(f"rank(s) {impostors} of the group did not show their ticket's proof (a peer "
                                    "without the run token took their place): nothing was sent")
-            # The round's first operation: its version, within the join timeout. Every rank must
-            # post it (a kept group has no rendezvous to fail instead), and a worker checks the value:
-            # a group out of step with the trainer fails here, before any bucket.
-            start = torch.full((1,), prep.version, dtype=torch.int64, device=device)
+            ring = r.ring if r.ring is not None and all(int(shown[k][-1]) & FLAG_RING for k in range(1, world)) else None
+            path[0] = "ring" if ring is not None else "gloo"
+            # The round's first operation: its version and path, within the join timeout. Every rank
+            # must post it (a kept group has no rendezvous to fail instead), and a worker checks the
+            # version: a group out of step with the trainer fails here, before any bucket.
+            start = torch.tensor([prep.version, PATH_RING if ring is not None else PATH_GLOO], dtype=torch.int64,
+                                 device=device)
             wait(broadcast(pg, start, self.join_timeout_s), stopped)
-            crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2)]
-            inflight: deque = deque()  # (work, what it reads: ("buf", k) | ("crc", k) | None)
-            sent = 0
-
-            def free(what) -> None:  # wait until no op in flight reads ``what``
-                while any(x[1] == what for x in inflight):
-                    wait(inflight.popleft()[0], stopped)
-
-            k = 0
-
-            def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
-                if not bufs:
-                    bufs.extend(self._take_pair(part, device))
-                free(("buf", k % 2))
-                return bufs[k % 2]
-
-            for i in range(layout.buckets):
-                cached = prep.crcs[i] is not None
-                running = 0
-                for lo, hi in layout.parts(i, part):
-                    while len(inflight) >= PARTS_IN_FLIGHT:
-                        wait(inflight.popleft()[0], stopped)
-                    data = self._part(prep, i, lo, hi, buffer)
-                    slot = None  # a view of the snapshot: no buffer to hold
-                    if bufs and data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
-                        slot, k = ("buf", k % 2), k + 1  # cast into the buffer: the next cast part takes the other one
-                    if not cached:  # (computed once per (version, dtype), then kept)
-                        running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
-                    inflight.append((broadcast(pg, data, self.timeout_s), slot))
-                    sent += hi - lo
-                crc = prep.crcs[i]
-                if crc is None:
-                    crc = prep.crcs[i] = running
-                free(("crc", i % 2))
-                crcs[i % 2].fill_(crc)
-                inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
-            while inflight:
-                wait(inflight.popleft()[0], stopped)
-            if bufs:
-                self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
+            if ring is not None:
+                sent = self._send_ring(r, pg, world, ring)
+                self._release_ring(r)
+            else:
+                sent = self._send_gloo(r, pg, device)
             watch.wait_done(stopped, self.timeout_s)  # every worker received it all (one may relay to another)
             self._end(r, ok=not dead)  # at once: a worker done receiving may already ask for the next version
             return sent
@@ -494,6 +539,96 @@ class BroadcastHub:
             raise
         finally:
             watch.close()
+
+    def _send_gloo(self, r: Round, pg, device: str) -> int:
+        """Every bucket over the group: its parts (views of the snapshot, or cast into the round's
+        pair of buffers while the other is on the wire), then its crc32. Returns the bytes sent."""
+        prep, layout, stopped = r.prepared, r.prepared.layout, r.stopped
+        part = part_bytes(layout.bucket_bytes)
+        bufs: list[torch.Tensor] = []  # the round's pair of buffers, taken at its first cast part (none
+        # for a round of views only: on a GPU trainer they would be device memory)
+        crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2)]
+        inflight: deque = deque()  # (work, what it reads: ("buf", k) | ("crc", k) | None)
+        sent = 0
+
+        def free(what) -> None:  # wait until no op in flight reads ``what``
+            while any(x[1] == what for x in inflight):
+                wait(inflight.popleft()[0], stopped)
+
+        k = 0
+
+        def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
+            if not bufs:
+                bufs.extend(self._take_pair(part, device))
+            free(("buf", k % 2))
+            return bufs[k % 2]
+
+        for i in range(layout.buckets):
+            cached = prep.crcs[i] is not None
+            running = 0
+            for lo, hi in layout.parts(i, part):
+                while len(inflight) >= PARTS_IN_FLIGHT:
+                    wait(inflight.popleft()[0], stopped)
+                data = self._part(prep, i, lo, hi, buffer)
+                slot = None  # a view of the snapshot: no buffer to hold
+                if bufs and data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
+                    slot, k = ("buf", k % 2), k + 1  # cast into the buffer: the next cast part takes the other one
+                if not cached:  # (computed once per (version, dtype), then kept)
+                    running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
+                inflight.append((broadcast(pg, data, self.timeout_s), slot))
+                sent += hi - lo
+            crc = prep.crcs[i]
+            if crc is None:
+                crc = prep.crcs[i] = running
+            free(("crc", i % 2))
+            crcs[i % 2].fill_(crc)
+            inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
+        while inflight:
+            wait(inflight.popleft()[0], stopped)
+        if bufs:
+            self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
+        return sent
+
+    def _send_ring(self, r: Round, pg, world: int, ring: SharedRing) -> int:
+        """Every bucket through ``ring``: part p is cast (or copied) into slot p mod ``ring.slots``
+        once every worker has said, in the gather of part p - slots, that it copied that part out;
+        then the part's index goes over the group (the workers copy it out and answer in a gather),
+        and after its parts the bucket's crc32. Returns the bytes sent."""
+        prep, layout, stopped = r.prepared, r.prepared.layout, r.stopped
+        part = part_bytes(layout.bucket_bytes)
+        copied: deque = deque()  # each part's gather of the workers' "copied out", oldest first
+        signals: deque = deque()  # the parts' indices and the buckets' crcs on their way
+        sent = p = 0
+
+        def signal(value: int) -> None:
+            signals.append(broadcast(pg, torch.full((1,), value, dtype=torch.int64), self.timeout_s))
+            while len(signals) > 2 * ring.slots:
+                wait(signals.popleft(), stopped)
+
+        for i in range(layout.buckets):
+            cached = prep.crcs[i] is not None
+            running = 0
+            for lo, hi in layout.parts(i, part):
+                if len(copied) >= ring.slots:
+                    wait(copied.popleft(), stopped)  # slot p mod slots: every worker is done with it
+                slot = ring.slot(p % ring.slots, hi - lo)
+                data = self._part(prep, i, lo, hi, lambda: slot)
+                if data.data_ptr() != slot.data_ptr():  # a view of the snapshot
+                    slot.copy_(data)
+                if not cached:  # (computed once per (version, dtype), then kept)
+                    running = bucket_crc(slot, running)
+                signal(p)
+                copied.append(gather(pg, [[torch.zeros(1, dtype=torch.int64) for _ in range(world)]],
+                                     torch.zeros(1, dtype=torch.int64), self.timeout_s))
+                sent += hi - lo
+                p += 1
+            crc = prep.crcs[i]
+            if crc is None:
+                crc = prep.crcs[i] = running
+            signal(crc)
+        for work in (*signals, *copied):
+            wait(work, stopped)
+        return sent
 
     def _part(self, prep: Prepared, i: int, lo: int, hi: int, buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Stream bytes [lo, hi) of bucket ``i``: a view of their tensor when no cast or copy is
@@ -525,6 +660,9 @@ class BroadcastHub:
             for k, g in list(self._groups.items()):
                 del self._groups[k]
                 self._retire(g)
+            rings, self._spare_rings = self._spare_rings, []
+        for ring in rings:  # (a round still running closes its own when it gives it back)
+            ring.close()
         wait_released()
         self.store = None  # type: ignore[assignment]
 

@@ -266,6 +266,8 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             reply.join_timeout_ms = int(self.hub.join_timeout_s * 1000)
             reply.part_bytes = ticket.part_bytes
             reply.proof = ticket.proof
+            if ticket.ring is not None:  # every joiner may be on this machine: offer the shared-memory ring
+                reply.ring, reply.ring_nonce, reply.ring_slots = ticket.ring.name, ticket.ring.nonce, ticket.ring.slots
         return reply
 
     def StreamWeights(self, request, context):
