@@ -6,16 +6,22 @@ copied where it spans two — with 64 MiB buckets, every half of the 1024 MiB sn
 every half of the 256 MiB one a copy — and bf16, cast from them) and worker count (1, 2),
 with long-lived worker processes (a pool's workers live for the run and receive every version):
 
-* **data plane**: the real trainer service with its broadcast hub (``dcmdp_trainer.broadcast``):
-  each worker calls ``JoinBroadcast`` (saying which group it holds) and runs the real receive
-  (``dcmdp_rollout.weights.receive_broadcast`` through its ``BroadcastLink``: gloo broadcast into
-  four bucket buffers, crc32 of every bucket checked, the buckets' slices handed to a sink that
-  drops them); the trainer sends each bucket in two halves, a view of the snapshot or cast into
-  its pair of half-bucket buffers while the other half is on the wire. A cell's first round opens
-  the workers' group (reported apart as ``cold_round_s``/``cold_over_tcp``); the timed rounds
-  reuse it, as every version after a worker's first does. The trainer's crc32 of each bucket is
-  computed before the timed rounds (it is cached per (version, dtype) after a version's first
-  broadcast);
+* **data plane** (the headline): the real trainer service with its broadcast hub
+  (``dcmdp_trainer.broadcast``): each worker calls ``JoinBroadcast`` (saying which group it holds)
+  and runs the real receive (``dcmdp_rollout.weights.receive_broadcast`` through its
+  ``BroadcastLink``: the bucket's parts copied into four bucket buffers, crc32 of every bucket
+  checked, the buckets' slices handed to a sink that drops them). The workers run on the
+  trainer's machine, so the hub offers them its shared-memory ring (``dcmdp.transport.shared_ring``):
+  the trainer casts (or copies) each half-bucket into a slot, the workers copy it out, and the
+  group carries the signals and crcs (the round must go through the ring, or the bench stops).
+  A cell's first round opens the workers' group (reported apart as
+  ``cold_round_s``/``cold_over_tcp``); the timed rounds reuse it, as every version after a
+  worker's first does. The trainer's crc32 of each bucket is computed before the timed rounds (it
+  is cached per (version, dtype) after a version's first broadcast);
+* **data plane over gloo** (``gloo_path_over_tcp``, beside the headline): the same rounds with
+  the ring not offered, as to workers on other machines: every half-bucket broadcast over the
+  group, a view of the snapshot or cast into the hub's pair of half-bucket buffers while the other
+  half is on the wire;
 * **raw TCP**: the same worker processes each reading the same number of bytes from a plain
   socket (``sendall`` of ready-made bytes from one thread per worker / ``recv_into`` a 4 MiB buffer,
   no checks).
@@ -264,10 +270,15 @@ def run_gloo_raw(script: Path, data, part: int, env) -> float:
     return span([json.loads(out.decode().splitlines()[-1])])
 
 
-def run_dataplane(pool: Workers, dtype: str, hub, base_rss: int) -> tuple[float, float, int, float, float, bool, float]:
+def run_dataplane(pool: Workers, dtype: str, hub, base_rss: int,
+                  path: str = "") -> tuple[float, float, int, float, float, bool, float]:
     """One broadcast round to every worker of ``pool``: (seconds, trainer cpu seconds, trainer peak
     RSS over ``base_rss`` in bytes, worker load seconds, worker seconds joining the group, whether
-    every worker reused its group, the workers' CPU seconds)."""
+    every worker reused its group, the workers' CPU seconds). ``path``: "ring" (the hub offers its
+    shared-memory ring, as to workers on its machine) or "gloo" (it does not, as to workers on
+    other machines); the round must have gone that way."""
+    if path:
+        hub.shared_memory = path == "ring"
     before = hub.rounds
     peak = PeakRss()
     c0 = cpu_s()
@@ -280,6 +291,8 @@ def run_dataplane(pool: Workers, dtype: str, hub, base_rss: int) -> tuple[float,
     r = hub.results[-1]
     if r.error or r.world_size != len(pool.procs) + 1:
         raise SystemExit(f"broadcast round failed: {r}")
+    if path and r.path != path:
+        raise SystemExit(f"the round went over {r.path!r}, not {path!r}: {r}")
     return (span(res), cpu, peak.peak - base_rss, max(x["load_s"] for x in res), max(x["connect_s"] for x in res),
             all(x["reused"] for x in res), sum(x["cpu_s"] for x in res))
 
@@ -357,6 +370,7 @@ def main() -> None:
                 pool = Workers(script, w, port, token, env)
                 cold = run_dataplane(pool, dtype, hub, base_rss)  # the workers' first round: opens their group
                 pairs, cpus, extras, loads, connects, cast_pairs, gloo_pairs = [], [], [], [], [], [], []
+                network_pairs = []  # (the data plane as to workers on other machines: over gloo, seconds; TCP)
                 cpu_ratios = []
                 for k in range(args.repeats):  # interleaved, the order alternating: load drift hits both sides
                     tcp_first = k % 2 == 1
@@ -364,13 +378,17 @@ def main() -> None:
                         c0 = cpu_s()
                         tcp, tcp_workers_cpu = run_tcp(pool, payload[:wire])
                         tcp_cpu = cpu_s() - c0 + tcp_workers_cpu
-                    s, c, x, load, connect, reused, workers_cpu = run_dataplane(pool, dtype, hub, base_rss)
+                    if tcp_first:
+                        network_pairs.append((run_dataplane(pool, dtype, hub, base_rss, "gloo")[0], tcp))
+                    s, c, x, load, connect, reused, workers_cpu = run_dataplane(pool, dtype, hub, base_rss, "ring")
                     if not reused:
                         raise SystemExit("a worker did not reuse its group in a steady-state round")
                     if not tcp_first:
                         c0 = cpu_s()
                         tcp, tcp_workers_cpu = run_tcp(pool, payload[:wire])
                         tcp_cpu = cpu_s() - c0 + tcp_workers_cpu
+                    if not tcp_first:
+                        network_pairs.append((run_dataplane(pool, dtype, hub, base_rss, "gloo")[0], tcp))
                     pairs.append((s, tcp))
                     cpu_ratios.append((c + workers_cpu) / tcp_cpu)
                     if w == 1:  # the transport alone, same bytes and parts (reported beside the headline)
@@ -393,7 +411,8 @@ def main() -> None:
                        "connect_s": round(statistics.median(connects), 3),
                        "cold_round_s": round(cold[0], 4), "cold_connect_s": round(cold[4], 4),
                        "cold_over_tcp": round(tcp_s / cold[0], 3),
-                       "cpu_over_tcp": round(statistics.median(cpu_ratios), 3)}
+                       "cpu_over_tcp": round(statistics.median(cpu_ratios), 3),
+                       "gloo_path_over_tcp": round(statistics.median(t / d for d, t in network_pairs), 3)}
                 if gloo_pairs:
                     row["gloo_raw_gib_s"] = round(gib / statistics.median(t for _, t in gloo_pairs), 3)
                     row["gloo_raw_over_tcp"] = round(statistics.median(t / g for (_, t), (_, g) in zip(pairs, gloo_pairs)), 3)
@@ -413,6 +432,10 @@ def main() -> None:
         "transfer_over_tcp": min(r["transfer_over_tcp"] for r in rows),
         "transfer_over_tcp_by_cell": {f'{r["mib"]}MiB/{r["dtype"]}/{r["workers"]}w': r["transfer_over_tcp"]
                                       for r in rows},
+        # the same rounds to workers on other machines (no ring: every part over gloo), worst cell
+        "gloo_path_over_tcp": min(r["gloo_path_over_tcp"] for r in rows),
+        "gloo_path_over_tcp_by_cell": {f'{r["mib"]}MiB/{r["dtype"]}/{r["workers"]}w': r["gloo_path_over_tcp"]
+                                       for r in rows},
         "cpu_over_tcp": max(r["cpu_over_tcp"] for r in rows),
         "cpu_s_per_gib": max(r["trainer_cpu_s_per_gib"] for r in rows),
         "extra_mem_buckets": max(r["extra_mem_buckets"] for r in rows),

@@ -216,6 +216,15 @@ class BroadcastHub:
                 self.ring_error, self._ring_retry_at = str(exc), time.monotonic() + RING_RETRY_S
             return None
 
+    def _take_spare_ring(self, part: int) -> Optional[SharedRing]:
+        """A spare ring of ``RING_SLOTS`` >= 2 slots of at least ``part`` bytes, or None: a gloo
+        round on a machine that has one casts into two of its slots instead of a pair of its own."""
+        with self._cond:
+            for k, ring in enumerate(self._spare_rings):
+                if ring.slot_bytes >= part and ring.slots >= 2:
+                    return self._spare_rings.pop(k)
+        return None
+
     def _give_ring(self, ring: Optional[SharedRing]) -> None:
         """Keep ``ring`` for a later round (up to ``SPARE_PAIRS``; no gloo operation reads it, so a
         failed round's ring is as good as any), else close it."""
@@ -547,6 +556,7 @@ class BroadcastHub:
         part = part_bytes(layout.bucket_bytes)
         bufs: list[torch.Tensor] = []  # the round's pair of buffers, taken at its first cast part (none
         # for a round of views only: on a GPU trainer they would be device memory)
+        borrowed: list[SharedRing] = []  # a spare ring whose two slots are the pair (no second bucket of memory)
         crcs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2)]
         inflight: deque = deque()  # (work, what it reads: ("buf", k) | ("crc", k) | None)
         sent = 0
@@ -559,34 +569,49 @@ class BroadcastHub:
 
         def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
             if not bufs:
-                bufs.extend(self._take_pair(part, device))
+                ring = self._take_spare_ring(part) if device == "cpu" else None
+                if ring is not None:
+                    borrowed.append(ring)
+                    bufs.extend(ring.slot(j, part) for j in range(2))
+                else:
+                    bufs.extend(self._take_pair(part, device))
             free(("buf", k % 2))
             return bufs[k % 2]
 
-        for i in range(layout.buckets):
-            cached = prep.crcs[i] is not None
-            running = 0
-            for lo, hi in layout.parts(i, part):
-                while len(inflight) >= PARTS_IN_FLIGHT:
-                    wait(inflight.popleft()[0], stopped)
-                data = self._part(prep, i, lo, hi, buffer)
-                slot = None  # a view of the snapshot: no buffer to hold
-                if bufs and data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
-                    slot, k = ("buf", k % 2), k + 1  # cast into the buffer: the next cast part takes the other one
-                if not cached:  # (computed once per (version, dtype), then kept)
-                    running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
-                inflight.append((broadcast(pg, data, self.timeout_s), slot))
-                sent += hi - lo
-            crc = prep.crcs[i]
-            if crc is None:
-                crc = prep.crcs[i] = running
-            free(("crc", i % 2))
-            crcs[i % 2].fill_(crc)
-            inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
-        while inflight:
-            wait(inflight.popleft()[0], stopped)
-        if bufs:
-            self._give_pair(bufs)  # (after a failure the pair is dropped: an aborted send may still read it)
+        try:
+            for i in range(layout.buckets):
+                cached = prep.crcs[i] is not None
+                running = 0
+                for lo, hi in layout.parts(i, part):
+                    while len(inflight) >= PARTS_IN_FLIGHT:
+                        wait(inflight.popleft()[0], stopped)
+                    data = self._part(prep, i, lo, hi, buffer)
+                    slot = None  # a view of the snapshot: no buffer to hold
+                    if bufs and data.untyped_storage().data_ptr() == bufs[k % 2].untyped_storage().data_ptr():
+                        slot, k = ("buf", k % 2), k + 1  # cast into the buffer: the next cast part takes the other one
+                    if not cached:  # (computed once per (version, dtype), then kept)
+                        running = bucket_crc(data if data.device.type == "cpu" else data.cpu(), running)
+                    inflight.append((broadcast(pg, data, self.timeout_s), slot))
+                    sent += hi - lo
+                crc = prep.crcs[i]
+                if crc is None:
+                    crc = prep.crcs[i] = running
+                free(("crc", i % 2))
+                crcs[i % 2].fill_(crc)
+                inflight.append((broadcast(pg, crcs[i % 2], self.timeout_s), ("crc", i % 2)))
+            while inflight:
+                wait(inflight.popleft()[0], stopped)
+        except BaseException:
+            for ring in borrowed:  # (its name goes now; its mapping while an aborted send holds a slot)
+                ring.close()
+            raise
+        if borrowed:
+            bufs.clear()
+            self._give_ring(borrowed[0])
+        elif bufs:
+            self._give_pair(bufs)
+        # (after a failure the pair is dropped, and a borrowed ring closed: an aborted send may still
+        # read them; a closed ring stays mapped while a tensor of it lives)
         return sent
 
     def _send_ring(self, r: Round, pg, world: int, ring: SharedRing) -> int:
