@@ -683,6 +683,9 @@ def test_the_hub_deletes_its_rings_when_it_closes(session):
         tensors, stats = joined_and_received(s, "w")
         s.check(tensors)
         assert stats.ring and len(rings_in_shm() - before) == 1  # kept for the next round
+        (name,) = rings_in_shm() - before
+        total = -(-stats.total_bytes // 64) * 64  # (a snapshot smaller than a half-bucket: slots of its size)
+        assert os.stat(os.path.join(SHM_DIR, name)).st_size == 64 + 2 * min(BUCKET // 2, total)
     finally:
         s.stop()
         s.hub.close()

@@ -181,7 +181,7 @@ class WeightManifest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., version: _Optional[int] = ..., dtype: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class BroadcastTicket(_message.Message):
-    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes", "proof", "ring", "ring_nonce", "ring_slots")
+    __slots__ = ("header", "manifest", "group", "store_host", "store_port", "rank", "world_size", "timeout_ms", "backend", "join_timeout_ms", "part_bytes", "proof", "ring", "ring_nonce", "ring_slots", "ring_slot_bytes")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class BroadcastTicket(_message.Message):
     RING_FIELD_NUMBER: _ClassVar[int]
     RING_NONCE_FIELD_NUMBER: _ClassVar[int]
     RING_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RING_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     manifest: WeightManifest
     group: str
@@ -212,7 +213,8 @@ class BroadcastTicket(_message.Message):
     ring: str
     ring_nonce: bytes
     ring_slots: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ..., proof: _Optional[bytes] = ..., ring: _Optional[str] = ..., ring_nonce: _Optional[bytes] = ..., ring_slots: _Optional[int] = ...) -> None: ...
+    ring_slot_bytes: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., group: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., backend: _Optional[str] = ..., join_timeout_ms: _Optional[int] = ..., part_bytes: _Optional[int] = ..., proof: _Optional[bytes] = ..., ring: _Optional[str] = ..., ring_nonce: _Optional[bytes] = ..., ring_slots: _Optional[int] = ..., ring_slot_bytes: _Optional[int] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("version", "offset", "data", "crc32")

@@ -87,11 +87,11 @@ class BroadcastLink:
             return None
         ring = self._rings.get(ticket.ring)
         if ring is not None and ring.nonce == ticket.ring_nonce and ring.slots == ticket.ring_slots \
-                and ring.slot_bytes == ticket.part_bytes:
+                and ring.slot_bytes == ticket.ring_slot_bytes:
             self._rings.move_to_end(ticket.ring)
             return ring
         try:
-            ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.part_bytes)
+            ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.ring_slot_bytes)
         except RingError as exc:
             self.ring_error = str(exc)
             return None

@@ -24,12 +24,24 @@ Every round starts with one operation carrying its version, within ``join_timeou
 group, which has no rendezvous, a ticket holder that never receives fails the round then, and a
 worker whose group is out of step sees a wrong version and streams.
 
-A bucket that lies inside one tensor already in the wire dtype goes on the wire as a view of it
-(no copy); every other bucket is cast and copied straight from the snapshot into one of a pair of
-bucket buffers, allocated by the first round and reused by every later one (the only memory a
-broadcast adds to the trainer; a pair per round running at the same time): bucket i+1 is filled
-while bucket i is on the wire. Each bucket is followed by its crc32 (computed once per (version,
-dtype), shared with the stream).
+Each bucket goes out in two halves (parts), then its crc32 (computed once per (version, dtype),
+shared with the stream), by one of two paths the round's first operation names:
+
+* **ring**, when every joiner may be on the trainer's machine (its gRPC address is a loopback or
+  local one) and every one shows, in the proof gather, that it mapped the round's shared-memory
+  ring (``dcmdp.transport.shared_ring``; gloo has no shared-memory transport, and a same-machine
+  broadcast through sockets costs every byte two kernel copies per worker): each part is cast (or
+  copied) straight from the snapshot into a slot of the ring, its index goes over the group, the
+  workers copy it out and answer in a gather, and the slot is written again only after every
+  answer. ``dcmdp run`` (the workers are local processes) takes this path;
+* **gloo** otherwise (workers on other machines: every pod of a cluster): a part that lies inside
+  one tensor already in the wire dtype goes on the wire as a view of it (no copy); every other
+  part is cast and copied straight from the snapshot into one of a pair of half-bucket buffers
+  (two slots of a spare ring when the hub has one), part i+1 filled while part i is on the wire.
+
+Either way a round adds one bucket to the trainer's memory (a ring, or a pair), allocated by the
+first round and reused by later ones; a round running beside it (a late joiners' round) adds one
+more.
 
 Every rank must connect within ``join_timeout_s`` (default 10 s): a ticket holder that never
 connects fails the rendezvous then, and the joiners that did connect fetch over the stream. Once
@@ -90,6 +102,13 @@ PATH_GLOO, PATH_RING = 0, 1
 # found within seconds by the heartbeats; gloo itself notices only at this timeout). A half-bucket
 # (32 MiB by default) that takes 15 s is moving at 2 MB/s: no live peer is that slow.
 DATA_TIMEOUT_S = 15.0
+
+
+def ring_slot_bytes(layout) -> int:
+    """The slot size of a ring for ``layout``'s rounds: a part, or the whole snapshot (64-byte
+    aligned) when that is smaller (a small model's ring reserves no more shared memory than it is)."""
+    whole = -(-layout.total_bytes // ALIGN) * ALIGN
+    return max(ALIGN, min(part_bytes(layout.bucket_bytes), whole))
 
 
 def part_bytes(bucket_bytes: int) -> int:
@@ -200,7 +219,7 @@ class BroadcastHub:
         return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
 
     def _take_ring(self, part: int) -> Optional[SharedRing]:
-        """A shared-memory ring of ``RING_SLOTS`` slots of ``part`` bytes: a spare one, or a new one
+        """A shared-memory ring of ``RING_SLOTS`` slots of ``part`` bytes (:func:`ring_slot_bytes`): a spare one, or a new one
         (outside the lock: sizing it writes its pages); None when none can be made (retried
         ``RING_RETRY_S`` later; the reason in ``ring_error``)."""
         with self._cond:
@@ -373,7 +392,7 @@ class BroadcastHub:
 
     def _run(self, r: Round, address: str = "") -> None:
         # the ring before gathering, outside the lock (a new one writes its pages: ~10 ms for 64 MiB)
-        ring = self._take_ring(part_bytes(r.prepared.layout.bucket_bytes)) if self._offers_ring(r, address) else None
+        ring = self._take_ring(ring_slot_bytes(r.prepared.layout)) if self._offers_ring(r, address) else None
         try:
             world = self._close_gathering(r, ring)
         finally:
@@ -569,10 +588,10 @@ class BroadcastHub:
 
         def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
             if not bufs:
-                ring = self._take_spare_ring(part) if device == "cpu" else None
+                ring = self._take_spare_ring(ring_slot_bytes(layout)) if device == "cpu" else None
                 if ring is not None:
                     borrowed.append(ring)
-                    bufs.extend(ring.slot(j, part) for j in range(2))
+                    bufs.extend(ring.slot(j, ring_slot_bytes(layout)) for j in range(2))
                 else:
                     bufs.extend(self._take_pair(part, device))
             free(("buf", k % 2))

@@ -268,6 +268,7 @@ class TrainerService(dcmdp_pb2_grpc.TrainerServicer):
             reply.proof = ticket.proof
             if ticket.ring is not None:  # every joiner may be on this machine: offer the shared-memory ring
                 reply.ring, reply.ring_nonce, reply.ring_slots = ticket.ring.name, ticket.ring.nonce, ticket.ring.slots
+                reply.ring_slot_bytes = ticket.ring.slot_bytes
         return reply
 
     def StreamWeights(self, request, context):
