@@ -17,15 +17,15 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
-from dcmdp.transport.buckets import WeightCastError, loopback
+from dcmdp.transport.buckets import Layout, WeightCastError, loopback
 from dcmdp.transport.channel import open_channel
-from dcmdp.transport.shared_ring import SHM_DIR
 from dcmdp.transport.collective import (PROOF_WORDS, broadcast, client_store, gather, open_group, release_group,
                                         wait, wait_released)
+from dcmdp.transport.shared_ring import SHM_DIR
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp_rollout.weights import LoadError, fetch_weights, receive_broadcast
 from dcmdp_testing.trainer_faults import corrupt_buckets
-from dcmdp_trainer.broadcast import BroadcastHub, Group
+from dcmdp_trainer.broadcast import BroadcastHub, Group, ring_slot_bytes
 from dcmdp_trainer.coordinator import Coordinator
 from dcmdp_trainer.server import start_server
 from dcmdp_trainer.session import Session
@@ -690,3 +690,9 @@ def test_the_hub_deletes_its_rings_when_it_closes(session):
         s.stop()
         s.hub.close()
     assert rings_in_shm() - before == set()
+
+
+def test_a_rings_slots_are_a_half_bucket_or_the_whole_snapshot_if_smaller():
+    assert ring_slot_bytes(Layout("bf16", (), 1000, 64 << 20)) == 1024
+    assert ring_slot_bytes(Layout("bf16", (), 1 << 30, 64 << 20)) == 32 << 20
+    assert ring_slot_bytes(Layout("bf16", (), 0, 64 << 20)) == 64

@@ -40,11 +40,11 @@ import os
 import re
 import secrets
 import stat
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
-    import numpy as np
     import torch
 
 __all__ = ["SharedRing", "RingError", "remove_orphans", "SHM_DIR"]
@@ -69,11 +69,12 @@ class SharedRing:
         self.name, self.nonce, self.slots, self.slot_bytes = name, nonce, slots, slot_bytes
         self.path = os.path.join(directory, name)
         # optional and heavy (the ml extra): the core imports without it
-        import numpy as np
+        import torch
 
         self._mm, self._fd, self.owner = mm, fd, owner
-        self._array: Optional["np.ndarray"] = np.frombuffer(mm, dtype=np.uint8)  # read-only for a worker's mapping
-        self._tensor = None  # the creator's writable view, made at the first slot asked for
+        with warnings.catch_warnings():  # a worker's mapping is read-only: its tensor is only ever read from
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            self._base: Optional["torch.Tensor"] = torch.frombuffer(mm, dtype=torch.uint8)
 
     @staticmethod
     def size(slots: int, slot_bytes: int) -> int:
@@ -136,31 +137,23 @@ class SharedRing:
 
     def slot(self, k: int, nbytes: int) -> "torch.Tensor":
         """The creator's writable uint8 view of the first ``nbytes`` of slot ``k``."""
-        # optional and heavy (the ml extra): the core imports without it
-        import torch
-
         if not self.owner:
             raise RingError("a worker's ring is read-only")
         self._check(k, nbytes)
-        if self._tensor is None:
-            self._tensor = torch.from_numpy(self._mapped())  # (writable: the creator's mapping is)
         start = HEADER + k * self.slot_bytes
-        return self._tensor[start:start + nbytes]
+        return self._mapped()[start:start + nbytes]
 
     def copy_out(self, k: int, out: "torch.Tensor") -> None:
         """Copy the first ``out.numel()`` bytes of slot ``k`` into ``out`` (a contiguous uint8 CPU tensor)."""
-        # optional and heavy (the ml extra): the core imports without it
-        import numpy as np
-
         n = out.numel()
         self._check(k, n)
         start = HEADER + k * self.slot_bytes
-        np.copyto(out.numpy(), self._mapped()[start:start + n])
+        out.copy_(self._mapped()[start:start + n])
 
-    def _mapped(self) -> "np.ndarray":
-        if self._array is None:
+    def _mapped(self) -> "torch.Tensor":
+        if self._base is None:
             raise RingError(f"ring {self.name} is closed")
-        return self._array
+        return self._base
 
     def _check(self, k: int, nbytes: int) -> None:
         if not 0 <= k < self.slots or not 0 <= nbytes <= self.slot_bytes:
@@ -169,8 +162,7 @@ class SharedRing:
     def close(self) -> None:
         """Unmap (and, for the creator, delete the name and drop the lock). Idempotent; memory a
         worker still maps stays until it unmaps."""
-        self._tensor = None
-        self._array = None
+        self._base = None
         if self.owner and self._fd is not None:
             _unlink(self.path)
             os.close(self._fd)
