@@ -68,9 +68,9 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path, monkeypatch
         if not seen:
             seen["ps"] = children_of(os.getpid())
 
-    # weights go over the collective data plane (one gloo broadcast per version for both pools: both
-    # receive bf16); the trainer damages the first bucket it broadcasts: the worker must notice and
-    # re-fetch it over the stream
+    # weights go over the collective data plane (one round per version for both pools: both receive
+    # bf16; through the trainer's shared-memory ring, the workers being local); the trainer damages
+    # the first bucket it broadcasts: the worker must notice and re-fetch it over the stream
     launch_with_faults(monkeypatch, "dcmdp_trainer", "--corrupt-buckets", "1")
     summary = run_processes(run, tmp_path / "proc", threads=1, on_step=on_step)
     ps = seen["ps"]
@@ -82,6 +82,7 @@ def test_two_pools_as_processes_give_the_inprocess_numbers(tmp_path, monkeypatch
     assert logs.count("bucket crc mismatch: fetching it again") == 1
     loads = [json.loads(line) for line in logs.splitlines() if '"weights loaded"' in line]
     assert len(loads) >= 12 and sum(r["broadcast_bytes"] > 0 for r in loads) >= len(loads) // 2, loads
+    assert any(r["ring"] for r in loads), loads  # (local workers: through the trainer's shared-memory ring)
 
     proc = rows(tmp_path / "proc" / "metrics.jsonl")
     ref_summary = run_inprocess(run, tmp_path / "inp", threads=1)

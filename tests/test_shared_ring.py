@@ -119,3 +119,17 @@ def test_which_peers_may_be_on_this_machine():
     assert may_be_local("") and may_be_local("127.0.0.1") and may_be_local("::1") and may_be_local("[::1]")
     assert not may_be_local("192.0.2.7")  # TEST-NET-1: never an address of this machine
     assert not may_be_local("not-an-address")
+
+
+def test_a_ring_whose_name_was_deleted_or_replaced_is_no_longer_intact(shm):
+    ring = SharedRing.create(2, 4096, directory=shm)
+    try:
+        assert ring.intact()
+        os.unlink(ring.path)
+        assert not ring.intact()
+        with open(ring.path, "wb") as f:  # another file by the same name
+            f.write(bytes(HEADER + 2 * 4096))
+        assert not ring.intact()
+    finally:
+        ring.close()
+    assert os.path.exists(ring.path)  # the file put in its place is not the ring's to delete

@@ -159,12 +159,24 @@ class SharedRing:
         if not 0 <= k < self.slots or not 0 <= nbytes <= self.slot_bytes:
             raise RingError(f"slot {k} / {nbytes} bytes is outside the ring's {self.slots} x {self.slot_bytes}")
 
+    def intact(self) -> bool:
+        """The creator's name still leads to this ring (no cleaner or user deleted or replaced it:
+        workers could not map it any more)."""
+        if not self.owner or self._fd is None:
+            return False
+        try:
+            st, mine = os.stat(self.path, follow_symlinks=False), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
     def close(self) -> None:
         """Unmap (and, for the creator, delete the name and drop the lock). Idempotent; memory a
         worker still maps stays until it unmaps."""
         self._base = None
         if self.owner and self._fd is not None:
-            _unlink(self.path)
+            if self.intact():  # (a file put in its place is not ours to delete)
+                _unlink(self.path)
             os.close(self._fd)
             self._fd = None
         try:

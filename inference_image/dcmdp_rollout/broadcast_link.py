@@ -51,7 +51,8 @@ class BroadcastLink:
         self._rings: "OrderedDict[str, SharedRing]" = OrderedDict()  # mapped rings by name, most recent last
         # map the rings tickets offer (DCMDP_SHARED_MEMORY=0: never, every round then goes over gloo)
         self.shared_memory = os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
-        self.ring_error = ""  # why the last ring offered could not be mapped
+        self.ring_error = ""  # why the ring the last ticket offered could not be mapped, the first time only
+        self._unmappable: "OrderedDict[str, str]" = OrderedDict()  # rings that could not be mapped: not tried again
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts
 
     @property
@@ -82,8 +83,12 @@ class BroadcastLink:
 
     def ring(self, ticket: pb.BroadcastTicket) -> Optional[SharedRing]:
         """The shared-memory ring ``ticket`` offers, mapped (or None: none offered, rings off, or it
-        cannot be mapped here — another machine or container, another user; why in ``ring_error``)."""
+        cannot be mapped here — another machine or container, another user; why in ``ring_error``
+        the first time a ring fails, "" after: a ring that failed is not tried again)."""
+        self.ring_error = ""
         if not ticket.ring or not self.shared_memory or (ticket.backend or "gloo") != "gloo":
+            return None
+        if ticket.ring in self._unmappable:
             return None
         ring = self._rings.get(ticket.ring)
         if ring is not None and ring.nonce == ticket.ring_nonce and ring.slots == ticket.ring_slots \
@@ -93,7 +98,9 @@ class BroadcastLink:
         try:
             ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.ring_slot_bytes)
         except RingError as exc:
-            self.ring_error = str(exc)
+            self.ring_error = self._unmappable[ticket.ring] = str(exc)
+            while len(self._unmappable) > 16:
+                self._unmappable.popitem(last=False)
             return None
         old = self._rings.pop(ticket.ring, None)
         if old is not None:

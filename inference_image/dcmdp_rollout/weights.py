@@ -343,7 +343,7 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
 
             ring = link.ring(ticket) if ticket.ring else None
-            if ticket.ring and ring is None:
+            if ring is None and link.ring_error:  # (said once per ring)
                 event("shared-memory ring not mapped: over the group", error=link.ring_error[:200])
             proved = gather(pg, [], proof_tensor(ticket.proof, device, FLAG_RING if ring is not None else 0), join_s,
                             root=0)  # (see the trainer's check)

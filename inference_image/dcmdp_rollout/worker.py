@@ -194,7 +194,8 @@ class Worker:
         self.metrics.version.set(self.version)
         self._log("info", "weights loaded", version=self.version, dtype=self.dtype, bytes=stats.bytes,
                   fetch_s=round(fetch_s, 4), total_s=round(seconds, 4), crc_errors=stats.crc_errors,
-                  resumes=stats.resumes, broadcast_bytes=stats.broadcast_bytes, refetched=stats.refetched)
+                  resumes=stats.resumes, broadcast_bytes=stats.broadcast_bytes, refetched=stats.refetched,
+                  ring=stats.ring)
 
     def _join(self, version: int) -> Optional[pb.BroadcastTicket]:
         """A ticket to the trainer's broadcast of ``version``, or None (stream it)."""

@@ -246,11 +246,12 @@ class BroadcastHub:
 
     def _give_ring(self, ring: Optional[SharedRing]) -> None:
         """Keep ``ring`` for a later round (up to ``SPARE_PAIRS``; no gloo operation reads it, so a
-        failed round's ring is as good as any), else close it."""
+        failed round's ring is as good as any), else close it: also when its name no longer leads
+        to it (deleted from ``/dev/shm`` by hand or by a cleaner: no worker could map it)."""
         if ring is None:
             return
         with self._cond:
-            if not self._closing and len(self._spare_rings) < SPARE_PAIRS:
+            if not self._closing and len(self._spare_rings) < SPARE_PAIRS and ring.intact():
                 self._spare_rings.append(ring)
                 return
         ring.close()
