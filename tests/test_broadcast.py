@@ -4,6 +4,8 @@ a peer without the token, and a cast that overflows."""
 
 from __future__ import annotations
 
+import dataclasses
+import mmap
 import os
 import signal
 import subprocess
@@ -17,7 +19,7 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.proto import dcmdp_pb2_grpc
-from dcmdp.transport.buckets import Layout, WeightCastError, loopback
+from dcmdp.transport.buckets import Layout, WeightCastError, fill, loopback
 from dcmdp.transport.channel import open_channel
 from dcmdp.transport.collective import (PROOF_WORDS, broadcast, client_store, gather, open_group, release_group,
                                         wait, wait_released)
@@ -49,6 +51,7 @@ class Served:
                  bucket: int = BUCKET, extra_mib: int = 0, join_timeout_s: float = 10.0, shared_memory: bool = True):
         self.publisher = WeightPublisher(keep=2, skip=("lm_head.weight",), bucket_bytes=bucket)
         weights = dict(session.weights(0))
+        self.session_weights = dict(weights)
         if extra_mib:  # more bytes than socket buffers hold: a broadcast that cannot finish before a peer dies
             weights["extra.weight"] = torch.randn(extra_mib << 18, generator=torch.Generator().manual_seed(1))
         self.publisher.publish(0, weights)
@@ -696,3 +699,83 @@ def test_a_rings_slots_are_a_half_bucket_or_the_whole_snapshot_if_smaller():
     assert ring_slot_bytes(Layout("bf16", (), 1000, 64 << 20)) == 1024
     assert ring_slot_bytes(Layout("bf16", (), 1 << 30, 64 << 20)) == 32 << 20
     assert ring_slot_bytes(Layout("bf16", (), 0, 64 << 20)) == 64
+
+
+def scribble(path: str, slots: int, slot_bytes: int, stop: threading.Event) -> None:
+    """Another process of the trainer's user writing bf16 NaNs over the head of every slot, over
+    and over (in a thread here: the same memory)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 64 + slots * slot_bytes) as mm:
+            while not stop.is_set():
+                for k in range(slots):
+                    mm[64 + k * slot_bytes:64 + k * slot_bytes + 64] = b"\xff" * 64
+    finally:
+        os.close(fd)
+
+
+def replace_crcs(prep):
+    """``prep`` with no crc known yet (so :meth:`WeightPublisher.crc` computes the true one)."""
+    return dataclasses.replace(prep, crcs=[None] * len(prep.crcs))
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_damage_written_into_the_ring_never_reaches_the_weights_nor_the_crcs(served):
+    """The trainer took a version's crcs from the ring after writing each part into it, so damage
+    written there first got a matching crc: workers loaded NaNs, and the damaged crcs, kept for the
+    stream, made the version unfetchable. The crcs now come from private memory."""
+    version, ring = 0, None
+    for version in range(3):
+        if version:
+            served.publisher.publish(version, {k: v + version for k, v in served.session_weights.items()})
+        ticket = served.stub().JoinBroadcast(pb.WeightRequest(header=pb.Header(pool="bf16", worker_id="w"),
+                                                              version=version, dtype="bf16"), timeout=30)
+        assert ticket.ring
+        stop = threading.Event()
+        vandal = threading.Thread(target=scribble, args=(os.path.join(SHM_DIR, ticket.ring), ticket.ring_slots,
+                                                         ticket.ring_slot_bytes, stop))
+        vandal.start()
+        try:
+            tensors, stats = served.receive("w", ticket)
+        finally:
+            stop.set()
+            vandal.join()
+        want = loopback({k: v + version for k, v in served.session_weights.items()}, "bf16", skip=("lm_head.weight",))
+        assert set(tensors) == set(want) and all(torch.equal(tensors[k], want[k]) for k in want), version
+        prep = served.publisher.prepared(version, "bf16")
+        true = [served.publisher.crc(replace_crcs(prep), i, fill(prep.state, prep.layout, i, torch.empty(
+            prep.layout.bucket_bytes, dtype=torch.uint8))) for i in range(prep.layout.buckets)]
+        assert prep.crcs == true, version  # (so the stream serves the version, damaged or not)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (the round thread's 1/0)
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_round_whose_thread_fails_lets_its_joiners_stream_and_the_next_joiner_open_a_new_one(served, monkeypatch):
+    real = BroadcastHub._close_gathering
+    monkeypatch.setattr(BroadcastHub, "_close_gathering", lambda self, r, ring: 1 / 0)
+    t0 = time.monotonic()
+    assert served.hub.join(0, "bf16", "bf16", "w") is None  # at once: stream it
+    assert time.monotonic() - t0 < 5 and not served.hub._rounds
+    monkeypatch.setattr(BroadcastHub, "_close_gathering", real)
+    tensors, stats = joined_and_received(served, "w")
+    served.check(tensors)
+    assert stats.broadcast_bytes == stats.total_bytes
+
+
+@pytest.mark.parametrize("served", [{"expected": 1}], indirect=True)
+def test_a_worker_unmaps_rings_its_trainer_deleted_and_refuses_a_ticket_whose_slots_are_too_small(served):
+    link = BroadcastLink()
+    try:
+        ticket = served.join("w")
+        served.receive("w", ticket, link=link)
+        assert list(link._rings) == [ticket.ring]
+        for ring in served.hub._spare_rings:  # the trainer lets its rings go (a restart does the same)
+            ring.close()
+        served.hub._spare_rings.clear()
+        bad = pb.BroadcastTicket()
+        bad.CopyFrom(ticket)
+        bad.ring_slot_bytes, bad.ring_slots = ticket.ring_slot_bytes // 2, ticket.ring_slots * 2  # same file size
+        assert link.ring(bad) is None and "cannot hold" in link.ring_error
+        assert link._rings == {}  # (the deleted ring was unmapped)
+    finally:
+        link.close()

@@ -3,14 +3,17 @@ workers that hold its name and nonce, refused otherwise, and deleted when its tr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
+from dcmdp.transport import shared_ring
 from dcmdp.transport.collective import may_be_local
 from dcmdp.transport.shared_ring import HEADER, NONCE_BYTES, RingError, SharedRing, remove_orphans
 
@@ -133,3 +136,67 @@ def test_a_ring_whose_name_was_deleted_or_replaced_is_no_longer_intact(shm):
     finally:
         ring.close()
     assert os.path.exists(ring.path)  # the file put in its place is not the ring's to delete
+
+
+def in_thread_with_timeout(fn, timeout_s: float):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - returned to the caller
+            out["value"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return t.is_alive(), out.get("value")
+
+
+@pytest.mark.parametrize("owner", ["mine", "another user"])
+def test_a_fifo_or_a_directory_named_like_a_ring_neither_blocks_nor_breaks_ring_creation(shm, owner):
+    """An attacker (any user who can write to /dev/shm) planted a FIFO named like a ring: the
+    cleaner opened it and blocked for good, and with it every broadcast round of the trainer."""
+    fifo = os.path.join(shm, "dcmdp-ring-" + "ab" * 16)
+    os.mkfifo(fifo)
+    folder = os.path.join(shm, "dcmdp-ring-" + "cd" * 16)
+    os.mkdir(folder)
+    if owner != "mine":
+        if os.geteuid() != 0:
+            pytest.skip("making a file of another user needs root")
+        os.chown(fifo, 65534, 65534)
+    stuck, ring = in_thread_with_timeout(lambda: SharedRing.create(2, 4096, directory=shm), 5.0)
+    assert not stuck, "creating a ring blocked on a FIFO"
+    assert isinstance(ring, SharedRing), ring
+    try:
+        assert os.path.exists(fifo) and os.path.isdir(folder)  # neither is a ring: left alone
+        stuck, _ = in_thread_with_timeout(lambda: SharedRing.attach(
+            os.path.basename(fifo), bytes(NONCE_BYTES), 2, 4096, directory=shm), 5.0)
+        assert not stuck
+        with pytest.raises(RingError, match="no regular file"):
+            SharedRing.attach(os.path.basename(fifo), bytes(NONCE_BYTES), 2, 4096, directory=shm)
+    finally:
+        ring.close()
+
+
+def test_a_name_deleted_between_creation_and_lock_is_made_again(shm, monkeypatch):
+    """Two trainers of one user making rings at once: one's cleaner may delete the other's new,
+    not yet locked file. The creator notices (its name no longer leads to its file) and makes
+    another, instead of handing out a ring no worker can map."""
+    real = fcntl.flock
+    struck = []
+
+    def flock(fd, how):
+        if not struck:
+            struck.append(fd)
+            for name in os.listdir(shm):  # the racing cleaner
+                os.unlink(os.path.join(shm, name))
+        return real(fd, how)
+
+    monkeypatch.setattr(shared_ring.fcntl, "flock", flock)
+    ring = SharedRing.create(2, 4096, directory=shm)
+    try:
+        assert struck and ring.intact() and os.listdir(shm) == [ring.name]
+        SharedRing.attach(ring.name, ring.nonce, 2, 4096, directory=shm).close()
+    finally:
+        ring.close()

@@ -65,9 +65,10 @@ class SharedRing:
     broadcast round at a time)."""
 
     def __init__(self, name: str, nonce: bytes, slots: int, slot_bytes: int, mm: mmap.mmap, fd: Optional[int],
-                 owner: bool, directory: str = SHM_DIR):
+                 owner: bool, identity: tuple[int, int], directory: str = SHM_DIR):
         self.name, self.nonce, self.slots, self.slot_bytes = name, nonce, slots, slot_bytes
         self.path = os.path.join(directory, name)
+        self._identity = identity  # (st_dev, st_ino) of the file mapped: what intact() compares the name with
         # optional and heavy (the ml extra): the core imports without it
         import torch
 
@@ -88,25 +89,33 @@ class SharedRing:
             raise ValueError(f"a ring needs slots >= 1 and slot_bytes a positive multiple of {HEADER} "
                              f"(got {slots} x {slot_bytes})")
         remove_orphans(directory)
-        name = f"dcmdp-ring-{secrets.token_hex(16)}"
-        path = os.path.join(directory, name)
         size = cls.size(slots, slot_bytes)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise RingError(f"cannot create a shared-memory ring in {directory}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the ring's life (see remove_orphans)
-            os.posix_fallocate(fd, 0, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
-            os.close(fd)
-            _unlink(path)
-            raise RingError(f"cannot make a {size >> 20} MiB shared-memory ring in {directory}: "
-                            f"{exc.strerror or exc}") from None
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        mm[:NONCE_BYTES] = nonce
-        return cls(name, nonce, slots, slot_bytes, mm, fd, owner=True, directory=directory)
+        for _ in range(3):  # (a cleaner that deleted the name between its creation and its lock: again)
+            name = f"dcmdp-ring-{secrets.token_hex(16)}"
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise RingError(f"cannot create a shared-memory ring in {directory}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the ring's life (see remove_orphans)
+                mine = os.fstat(fd)
+                if _identity(path) != (mine.st_dev, mine.st_ino):
+                    os.close(fd)
+                    continue
+                os.posix_fallocate(fd, 0, size)
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                os.close(fd)
+                _unlink(path)
+                raise RingError(f"cannot make a {size / (1 << 20):.1f} MiB shared-memory ring in {directory}: "
+                                f"{exc.strerror or exc}") from None
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            mm[:NONCE_BYTES] = nonce
+            return cls(name, nonce, slots, slot_bytes, mm, fd, owner=True, identity=(mine.st_dev, mine.st_ino),
+                       directory=directory)
+        raise RingError(f"cannot create a shared-memory ring in {directory}: its name was deleted at once, "
+                        "three times (another process cleaning the folder)")
 
     @classmethod
     def attach(cls, name: str, nonce: bytes, slots: int, slot_bytes: int, directory: str = SHM_DIR) -> "SharedRing":
@@ -117,14 +126,14 @@ class SharedRing:
         if len(nonce) != NONCE_BYTES or slots < 1 or slot_bytes <= 0:
             raise RingError(f"a ticket's ring needs a {NONCE_BYTES}-byte nonce, slots >= 1 and slot_bytes > 0")
         size = cls.size(slots, slot_bytes)
-        try:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise RingError(f"no ring {name} here ({exc.strerror}): the trainer is on another machine") from None
+        fd = _open_own_file(os.path.join(directory, name))
+        if fd is None:
+            raise RingError(f"no ring {name} here (no regular file of this user by that name): the trainer is on "
+                            "another machine, in another container or of another user")
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != size:
-                raise RingError(f"ring {name} is not a regular file of this user of {size} bytes")
+            if st.st_size != size:
+                raise RingError(f"ring {name} is {st.st_size} bytes, not the {size} its ticket says")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         except OSError as exc:
             raise RingError(f"cannot map ring {name}: {exc.strerror or exc}") from None
@@ -133,7 +142,8 @@ class SharedRing:
         if not hmac.compare_digest(mm[:NONCE_BYTES], nonce):
             mm.close()
             raise RingError(f"ring {name} is not the one the ticket names (another nonce)")
-        return cls(name, nonce, slots, slot_bytes, mm, None, owner=False, directory=directory)
+        return cls(name, nonce, slots, slot_bytes, mm, None, owner=False, identity=(st.st_dev, st.st_ino),
+                   directory=directory)
 
     def slot(self, k: int, nbytes: int) -> "torch.Tensor":
         """The creator's writable uint8 view of the first ``nbytes`` of slot ``k``."""
@@ -160,25 +170,19 @@ class SharedRing:
             raise RingError(f"slot {k} / {nbytes} bytes is outside the ring's {self.slots} x {self.slot_bytes}")
 
     def intact(self) -> bool:
-        """The creator's name still leads to this ring (no cleaner or user deleted or replaced it:
-        workers could not map it any more)."""
-        if not self.owner or self._fd is None:
-            return False
-        try:
-            st, mine = os.stat(self.path, follow_symlinks=False), os.fstat(self._fd)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        """The ring's name still leads to it (its creator did not close it, and no cleaner or user
+        deleted or replaced it): workers can map it, and a worker's mapping is still in use."""
+        return self._base is not None and _identity(self.path) == self._identity
 
     def close(self) -> None:
         """Unmap (and, for the creator, delete the name and drop the lock). Idempotent; memory a
         worker still maps stays until it unmaps."""
-        self._base = None
         if self.owner and self._fd is not None:
             if self.intact():  # (a file put in its place is not ours to delete)
                 _unlink(self.path)
             os.close(self._fd)
             self._fd = None
+        self._base = None
         try:
             self._mm.close()
         except BufferError:  # a view handed out is still alive: the mapping goes with it
@@ -197,13 +201,10 @@ def remove_orphans(directory: str = SHM_DIR) -> list[str]:
         return removed
     for name in names:
         path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        fd = _open_own_file(path)
+        if fd is None:  # (not a regular file of this user: never opened, so a FIFO cannot block)
             continue
         try:
-            if os.fstat(fd).st_uid != os.geteuid():
-                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # locked: its trainer is alive
             continue
@@ -215,8 +216,37 @@ def remove_orphans(directory: str = SHM_DIR) -> list[str]:
     return removed
 
 
+def _open_own_file(path: str) -> Optional[int]:
+    """A read-only descriptor of ``path`` when it is a regular file of this user (checked before
+    opening, so a FIFO or device there is never opened, and again on the descriptor), else None."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return None
+    return fd
+
+
+def _identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:  # gone already, or not ours to delete (a directory put in its place)
         pass

@@ -90,6 +90,13 @@ class BroadcastLink:
             return None
         if ticket.ring in self._unmappable:
             return None
+        for name in [n for n, r in self._rings.items() if not r.intact()]:  # deleted by their trainer: unmap
+            self._rings.pop(name).close()
+        whole = -(-ticket.manifest.total_bytes // 64) * 64
+        if ticket.ring_slot_bytes < min(ticket.part_bytes or whole, whole):
+            self.ring_error = (f"ring {ticket.ring}: slots of {ticket.ring_slot_bytes} bytes cannot hold the "
+                               f"ticket's parts of {ticket.part_bytes}")
+            return None
         ring = self._rings.get(ticket.ring)
         if ring is not None and ring.nonce == ticket.ring_nonce and ring.slots == ticket.ring_slots \
                 and ring.slot_bytes == ticket.ring_slot_bytes:

@@ -33,7 +33,7 @@ import torch
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.buckets import Assembler, Layout, bucket_crc
 from dcmdp.transport.collective import FLAG_RING, Heartbeat, broadcast, gather, proof_tensor, wait
-from dcmdp.transport.shared_ring import SharedRing
+from dcmdp.transport.shared_ring import RingError, SharedRing
 from dcmdp_rollout.broadcast_link import BroadcastLink
 from dcmdp.transport.tensors import TensorEntry, WeightFormatError
 
@@ -248,7 +248,10 @@ def _receive_ring(pg, ring: SharedRing, layout: Layout, part: int, bufs: list[to
             if int(index.item()) != p:
                 raise RuntimeError(f"broadcast group out of step: the trainer signals part {int(index.item())}, "
                                    f"this worker expects {p}")
-            ring.copy_out(p % ring.slots, data[a - lo:b - lo])
+            try:
+                ring.copy_out(p % ring.slots, data[a - lo:b - lo])
+            except RingError as exc:  # (a transport failure like any other: the rest comes over the stream)
+                raise RuntimeError(f"shared-memory ring: {exc}") from exc
             copied.append(gather(pg, [], torch.zeros(1, dtype=torch.int64), timeout_s))
             while len(copied) > ring.slots:
                 wait(copied.popleft(), stop)

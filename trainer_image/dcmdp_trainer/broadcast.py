@@ -94,6 +94,7 @@ GROUP_KEY = re.compile(r"([0-9a-f]{32})/")  # a store key of a group (names: sec
 KEY_SWEEP_S = 10.0  # at most one sweep of closed groups' keys this often (it lists every key of the store)
 CLOSED_NAMES_KEPT = 4096  # closed groups whose late keys a sweep deletes (each name kept 10 min at most)
 CLOSED_NAMES_KEPT_S = 600.0
+JOIN_WAIT_SLACK_S = 30.0  # a joiner waits at most the gathering time and this for its round to close
 RING_SLOTS = 2  # slots of a shared-memory ring (one part each: a ring holds one bucket, as a buffer pair does)
 RING_RETRY_S = 60.0  # after a ring could not be made (no /dev/shm, or full), the next try this much later
 # The round's first operation carries (version, path): how the parts travel.
@@ -230,9 +231,10 @@ class BroadcastHub:
                 return None
         try:
             return SharedRing.create(RING_SLOTS, part)
-        except RingError as exc:
+        except Exception as exc:  # noqa: BLE001 - a RingError, or anything else /dev/shm throws: no ring, gloo
             with self._cond:
-                self.ring_error, self._ring_retry_at = str(exc), time.monotonic() + RING_RETRY_S
+                self.ring_error = str(exc) if isinstance(exc, RingError) else f"{type(exc).__name__}: {exc}"
+                self._ring_retry_at = time.monotonic() + RING_RETRY_S
             return None
 
     def _take_spare_ring(self, part: int) -> Optional[SharedRing]:
@@ -296,9 +298,12 @@ class BroadcastHub:
             r.pools.append(pool)
             r.addresses.append(address)
             self._cond.notify_all()
-            while not r.closed:
-                self._cond.wait()
-            if r.group is None:  # the round could not get a group: stream
+            # (a round closes within its gathering time and the 1 s it may wait for the same workers'
+            # previous round; the bound is a backstop: a joiner never waits for ever)
+            deadline = time.monotonic() + self.gather_s + JOIN_WAIT_SLACK_S
+            while not r.closed and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if not r.closed or r.group is None:  # the round could not get a group: stream
                 return None
             return Ticket(r.group.name, r.ranks[k], len(r.members) + 1, prep, r.group.backend,
                           part_bytes(prep.layout.bucket_bytes), r.proofs[k], r.ring)
@@ -393,9 +398,18 @@ class BroadcastHub:
 
     def _run(self, r: Round, address: str = "") -> None:
         # the ring before gathering, outside the lock (a new one writes its pages: ~10 ms for 64 MiB)
-        ring = self._take_ring(ring_slot_bytes(r.prepared.layout)) if self._offers_ring(r, address) else None
+        ring = None
         try:
+            if self._offers_ring(r, address):
+                ring = self._take_ring(ring_slot_bytes(r.prepared.layout))
             world = self._close_gathering(r, ring)
+        except BaseException:
+            with self._cond:  # whatever failed, the round ends: its joiners stream, the next joiner opens a new one
+                if not r.closed:
+                    self._forget(r)
+                    r.closed = True
+                    self._cond.notify_all()
+            raise
         finally:
             if r.ring is None:
                 self._give_ring(ring)  # not offered (a joiner from another machine, or no broadcast)
@@ -589,7 +603,10 @@ class BroadcastHub:
 
         def buffer() -> torch.Tensor:  # the next cast part's buffer, once the op two cast parts ago is done with it
             if not bufs:
-                ring = self._take_spare_ring(ring_slot_bytes(layout)) if device == "cpu" else None
+                # (a crc is computed only from memory no other process can write: a spare ring's
+                # slots serve as the pair only once the version's crcs are known)
+                cached = all(c is not None for c in prep.crcs)
+                ring = self._take_spare_ring(ring_slot_bytes(layout)) if device == "cpu" and cached else None
                 if ring is not None:
                     borrowed.append(ring)
                     bufs.extend(ring.slot(j, ring_slot_bytes(layout)) for j in range(2))
@@ -638,12 +655,21 @@ class BroadcastHub:
         """Every bucket through ``ring``: part p is cast (or copied) into slot p mod ``ring.slots``
         once every worker has said, in the gather of part p - slots, that it copied that part out;
         then the part's index goes over the group (the workers copy it out and answer in a gather),
-        and after its parts the bucket's crc32. Returns the bytes sent."""
+        and after its parts the bucket's crc32. A crc not yet known (a version's first round) is
+        computed from private memory — the snapshot's view, or the part cast into a private
+        half-bucket buffer, then copied into the slot — never from the ring, which other processes
+        of the user could write. Returns the bytes sent."""
         prep, layout, stopped = r.prepared, r.prepared.layout, r.stopped
         part = part_bytes(layout.bucket_bytes)
+        private: list[torch.Tensor] = []  # the first round's private half-bucket buffer, made when needed
         copied: deque = deque()  # each part's gather of the workers' "copied out", oldest first
         signals: deque = deque()  # the parts' indices and the buckets' crcs on their way
         sent = p = 0
+
+        def private_buffer() -> torch.Tensor:
+            if not private:
+                private.append(torch.empty(part, dtype=torch.uint8))
+            return private[0]
 
         def signal(value: int) -> None:
             signals.append(broadcast(pg, torch.full((1,), value, dtype=torch.int64), self.timeout_s))
@@ -657,11 +683,13 @@ class BroadcastHub:
                 if len(copied) >= ring.slots:
                     wait(copied.popleft(), stopped)  # slot p mod slots: every worker is done with it
                 slot = ring.slot(p % ring.slots, hi - lo)
-                data = self._part(prep, i, lo, hi, lambda: slot)
-                if data.data_ptr() != slot.data_ptr():  # a view of the snapshot
+                if cached:  # cast straight into the slot
+                    data = self._part(prep, i, lo, hi, lambda: slot)
+                else:  # (computed once per (version, dtype), then kept)
+                    data = self._part(prep, i, lo, hi, private_buffer)
+                    running = bucket_crc(data, running)
+                if data.data_ptr() != slot.data_ptr():  # a view of the snapshot, or the private buffer
                     slot.copy_(data)
-                if not cached:  # (computed once per (version, dtype), then kept)
-                    running = bucket_crc(slot, running)
                 signal(p)
                 copied.append(gather(pg, [[torch.zeros(1, dtype=torch.int64) for _ in range(world)]],
                                      torch.zeros(1, dtype=torch.int64), self.timeout_s))
