@@ -769,6 +769,7 @@ def test_a_worker_unmaps_rings_its_trainer_deleted_and_refuses_a_ticket_whose_sl
         ticket = served.join("w")
         served.receive("w", ticket, link=link)
         assert list(link._rings) == [ticket.ring]
+        served.wait_round()  # (its ring is back among the spares)
         for ring in served.hub._spare_rings:  # the trainer lets its rings go (a restart does the same)
             ring.close()
         served.hub._spare_rings.clear()
@@ -777,5 +778,15 @@ def test_a_worker_unmaps_rings_its_trainer_deleted_and_refuses_a_ticket_whose_sl
         bad.ring_slot_bytes, bad.ring_slots = ticket.ring_slot_bytes // 2, ticket.ring_slots * 2  # same file size
         assert link.ring(bad) is None and "cannot hold" in link.ring_error
         assert link._rings == {}  # (the deleted ring was unmapped)
+        served.receive("w", served.join("w", held=link.held), link=link)  # through a new ring, mapped
+        assert len(link._rings) == 1
+        served.wait_round(2)
+        for ring in served.hub._spare_rings:  # its trainer lets it go
+            ring.close()
+        served.hub._spare_rings.clear()
+        served.hub.shared_memory = False  # tickets offer no ring any more (a remote worker joined, say)
+        tensors, stats = served.receive("w", served.join("w", held=link.held), link=link)
+        served.check(tensors)
+        assert not stats.ring and link._rings == {}  # the deleted ring is not kept mapped for ever
     finally:
         link.close()

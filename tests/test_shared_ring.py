@@ -200,3 +200,44 @@ def test_a_name_deleted_between_creation_and_lock_is_made_again(shm, monkeypatch
         SharedRing.attach(ring.name, ring.nonce, 2, 4096, directory=shm).close()
     finally:
         ring.close()
+
+
+READ_AFTER_CLOSE = """
+import sys, torch
+from dcmdp.transport.shared_ring import SharedRing
+ring = SharedRing.create(2, 1 << 20, directory=sys.argv[1])
+view = ring.slot(1, 1 << 20)
+view.fill_(7)
+ring.close()
+other = SharedRing.create(2, 1 << 20, directory=sys.argv[1])  # (mapped anew: never at the view's addresses)
+other.slot(1, 1 << 20).fill_(9)
+print(int(view.sum()) == 7 << 20, flush=True)
+other.close()
+"""
+
+
+def test_a_closed_rings_slots_stay_mapped_while_a_view_of_them_lives(shm):
+    """A gloo send still queued from a borrowed ring's slot when the round fails and the ring is
+    closed: closing it unmapped the memory under the send (a read then crashed the process, or
+    read whatever was mapped there next — a new ring's bytes)."""
+    done = subprocess.run([sys.executable, "-c", READ_AFTER_CLOSE, shm], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "True", (done.returncode, done.stderr[-2000:])
+    assert os.listdir(shm) == []
+
+
+def test_a_lock_taken_by_a_racing_cleaner_makes_the_creator_try_a_new_name(shm, monkeypatch):
+    real = fcntl.flock
+    struck = []
+
+    def flock(fd, how):
+        if not struck:
+            struck.append(fd)
+            raise BlockingIOError("held by another trainer's cleaner")
+        return real(fd, how)
+
+    monkeypatch.setattr(shared_ring.fcntl, "flock", flock)
+    ring = SharedRing.create(2, 4096, directory=shm)
+    try:
+        assert struck and ring.intact()
+    finally:
+        ring.close()

@@ -26,9 +26,11 @@ it is a file in ``/dev/shm``, mapped by both ends, and nothing more.
   authenticated ``JoinBroadcast``) gives, checking the name's form, that it is a regular file of
   its own user of exactly the expected size, and the nonce: a worker on another machine or in
   another container finds no such file (or another one), says so in the round's proof gather, and
-  the round goes over gloo. Processes of the trainer's own user are trusted with the ring, as
-  they could read the trainer's memory anyway; a damaged slot is caught by the crc32 that goes
-  over gloo.
+  the round goes over gloo. Processes of the trainer's own user are trusted with the ring (as
+  they can usually read the trainer's memory): accidental damage to a slot is caught by the crc32,
+  computed from the trainer's private memory and sent over gloo, but crc32 is no MAC, and a
+  same-user process that means harm can forge a change or truncate the file (``SIGBUS``). Where
+  that matters, ``DCMDP_SHARED_MEMORY=0`` turns rings off.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class SharedRing:
         # optional and heavy (the ml extra): the core imports without it
         import torch
 
-        self._mm, self._fd, self.owner = mm, fd, owner
+        self._mm: Optional[mmap.mmap] = mm
+        self._fd, self.owner = fd, owner
         with warnings.catch_warnings():  # a worker's mapping is read-only: its tensor is only ever read from
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             self._base: Optional["torch.Tensor"] = torch.frombuffer(mm, dtype=torch.uint8)
@@ -98,7 +101,11 @@ class SharedRing:
             except OSError as exc:
                 raise RingError(f"cannot create a shared-memory ring in {directory}: {exc.strerror}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the ring's life (see remove_orphans)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the ring's life (see remove_orphans)
+                except BlockingIOError:  # another creator's cleaner holds it, about to delete it: a new name
+                    os.close(fd)
+                    continue
                 mine = os.fstat(fd)
                 if _identity(path) != (mine.st_dev, mine.st_ino):
                     os.close(fd)
@@ -175,18 +182,17 @@ class SharedRing:
         return self._base is not None and _identity(self.path) == self._identity
 
     def close(self) -> None:
-        """Unmap (and, for the creator, delete the name and drop the lock). Idempotent; memory a
-        worker still maps stays until it unmaps."""
+        """Let the ring go: for the creator, delete its name and drop the lock. Idempotent. The
+        mapping itself goes when the last tensor viewing it does (each holds the ``mmap``): a gloo
+        send still queued from a slot of a closed ring reads the ring, never memory mapped anew
+        at its addresses; a worker's mapping of it lives until the worker lets it go."""
         if self.owner and self._fd is not None:
             if self.intact():  # (a file put in its place is not ours to delete)
                 _unlink(self.path)
             os.close(self._fd)
             self._fd = None
         self._base = None
-        try:
-            self._mm.close()
-        except BufferError:  # a view handed out is still alive: the mapping goes with it
-            pass
+        self._mm = None  # (not mm.close(): it would unmap under the views still alive)
 
 
 def remove_orphans(directory: str = SHM_DIR) -> list[str]:

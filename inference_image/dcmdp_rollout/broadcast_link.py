@@ -86,12 +86,12 @@ class BroadcastLink:
         cannot be mapped here — another machine or container, another user; why in ``ring_error``
         the first time a ring fails, "" after: a ring that failed is not tried again)."""
         self.ring_error = ""
+        for name in [n for n, r in self._rings.items() if not r.intact()]:  # deleted by their trainer: unmap
+            self._rings.pop(name).close()  # (at every ticket: a ring kept mapped holds its pages in /dev/shm)
         if not ticket.ring or not self.shared_memory or (ticket.backend or "gloo") != "gloo":
             return None
         if ticket.ring in self._unmappable:
             return None
-        for name in [n for n, r in self._rings.items() if not r.intact()]:  # deleted by their trainer: unmap
-            self._rings.pop(name).close()
         whole = -(-ticket.manifest.total_bytes // 64) * 64
         if ticket.ring_slot_bytes < min(ticket.part_bytes or whole, whole):
             self.ring_error = (f"ring {ticket.ring}: slots of {ticket.ring_slot_bytes} bytes cannot hold the "

@@ -345,7 +345,7 @@ def receive_broadcast(stub, header: pb.Header, ticket: pb.BroadcastTicket, host:
                 works = [broadcast(pg, data[a - lo:b - lo], timeout_s) for a, b in layout.parts(i, part)]
                 posted[i] = (data, crcs[k], works + [broadcast(pg, crcs[k], timeout_s)])
 
-            ring = link.ring(ticket) if ticket.ring else None
+            ring = link.ring(ticket)  # (None when none is offered; unmaps the rings their trainer deleted)
             if ring is None and link.ring_error:  # (said once per ring)
                 event("shared-memory ring not mapped: over the group", error=link.ring_error[:200])
             proved = gather(pg, [], proof_tensor(ticket.proof, device, FLAG_RING if ring is not None else 0), join_s,
