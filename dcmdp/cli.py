@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,11 +110,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     warm = run.spec.model.warm_start_steps
     before = (f"a {warm}-step supervised warm start of the model (no output until it ends)"
               if warm and not args.resume else "")
-    with RunProgress(total, enabled=not args.quiet, before=before) as bar:
+    t0 = time.monotonic()
+    with RunProgress(total, enabled=not args.quiet, before=before, resuming=bool(args.resume)) as bar:
         summary = fn(run, out, steps=args.steps, resume=args.resume, on_step=bar.step, on_eval=bar.eval,
                      threads=args.threads)
     plots = plot_run(out)
-    bar.console.print(summary_table(summary, bar.last))
+    bar.console.print(summary_table(summary, bar.last, total_s=time.monotonic() - t0))
     bar.console.print(f"metrics: {out / 'metrics.jsonl'}  plots: {', '.join(p.name for p in plots)}  "
                       f"tensorboard: {out / 'tensorboard'}")
     bar.console.print(f"trained weights: {out / 'checkpoints'} (as a Hugging Face folder: dcmdp export {out} --to DIR)")

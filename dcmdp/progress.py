@@ -16,12 +16,13 @@ class RunProgress:
     step, e.g. the warm start) and every ``every`` steps, and the last step's line at the end."""
 
     def __init__(self, total: int, start: int = 0, console: Optional[Console] = None, enabled: bool = True,
-                 *, before: str = "", every: int = 10):
+                 *, before: str = "", every: int = 10, resuming: bool = False):
         self.console = console or Console(stderr=True)
         if not self.console.is_terminal:
             self.console.soft_wrap = True  # a log file gets whole lines, not 80-column fragments
         self.enabled = enabled
         self.total, self.start, self.before, self.every = total, start, before, max(1, every)
+        self.resuming = resuming  # (the step it resumes from is the trainer's to find: the banner does not guess)
         self.plain = enabled and not self.console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -34,8 +35,9 @@ class RunProgress:
     def __enter__(self) -> "RunProgress":
         self.progress.__enter__()
         if self.plain:
-            self.console.print(f"run: steps {self.start + 1}-{self.total}" + (f"; first {self.before}" if self.before
-                                                                              else ""), highlight=False)
+            steps = (f"resuming from its last checkpoint, up to step {self.total}" if self.resuming
+                     else f"steps {self.start + 1}-{self.total}")
+            self.console.print(f"run: {steps}" + (f"; first {self.before}" if self.before else ""), highlight=False)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -75,11 +77,14 @@ def step_stats(row: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:
+def summary_table(summary: dict[str, Any], last: dict[str, Any], total_s: Optional[float] = None) -> Table:
+    """The end-of-run table. ``total_s``: the whole command's seconds (start-up and warm start
+    included); the summary's ``wall_s`` counts the RL steps only."""
     t = Table(title="dcmdp run summary")
     t.add_column("what"); t.add_column("value", justify="right")
     t.add_row("steps", str(summary.get("steps")))
-    t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s")
+    rl = f"{summary.get('wall_s', 0):.1f} s"
+    t.add_row("wall time", f"{total_s:.1f} s in all, RL steps {rl}" if total_s is not None else f"RL steps {rl}")
     evals = summary.get("eval") or []
     if evals:
         first, final = evals[0], evals[-1]
@@ -94,6 +99,6 @@ def summary_table(summary: dict[str, Any], last: dict[str, Any]) -> Table:
         d = last[f"pool/{pool}/discrepancy/prob_diff_mean"]
         c = tolerances.get(pool)
         lam = lambdas.get(pool)
-        t.add_row(f"pool {pool}: δ̄ / c / updated λ", f"{d:.2e} / " + (f"{c:.2e}" if c is not None else "—") + " / "
+        t.add_row(f"pool {pool}, last step: δ̄ / c / updated λ", f"{d:.2e} / " + (f"{c:.2e}" if c is not None else "—") + " / "
                   + (f"{lam:.3f}" if lam is not None else "— (no constraint)"))
     return t

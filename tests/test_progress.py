@@ -5,7 +5,7 @@ import io
 
 from rich.console import Console
 
-from dcmdp.progress import RunProgress, step_stats
+from dcmdp.progress import RunProgress, step_stats, summary_table
 
 
 def test_the_bar_shows_each_pools_applied_lambda():
@@ -43,3 +43,17 @@ def test_quiet_prints_nothing():
     with RunProgress(5, console=Console(file=out, force_terminal=False), enabled=False) as bar:
         bar.step(row(0))
     assert out.getvalue() == ""
+
+
+def test_a_resumed_run_does_not_claim_to_start_at_step_one():
+    out = io.StringIO()
+    with RunProgress(15, console=Console(file=out, force_terminal=False), resuming=True):
+        pass
+    assert out.getvalue().splitlines() == ["run: resuming from its last checkpoint, up to step 15"]
+
+
+def test_the_summary_says_which_wall_time_is_which():
+    out = io.StringIO()
+    Console(file=out, force_terminal=False, width=120).print(summary_table({"steps": 3, "wall_s": 12.5}, {},
+                                                                          total_s=80.25))
+    assert "80.2 s in all, RL steps 12.5 s" in out.getvalue() or "80.3 s in all, RL steps 12.5 s" in out.getvalue()
