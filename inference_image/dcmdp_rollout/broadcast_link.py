@@ -93,22 +93,22 @@ class BroadcastLink:
         if ticket.ring in self._unmappable:
             return None
         whole = -(-ticket.manifest.total_bytes // 64) * 64
-        if ticket.ring_slot_bytes < min(ticket.part_bytes or whole, whole):
-            self.ring_error = (f"ring {ticket.ring}: slots of {ticket.ring_slot_bytes} bytes cannot hold the "
-                               f"ticket's parts of {ticket.part_bytes}")
-            return None
         ring = self._rings.get(ticket.ring)
-        if ring is not None and ring.nonce == ticket.ring_nonce and ring.slots == ticket.ring_slots \
-                and ring.slot_bytes == ticket.ring_slot_bytes:
-            self._rings.move_to_end(ticket.ring)
-            return ring
         try:
-            ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.ring_slot_bytes)
-        except RingError as exc:
+            if ticket.ring_slot_bytes < min(ticket.part_bytes or whole, whole):
+                raise RingError(f"ring {ticket.ring}: slots of {ticket.ring_slot_bytes} bytes cannot hold the "
+                                f"ticket's parts of {ticket.part_bytes}")
+            if ring is None or ring.nonce != ticket.ring_nonce or ring.slots != ticket.ring_slots \
+                    or ring.slot_bytes != ticket.ring_slot_bytes:
+                ring = SharedRing.attach(ticket.ring, ticket.ring_nonce, ticket.ring_slots, ticket.ring_slot_bytes)
+        except RingError as exc:  # (said once: a ring that failed is not tried again)
             self.ring_error = self._unmappable[ticket.ring] = str(exc)
             while len(self._unmappable) > 16:
                 self._unmappable.popitem(last=False)
             return None
+        if self._rings.get(ticket.ring) is ring:
+            self._rings.move_to_end(ticket.ring)
+            return ring
         old = self._rings.pop(ticket.ring, None)
         if old is not None:
             old.close()
