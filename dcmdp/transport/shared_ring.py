@@ -49,12 +49,18 @@ if TYPE_CHECKING:
     # optional and heavy (the ml extra): the core imports without it
     import torch
 
-__all__ = ["SharedRing", "RingError", "remove_orphans", "SHM_DIR"]
+__all__ = ["SharedRing", "RingError", "remove_orphans", "rings_enabled", "SHM_DIR"]
 
 SHM_DIR = os.environ.get("DCMDP_SHM_DIR", "/dev/shm")
 NAME = re.compile(r"dcmdp-ring-[0-9a-f]{32}")
 HEADER = 64  # the nonce, padded: slots start 64-byte aligned
 NONCE_BYTES = 16
+
+
+def rings_enabled() -> bool:
+    """Whether this process uses rings: unless the environment says ``DCMDP_SHARED_MEMORY=0``
+    (or off, false, no), read by the trainer and by every worker."""
+    return os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
 
 
 class RingError(OSError):

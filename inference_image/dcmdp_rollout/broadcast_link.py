@@ -21,7 +21,6 @@ its rings from round to round, and a mapping already in place costs no page faul
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -30,7 +29,7 @@ import torch
 
 from dcmdp.proto import dcmdp_pb2 as pb
 from dcmdp.transport.collective import client_store, open_group, release_group, wait_released
-from dcmdp.transport.shared_ring import RingError, SharedRing
+from dcmdp.transport.shared_ring import RingError, SharedRing, rings_enabled
 
 __all__ = ["BroadcastLink", "RINGS_KEPT"]
 
@@ -50,7 +49,7 @@ class BroadcastLink:
         self._crcs: list[torch.Tensor] = []
         self._rings: "OrderedDict[str, SharedRing]" = OrderedDict()  # mapped rings by name, most recent last
         # map the rings tickets offer (DCMDP_SHARED_MEMORY=0: never, every round then goes over gloo)
-        self.shared_memory = os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
+        self.shared_memory = rings_enabled()
         self.ring_error = ""  # why the ring the last ticket offered could not be mapped, the first time only
         self._unmappable: "OrderedDict[str, str]" = OrderedDict()  # rings that could not be mapped: not tried again
         _LIVE.add(self)  # closed at exit if nobody did: a gloo group torn down in finalisation aborts

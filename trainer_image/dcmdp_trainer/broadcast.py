@@ -58,7 +58,6 @@ workers detect and re-fetch them.
 from __future__ import annotations
 
 import atexit
-import os
 import re
 import secrets
 import threading
@@ -75,7 +74,7 @@ from dcmdp.transport.collective import (DEAD_AFTER_S, FLAG_RING, PROOF_BYTES, PR
                                         broadcast, client_store, delete_group_keys, failed_key, gather,
                                         loopback_for, master_store, may_be_local, open_group, release_group,
                                         wait, wait_released)
-from dcmdp.transport.shared_ring import RingError, SharedRing
+from dcmdp.transport.shared_ring import RingError, SharedRing, rings_enabled
 from dcmdp.transport.tensors import ALIGN
 from dcmdp_trainer.weights import Prepared, WeightPublisher
 
@@ -187,8 +186,7 @@ class BroadcastHub:
         self.publisher = publisher
         # offer a shared-memory ring to rounds whose workers may all be on this machine (None: unless
         # the environment says DCMDP_SHARED_MEMORY=0)
-        self.shared_memory = (os.environ.get("DCMDP_SHARED_MEMORY", "1").lower() not in ("0", "off", "false", "no")
-                              if shared_memory is None else shared_memory)
+        self.shared_memory = rings_enabled() if shared_memory is None else shared_memory
         self._spare_rings: list[SharedRing] = []
         self._ring_retry_at = 0.0
         self.ring_error = ""  # why the last ring could not be made ("" none failed)
@@ -223,10 +221,10 @@ class BroadcastHub:
         """A shared-memory ring of ``RING_SLOTS`` slots of ``part`` bytes (:func:`ring_slot_bytes`): a spare one, or a new one
         (outside the lock: sizing it writes its pages); None when none can be made (retried
         ``RING_RETRY_S`` later; the reason in ``ring_error``)."""
+        ring = self._pop_spare_ring(lambda x: x.slot_bytes == part)
+        if ring is not None:
+            return ring
         with self._cond:
-            for k, ring in enumerate(self._spare_rings):
-                if ring.slot_bytes == part:
-                    return self._spare_rings.pop(k)
             if time.monotonic() < self._ring_retry_at:
                 return None
         try:
@@ -240,9 +238,12 @@ class BroadcastHub:
     def _take_spare_ring(self, part: int) -> Optional[SharedRing]:
         """A spare ring of ``RING_SLOTS`` >= 2 slots of at least ``part`` bytes, or None: a gloo
         round on a machine that has one casts into two of its slots instead of a pair of its own."""
+        return self._pop_spare_ring(lambda x: x.slot_bytes >= part and x.slots >= 2)
+
+    def _pop_spare_ring(self, fits: Callable[[SharedRing], bool]) -> Optional[SharedRing]:
         with self._cond:
             for k, ring in enumerate(self._spare_rings):
-                if ring.slot_bytes >= part and ring.slots >= 2:
+                if fits(ring):
                     return self._spare_rings.pop(k)
         return None
 
